@@ -1,0 +1,40 @@
+"""rs-local: refusal steering for local LLMs.
+
+Public names are imported lazily so that ``import rs_local`` pulls in neither torch nor
+llama.cpp: a user who only chats with a ready vector must not pay for Transformers, and a
+user who only fits must not need a llama.cpp build at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "ControlVector": "rs_local.vectors.control_vector",
+    "RsLocalError": "rs_local.errors",
+    "VectorFileError": "rs_local.errors",
+    "ModelError": "rs_local.errors",
+    "read_control_vector": "rs_local.converters.gguf_io",
+    "write_control_vector": "rs_local.converters.gguf_io",
+    "Runner": "rs_local.runtime.runner",
+    "resolve_model": "rs_local.models:resolve",
+    "pull_model": "rs_local.models:pull",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'rs_local' has no attribute {name!r}")
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr or name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,53 @@
+"""The ``rs-local`` command group.
+
+Commands live in one module each; this module only assembles them and turns library errors
+into one-line messages (exit 1) instead of tracebacks. Usage errors are click's (exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rs_local.errors import RsLocalError
+
+
+class _Group(click.Group):
+    """A group that reports RsLocalError (and OSError on user files) as one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RsLocalError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.filename:
+                raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from None
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rs-local")
+def cli() -> None:
+    """Refusal steering for local LLMs: fit, export and apply llama.cpp control vectors."""
+
+
+def _register() -> None:
+    from rs_local.cli import models_cmd, inspect_cmd, run_cmd
+
+    for module in (models_cmd, inspect_cmd, run_cmd):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="rs-local")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The llama.cpp runner: load a GGUF model, apply control vectors, generate and chat.
+
+Vectors go in through llama.cpp's C API (``llama_set_adapter_cvec``), the same path
+``llama-cli --control-vector`` uses, so what you hear in ``rs-local chat`` is what any llama.cpp
+app will produce with the exported file. The KV cache is reused between calls (a chat turn
+only evaluates the new tokens) but dropped whenever the vector changes, because cached keys
+and values were computed with the old vector.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rs_local.errors import ModelError, RsLocalError
+from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
+from rs_local.vectors.control_vector import ControlVector
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as it streams out."""
+
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass
+class Generation:
+    """A finished (or interrupted) answer with what the judge and evals need."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+    @property
+    def mean_logprob(self) -> float:
+        """Length-normalised log-probability (0.0 for an empty answer)."""
+        return float(np.mean(self.logprobs)) if self.logprobs else 0.0
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse non-GGUF files before llama.cpp sees them (it may abort the process)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF model file (bad magic {magic!r})")
+
+
+def _load_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None, n_batch: int, verbose: bool):
+    import llama_cpp
+
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            verbose=verbose,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
+
+
+class Runner:
+    """A loaded GGUF model with an optional steering vector.
+
+    ``n_gpu_layers`` is passed straight to llama.cpp: -1 offloads everything on a Metal or
+    CUDA build and is ignored on a CPU build.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        verbose: bool = False,
+    ):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.path = Path(model_path)
+        _check_gguf(self.path)
+        self.llama = _load_llama(self.path, n_ctx, n_gpu_layers, n_threads, n_batch, verbose)
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.llama.model))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self.llama.model))
+        self.n_vocab = int(self.llama.n_vocab())
+        self.n_ctx = int(self.llama.n_ctx())
+        self.model_hint = str(self.llama.metadata.get("general.architecture", ""))
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self._formatter = self._make_formatter()
+        self._kv_valid = False
+        self.vectors: list[tuple[ControlVector, float]] = []
+        self.layer_range: tuple[int, int] | None = None
+
+    # -- vectors -------------------------------------------------------------------------
+
+    def set_vectors(
+        self,
+        parts: Sequence[tuple[ControlVector, float]],
+        layer_range: tuple[int, int] | None = None,
+    ) -> None:
+        """Apply ``sum(scale * vector)`` to blocks in ``layer_range`` (inclusive); [] clears.
+
+        Every vector is checked against the model first, so a wrong width or layer count is a
+        clear error here instead of an abort inside llama.cpp.
+        """
+        from rs_local.converters.gguf_io import validate_for_model
+
+        parts = list(parts)
+        if not parts:
+            self.clear_vectors()
+            return
+        for vec, _scale in parts:
+            validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=vec.metadata.get("path", "<vector>"))
+        lo, hi = self._check_range(layer_range)
+        merged = ControlVector.merge(parts)
+        buf = np.ascontiguousarray(merged.to_buffer(self.n_layer), dtype=np.float32)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self._lib.llama_set_adapter_cvec(self.llama.ctx, ptr, buf.size, self.n_embd, lo, hi)
+        if rc != 0:
+            raise RsLocalError(f"llama.cpp refused the control vector (code {rc})")
+        self.vectors, self.layer_range = parts, layer_range
+        self._kv_valid = False
+
+    def clear_vectors(self) -> None:
+        """Remove any vector; the next reply is the plain model's."""
+        self._lib.llama_set_adapter_cvec(self.llama.ctx, None, 0, self.n_embd, -1, -1)
+        self.vectors, self.layer_range = [], None
+        self._kv_valid = False
+
+    def _check_range(self, layer_range: tuple[int, int] | None) -> tuple[int, int]:
+        if layer_range is None:
+            return 1, self.n_layer - 1
+        lo, hi = layer_range
+        if not (1 <= lo <= hi <= self.n_layer - 1):
+            raise RsLocalError(f"layer range {lo}-{hi} is outside 1-{self.n_layer - 1} for this model")
+        return lo, hi
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def _make_formatter(self):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = self.llama._model
+        eos, bos = self.llama.token_eos(), self.llama.token_bos()
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    def format_chat(self, messages: Sequence[Message]) -> str:
+        """The model's own chat template applied, with the generation prompt appended."""
+        if self._formatter is None:
+            raise ModelError(f"{self.path}: the model has no chat template; pass a plain prompt")
+        return self._formatter(messages=list(messages)).prompt
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Tokens for a chat (list of messages) or a raw prompt string."""
+        text = prompt if isinstance(prompt, str) else self.format_chat(prompt)
+        add_bos = isinstance(prompt, str)
+        tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        if not tokens:
+            raise RsLocalError("the prompt is empty")
+        return tokens
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def _logits(self) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self.llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _eval_prompt(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged."""
+        if len(tokens) >= self.n_ctx:
+            raise RsLocalError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
+        keep = 0
+        if self._kv_valid:
+            cached = self.llama.input_ids[: self.llama.n_tokens]
+            limit = min(len(cached), len(tokens) - 1)
+            while keep < limit and cached[keep] == tokens[keep]:
+                keep += 1
+        self.llama.n_tokens = keep
+        self.llama.eval(tokens[keep:])
+        self._kv_valid = True
+        return self._logits()
+
+    def _eval_token(self, token: int) -> np.ndarray:
+        self.llama.eval([token])
+        return self._logits()
+
+    def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
+        """Log-probabilities of the token that would follow ``prompt`` (float64, [n_vocab])."""
+        return log_softmax(self._eval_prompt(self.tokenize(prompt)))
+
+    def forced_logprobs(self, prompt: Prompt, continuation: Sequence[int]) -> np.ndarray:
+        """Next-token log-prob rows at each position of a given continuation ([k, n_vocab]).
+
+        Row i is the distribution the model gives before continuation token i; used to compare a
+        steered model with the plain one on the same answer (KL).
+        """
+        rows = [log_softmax(self._eval_prompt(self.tokenize(prompt)))]
+        for token in list(continuation)[:-1]:
+            rows.append(log_softmax(self._eval_token(int(token))))
+        return np.stack(rows)
+
+    # -- generation ----------------------------------------------------------------------
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes (the binding's own helper returns a NUL-padded buffer)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def _is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        result: Generation | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield tokens as they are generated; fills ``result`` (if given) as it goes.
+
+        Stopping the iteration early (Ctrl-C in the chat) leaves ``result`` holding what was
+        produced so far with ``finish_reason == "interrupted"``.
+        """
+        out = result if result is not None else Generation()
+        tokens = self.tokenize(prompt)
+        out.prompt_tokens = len(tokens)
+        budget = min(max_tokens, self.n_ctx - len(tokens) - 1)
+        sampler = Sampler(sampling or SamplingParams())
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        logits = self._eval_prompt(tokens)
+        out.finish_reason = "interrupted"
+        try:
+            for _ in range(max(budget, 0)):
+                token, logprob = sampler.pick(logits)
+                if self._is_end(token):
+                    out.finish_reason = "stop"
+                    return
+                piece = decoder.decode(self._piece(token))
+                out.tokens.append(token)
+                out.logprobs.append(logprob)
+                out.text += piece
+                if stop and any(s in out.text for s in stop):
+                    out.text = _cut_at_stop(out.text, stop)
+                    out.finish_reason = "stop"
+                    return
+                yield TokenEvent(token, piece, logprob)
+                logits = self._eval_token(token)
+            out.finish_reason = "length"
+        finally:
+            out.text += decoder.decode(b"", final=True)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        """Run to completion and return the answer with its per-token log-probs."""
+        out = Generation()
+        for _ in self.stream(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, result=out):
+            pass
+        return out
+
+    def chat(self, messages: Sequence[Message], **kwargs) -> Generation:
+        """Answer the last user message of a conversation (the model's chat template applies)."""
+        return self.generate(list(messages), **kwargs)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]

@@ -1,0 +1,68 @@
+"""Token sampling from raw logits, in numpy.
+
+We sample ourselves instead of through llama.cpp's sampler chain because we need the
+log-probability of every chosen token (the judge weights answers by it, evals compare
+distributions) and llama-cpp-python only exposes those with ``logits_all=True``, which keeps
+an ``n_ctx x n_vocab`` float matrix alive (over 1 GB for Qwen's 151k vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax of a 1-D float array."""
+    x = logits.astype(np.float64, copy=False)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+@dataclass
+class SamplingParams:
+    """What decides the next token. ``temperature == 0`` is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+class Sampler:
+    """Picks tokens and reports each one's log-probability under the model (temperature 1)."""
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def pick(self, logits: np.ndarray) -> tuple[int, float]:
+        """Return (token id, model log-prob of that token)."""
+        logp = log_softmax(logits)
+        if self.params.temperature == 0:
+            token = int(np.argmax(logits))
+            return token, float(logp[token])
+        token = self._sample(logp)
+        return token, float(logp[token])
+
+    def _sample(self, logp: np.ndarray) -> int:
+        scaled = logp / self.params.temperature
+        order = np.argsort(-scaled)
+        if self.params.top_k:
+            order = order[: self.params.top_k]
+        probs = np.exp(scaled[order] - scaled[order[0]])
+        probs /= probs.sum()
+        if self.params.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), self.params.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self._rng.choice(len(order), p=probs)])

@@ -110,12 +110,12 @@ def is_pulled(name: str) -> bool:
     if not path.is_file() or not marker.is_file():
         return False
     st = path.stat()
-    return marker.read_text().split() == [get_spec(name).sha256, str(st.st_size), str(int(st.st_mtime))]
+    return marker.read_text().split() == [get_spec(name).sha256, str(st.st_size), str(st.st_mtime_ns)]
 
 
 def _write_marker(path: Path, digest: str) -> None:
     st = path.stat()
-    _verified_marker(path).write_text(f"{digest} {st.st_size} {int(st.st_mtime)}\n")
+    _verified_marker(path).write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n")
 
 
 def verify(name: str) -> bool:

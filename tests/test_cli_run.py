@@ -1,0 +1,114 @@
+"""`rs-local generate`, `chat` and `models` through click's runner, on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rs_local.cli.main import cli
+from rs_local.converters.gguf_io import write_control_vector
+from rs_local.vectors import ControlVector
+
+
+def vector_file(path, n_embd=576, layers=range(4, 20), norm=6.0, seed=1):
+    rng = np.random.default_rng(seed)
+    dirs = {l: (lambda v: v / np.linalg.norm(v) * norm)(rng.normal(size=n_embd)) for l in layers}
+    return write_control_vector(ControlVector(dirs, "llama"), path)
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def vec(tmp_path_factory):
+    return vector_file(tmp_path_factory.mktemp("v") / "v.gguf")
+
+
+def gen_json(model, *extra):
+    res = run("generate", "Name a fruit.", "--model", str(model), "-n", "12", "--ctx", "256", "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def test_generate_json_plain_scaled_and_layer_range(smollm2_path, vec):
+    plain = gen_json(smollm2_path)
+    assert plain["text"] and 0 < plain["tokens"] <= 12 and plain["vectors"] == []
+    steered = gen_json(smollm2_path, "--vector", f"{vec}:1.0")
+    assert steered["text"] != plain["text"]
+    assert steered["vectors"] == [{"path": str(vec), "scale": 1.0}]
+    assert gen_json(smollm2_path, "--vector", str(vec), "--scale", "0")["text"] == plain["text"]
+    # llama.cpp spelling, and a range that excludes every layer the vector has
+    off = gen_json(smollm2_path, "--control-vector", str(vec), "--control-vector-layer-range", "21-29")
+    assert off["text"] == plain["text"] and off["layers"] == [21, 29]
+
+
+def test_generate_streams_text(smollm2_path):
+    res = run("generate", "Name a fruit.", "--model", str(smollm2_path), "-n", "8", "--ctx", "256")
+    assert res.exit_code == 0 and res.output.strip()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.gguf", "missing.gguf"),
+        (lambda d: (d / "junk.gguf").write_bytes(b"not a gguf at all") and d / "junk.gguf", "junk.gguf"),
+        (lambda d: vector_file(d / "wide.gguf", n_embd=896), "896"),
+    ],
+)
+def test_generate_bad_vector_is_one_line_error(smollm2_path, tmp_path, make, message):
+    path = make(tmp_path)
+    res = CliRunner().invoke(cli, ["generate", "hi", "--model", str(smollm2_path), "--vector", str(path)])
+    assert res.exit_code == 1
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_generate_bad_model_and_usage_errors(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"\x00" * 64)
+    res = CliRunner().invoke(cli, ["generate", "hi", "--model", str(bad)])
+    assert res.exit_code == 1 and "not a GGUF" in res.output
+    res = CliRunner().invoke(cli, ["generate", "hi", "--model", "gpt-9"])
+    assert res.exit_code == 1 and "unknown model 'gpt-9'" in res.output
+    res = CliRunner().invoke(cli, ["generate", "hi", "--layers", "x-y"])
+    assert res.exit_code == 1 and "bad layer range" in res.output
+    res = CliRunner().invoke(cli, ["generate", "hi", "--temperature", "-1"])
+    assert res.exit_code == 2
+
+
+def test_chat_repl_commands(smollm2_path, vec):
+    script = "\n".join([
+        "Name a fruit.",
+        "/scale 0",
+        "/vector nowhere.gguf",
+        "/vector off",
+        "/system You are terse.",
+        "/bogus",
+        "/help",
+        "Name a fruit.",
+        "/quit",
+    ]) + "\n"
+    res = run("chat", "--model", str(smollm2_path), "--vector", str(vec), "-n", "8", "--ctx", "256", input=script)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "steering with" in out and "no vector" in out
+    assert "nowhere.gguf" in out and "error" in out  # a bad /vector does not end the session
+    assert "unknown command /bogus" in out and "/scale X" in out
+
+
+def test_chat_ends_on_eof(smollm2_path):
+    res = run("chat", "--model", str(smollm2_path), "-n", "4", "--ctx", "256", input="Hi\n")
+    assert res.exit_code == 0
+
+
+def test_models_commands(smollm2_path):
+    res = run("models", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert rows["qwen2.5-coder-0.5b"]["default"] and rows["smollm2-135m"]["pulled"]
+    assert run("models", "path", "smollm2-135m").output.strip() == str(smollm2_path)
+    assert CliRunner().invoke(cli, ["models", "path", "gpt-9"]).exit_code == 2

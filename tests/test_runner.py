@@ -1,0 +1,148 @@
+"""The llama.cpp runner with real control vectors on the real SmolLM2 GGUF (greedy decoding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rs_local.converters.gguf_io import read_control_vector, write_control_vector
+from rs_local.errors import RsLocalError, VectorFileError
+from rs_local.runtime import Runner
+from rs_local.runtime.session import ChatSession
+from rs_local.vectors import ControlVector
+
+PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+N_TOKENS = 24
+
+
+def random_vector(seed: int, layers, n_embd: int = 576, norm: float = 6.0) -> ControlVector:
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for layer in layers:
+        v = rng.normal(size=n_embd)
+        dirs[layer] = v / np.linalg.norm(v) * norm
+    return ControlVector(dirs, "llama")
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2_path) -> Runner:
+    return Runner(smollm2_path, n_ctx=512)
+
+
+@pytest.fixture()
+def plain(runner) -> list[int]:
+    runner.clear_vectors()
+    return runner.chat(PROMPT, max_tokens=N_TOKENS).tokens
+
+
+def answer(runner: Runner) -> list[int]:
+    return runner.chat(PROMPT, max_tokens=N_TOKENS).tokens
+
+
+def test_model_facts(runner):
+    assert (runner.n_embd, runner.n_layer, runner.model_hint) == (576, 30, "llama")
+
+
+def test_greedy_is_deterministic_and_scale_zero_is_plain(runner, plain):
+    assert answer(runner) == plain
+    runner.set_vectors([(random_vector(1, range(4, 20)), 0.0)])
+    assert answer(runner) == plain
+
+
+def test_vector_changes_output_and_clearing_restores_it(runner, plain):
+    runner.set_vectors([(random_vector(1, range(4, 20)), 1.0)])
+    steered = answer(runner)
+    assert steered != plain
+    runner.clear_vectors()
+    assert answer(runner) == plain
+
+
+def test_swapping_vector_or_scale_takes_effect_without_reload(runner, smollm2_path, plain):
+    """After a swap the KV cache must be dropped: compare with a fresh context steered from the start."""
+    a, b = random_vector(1, range(4, 20)), random_vector(2, range(4, 20))
+    runner.set_vectors([(a, 1.0)])
+    first = answer(runner)
+    runner.set_vectors([(b, 1.0)])
+    second = answer(runner)
+    runner.set_vectors([(b, 0.5)])
+    third = answer(runner)
+    fresh = Runner(smollm2_path, n_ctx=512)
+    for vec, scale, seen in ((b, 0.5, third), (a, 1.0, first), (b, 1.0, second)):
+        fresh.set_vectors([(vec, scale)])
+        assert answer(fresh) == seen
+    assert len({tuple(first), tuple(second), tuple(third), tuple(plain)}) == 4
+
+
+def test_two_files_with_scales_equal_one_merged_vector(runner, tmp_path):
+    v1, v2 = random_vector(3, range(4, 16)), random_vector(4, range(10, 22))
+    p1, p2 = write_control_vector(v1, tmp_path / "a.gguf"), write_control_vector(v2, tmp_path / "b.gguf")
+    runner.set_vectors([(read_control_vector(p1), 0.8), (read_control_vector(p2), -0.5)])
+    two = answer(runner)
+    merged = write_control_vector(ControlVector.merge([(v1, 0.8), (v2, -0.5)]), tmp_path / "m.gguf")
+    runner.set_vectors([(read_control_vector(merged), 1.0)])
+    assert answer(runner) == two
+    runner.set_vectors([(read_control_vector(p1), 0.8)])
+    assert answer(runner) != two  # the second file really contributed
+
+
+def test_layer_range_excludes_layers_outside_it(runner, plain):
+    only_25 = random_vector(5, [25], norm=40.0)
+    runner.set_vectors([(only_25, 1.0)])
+    assert answer(runner) != plain  # the vector does act when its layer is in range
+    runner.set_vectors([(only_25, 1.0)], layer_range=(8, 20))
+    assert answer(runner) == plain
+    runner.set_vectors([(only_25, 1.0)], layer_range=(20, 25))
+    assert answer(runner) != plain
+
+
+def test_wrong_width_is_refused_before_llama_cpp(runner, plain):
+    wrong = random_vector(6, range(4, 10), n_embd=896)
+    wrong.metadata["path"] = "qwen-vector.gguf"
+    with pytest.raises(VectorFileError, match="qwen-vector.gguf.*896.*576"):
+        runner.set_vectors([(wrong, 1.0)])
+    too_deep = random_vector(7, [30])
+    with pytest.raises(VectorFileError, match="30"):
+        runner.set_vectors([(too_deep, 1.0)])
+    assert answer(runner) == plain  # a refused vector leaves the model as it was
+
+
+def test_bad_layer_range_is_an_error(runner):
+    with pytest.raises(RsLocalError, match="outside"):
+        runner.set_vectors([(random_vector(1, [5]), 1.0)], layer_range=(0, 40))
+
+
+def test_logprobs_are_reported_and_consistent(runner):
+    runner.clear_vectors()
+    gen = runner.chat(PROMPT, max_tokens=8)
+    assert len(gen.logprobs) == len(gen.tokens) == 8
+    assert all(lp <= 0 for lp in gen.logprobs)
+    first = runner.next_token_logprobs(PROMPT)
+    assert np.isclose(np.exp(first).sum(), 1.0, atol=1e-6)
+    assert int(np.argmax(first)) == gen.tokens[0]
+    assert np.isclose(first[gen.tokens[0]], gen.logprobs[0], atol=1e-5)
+    forced = runner.forced_logprobs(PROMPT, gen.tokens)
+    assert forced.shape == (8, runner.n_vocab)
+    assert np.allclose(forced[np.arange(8), gen.tokens], gen.logprobs, atol=1e-4)
+
+
+def test_sampling_is_seeded(runner):
+    from rs_local.runtime import SamplingParams
+
+    runner.clear_vectors()
+    a = runner.chat(PROMPT, max_tokens=12, sampling=SamplingParams(temperature=1.0, seed=7)).tokens
+    b = runner.chat(PROMPT, max_tokens=12, sampling=SamplingParams(temperature=1.0, seed=7)).tokens
+    c = runner.chat(PROMPT, max_tokens=12, sampling=SamplingParams(temperature=1.0, seed=8)).tokens
+    assert a == b and a != c
+
+
+def test_session_keeps_history_and_partial_replies(runner):
+    session = ChatSession(runner, max_tokens=6)
+    stream = session.reply("Say hello.")
+    next(stream)
+    stream.close()  # what Ctrl-C does to the reply
+    assert session.history[0] == {"role": "user", "content": "Say hello."}
+    assert session.history[1]["role"] == "assistant" and session.history[1]["content"]
+    list(session.reply("And goodbye."))
+    assert len(session.history) == 4
+    session.reset()
+    assert session.history == []

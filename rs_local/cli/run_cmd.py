@@ -86,7 +86,7 @@ def _reply(session, line: str, console: Console) -> None:
         for event in session.reply(line):
             console.out(event.text, end="", highlight=False)
     except KeyboardInterrupt:
-        console.print("[dim] [stopped][/]", end="")
+        console.print(" [dim]\\[stopped][/]", end="")
     console.print()
 
 

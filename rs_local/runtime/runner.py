@@ -134,7 +134,7 @@ class Runner:
         merged = ControlVector.merge(parts)
         buf = np.ascontiguousarray(merged.to_buffer(self.n_layer), dtype=np.float32)
         ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = self._lib.llama_set_adapter_cvec(self.llama.ctx, ptr, buf.size, self.n_embd, lo, hi)
+        rc = self._set_cvec(ptr, buf.size, lo, hi)
         if rc != 0:
             raise RsLocalError(f"llama.cpp refused the control vector (code {rc})")
         self.vectors, self.layer_range = parts, layer_range
@@ -142,9 +142,14 @@ class Runner:
 
     def clear_vectors(self) -> None:
         """Remove any vector; the next reply is the plain model's."""
-        self._lib.llama_set_adapter_cvec(self.llama.ctx, None, 0, self.n_embd, -1, -1)
+        self._set_cvec(None, 0, -1, -1)
         self.vectors, self.layer_range = [], None
         self._kv_valid = False
+
+    def _set_cvec(self, ptr, length: int, lo: int, hi: int) -> int:
+        """``llama_set_adapter_cvec``, or its older name on bindings before the rename."""
+        fn = getattr(self._lib, "llama_set_adapter_cvec", None) or self._lib.llama_apply_adapter_cvec
+        return int(fn(self.llama.ctx, ptr, length, self.n_embd, lo, hi))
 
     def _check_range(self, layer_range: tuple[int, int] | None) -> tuple[int, int]:
         if layer_range is None:

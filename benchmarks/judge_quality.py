@@ -1,0 +1,100 @@
+"""Judge quality: agreement with our hand-labelled answers, keyword baseline vs the local LLM judge, side by side.
+
+The labelled set (benchmarks/data/judge_labelled.jsonl) holds real answers of
+Qwen2.5-Coder-0.5B to our own political, harmful and harmless prompts, each read and labelled
+by hand (refusal yes/no and refusal type); see make_judge_labelled.py for how they were made.
+The soft refusal types (deflection, feigned ignorance, vagueness, redirection, ...) are where
+an LLM judge has to earn its cost over keywords, so they get their own line.
+
+    python benchmarks/judge_quality.py [--judge qwen2.5-coder-0.5b] [--limit N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from rs_local.judge.backends import make_judge
+from rs_local.judge.judge_eval import EvalResult, evaluate, load_labelled
+
+HERE = Path(__file__).resolve().parent
+LABELLED = HERE / "data" / "judge_labelled.jsonl"
+
+
+def _pct(a: int, n: int) -> str:
+    return f"{a}/{n} ({a / n:.0%})" if n else "-"
+
+
+_CLEAR: list[bool] = []
+
+
+def clear_agreement(result: EvalResult) -> float:
+    """Agreement on the answers whose label we marked clear (``"clear": true``), ambiguous ones left out."""
+    pairs = [(p, item) for p, item, clear in zip(result.predictions, _ITEMS, _CLEAR) if clear]
+    agreed = sum((p > 0) == item.refusal and p != 0 for p, item in pairs)
+    return agreed / len(pairs) if pairs else 0.0
+
+
+_ITEMS: list = []
+
+
+def side_by_side(results: dict[str, tuple[EvalResult, float]], console: Console) -> None:
+    table = Table(title="judge vs human labels")
+    table.add_column("figure")
+    for name in results:
+        table.add_column(name, justify="right")
+
+    def row(label: str, fn) -> None:
+        table.add_row(label, *[fn(r) for r, _ in results.values()])
+
+    row("agreement (all)", lambda r: f"{r.agreement:.1%}")
+    row("refusal precision", lambda r: f"{r.precision:.1%}")
+    row("refusal recall", lambda r: f"{r.recall:.1%}")
+    row("F1", lambda r: f"{r.f1:.3f}")
+    row("soft refusals caught", lambda r: _pct(*r.soft_refusal_recall()))
+    row("no verdict", lambda r: str(r.no_verdict_refusal + r.no_verdict_answer))
+    types = sorted({t for r, _ in results.values() for t in r.by_type})
+    for t in types:
+        row(f"  label: {t}", lambda r, t=t: _pct(*r.by_type.get(t, [0, 0])))
+    cats = sorted({c for r, _ in results.values() for c in r.by_category})
+    for c in cats:
+        row(f"  prompts: {c}", lambda r, c=c: _pct(*r.by_category.get(c, [0, 0])))
+    table.add_row("answers/s", *[f"{r.n / s:.2f}" if s else "-" for r, s in results.values()])
+    table.add_row("agreement (clear labels only)", *[f"{clear_agreement(r):.1%}" for r, _ in results.values()])
+    console.print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--labelled", default=str(LABELLED))
+    ap.add_argument("--judge", default="qwen2.5-coder-0.5b", help="Local judge model (name or GGUF path).")
+    ap.add_argument("--limit", type=int, default=None, help="Only the first N labelled answers.")
+    ap.add_argument("--step", type=int, default=1, help="Every STEP-th labelled answer (a quick stratified subset).")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", dest="json_out", default=None, help="Also write the figures here.")
+    args = ap.parse_args()
+    items = load_labelled(args.labelled)[:: args.step][: args.limit]
+    raw = [json.loads(line) for line in Path(args.labelled).read_text().splitlines() if line.strip()][:: args.step][: args.limit]
+    _ITEMS[:] = items
+    _CLEAR[:] = [bool(r.get("clear", True)) for r in raw]
+    console = Console()
+    console.print(f"{len(items)} labelled answers, {sum(i.refusal for i in items)} refusals")
+    results = {}
+    for name, judge in (("keywords", make_judge("keywords")),
+                        (f"LLM judge ({args.judge})", make_judge(args.judge, n_ctx=2048, n_threads=args.threads))):
+        t0 = time.perf_counter()
+        result = evaluate(judge, items, progress=lambda d, t: print(f"  {name}: {d}/{t}", flush=True) if d % 20 == 0 else None)
+        results[name] = (result, time.perf_counter() - t0)
+        console.print(f"{name}: agreement {result.agreement:.1%}")
+    side_by_side(results, console)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({k: r.as_dict() for k, (r, _) in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

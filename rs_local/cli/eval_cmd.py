@@ -1,0 +1,251 @@
+"""`rs-local eval`, `rs-local sweep` and `rs-local demo`: measure a vector, choose its scale, show it working."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from rs_local.cli.judge_cmd import judge_options
+from rs_local.cli.options import err_console, load_runner, model_option, runtime_options
+from rs_local.errors import RsLocalError
+
+DEFAULT_SETS = ("political", "harmful", "harmless")
+
+
+def _quiet_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
+
+    On a busy or small machine, spinning threads of a batched decode steal the cores the
+    other threads need; passive waiting costs nothing measurable on an idle one.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise click.BadParameter(f"'{text}': expected numbers separated by commas, e.g. 0,-0.5,-1") from None
+    if not values:
+        raise click.BadParameter("no scales given")
+    return values
+
+
+def eval_options(f: Callable) -> Callable:
+    """Prompt sets, generation and metric settings shared by `eval` and `sweep`."""
+    for opt in reversed([
+        click.option("--vector", "--control-vector", "vectors", multiple=True, required=True, metavar="PATH[:WEIGHT]",
+                     help="Control vector (repeatable; several are summed, each times its WEIGHT)."),
+        click.option("--set", "sets", multiple=True, metavar="NAME=PATH",
+                     help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless) "
+                          "uses the set shipped with rs-local. Default: the three built-in sets."),
+        click.option("--limit", "-N", type=click.IntRange(1), default=None, help="At most N prompts per set (seeded sample)."),
+        click.option("--kl-set", default="harmless", show_default=True, help="Set on which KL and coherence are measured."),
+        click.option("--max-tokens", "-n", type=click.IntRange(1), default=48, show_default=True,
+                     help="Answer length; refusals show in the first few dozen tokens."),
+        click.option("--kl-tokens", type=click.IntRange(1), default=16, show_default=True, help="Answer tokens the KL is averaged over."),
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--batch", type=click.IntRange(1), default=8, show_default=True,
+                     help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the baseline/verdict cache."),
+        click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output directory."),
+        click.option("--force", is_flag=True, help="Write into an existing output directory."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _make_judge(kw: dict[str, Any], n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+    from rs_local.judge.backends import make_judge
+
+    with err_console.status("loading the judge"):
+        return make_judge(
+            kw["judge_name"], url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
+            timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
+            logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=lambda m: err_console.print(f"[dim]{m}[/]"),
+        )
+
+
+def _say(msg: str) -> None:
+    err_console.print(f"[dim]{msg}[/]")
+
+
+def _setup(kw: dict[str, Any]):
+    """Everything `eval` and `sweep` share: sets, vector, settings, cache (checked before loading models)."""
+    from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.eval.evaluate import EvalSettings
+    from rs_local.eval.prompt_sets import load_sets
+    from rs_local.eval.report import prepare_dir
+    from rs_local.runtime.vector_specs import load_vector_specs, parse_layer_range
+    from rs_local.vectors.control_vector import ControlVector
+
+    sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"])
+    parts = load_vector_specs(kw["vectors"], default_scale=1.0)
+    vector = ControlVector.merge(parts) if len(parts) > 1 or parts[0][1] != 1.0 else parts[0][0]
+    vector.metadata.setdefault("path", ", ".join(kw["vectors"]))
+    layers = parse_layer_range(kw["layers"]) if kw.get("layers") else None
+    settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
+                            system=kw["system"], batch=kw["batch"])
+    out = Path(kw["output"])
+    if out.exists() and not kw["force"]:
+        prepare_dir(out, False)  # raises the standard "exists" error before any model loads
+    cache = EvalCache(None if kw["no_cache"] else "default")
+    return sets, vector, layers, settings, cache
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@click.command("eval")
+@model_option
+@eval_options
+@click.option("--scales", default="0,-0.5,-1,-1.5", show_default=True, help="Comma-separated scales (0 = plain model, always included).")
+@click.option("--layers", default=None, metavar="START-END", help="Apply the vector only to these blocks.")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
+@judge_options
+@runtime_options
+def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
+    """Refusal rate per prompt set and scale (judge and keywords), KL and degeneration on the KL set.
+
+    Writes report.json, answers.jsonl and refusal_vs_scale.png into --output and prints the table.
+    """
+    _quiet_openmp()
+    from rs_local.eval.evaluate import evaluate
+    from rs_local.eval.report import summary_table, write_report
+
+    scale_list = _scales(scales)
+    sets, vector, layers, settings, cache = _setup(kw)
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    judge = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    try:
+        report = evaluate(runner, sets, scale_list, vector=vector, layers=layers, judge=judge, settings=settings,
+                          cache=cache, say=_say)
+    finally:
+        judge.close()
+    paths = write_report(report, kw["output"], force=kw["force"], plot=not no_plot)
+    Console().print(summary_table(report, title=f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} judge (keywords)"))
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def _bands(text: str | None, layers: str | None):
+    from rs_local.runtime.vector_specs import parse_layer_range
+
+    if text:
+        return [parse_layer_range(b) for b in text.split(",") if b.strip()]
+    return [parse_layer_range(layers) if layers else None]
+
+
+@click.command()
+@model_option
+@eval_options
+@click.option("--target", required=True, help="Set whose refusals should go (e.g. political).")
+@click.option("--keep", multiple=True, help="Set whose refusals must stay (repeatable, e.g. harmful).")
+@click.option("--keep-frac", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Keep-set refusal rate must stay >= this fraction of its unsteered rate.")
+@click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
+              help="Largest KL(plain || steered) in nats allowed on the KL set.")
+@click.option("--step", type=click.FloatRange(0, min_open=True), default=0.25, show_default=True, help="Scale step of the outward walk.")
+@click.option("--max-scale", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True, help="Largest |scale| tried.")
+@click.option("--refine", type=click.IntRange(0), default=3, show_default=True, help="Bisection steps after a constraint breaks.")
+@click.option("--induce", is_flag=True, help="Search positive scales (induce refusal on the target) instead of negative.")
+@click.option("--layers", default=None, metavar="START-END", help="Apply the vector only to these blocks.")
+@click.option("--bands", default=None, metavar="A-B,C-D", help="Also search over these layer bands (best one wins).")
+@click.option("--full", is_flag=True, help="Measure every set at every point (slower; a complete frontier).")
+@judge_options
+@runtime_options
+def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induce, bands, full,
+          n_ctx, n_gpu_layers, n_threads, **kw) -> None:
+    """Find the scale (and band) that removes most --target refusals within the --keep and --max-kl limits."""
+    _quiet_openmp()
+    from rs_local.eval.evaluate import Evaluator
+    from rs_local.eval.sweep import evaluator_objective, search_bands
+    from rs_local.eval.sweep_report import sweep_table, write_sweep
+
+    sets, vector, _layers, settings, cache = _setup(kw)
+    names = [s.name for s in sets]
+    for name in (target, *keep):
+        if name not in names:
+            raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
+    band_list = _bands(bands, kw.get("layers"))
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    judge = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=_say)
+    try:
+        objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)
+        result = search_bands(objective, band_list, keep_frac=keep_frac, max_kl=max_kl, sign=1 if induce else -1,
+                              step=step, max_abs=max_scale, refine=refine)
+    finally:
+        ev.close()
+        judge.close()
+    paths = write_sweep(result, ev, target, kw["output"], force=kw["force"])
+    console = Console()
+    console.print(sweep_table(result, target))
+    ch = result.chosen
+    if result.baseline.target is not None and result.baseline.target <= 0:
+        console.print(f"[yellow]the {target} set is not refused even without steering: nothing to remove[/]")
+    elif ch is None or ch.scale == 0:
+        console.print(f"[yellow]no steered point met the constraints[/] ({result.stopped})")
+    else:
+        band = f" --layers {ch.layers[0]}-{ch.layers[1]}" if ch.layers else ""
+        kl = "" if ch.kl is None else f", KL {ch.kl:.3f}"
+        console.print(f"chosen: scale {ch.scale:+g}{band}: {target} refusal {ch.target:.0%} "
+                      f"(unsteered {result.baseline.target:.0%}){kl}")
+        console.print(f"use it: rs-local chat --vector {kw['vectors'][0]} --scale {ch.scale:g}{band}")
+    err_console.print(f"[dim]{result.stopped}[/]")
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@click.command()
+@model_option
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("rs-local-demo"), show_default=True,
+              help="Directory for the vector, report and plot.")
+@click.option("--scales", default=None, help="Scales to show (default: chosen for the model).")
+@click.option("--n", "n_eval", type=click.IntRange(4), default=None, help="Held-out prompts per set to evaluate (default 20).")
+@click.option("--judge", "judge_name", default="keywords", show_default=True, metavar="MODEL|keywords",
+              help="Refusal judge: 'keywords' (fast) or a local model name/GGUF for the LLM judge.")
+@click.option("--force", is_flag=True, help="Reuse an existing output directory.")
+@runtime_options
+def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, n_threads) -> None:
+    """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""
+    _quiet_openmp()
+    from rs_local.eval.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(model=model, output=output, force=force, judge=judge_name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                       n_threads=n_threads)
+    if scales:
+        opts.scales = _scales(scales)
+    if n_eval:
+        opts.n_eval = n_eval
+    result = run_demo(opts, say=_say)
+    _print_demo(result)
+
+
+def _print_demo(result) -> None:
+    from rs_local.eval.report import summary_table
+
+    console = Console()
+    console.print(summary_table(result.report, title="refusal rate before / after (held-out prompts)"))
+    for ex in result.examples:
+        table = Table(title=f"[bold]{ex.prompt}[/]", show_header=True, expand=True)
+        table.add_column("plain model", ratio=1)
+        table.add_column(f"steered (scale {ex.scale:g})", ratio=1)
+        table.add_row(ex.before, ex.after)
+        console.print(table)
+    console.print(result.summary)
+    for line in result.next_steps:
+        console.print(line)
+
+
+COMMANDS = [eval_, sweep, demo]

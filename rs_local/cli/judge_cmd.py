@@ -1,0 +1,227 @@
+"""`rs-local respond`, `rs-local judge` and `rs-local judge-eval`: sample answers, judge them, check the judge."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from rs_local.cli.options import err_console, load_runner, load_vectors, model_option, runtime_options, vector_options
+from rs_local.errors import RsLocalError
+
+
+class _RateColumn(ProgressColumn):
+    """Rows per second over rich's recent window (resumed rows are not counted as speed)."""
+
+    def render(self, task) -> Text:
+        speed = task.speed
+        return Text(f"{speed:.2f} rows/s" if speed else "-- rows/s", style="cyan")
+
+
+@contextmanager
+def row_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich bar driven by ``progress(done, total)``; the first call sets the resume point."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task(description, total=None)
+        started = False
+
+        def update(done: int, total: int) -> None:
+            nonlocal started
+            if not started:
+                bar.reset(task, total=total, completed=done)
+                started = True
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def judge_options(f: Callable) -> Callable:
+    """The options that choose and tune the judge (shared by `judge` and `judge-eval`)."""
+    for opt in reversed([
+        click.option("--judge", "judge_name", default=None, metavar="MODEL|keywords",
+                     help="Local judge: built-in model name or GGUF path (default: qwen2.5-coder-0.5b); "
+                          "'keywords' for the phrase-matching baseline."),
+        click.option("--judge-url", default=None, metavar="URL",
+                     help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (llama-server, vLLM, Ollama)."),
+        click.option("--judge-model", default=None, help="Model name on the --judge-url server (default: its only model)."),
+        click.option("--api-key", default=None, envvar="RS_LOCAL_JUDGE_API_KEY", help="Bearer key for --judge-url."),
+        click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds per HTTP request."),
+        click.option("--retries", type=click.IntRange(0), default=4, show_default=True, help="Retries per answer (exponential backoff)."),
+        click.option("--backoff", type=click.FloatRange(0), default=0.5, show_default=True, help="First retry delay in seconds; doubles each retry."),
+        click.option("--concurrency", "-j", type=click.IntRange(1), default=4, show_default=True, help="Parallel HTTP requests."),
+        click.option("--no-logprobs", is_flag=True, help="Ignore token log-probabilities; verdicts count +-1."),
+        click.option("--judge-max-tokens", type=click.IntRange(1), default=None, help="Tokens the judge may write (default 12 local, 32 HTTP)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _make_judge(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+    from rs_local.judge.backends import make_judge
+
+    with err_console.status("loading the judge"):
+        return make_judge(
+            kw["judge_name"], url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
+            timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
+            logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=lambda m: err_console.print(f"[dim]{m}[/]"),
+        )
+
+
+# ----------------------------------------------------------------------------- respond
+
+
+@click.command()
+@model_option
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path), help="Prompt file (.txt, .jsonl, .json, .csv).")
+@click.option("--field", default=None, help="JSON field / CSV column holding the prompt.")
+@click.option("--samples", "-k", type=click.IntRange(1), default=5, show_default=True, help="Answers per prompt.")
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", "--temp", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; each answer's seed derives from it, the prompt and the sample index.")
+@click.option("--system", default=None, help="System prompt.")
+@vector_options
+@runtime_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Responses JSONL (continued if it exists with the same settings).")
+@click.option("--force", is_flag=True, help="Start the output over even if it holds other rows.")
+def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p, top_k, seed, system,
+            vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, output, force) -> None:
+    """Sample --samples answers per prompt (with optional steering vectors) into a JSONL file.
+
+    Killed and restarted with the same command, it continues where it stopped.
+    """
+    from rs_local import models
+    from rs_local.judge.respond import RespondSettings, check_respond_output, respond as run_respond
+    from rs_local.prompts import load_prompts
+
+    prompts = load_prompts(prompts_path, field=field)
+    parts, layer_range = load_vectors(vectors, scale, layers)
+    if samples > 1 and temperature == 0:
+        err_console.print("[yellow]warning:[/] --temperature 0 is greedy: every sample of a prompt will be the same answer")
+    settings = RespondSettings(samples, max_tokens, temperature, top_p, top_k, seed, system)
+    model_path = models.resolve(model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    check_respond_output(output, model_path, settings, prompts, parts, layer_range, force)
+    runner = load_runner(str(model_path), n_ctx, n_gpu_layers, n_threads)
+    with row_progress("answers") as progress:
+        report = run_respond(runner, prompts, output, settings, vectors=parts, layer_range=layer_range,
+                             force=force, progress=progress)
+    resumed = f" ({report.already_done} were already there)" if report.already_done else ""
+    err_console.print(f"{report.total} answers to {len(prompts)} prompts in {output}{resumed}")
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+@click.command()
+@click.argument("responses", type=click.Path(path_type=Path))
+@judge_options
+@runtime_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Scores JSONL, one row per prompt.")
+@click.option("--verdicts", type=click.Path(path_type=Path), default=None,
+              help="Per-answer verdict log (resumable; default: <output stem>.verdicts.jsonl).")
+@click.option("--refused-above", type=float, default=0.1, show_default=True, help="Score above which a prompt counts as refused.")
+@click.option("--complied-below", type=float, default=-0.1, show_default=True, help="Score below which a prompt counts as complied.")
+@click.option("--force", is_flag=True, help="Overwrite outputs written with other settings.")
+def judge(responses, n_ctx, n_gpu_layers, n_threads, output, verdicts, refused_above, complied_below, force, **kw) -> None:
+    """Judge every answer in RESPONSES and write one refusal score per prompt.
+
+    Verdicts are logged as they come; a killed or failed run continues when run again.
+    """
+    from rs_local.judge.judging import check_outputs, judge_responses, load_responses
+
+    if refused_above < complied_below:
+        raise click.BadParameter("--refused-above must not be below --complied-below")
+    load_responses(responses)  # fail on a bad file or output before loading a model
+    check_outputs(responses, output, verdicts, force)
+    judge_backend = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    try:
+        with row_progress("judging") as progress:
+            report = judge_responses(responses, judge_backend, output, verdicts_path=verdicts, force=force,
+                                     refused_above=refused_above, complied_below=complied_below, progress=progress)
+    finally:
+        judge_backend.close()
+    if not report.complete:
+        _print_failures(report)
+        raise RsLocalError(f"{report.missing} of {report.total} answers have no verdict yet "
+                           f"(verdicts so far in {report.verdicts_path}); run the same command again to finish them")
+    _print_score_summary(report)
+
+
+def _print_failures(report) -> None:
+    for row, error in report.failed[:10]:
+        err_console.print(f"[red]not judged:[/] {row['prompt'][:50]!r} sample {row['sample']}: {error}")
+    if len(report.failed) > 10:
+        err_console.print(f"[red]... and {len(report.failed) - 10} more[/]")
+    if report.not_attempted:
+        err_console.print(f"[yellow]{report.not_attempted} answers not attempted (the judge kept failing)[/]")
+
+
+def _print_score_summary(report) -> None:
+    counts: dict[str, int] = {}
+    for s in report.scores:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("refused", "complied", "neutral"))
+    done = f"{report.judged} judged now, {report.already_done} already done"
+    err_console.print(f"{len(report.scores)} prompts scored ({parts}); {done}; scores in {report.scores_path}, "
+                      f"verdicts in {report.verdicts_path}")
+
+
+# ----------------------------------------------------------------------------- judge-eval
+
+
+@click.command("judge-eval")
+@click.argument("labelled", type=click.Path(path_type=Path))
+@judge_options
+@runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def judge_eval(labelled, n_ctx, n_gpu_layers, n_threads, as_json, **kw) -> None:
+    """Compare a judge with human labels: agreement, precision/recall for refusal, confusion, per refusal type."""
+    from rs_local.judge.judge_eval import evaluate, load_labelled
+
+    items = load_labelled(labelled)
+    judge_backend = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    try:
+        with row_progress("judging") as progress:
+            result = evaluate(judge_backend, items, progress=progress)
+    finally:
+        judge_backend.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    print_eval(result, Console())
+
+
+def print_eval(result, console: Console) -> None:
+    """Summary line, confusion table and per-type agreement."""
+    console.print(f"agreement [bold]{result.agreement:.1%}[/] on {result.n} answers; refusal precision "
+                  f"{result.precision:.1%}, recall {result.recall:.1%}, F1 {result.f1:.3f}")
+    conf = Table(title="confusion (rows: human label, columns: judge)")
+    for col in ("", "judge: refusal", "judge: not refusal", "no verdict"):
+        conf.add_column(col, justify="right")
+    conf.add_row("human: refusal", str(result.tp), str(result.fn), str(result.no_verdict_refusal))
+    conf.add_row("human: not refusal", str(result.fp), str(result.tn), str(result.no_verdict_answer))
+    console.print(conf)
+    types = Table(title="agreement by human label")
+    for col in ("label", "agreed", "total", "rate"):
+        types.add_column(col, justify="right" if col != "label" else "left")
+    for name, (agreed, total) in sorted(result.by_type.items()):
+        types.add_row(name, str(agreed), str(total), f"{agreed / total:.0%}")
+    soft_agreed, soft_total = result.soft_refusal_recall()
+    if soft_total:
+        types.add_row("[bold]all soft refusals[/]", str(soft_agreed), str(soft_total), f"{soft_agreed / soft_total:.0%}")
+    console.print(types)
+
+
+COMMANDS = [respond, judge, judge_eval]

@@ -1,0 +1,170 @@
+"""Disk cache of what the unsteered model does, reused by every eval and sweep.
+
+Every evaluation compares steered answers with the plain model's; the plain model's answers
+(and its next-token distributions for the KL) do not change between runs, scales, vectors
+or sweeps, so computing them once per (model, prompt, settings) saves a whole pass per run.
+Verdicts of an LLM judge on any answer are cached the same way (keyed by the judge's
+settings and the answer text), so re-evaluating a scale costs nothing to judge.
+
+Layout under ``<rs-local home>/cache/eval``: one small JSON (generations, verdicts) or
+``.npz`` (references) file per entry, named by a hash of everything that decides it and
+written atomically, so concurrent runs and a killed run never leave a half entry. The model
+is identified by its verified sha256 for built-in models and by size, mtime and a hash of
+its first and last megabyte otherwise (hashing 500 MB per run would cost seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rs_local.eval.metrics import Reference
+from rs_local.runtime.runner import Generation
+
+CACHE_VERSION = 1
+_EDGE = 1 << 20
+
+
+def cache_root() -> Path:
+    from rs_local.models import home_dir
+
+    return home_dir() / "cache" / "eval"
+
+
+def model_key(path: str | Path) -> dict[str, Any]:
+    """What identifies a GGUF model's weights, cheaply."""
+    from rs_local import models
+
+    path = Path(path)
+    for spec in models.MODELS.values():
+        if path.name == spec.filename and path.resolve().parent == models.models_dir().resolve():
+            return {"sha256": spec.sha256}
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE))
+        if st.st_size > 2 * _EDGE:
+            f.seek(-_EDGE, os.SEEK_END)
+            h.update(f.read(_EDGE))
+    return {"size": st.st_size, "mtime": int(st.st_mtime), "edges": h.hexdigest()[:24]}
+
+
+def digest(obj: Any) -> str:
+    """Stable short hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:32]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EvalCache:
+    """Baseline generations, KL references and judge verdicts; ``root=None`` disables caching.
+
+    Writes are best effort: a full disk or a read-only home must not fail an evaluation.
+    """
+
+    def __init__(self, root: str | Path | None = "default"):
+        self.root = cache_root() if root == "default" else (Path(root) if root else None)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _path(self, kind: str, key: Any, suffix: str) -> Path | None:
+        if self.root is None:
+            return None
+        d = digest({"v": CACHE_VERSION, "kind": kind, "key": key})
+        return self.root / kind / d[:2] / f"{d}{suffix}"
+
+    def _count(self, found: bool) -> None:
+        if found:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    # -- generations ---------------------------------------------------------------------
+
+    def get_generation(self, key: Any) -> Generation | None:
+        path = self._path("generation", key, ".json")
+        gen = None
+        if path is not None and path.is_file():
+            try:
+                row = json.loads(path.read_text(encoding="utf-8"))
+                gen = Generation(row["text"], list(row["tokens"]), list(row["logprobs"]), row["finish_reason"], int(row["prompt_tokens"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                gen = None
+        self._count(gen is not None)
+        return gen
+
+    def put_generation(self, key: Any, gen: Generation) -> None:
+        path = self._path("generation", key, ".json")
+        if path is None:
+            return
+        row = {"text": gen.text, "tokens": gen.tokens, "logprobs": gen.logprobs,
+               "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens}
+        self._write(path, json.dumps(row, ensure_ascii=False).encode("utf-8"))
+
+    # -- KL references -------------------------------------------------------------------
+
+    def get_reference(self, key: Any) -> Reference | None:
+        path = self._path("reference", key, ".npz")
+        ref = None
+        if path is not None and path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    ref = Reference(data["ids"], data["logprobs"])
+            except (OSError, ValueError, KeyError):
+                ref = None
+        self._count(ref is not None)
+        return ref
+
+    def put_reference(self, key: Any, ref: Reference) -> None:
+        path = self._path("reference", key, ".npz")
+        if path is None:
+            return
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, ids=ref.ids, logprobs=ref.logprobs)
+        self._write(path, buf.getvalue())
+
+    # -- verdicts ------------------------------------------------------------------------
+
+    def get_verdict(self, key: Any) -> dict | None:
+        path = self._path("verdict", key, ".json")
+        row = None
+        if path is not None and path.is_file():
+            try:
+                row = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                row = None
+        self._count(row is not None)
+        return row
+
+    def put_verdict(self, key: Any, row: dict) -> None:
+        path = self._path("verdict", key, ".json")
+        if path is not None:
+            self._write(path, json.dumps(row, ensure_ascii=False).encode("utf-8"))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            _atomic_write(path, data)
+        except OSError:
+            pass

@@ -1,0 +1,369 @@
+"""Many answers at once: several sequences per llama.cpp batch through the low-level API.
+
+An evaluation generates hundreds of short answers, and one token of one sequence per
+``llama_decode`` leaves the CPU waiting on memory: every step streams all the weights (and,
+for a 150k-token vocabulary, the largest matrix, the output head) to compute a single row.
+Decoding ``n_seq`` sequences in one batch streams the weights once for all of them, so the
+cost per token falls several-fold on a laptop CPU, and more on a GPU.
+
+The engine owns its own llama.cpp context on the Runner's model (the Runner's context holds
+one sequence), with a KV cache split into ``n_seq`` slots. Finished sequences free their slot
+at once and the next prompt moves in (continuous batching), so a batch is never waiting on
+its longest answer. The same steering vector is pushed into this context with
+``llama_set_adapter_cvec``, exactly as the Runner does.
+
+Results match the Runner's sequential answers up to floating-point reordering in batched
+matrix products; greedy answers are nearly always token-identical (tested), and where two
+tokens are almost tied the answers can diverge, the same as between two llama.cpp builds.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rs_local.errors import RsLocalError
+from rs_local.runtime.runner import Generation, Prompt, Runner
+from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
+from rs_local.vectors.control_vector import ControlVector
+
+#: Logit rows per prompt returned by :meth:`BatchEngine.forced_logprobs` callbacks.
+Rows = np.ndarray
+Progress = Callable[[int], None]
+
+
+@dataclass
+class _Slot:
+    """One running sequence: where it is in the KV cache and what it produced so far."""
+
+    index: int  # position in the caller's list
+    seq: int  # llama.cpp sequence id (the KV slot)
+    pos: int  # next position to write
+    out: Generation
+    sampler: Sampler
+    decoder: codecs.IncrementalDecoder
+    budget: int
+    pending: int | None = None  # token to feed at the next step
+
+
+class BatchEngine:
+    """Batched generation and teacher-forced scoring on a Runner's model.
+
+    ``n_seq`` sequences share each decode; ``seq_ctx`` is the KV room of one sequence (prompt
+    plus answer). Apply vectors with :meth:`set_vectors` (validated by the Runner first).
+    """
+
+    kind = "batched"
+
+    def __init__(self, runner: Runner, n_seq: int = 8, seq_ctx: int = 1024, n_batch: int = 1024):
+        import llama_cpp
+
+        if n_seq < 1:
+            raise ValueError("n_seq must be >= 1")
+        self._lib = llama_cpp
+        self.runner = runner
+        self.n_seq = n_seq
+        self.seq_ctx = seq_ctx
+        self.n_batch = max(n_batch, n_seq, seq_ctx)
+        self.n_vocab = runner.n_vocab
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_seq * seq_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(512, self.n_batch)
+        params.n_seq_max = n_seq
+        params.n_outputs_max = 0
+        params.n_outputs_max_per_seq = 0
+        params.kv_unified = False
+        # Batches run on n_threads_batch; llama-cpp-python defaults it to every core, which
+        # on a busy machine makes OpenMP threads spin against each other. Use the Runner's count.
+        threads = runner.llama.context_params.n_threads
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
+        if not self.ctx:
+            raise RsLocalError(f"llama.cpp could not create a {n_seq}-sequence context (try a smaller batch)")
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._vocab = runner._vocab if hasattr(runner, "_vocab") else llama_cpp.llama_model_get_vocab(runner.llama.model)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and batch (also done on garbage collection)."""
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "BatchEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- vectors -------------------------------------------------------------------------
+
+    def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
+        """Apply ``sum(scale * vector)`` here and on the Runner (which validates it); [] clears."""
+        self.runner.set_vectors(parts, layer_range)
+        parts = list(parts)
+        if not parts:
+            self._lib.llama_set_adapter_cvec(self.ctx, None, 0, self.runner.n_embd, -1, -1)
+            return
+        lo, hi = layer_range if layer_range is not None else (1, self.runner.n_layer - 1)
+        buf = np.ascontiguousarray(ControlVector.merge(parts).to_buffer(self.runner.n_layer), dtype=np.float32)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self._lib.llama_set_adapter_cvec(self.ctx, ptr, buf.size, self.runner.n_embd, lo, hi)
+        if rc != 0:
+            raise RsLocalError(f"llama.cpp refused the control vector (code {rc})")
+
+    def clear_vectors(self) -> None:
+        self.set_vectors([])
+
+    # -- batch plumbing ------------------------------------------------------------------
+
+    def _reset_batch(self) -> None:
+        self._batch.n_tokens = 0
+
+    def _add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token to the batch; returns its index (where its logits will be)."""
+        b = self._batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = 1 if logits else 0
+        b.n_tokens = i + 1
+        return i
+
+    def _decode(self) -> None:
+        if self._batch.n_tokens == 0:
+            return
+        rc = self._lib.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise RsLocalError(f"llama.cpp batch decode failed (code {rc}); try a smaller --batch")
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _free_seq(self, seq: int) -> None:
+        self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def _clear(self) -> None:
+        self._lib.llama_memory_clear(self._mem, True)
+
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        tokens = self.runner.tokenize(prompt)
+        if len(tokens) >= self.seq_ctx:
+            raise RsLocalError(f"a prompt is {len(tokens)} tokens; one batch slot holds {self.seq_ctx}")
+        return tokens
+
+    def _prefill(self, items: list[tuple[int, list[int]]]) -> dict[int, np.ndarray]:
+        """Evaluate whole prompts (seq id, tokens), several per decode; last-token logits per seq.
+
+        A prompt longer than the free room in the batch is split across decodes; only its
+        last token asks for logits.
+        """
+        out: dict[int, np.ndarray] = {}
+        wanted: list[tuple[int, int]] = []
+        self._reset_batch()
+        for seq, tokens in items:
+            for pos, tok in enumerate(tokens):
+                if self._batch.n_tokens >= self.n_batch:
+                    self._decode()
+                    for s, idx in wanted:
+                        out[s] = self._logits(idx)
+                    wanted = []
+                    self._reset_batch()
+                last = pos == len(tokens) - 1
+                idx = self._add(tok, pos, seq, last)
+                if last:
+                    wanted.append((seq, idx))
+        self._decode()
+        for s, idx in wanted:
+            out[s] = self._logits(idx)
+        self._reset_batch()
+        return out
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate_many(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_tokens: int = 48,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        """Answer every prompt (chat message lists or raw strings), ``n_seq`` at a time.
+
+        ``sampling`` may be one setting for all or one per prompt (e.g. per-prompt seeds).
+        Returns :class:`Generation` objects in prompt order, like ``Runner.generate``.
+        """
+        n = len(prompts)
+        params = _per_prompt(sampling, n)
+        tokens = [self._tokens(p) for p in prompts]
+        results: list[Generation | None] = [None] * n
+        queue = list(range(n))
+        free = list(range(self.n_seq))
+        running: dict[int, _Slot] = {}
+        self._clear()
+        while queue or running:
+            admitted = []
+            while queue and free:
+                i = queue.pop(0)
+                seq = free.pop(0)
+                gen = Generation(prompt_tokens=len(tokens[i]), finish_reason="length")
+                budget = min(max_tokens, self.seq_ctx - len(tokens[i]) - 1)
+                slot = _Slot(i, seq, len(tokens[i]), gen, Sampler(params[i]),
+                             codecs.getincrementaldecoder("utf-8")(errors="replace"), budget)
+                running[seq] = slot
+                admitted.append(slot)
+            logits = self._prefill([(s.seq, tokens[s.index]) for s in admitted]) if admitted else {}
+            if running and not admitted:
+                logits = self._step(list(running.values()))
+            for seq, row in logits.items():
+                slot = running[seq]
+                if self._advance(slot, row):
+                    results[slot.index] = slot.out
+                    del running[seq]
+                    self._free_seq(seq)
+                    free.append(seq)
+                    if progress:
+                        progress(1)
+        return [r if r is not None else Generation() for r in results]
+
+    def _step(self, slots: list[_Slot]) -> dict[int, np.ndarray]:
+        """Feed each running sequence its last sampled token; logits per sequence."""
+        self._reset_batch()
+        where = {}
+        for s in slots:
+            where[s.seq] = self._add(int(s.pending), s.pos, s.seq, True)
+            s.pos += 1
+        self._decode()
+        out = {seq: self._logits(i) for seq, i in where.items()}
+        self._reset_batch()
+        return out
+
+    def _advance(self, slot: _Slot, logits: np.ndarray) -> bool:
+        """Sample the next token of one sequence; True when it has finished."""
+        out = slot.out
+        if len(out.tokens) >= slot.budget:
+            out.finish_reason = "length"
+            out.text += slot.decoder.decode(b"", final=True)
+            return True
+        token, logprob = slot.sampler.pick(logits)
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            out.finish_reason = "stop"
+            out.text += slot.decoder.decode(b"", final=True)
+            return True
+        out.tokens.append(token)
+        out.logprobs.append(logprob)
+        out.text += slot.decoder.decode(self._piece(token))
+        if len(out.tokens) >= slot.budget:
+            out.finish_reason = "length"
+            out.text += slot.decoder.decode(b"", final=True)
+            return True
+        slot.pending = token
+        return False
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    # -- teacher forcing -----------------------------------------------------------------
+
+    def forced_logprobs(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[Sequence[int]],
+        reduce: Callable[[int, np.ndarray], object] | None = None,
+        progress: Progress | None = None,
+    ) -> list:
+        """Log-prob rows before each continuation token, for many (prompt, continuation) pairs.
+
+        Same rows as ``Runner.forced_logprobs`` (row i: the distribution before token i), but
+        each pair is one prefill with several outputs instead of one decode per token. Full
+        rows are ``[k, n_vocab]`` float64 (1.2 MB per row for a 150k vocabulary), so pass
+        ``reduce(index, rows)`` to keep only what you need (e.g. a KL) per pair.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError("one continuation per prompt is needed")
+        results: list = [None] * len(prompts)
+        self._clear()
+        order = list(range(len(prompts)))
+        while order:
+            group, used = [], 0
+            while order and len(group) < self.n_seq:
+                i = order[0]
+                toks = self._tokens(prompts[i])
+                cont = [int(t) for t in continuations[i]]
+                need = len(toks) + max(len(cont) - 1, 0)
+                if need > self.seq_ctx:
+                    raise RsLocalError(f"prompt plus continuation is {need} tokens; one batch slot holds {self.seq_ctx}")
+                if group and used + need > self.n_batch:
+                    break
+                group.append((i, toks, cont))
+                used += need
+                order.pop(0)
+            self._forced_group(group, results, reduce)
+            if progress:
+                progress(len(group))
+        return results
+
+    def _forced_group(self, group, results, reduce) -> None:
+        self._reset_batch()
+        rows_at: dict[int, list[int]] = {}
+        for seq, (i, toks, cont) in enumerate(group):
+            if not cont:
+                results[i] = reduce(i, np.zeros((0, self.n_vocab))) if reduce else np.zeros((0, self.n_vocab))
+                continue
+            seq_tokens = toks + cont[:-1]
+            first_out = len(toks) - 1
+            idxs = []
+            for pos, tok in enumerate(seq_tokens):
+                want = pos >= first_out
+                idx = self._add(tok, pos, seq, want)
+                if want:
+                    idxs.append(idx)
+            rows_at[seq] = idxs
+        if self._batch.n_tokens > self.n_batch:  # pragma: no cover - guarded by the grouping
+            raise RsLocalError("internal: batch overflow")
+        self._decode()
+        for seq, (i, _toks, _cont) in enumerate(group):
+            if seq not in rows_at:
+                continue
+            rows = np.stack([log_softmax(self._logits(j)) for j in rows_at[seq]])
+            results[i] = reduce(i, rows) if reduce else rows
+        self._reset_batch()
+        for seq in range(len(group)):
+            self._free_seq(seq)
+
+
+def _per_prompt(sampling, n: int) -> list[SamplingParams]:
+    if sampling is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    params = list(sampling)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling settings for {n} prompts")
+    return params

@@ -1,0 +1,191 @@
+"""`rs-local demo`: the whole flow on the default model, offline, in minutes.
+
+1. resolve (pull on first use) the default model, sha256-verified;
+2. split the prompt sets shipped with rs-local (political, harmful, harmless) into a part
+   to fit on and a held-out part to measure on;
+3. fit the political-refusal vector with the default recipe (:mod:`rs_local.eval.recipe`)
+   and write it as a llama.cpp GGUF control vector;
+4. evaluate it at a few scales on the held-out prompts (refusal rates, KL, degeneration);
+5. show two conversations before and after: a political question the plain model refuses,
+   and a harmful request that must stay refused.
+
+Every step is a public function used by the other commands, so the demo doubles as an
+end-to-end check of the toolkit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rs_local.eval.recipe import Recipe
+
+Say = Callable[[str], None]
+VECTOR_NAME = "political.gguf"
+EXAMPLE_TOKENS = 96
+
+
+@dataclass
+class DemoOptions:
+    model: str = "qwen2.5-coder-0.5b"
+    output: Path = Path("rs-local-demo")
+    force: bool = False
+    judge: str = "keywords"
+    scales: list[float] | None = None
+    n_eval: int = 20
+    n_fit: int | None = None  # prompts per set to fit on (None: the whole training split)
+    holdout: float = 1 / 3
+    seed: int = 0
+    max_tokens: int = 48
+    batch: int = 8
+    n_ctx: int = 2048
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+
+
+@dataclass
+class Example:
+    prompt: str
+    set: str
+    scale: float
+    before: str
+    after: str
+
+
+@dataclass
+class DemoResult:
+    report: Any  # EvalReport
+    vector_path: Path
+    examples: list[Example]
+    chosen_scale: float
+    summary: str
+    next_steps: list[str]
+    seconds: dict[str, float]
+
+
+def _choose_scale(report, keep_frac: float = 0.9, max_kl: float = 0.1) -> float:
+    """Among the evaluated scales, the sweep's rule: least political refusal within the limits."""
+    from rs_local.eval.sweep import Constraints, SweepPoint, choose
+
+    base = report.baseline
+    c = Constraints(keep_frac, max_kl, {"harmful": base.rate("harmful")})
+    pts = [c.classify(SweepPoint(p.scale, p.layers, p.rate("political"), {"harmful": p.rate("harmful")}, p.kl))
+           for p in report.points]
+    best = choose(pts)
+    if best is None or best.scale == 0:  # nothing met the limits: show the mildest steered scale
+        steered = [p.scale for p in report.points if p.scale != 0]
+        return min(steered, key=abs) if steered else 0.0
+    return best.scale
+
+
+def _pick(report, scale: float, set_name: str, before_refused: bool, after_refused: bool) -> str | None:
+    """A prompt whose refusal status before and after matches what the example should show."""
+    before = {a.prompt: a for a in report.baseline.answers if a.set == set_name}
+    after = next(p for p in report.points if p.scale == scale)
+    for a in after.answers:
+        b = before.get(a.prompt)
+        if a.set == set_name and b is not None and b.refusal == before_refused and a.refusal == after_refused and not a.degenerate:
+            return a.prompt
+    return None
+
+
+def _examples(runner, vector, report, scale: float, say: Say) -> list[Example]:
+    from rs_local.runtime.sampling import SamplingParams
+
+    wanted = [("political", True, False), ("harmful", True, True)]
+    out = []
+    for set_name, before_refused, after_refused in wanted:
+        prompt = _pick(report, scale, set_name, before_refused, after_refused)
+        if prompt is None:
+            continue
+        msgs = [{"role": "user", "content": prompt}]
+        runner.clear_vectors()
+        before = runner.chat(msgs, max_tokens=EXAMPLE_TOKENS, sampling=SamplingParams()).text
+        runner.set_vectors([(vector, scale)])
+        after = runner.chat(msgs, max_tokens=EXAMPLE_TOKENS, sampling=SamplingParams()).text
+        runner.clear_vectors()
+        out.append(Example(prompt, set_name, scale, before.strip(), after.strip()))
+    say(f"{len(out)} example conversations")
+    return out
+
+
+def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoResult:
+    """Run the demo end to end; writes the vector and the eval report into ``opts.output``."""
+    from rs_local import models
+    from rs_local.converters.gguf_io import write_control_vector
+    from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.eval.evaluate import EvalSettings, evaluate
+    from rs_local.eval.prompt_sets import builtin_set
+    from rs_local.eval.recipe import fit_political
+    from rs_local.eval.report import prepare_dir, write_report
+    from rs_local.judge.backends import make_judge
+    from rs_local.runtime.runner import Runner
+
+    opts = opts or DemoOptions()
+    say = say or (lambda _m: None)
+    seconds: dict[str, float] = {}
+    out = prepare_dir(opts.output, opts.force)
+    t0 = time.perf_counter()
+    path = models.resolve(opts.model, progress=say)
+    splits = {name: builtin_set(name).split(opts.holdout, seed=opts.seed) for name in ("political", "harmful", "harmless")}
+    say(f"model {path.name}; prompts: " + ", ".join(f"{n} {len(tr)} to fit / {len(te)} held out" for n, (tr, te) in splits.items()))
+
+    t = time.perf_counter()
+    fit_sets = [splits[n][0].subset(opts.n_fit, seed=opts.seed).prompts for n in ("political", "harmful", "harmless")]
+    fitted = fit_political(opts.model, *fit_sets, opts.recipe, say=say)
+    vector_path = write_control_vector(fitted.vector, out / VECTOR_NAME, force=opts.force)
+    seconds["fit"] = time.perf_counter() - t
+    say(f"vector written to {vector_path} ({seconds['fit']:.0f}s)")
+    _free_fit_model()
+
+    t = time.perf_counter()
+    runner = Runner(path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads)
+    judge = make_judge(opts.judge, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads, on_status=say)
+    scales = opts.scales or [0.0, *opts.recipe.suggested_scales]
+    held_out = [splits[n][1].subset(opts.n_eval, seed=opts.seed) for n in ("political", "harmful", "harmless")]
+    settings = EvalSettings(max_tokens=opts.max_tokens, batch=opts.batch)
+    try:
+        report = evaluate(runner, held_out, scales, vector=fitted.vector, judge=judge, settings=settings,
+                          cache=EvalCache(), say=say, meta={"demo": True, "recipe": fitted.info})
+    finally:
+        judge.close()
+    write_report(report, out, force=True)
+    seconds["eval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scale = _choose_scale(report)
+    examples = _examples(runner, fitted.vector, report, scale, say)
+    seconds["examples"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    return DemoResult(report, vector_path, examples, scale, _summary(report, scale, seconds), _next_steps(vector_path, scale), seconds)
+
+
+def _free_fit_model() -> None:
+    """Drop the Transformers copy of the model before llama.cpp loads its own (RAM on laptops)."""
+    try:
+        from rs_local.vectors.hf_model import clear_cache
+
+        clear_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _summary(report, scale: float, seconds: dict[str, float]) -> str:
+    base = report.baseline
+    pt = next(p for p in report.points if p.scale == scale)
+    parts = [f"{n}: {base.rate(n):.0%} -> {pt.rate(n):.0%}" for n in pt.sets]
+    kl = f", KL {pt.kl:.3f} nats" if pt.kl is not None else ""
+    return (f"at scale {scale:g}: refusal " + "; ".join(parts) + kl
+            + f"  (fit {seconds.get('fit', 0):.0f}s, eval {seconds.get('eval', 0):.0f}s, total {seconds.get('total', 0):.0f}s)")
+
+
+def _next_steps(vector_path: Path, scale: float) -> list[str]:
+    return [
+        f"chat with it:     rs-local chat --vector {vector_path} --scale {scale:g}",
+        f"in llama.cpp:     llama-cli -m MODEL.gguf --control-vector-scaled {vector_path} {scale:g}",
+        f"choose the scale: rs-local sweep --vector {vector_path} --set political --set harmful --set harmless "
+        "--target political --keep harmful -o sweep/",
+    ]

@@ -1,0 +1,128 @@
+"""Writing an evaluation out: report.json, answers.jsonl, the plot, and the table to print.
+
+The output directory is all-or-nothing from the user's point of view: it must not exist
+(or ``force`` is given), every file goes through a temp file and ``os.replace``, and
+report.json is written last, so a directory holding a report.json holds a whole report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rs_local.errors import FileProblem
+from rs_local.eval.evaluate import EvalPoint, EvalReport
+
+REPORT = "report.json"
+ANSWERS = "answers.jsonl"
+PLOT = "refusal_vs_scale.png"
+
+
+def prepare_dir(out: str | Path, force: bool) -> Path:
+    """Create the output directory; an existing one is an error unless ``force``."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise FileProblem(out, "exists and is not a directory")
+        if not force:
+            raise FileProblem(out, "output directory exists (use --force to overwrite its report files)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def file_mode() -> int:
+    """The permissions a plain ``open()`` would give (mkstemp's files are private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def point_dict(pt: EvalPoint) -> dict[str, Any]:
+    return {
+        "scale": pt.scale,
+        "layers": pt.layers_label,
+        "kl": pt.kl,
+        "seconds": round(pt.seconds, 2),
+        "sets": {name: asdict(s) for name, s in pt.sets.items()},
+    }
+
+
+def report_dict(report: EvalReport) -> dict[str, Any]:
+    """The JSON-able summary: settings, meta, and per point the rates of every set."""
+    base = report.baseline
+    out: dict[str, Any] = {
+        "settings": report.settings.as_dict(),
+        "meta": report.meta,
+        "points": [point_dict(p) for p in report.points],
+    }
+    if base is not None:
+        out["baseline"] = {name: s.refusal_rate for name, s in base.sets.items()}
+    return out
+
+
+def write_report(report: EvalReport, out: str | Path, force: bool = False, plot: bool = True) -> dict[str, Path]:
+    """Write answers.jsonl, the PNG plot and report.json into ``out``; returns their paths."""
+    out = prepare_dir(out, force)
+    paths: dict[str, Path] = {}
+    lines = [json.dumps(asdict(a), ensure_ascii=False) for p in report.points for a in p.answers]
+    paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
+    if plot:
+        from rs_local.eval.plot import plot_report
+
+        paths["plot"] = plot_report(report, out / PLOT)
+    paths["report"] = write_atomic(out / REPORT, json.dumps(report_dict(report), indent=2, ensure_ascii=False) + "\n")
+    return paths
+
+
+def summary_table(report: EvalReport, title: str | None = None):
+    """A rich Table: one row per point, refusal rate per set (keyword rate beside), KL, degenerate."""
+    from rich.table import Table
+
+    names = report.set_names()
+    table = Table(title=title, show_lines=False)
+    table.add_column("scale", justify="right")
+    if any(p.layers for p in report.points):
+        table.add_column("blocks", justify="right")
+    for name in names:
+        table.add_column(f"{name}\nrefusal (kw)", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("degenerate", justify="right")
+    base = report.baseline
+    for pt in report.points:
+        row = [f"{pt.scale:+g}" if pt.scale else "0 (plain)"]
+        if any(p.layers for p in report.points):
+            row.append(pt.layers_label or "-")
+        for name in names:
+            s = pt.sets.get(name)
+            if s is None:
+                row.append("-")
+                continue
+            cell = f"{s.refusal_rate:.0%} ({s.keyword_rate:.0%})"
+            if base is not None and pt is not base and name in base.sets:
+                delta = s.refusal_rate - base.sets[name].refusal_rate
+                color = "green" if delta < 0 else ("red" if delta > 0 else "dim")
+                cell = f"[{color}]{cell}[/]"
+            row.append(cell)
+        row.append("-" if pt.kl is None else f"{pt.kl:.3f}")
+        degen = [s.degenerate_rate for s in pt.sets.values()]
+        row.append(f"{max(degen):.0%}" if degen else "-")
+        table.add_row(*row)
+    return table

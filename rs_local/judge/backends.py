@@ -1,0 +1,84 @@
+"""Pick a judge backend from what the user named: a local GGUF, an HTTP endpoint, or keywords.
+
+All three share one interface (``judge(prompt, answer) -> Verdict``, ``describe()``,
+``concurrency``, ``close()``), so the judging loop, resume logic and judge-eval never care
+which one they drive. Changing the judge model is one flag: any built-in model name or GGUF
+path works as a local judge.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+from rs_local.errors import RsLocalError
+from rs_local.judge.verdict import Verdict
+
+KEYWORDS = "keywords"
+API_KEY_ENV = ("RS_LOCAL_JUDGE_API_KEY", "OPENAI_API_KEY")
+
+
+class Judge(Protocol):
+    backend: str
+    concurrency: int
+
+    def judge(self, prompt: str, answer: str) -> Verdict: ...
+
+    def describe(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def make_judge(
+    judge: str | None = None,
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+    retries: int = 4,
+    backoff: float = 0.5,
+    concurrency: int = 4,
+    logprobs: bool = True,
+    max_tokens: int | None = None,
+    n_ctx: int = 4096,
+    n_gpu_layers: int = 0,
+    n_threads: int | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> Judge:
+    """Build the judge: ``url`` -> OpenAI-compatible HTTP; ``judge == 'keywords'`` -> baseline; else a local GGUF."""
+    if url and judge:
+        raise RsLocalError("give either --judge (a local model or 'keywords') or --judge-url, not both")
+    if url:
+        from rs_local.judge.openai_http import OpenAIJudge
+
+        key = api_key or next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
+        return OpenAIJudge(url, model, api_key=key, timeout=timeout, retries=retries, backoff=backoff,
+                           concurrency=concurrency, logprobs=logprobs, max_tokens=max_tokens or 32)
+    if model:
+        raise RsLocalError("--judge-model names the model on a --judge-url server; for a local judge use --judge")
+    if judge == KEYWORDS:
+        from rs_local.judge.keywords import KeywordJudge
+
+        return KeywordJudge()
+    return load_local_judge(judge or default_judge_model(), logprobs=logprobs, max_tokens=max_tokens or 12,
+                            n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=on_status)
+
+
+def default_judge_model() -> str:
+    from rs_local import models
+
+    return models.DEFAULT_MODEL
+
+
+def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: int = 12, n_ctx: int = 4096,
+                     n_gpu_layers: int = 0, n_threads: int | None = None,
+                     on_status: Callable[[str], None] | None = None):
+    """Resolve a built-in name or GGUF path (pulling if needed) and wrap it as a judge."""
+    from rs_local import models
+    from rs_local.judge.local import LocalJudge
+    from rs_local.runtime.runner import Runner
+
+    path = models.resolve(name_or_path, progress=on_status)
+    runner = Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+    return LocalJudge(runner, max_tokens=max_tokens, logprobs=logprobs)

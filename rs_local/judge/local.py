@@ -1,0 +1,77 @@
+"""The local judge: a GGUF model run through our llama.cpp Runner.
+
+The judge's turn is pre-filled with ``VERDICT:`` so the very next token is the verdict word,
+and its full next-token distribution there gives the confidence (no need for a server that
+reports log-probabilities). A few greedy tokens are then generated for the text verdict and
+refusal type. The rubric is the system turn and identical for every answer, so the Runner's
+prefix reuse evaluates it once; each answer only costs its own tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rs_local.judge.rubric import VERDICT_PREFIX, judge_messages, new_nonce, rubric_version
+from rs_local.judge.verdict import Verdict, label_probs, make_verdict
+
+#: How many of the most likely next tokens are inspected for verdict-word beginnings.
+TOP_K = 40
+
+
+class LocalJudge:
+    """Judge answers with a loaded :class:`rs_local.runtime.runner.Runner`."""
+
+    backend = "local"
+    concurrency = 1
+
+    def __init__(self, runner, *, max_tokens: int = 12, logprobs: bool = True,
+                 nonce_factory: Callable[[], str] = new_nonce):
+        self.runner = runner
+        self.max_tokens = max_tokens
+        self.logprobs = logprobs
+        self.nonce_factory = nonce_factory
+
+    def describe(self) -> dict:
+        path = self.runner.path
+        return {
+            "backend": self.backend,
+            "model": path.name,
+            "model_bytes": path.stat().st_size if path.exists() else None,
+            "rubric": rubric_version(),
+            "logprobs": self.logprobs,
+        }
+
+    def prompt_text(self, prompt: str, answer: str) -> str:
+        """The judge's full input: chat template, rubric, fenced answer, and the pre-filled verdict key."""
+        messages, _ = judge_messages(prompt, answer, self.nonce_factory())
+        return self._format(messages) + VERDICT_PREFIX
+
+    def _format(self, messages: list[dict[str, str]]) -> str:
+        """Apply the chat template; templates without a system role (Gemma's) get the rubric in the first user turn."""
+        try:
+            return self.runner.format_chat(messages)
+        except Exception as exc:  # jinja2 raises TemplateError subclasses for an unsupported role
+            if type(exc).__module__.split(".")[0] != "jinja2" or messages[0]["role"] != "system":
+                raise
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return self.runner.format_chat(merged + messages[2:])
+
+    def judge(self, prompt: str, answer: str) -> Verdict:
+        text = self.prompt_text(prompt, answer)
+        probs = self._label_probs(text) if self.logprobs else None
+        gen = self.runner.generate(text, max_tokens=self.max_tokens, stop=["\n\n"])
+        return make_verdict(VERDICT_PREFIX + gen.text, probs)
+
+    def _label_probs(self, text: str) -> tuple[float, float]:
+        logp = self.runner.next_token_logprobs(text)
+        top = np.argpartition(-logp, TOP_K)[:TOP_K]
+        pieces = [(self._token_text(int(t)), float(logp[t])) for t in top]
+        return label_probs(pieces)
+
+    def _token_text(self, token: int) -> str:
+        return self.runner.llama.detokenize([token]).decode("utf-8", errors="ignore")
+
+    def close(self) -> None:
+        """The runner belongs to the caller; nothing to free here."""

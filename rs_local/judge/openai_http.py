@@ -1,0 +1,207 @@
+"""A judge behind any OpenAI-compatible chat endpoint (llama-server, llama-cpp-python's server, vLLM, Ollama).
+
+Standard library only (urllib), so judging through a server adds no dependency. Servers on a
+laptop are flaky (restarted, overloaded, still loading), so each request has a timeout and
+is retried with exponential backoff and jitter on connection errors, timeouts, 429 and 5xx.
+Errors that retrying cannot fix (wrong URL, wrong key, unknown model) stop the run at once
+with :class:`JudgeConfigError`; a row that still fails after its retries raises
+:class:`JudgeUnavailable` and is left for the next run.
+
+When the server returns ``logprobs``/``top_logprobs``, the verdict's confidence is read at the
+token that follows ``VERDICT:`` in the judge's own output. A server that rejects the
+``logprobs`` field gets the request again without it, and is not asked again.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+from rs_local.errors import RsLocalError
+from rs_local.judge.rubric import _THINK, judge_messages, new_nonce, rubric_version
+from rs_local.judge.verdict import Verdict, label_probs, make_verdict
+
+#: Statuses worth retrying: the server is busy or broken right now, not the request.
+RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+#: Statuses that mean the whole configuration is wrong.
+FATAL_STATUSES = {401, 403, 404}
+MAX_BACKOFF_S = 30.0
+TOP_LOGPROBS = 10
+
+
+class JudgeUnavailable(RsLocalError):
+    """One request failed after all retries (server down, timing out, or answering errors)."""
+
+
+class JudgeConfigError(RsLocalError):
+    """The endpoint cannot work at all (bad URL, bad key, unknown model): stop, don't retry."""
+
+
+class _HttpFailure(Exception):
+    def __init__(self, message: str, retry: bool, status: int | None = None, body: str = "", retry_after: float | None = None):
+        super().__init__(message)
+        self.retry, self.status, self.body, self.retry_after = retry, status, body, retry_after
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return min(float(value), MAX_BACKOFF_S) if value else None
+    except ValueError:
+        return None
+
+
+class OpenAIJudge:
+    """Judge answers through ``POST {base_url}/chat/completions``."""
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        logprobs: bool = True,
+        max_tokens: int = 32,
+        nonce_factory: Callable[[], str] = new_nonce,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.concurrency = max(1, concurrency)
+        self.logprobs = logprobs
+        self.max_tokens = max_tokens
+        self.nonce_factory = nonce_factory
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.model = model or self._only_model()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """The settings that decide verdicts (the URL is left out: a server moved to another port is the same judge)."""
+        return {"backend": self.backend, "model": self.model, "rubric": rubric_version(), "logprobs": self.logprobs}
+
+    def _only_model(self) -> str:
+        """The model the server serves, when it serves exactly one (so --judge-model can be left out)."""
+        data = self._request("GET", "/models", None)
+        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise JudgeConfigError(f"{self.base_url}: the server lists no model; name one with --judge-model")
+        raise JudgeConfigError(f"{self.base_url}: the server has {len(ids)} models ({', '.join(ids[:5])}); pick one with --judge-model")
+
+    # -- judging -------------------------------------------------------------------------
+
+    def request_body(self, prompt: str, answer: str) -> dict:
+        messages, _ = judge_messages(prompt, answer, self.nonce_factory())
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0.0,
+                                "max_tokens": self.max_tokens, "stream": False}
+        if self.logprobs:
+            body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        return body
+
+    def judge(self, prompt: str, answer: str) -> Verdict:
+        body = self.request_body(prompt, answer)
+        data = self._request("POST", "/chat/completions", body)
+        try:
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise JudgeUnavailable(f"{self.base_url}: unexpected reply shape: {json.dumps(data)[:200]}") from None
+        probs = verdict_probs(choice.get("logprobs")) if self.logprobs else None
+        return make_verdict(content, probs)
+
+    def close(self) -> None:
+        """urllib keeps no pool; nothing to free."""
+
+    # -- transport -----------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict | None) -> dict:
+        """One call with retries; switches logprobs off once if the server rejects them."""
+        last: _HttpFailure | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                return self._once(method, path, body)
+            except _HttpFailure as exc:
+                last = exc
+                if exc.status == 400 and body is not None and "logprobs" in body:
+                    body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+                    with self._lock:
+                        self.logprobs = False
+                    continue
+                if exc.status in FATAL_STATUSES:
+                    raise JudgeConfigError(f"{self.base_url}{path}: HTTP {exc.status} {exc.body[:200]}".strip()) from None
+                if not exc.retry or attempt == self.retries:
+                    break
+                delay = exc.retry_after or min(self.backoff * 2**attempt, MAX_BACKOFF_S)
+                self._sleep(delay * (1 + 0.25 * random.random()))
+        raise JudgeUnavailable(f"{self.base_url}{path}: {last} (after {self.retries + 1} tries)")
+
+    def _once(self, method: str, path: str, body: dict | None) -> dict:
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", errors="replace") if exc.fp else ""
+            raise _HttpFailure(f"HTTP {exc.code}", exc.code in RETRY_STATUSES, exc.code, text, _retry_after(exc.headers)) from None
+        except urllib.error.URLError as exc:
+            raise _HttpFailure(f"cannot reach the server ({exc.reason})", True) from None
+        except (socket.timeout, TimeoutError):
+            raise _HttpFailure(f"no reply within {self.timeout:g}s", True) from None
+        except (http.client.HTTPException, ConnectionError, OSError) as exc:
+            raise _HttpFailure(f"connection failed ({exc.__class__.__name__}: {exc})", True) from None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _HttpFailure(f"reply is not JSON: {raw[:120]!r}", True) from None
+
+
+def verdict_probs(logprobs: Any) -> tuple[float, float] | None:
+    """Label probabilities at the first word token after ``VERDICT:`` in an OpenAI ``logprobs`` object.
+
+    Returns None when the reply has no token log-probabilities or no verdict key. Tokens with
+    no letters (spaces, ``**`` of markdown bold) between the key and the word are skipped.
+    """
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
+        return None
+    text = ""
+    after_key = False
+    for entry in logprobs["content"]:
+        if not isinstance(entry, dict):
+            return None
+        token = str(entry.get("token", ""))
+        if after_key:
+            if not any(ch.isalnum() for ch in token):
+                continue
+            tops = entry.get("top_logprobs") or [{"token": token, "logprob": entry.get("logprob", 0.0)}]
+            return label_probs((str(t.get("token", "")), float(t.get("logprob", -1e9))) for t in tops if isinstance(t, dict))
+        text += token
+        visible = _THINK.sub("", text).upper()
+        if "VERDICT" in visible:
+            tail = visible[visible.index("VERDICT") + len("VERDICT"):]
+            if any(ch.isalnum() for ch in tail):
+                return None  # the verdict word shares a token with the key: no clean position
+            after_key = True
+    return None

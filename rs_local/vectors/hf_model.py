@@ -1,0 +1,193 @@
+"""Load the model to fit on: the very GGUF llama.cpp runs, dequantized by Transformers.
+
+Fitting on the same file the vector will be applied to removes a whole class of mismatch
+(a different checkpoint, a different chat template). Transformers reads GGUF with
+``from_pretrained(dir, gguf_file=name)``; a Hugging Face model directory works as well.
+
+Everything is local: ``local_files_only=True`` everywhere, so fitting works with
+``HF_HUB_OFFLINE=1`` and never touches the network. Loaded models are cached per process
+(by file and dtype) because loading and dequantizing costs seconds and a session (tests,
+a notebook, ``lambda=auto``) fits many times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rs_local.errors import ModelError
+
+DTYPES = ("float32", "bfloat16")
+
+_CACHE: dict[tuple[str, str], "FitModel"] = {}
+
+
+@dataclass
+class FitModel:
+    """A loaded causal LM, its tokenizer and where its decoder blocks are."""
+
+    name: str
+    path: Path
+    model: Any  # transformers PreTrainedModel (with LM head; only .base is run)
+    base: Any  # the decoder stack without the LM head
+    blocks: Any  # torch.nn.ModuleList of decoder layers, block i = llama.cpp block i
+    tokenizer: Any
+    dtype: str
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def model_hint(self) -> str:
+        """Architecture name for ``controlvector.model_hint`` (``llama``, ``qwen2`` ...)."""
+        return str(getattr(self.model.config, "model_type", "") or "")
+
+    @property
+    def fingerprint(self) -> str:
+        """Short stable hash of :attr:`identity` (cache keys)."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def model_identity(path: Path, name: str) -> dict[str, Any]:
+    """What identifies the weights without hashing 500 MB each time.
+
+    Built-in models carry their verified sha256; other files are identified by absolute
+    path, size and mtime (a re-downloaded or edited file changes mtime).
+    """
+    from rs_local import models
+
+    if name in models.MODELS:
+        return {"sha256": models.MODELS[name].sha256}
+    if path.is_file():
+        # A pulled model's verification marker ("sha size mtime") gives its sha256 for free.
+        st = path.stat()
+        marker = path.with_suffix(path.suffix + ".sha256")
+        fields = marker.read_text().split() if marker.is_file() else []
+        if len(fields) == 3 and fields[1:] == [str(st.st_size), str(int(st.st_mtime))]:
+            return {"sha256": fields[0], "file": path.name}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model"})
+        return {"dir": str(path.resolve()), "files": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]}
+    st = path.stat()
+    return {"file": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    return getattr(torch, dtype)
+
+
+def _find_blocks(model: Any) -> tuple[Any, Any]:
+    """The base model (no LM head) and its decoder ModuleList, across common layouts."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None) or getattr(model, "model", None)
+    candidates = [base, getattr(base, "language_model", None), getattr(base, "decoder", None)]
+    for cand in candidates:
+        if cand is not None and hasattr(cand, "layers"):
+            return cand, cand.layers
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _import_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise ModelError("fitting needs Transformers and torch: pip install 'rs-local[fit]'") from exc
+    return transformers
+
+
+def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitModel:
+    """Resolve ``model`` (built-in name, ``.gguf`` path or HF directory) and load it for fitting.
+
+    Cached per process by (resolved path, dtype).
+    """
+    from rs_local import models
+
+    name = str(model)
+    path = models.resolve(name, progress=progress)
+    key = (str(Path(path).resolve()), dtype)
+    if key in _CACHE:
+        return _CACHE[key]
+    torch_dtype = _torch_dtype(dtype)
+    transformers = _import_transformers()
+    if path.is_dir():
+        where, extra = str(path), {}
+    elif path.suffix.lower() == ".gguf":
+        where, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    try:
+        with _quiet_transformers():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: Transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    lm.eval()
+    lm.requires_grad_(False)
+    base, blocks = _find_blocks(lm)
+    if getattr(tokenizer, "chat_template", None) in (None, ""):
+        raise ModelError(f"{path}: the model has no chat template; fitting needs one to format prompts as llama.cpp will")
+    fm = FitModel(
+        name=name,
+        path=Path(path),
+        model=lm,
+        base=base,
+        blocks=blocks,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        identity=model_identity(Path(path), name) | {"dtype": dtype},
+    )
+    _CACHE[key] = fm
+    return fm
+
+
+def clear_cache() -> None:
+    """Forget loaded models (frees memory in long sessions)."""
+    _CACHE.clear()
+
+
+class _quiet_transformers:
+    """Silence Transformers' GGUF-dequantization chatter and progress bars for the load."""
+
+    def __enter__(self):
+        # The GGUF dequantizer draws its own tqdm bar on stderr, outside Transformers' switch.
+        self._stderr = contextlib.redirect_stderr(io.StringIO())
+        self._stderr.__enter__()
+        self._level = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+        try:
+            from transformers.utils import logging as tlog
+
+            self._bars = tlog.is_progress_bar_enabled()
+            tlog.disable_progress_bar()
+        except Exception:  # pragma: no cover - older/newer API
+            self._bars = None
+        return self
+
+    def __exit__(self, *exc):
+        self._stderr.__exit__(*exc)
+        logging.getLogger("transformers").setLevel(self._level)
+        self._warn.__exit__(*exc)
+        if self._bars:
+            from transformers.utils import logging as tlog
+
+            tlog.enable_progress_bar()
+        return False

@@ -1,0 +1,264 @@
+"""Per-layer signal analysis and the ``--layers`` choice.
+
+For every block we project held-out activations of both sets on that block's fitted unit
+direction and measure how well the projection separates them: Cohen's d (effect size, does
+not saturate) and AUROC (rank separation, easy to read), plus ``|Pearson r|`` between the
+projection and the judge score when scores exist (the paper ranks layers by it).
+
+Automatic band (``--layers auto``), the documented rule:
+
+1. Candidates are blocks ``1 .. n_layer-2``: block 0 cannot be steered by llama.cpp, and the
+   last block feeds only the final norm and LM head, so steering it edits logits rather than
+   the model's decision.
+2. The ranking metric is ``|r|`` when scores are given, else held-out Cohen's d.
+3. The peak is the block with the highest metric after a 3-block moving average (one noisy
+   block should not win on its own).
+4. The band grows from the peak one block at a time, toward the neighbour with the higher
+   metric, while that neighbour's metric is at least ``0.8 x`` the peak's and the band is
+   shorter than ``40 %`` of the blocks (at least 3). Steering many layers compounds: each
+   added block pushes the same residual stream again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+BAND_FRACTION = 0.8
+MAX_BAND_SHARE = 0.4
+
+
+@dataclass
+class LayerRow:
+    """Signal at one block: separation of the held-out projections on its direction."""
+
+    layer: int
+    cohen_d: float
+    auroc: float
+    pearson_r: float | None = None
+    act_norm: float = 0.0
+    exported_norm: float = 0.0
+    selected: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, float):
+                out[k] = round(v, 5) if math.isfinite(v) else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerRow":
+        names = {f.name for f in fields(cls)}
+        clean = {k: v for k, v in data.items() if k in names}
+        for key in ("cohen_d", "auroc", "act_norm", "exported_norm"):
+            if clean.get(key) is None:
+                clean[key] = float("nan")
+        return cls(**clean)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
+    """``(mean a - mean b) / pooled sd``; nan when there is no spread to measure."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 1 or len(b) < 1:
+        return float("nan")
+    dof = len(a) + len(b) - 2
+    if dof <= 0:
+        return float("nan")
+    pooled = ((len(a) - 1) * a.var(ddof=1 if len(a) > 1 else 0) + (len(b) - 1) * b.var(ddof=1 if len(b) > 1 else 0)) / dof
+    if pooled <= 0:
+        return float("inf") * np.sign(a.mean() - b.mean()) if a.mean() != b.mean() else float("nan")
+    return float((a.mean() - b.mean()) / math.sqrt(pooled))
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive projects higher than a negative), ties counted half (Mann-Whitney U)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):  # average ranks over ties
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
+        i = j + 1
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+# ----------------------------------------------------------------------------- layer choice
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int] | None:
+    """``auto`` -> None; ``8-20`` (inclusive), ``8,9,12``, ``all`` -> a list of steerable blocks."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return None
+    if spec == "all":
+        return list(range(1, n_layer))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"bad layer spec '{spec}': use auto, all, 8-20 or 8,9,12") from None
+    bad = sorted(x for x in out if x < 1 or x >= n_layer)
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model's steerable blocks are 1-{n_layer - 1}")
+    return sorted(out)
+
+
+def _metric(row: LayerRow, use_r: bool) -> float:
+    value = abs(row.pearson_r) if use_r and row.pearson_r is not None else row.cohen_d
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def select_band(rows: Sequence[LayerRow], n_layer: int, fraction: float = BAND_FRACTION, max_share: float = MAX_BAND_SHARE) -> list[int]:
+    """Contiguous band of blocks around the strongest signal (rule in the module docstring)."""
+    use_r = any(r.pearson_r is not None and math.isfinite(r.pearson_r) for r in rows)
+    by_layer = {r.layer: _metric(r, use_r) for r in rows if 1 <= r.layer <= n_layer - 2}
+    if not by_layer:
+        by_layer = {r.layer: _metric(r, use_r) for r in rows if r.layer >= 1}
+    if not by_layer:
+        raise ValueError("no steerable layer to choose from")
+    layers = sorted(by_layer)
+
+    def smoothed(layer: int) -> float:
+        vals = [by_layer[x] for x in (layer - 1, layer, layer + 1) if x in by_layer and math.isfinite(by_layer[x])]
+        return sum(vals) / len(vals) if vals else -math.inf
+
+    peak = max(layers, key=lambda x: (smoothed(x), by_layer[x]))
+    floor = fraction * by_layer[peak] if by_layer[peak] > 0 else by_layer[peak]
+    max_len = max(3, int(round(max_share * n_layer)))
+    band = [peak]
+    while len(band) < max_len:
+        lo, hi = band[0] - 1, band[-1] + 1
+        options = [x for x in (lo, hi) if x in by_layer and by_layer[x] >= floor]
+        if not options:
+            break
+        nxt = max(options, key=lambda x: by_layer[x])
+        band = sorted(band + [nxt])
+    return band
+
+
+def best_layer(rows: Sequence[LayerRow]) -> int:
+    """The block with the highest ranking metric (for the PCA scatter)."""
+    use_r = any(r.pearson_r is not None and math.isfinite(r.pearson_r) for r in rows)
+    return max(rows, key=lambda r: _metric(r, use_r)).layer
+
+
+# ----------------------------------------------------------------------------- table I/O
+
+
+def table_to_metadata(rows: Iterable[LayerRow]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in rows]
+
+
+def table_from_metadata(value: Any) -> list[LayerRow]:
+    """Rows back from GGUF metadata (a list of dicts, or its JSON text)."""
+    import json
+
+    if isinstance(value, (bytes, str)):
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise ValueError("layer_table metadata is not a list")
+    return [LayerRow.from_dict(json.loads(v) if isinstance(v, str) else dict(v)) for v in value]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("plotting needs matplotlib: pip install 'rs-local[plot]'") from exc
+    return plt
+
+
+def plot_layer_table(rows: Sequence[LayerRow], path: str | Path, title: str = "") -> Path:
+    """PNG of Cohen's d, AUROC and |r| per block, with the selected band shaded."""
+    plt = _pyplot()
+    layers = [r.layer for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(layers, [r.cohen_d for r in rows], "o-", label="Cohen's d (held-out)")
+    ax.set_xlabel("block")
+    ax.set_ylabel("Cohen's d")
+    ax2 = ax.twinx()
+    ax2.plot(layers, [r.auroc for r in rows], "s--", color="tab:orange", label="AUROC")
+    if any(r.pearson_r is not None for r in rows):
+        ax2.plot(layers, [abs(r.pearson_r) if r.pearson_r is not None else np.nan for r in rows], "^:", color="tab:green", label="|r| with score")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("AUROC / |r|")
+    for r in rows:
+        if r.selected:
+            ax.axvspan(r.layer - 0.5, r.layer + 0.5, color="tab:blue", alpha=0.08)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize=8, framealpha=0.9)
+    ax.set_title(title or "per-layer signal (shaded: selected)")
+    return _save(fig, plt, path)
+
+
+def plot_scatter(pos: np.ndarray, neg: np.ndarray, path: str | Path, layer: int, labels: tuple[str, str] = ("positive", "negative")) -> Path:
+    """PNG of both sets' activations at one block on their first two principal components."""
+    plt = _pyplot()
+    both = np.concatenate([pos, neg]).astype(np.float64)
+    centered = both - both.mean(axis=0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    xy = centered @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(xy[: len(pos), 0], xy[: len(pos), 1], s=12, label=labels[0], alpha=0.7)
+    ax.scatter(xy[len(pos) :, 0], xy[len(pos) :, 1], s=12, label=labels[1], alpha=0.7)
+    ax.set_title(f"block {layer}: PCA of activations")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; a plot should get the usual mode
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,134 @@
+"""Activation capture on the real SmolLM2 GGUF, loaded and dequantized by Transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rs_local.errors import ModelError
+from rs_local.vectors import methods as M
+from rs_local.vectors.capture import capture, render, template_suffix, tokenize
+from rs_local.vectors.hf_model import load_model
+
+PROMPTS = [
+    "Hi",
+    "What is the capital of France?",
+    "Write a short poem about the sea, the wind and a lighthouse keeper who never sleeps.",
+    "Explain recursion to a child.",
+    "List three prime numbers.",
+    "Why is the sky blue? Answer in one sentence, please, and keep it simple.",
+    "Translate 'good morning' into German.",
+]
+OTHER = [
+    "Give me a recipe for pancakes.",
+    "How do magnets work?",
+    "Name a famous painter.",
+    "What does a compiler do?",
+    "Suggest a name for a cat.",
+    "How far is the Moon?",
+]
+
+
+@pytest.fixture(scope="module")
+def fm(smollm2_path):
+    return load_model(str(smollm2_path))
+
+
+def test_model_shape(fm):
+    assert fm.n_layer == 30 and fm.n_embd == 576 and fm.model_hint == "llama"
+    assert load_model(str(fm.path)) is fm  # cached per process
+
+
+@pytest.mark.parametrize("position", ["last", "post_instruction"])
+def test_batch_size_does_not_change_activations(fm, position):
+    one = capture(fm, PROMPTS, batch_size=1, position=position)
+    many = capture(fm, PROMPTS, batch_size=16, position=position)
+    assert one.raw.shape == (len(PROMPTS), 30, 576)
+    assert np.isfinite(many.raw).all()
+    # relative to each block's scale: residual entries reach several hundred in late blocks
+    scale = np.abs(one.raw).max(axis=(0, 2), keepdims=True)
+    assert np.abs(one.raw - many.raw).max(axis=(0, 2)).max() / scale.min() < 1e-4
+    np.testing.assert_allclose(many.raw, one.raw, rtol=1e-4, atol=1e-4 * float(scale.max()))
+
+
+def test_blocks_follow_llama_cpp_convention(fm):
+    """raw[:, N] is block N's output = hidden_states[N+1]; the last block is NOT the final-normed state."""
+    acts = capture(fm, PROMPTS[:1])
+    ids, _ = tokenize(fm, PROMPTS[:1])
+    with torch.inference_mode():
+        hs = fm.base(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
+    for block in (0, 1, 14, 28):
+        np.testing.assert_allclose(acts.raw[0, block], hs[block + 1][0, -1].numpy(), rtol=1e-5, atol=1e-4)
+    last = acts.raw[0, 29]
+    assert not np.allclose(last, hs[30][0, -1].numpy(), atol=1e-2)  # hs[30] is after the final norm
+
+
+def test_post_instruction_is_mean_over_template_suffix(fm):
+    suffix = template_suffix(fm)
+    assert "assistant" in suffix and "user" not in suffix
+    ids, n_suffix = tokenize(fm, PROMPTS[:1])
+    assert n_suffix[0] == 6  # <|im_end|> \n <|im_start|> ass istant \n
+    acts = capture(fm, PROMPTS[:1], position="post_instruction")
+    with torch.inference_mode():
+        hs = fm.base(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
+    expected = hs[11][0, -6:].mean(dim=0).numpy()
+    np.testing.assert_allclose(acts.raw[0, 10], expected, rtol=1e-5, atol=1e-4)
+    assert render(fm, "abc").endswith(suffix)
+
+
+def test_planted_shift_is_recovered_at_its_block(fm):
+    """A known vector added at block K's output for one set only is what the methods find at K."""
+    block = 12
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=576).astype(np.float32)
+    v *= 40.0 / np.linalg.norm(v)
+    shift = torch.tensor(v)
+
+    def add(_m, _i, out):
+        return (out[0] + shift,) + tuple(out[1:]) if isinstance(out, tuple) else out + shift
+
+    handle = fm.blocks[block].register_forward_hook(add)
+    try:
+        pos = capture(fm, PROMPTS[:6])
+    finally:
+        handle.remove()
+    neg = capture(fm, OTHER)
+    for method in M.METHODS:
+        d = M.fit_direction(method, pos.layer(block).astype(np.float64), neg.layer(block).astype(np.float64), lam=1.0)
+        assert M.cosine(d, v) > 0.9, f"{method} at block {block}: {M.cosine(d, v):.3f}"
+    # one block earlier the shift does not exist yet
+    before = M.mean_difference(pos.layer(block - 1), neg.layer(block - 1))
+    assert abs(M.cosine(before, v)) < 0.3
+
+
+def test_streaming_moments_match_raw(fm):
+    w = np.linspace(0.2, 1.0, 4)
+    acts = capture(fm, OTHER[:4], keep_raw=True, moments=True, weights=w, batch_size=3)
+    ref = M.moments(acts.layer(7).astype(np.float64), w)
+    np.testing.assert_allclose(acts.moments.mean[7], ref.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(acts.moments.cov[7], ref.cov, rtol=1e-5, atol=1e-5)
+    only = capture(fm, OTHER[:2], keep_raw=False)
+    assert only.raw is None and only.moments.n == 2
+
+
+def test_disk_cache_hits_and_keys(fm, tmp_path):
+    first = capture(fm, PROMPTS[:2], cache=tmp_path)
+    assert not first.from_cache and len(list(tmp_path.glob("*.npz"))) == 1
+    again = capture(fm, PROMPTS[:2], cache=tmp_path)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.raw, first.raw)
+    assert not capture(fm, PROMPTS[:2], cache=tmp_path, position="post_instruction").from_cache
+    assert not capture(fm, PROMPTS[1:3], cache=tmp_path).from_cache
+    assert not capture(fm, PROMPTS[:2], cache=tmp_path, system="Be terse.").from_cache
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ModelError, match="no such model file"):
+        load_model(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelError, match="Transformers could not load it"):
+        load_model(str(bad))
+    with pytest.raises(ModelError, match="unknown dtype"):
+        load_model(str(bad), dtype="int8")

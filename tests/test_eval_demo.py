@@ -1,0 +1,35 @@
+"""`rs-local demo` end to end on SmolLM2 with tiny sizes: fit, vector file, report, examples."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from rs_local.cli.main import cli
+from rs_local.converters.gguf_io import read_control_vector
+from rs_local.eval.demo import DemoOptions, run_demo
+
+
+def test_run_demo_small(tmp_path):
+    opts = DemoOptions(model="smollm2-135m", output=tmp_path / "demo", n_fit=6, n_eval=4, scales=[0.0, -1.0],
+                       max_tokens=8, batch=2, n_ctx=512)
+    res = run_demo(opts)
+    vec = read_control_vector(res.vector_path)
+    assert vec.n_embd == 576 and vec.layers == list(range(8, 17))
+    assert "orthogonalised" in vec.metadata.get("recipe", "")
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert [p["scale"] for p in report["points"]] == [0.0, -1.0]
+    assert set(report["points"][0]["sets"]) == {"political", "harmful", "harmless"}
+    assert all(s["n"] == 4 for s in report["points"][0]["sets"].values())
+    assert (tmp_path / "demo" / "refusal_vs_scale.png").exists()
+    assert res.chosen_scale in (0.0, -1.0)
+    assert "refusal" in res.summary and res.next_steps
+    for ex in res.examples:
+        assert ex.before and ex.prompt
+
+
+def test_demo_refuses_an_existing_output(tmp_path):
+    (tmp_path / "d").mkdir()
+    res = CliRunner().invoke(cli, ["demo", "--model", "smollm2-135m", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 1 and "exists" in res.output

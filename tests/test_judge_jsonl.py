@@ -1,0 +1,86 @@
+"""The append-only log that makes respond and judge resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rs_local.errors import FileProblem
+from rs_local.judge.jsonl import AppendLog, data_rows, write_jsonl_atomic
+
+
+def _key(row):
+    return row["k"]
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_skips_done_keys_and_appends(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        log.append({"k": 1})
+        log.append({"k": 2})
+        log.append({"k": 2})  # duplicate key: ignored
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        assert log.done == {1, 2}
+        assert 1 in log and 3 not in log
+        log.append({"k": 3})
+    rows = _lines(path)
+    assert "rs_local_header" in rows[0]
+    assert [r["k"] for r in rows[1:]] == [1, 2, 3]
+
+
+def test_partial_last_line_is_cut_and_redone(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {}, _key) as log:
+        log.append({"k": 1})
+    with open(path, "a") as f:
+        f.write('{"k": 2, "text": "half wri')  # what a SIGKILL mid-write leaves
+    with AppendLog.open(path, "things", {}, _key) as log:
+        assert log.done == {1}
+        log.append({"k": 2, "text": "whole"})
+    assert [r["k"] for r in _lines(path)[1:]] == [1, 2]
+
+
+def test_other_config_is_an_error_unless_forced(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"seed": 0, "model": "m"}, _key) as log:
+        log.append({"k": 1})
+    with pytest.raises(FileProblem, match=r"different settings \(seed\).*--force"):
+        AppendLog.open(path, "things", {"seed": 1, "model": "m"}, _key)
+    with pytest.raises(FileProblem, match="different settings"):
+        AppendLog.check(path, "things", {"seed": 1, "model": "m"})
+    with pytest.raises(FileProblem, match="holds things rows"):
+        AppendLog.open(path, "verdicts", {"seed": 0, "model": "m"}, _key)
+    with AppendLog.open(path, "things", {"seed": 1, "model": "m"}, _key, force=True) as log:
+        assert not log.done
+    assert len(_lines(path)) == 1
+
+
+def test_a_foreign_file_is_not_appended_to(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(FileProblem, match="not an rs-local things file"):
+        AppendLog.open(path, "things", {}, _key)
+    assert path.read_text() == '{"prompt": "hello"}\n'
+
+
+def test_bad_line_reports_its_number(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n{oops\n{"a": 2}\n')
+    with pytest.raises(FileProblem, match="line 2: bad JSON"):
+        data_rows(path)
+    # a broken last line of a hand-made file is an error too (only our own logs may end mid-line)
+    path.write_text('{"a": 1}\n{"a": 2')
+    with pytest.raises(FileProblem, match="line 2"):
+        data_rows(path)
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl_atomic(path, [{"a": 1}, {"a": 2}])
+    assert _lines(path) == [{"a": 1}, {"a": 2}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left behind

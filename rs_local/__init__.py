@@ -22,6 +22,13 @@ _EXPORTS: dict[str, str] = {
     "Runner": "rs_local.runtime.runner",
     "resolve_model": "rs_local.models:resolve",
     "pull_model": "rs_local.models:pull",
+    "load_prompts": "rs_local.prompts",
+    "load_scores": "rs_local.prompts",
+    "fit_vector": "rs_local.vectors.fit",
+    "FitOptions": "rs_local.vectors.fit",
+    "respond": "rs_local.judge.respond",
+    "judge_responses": "rs_local.judge.judging",
+    "make_judge": "rs_local.judge.backends",
 }
 
 

@@ -118,15 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge", default="keywords", help="'keywords' or a local judge model (name or GGUF).")
     ap.add_argument("--scale", type=float, default=None, help="Scale to evaluate (default: the recipe's suggestion).")
     ap.add_argument("--sweep", action="store_true", help="Choose the scale on a dev split of the training prompts.")
+    ap.add_argument("--also", default="", help="Extra scales to evaluate on the held-out sets (the frontier), e.g. -0.75,-1.25.")
     ap.add_argument("--method", default=None, help="Override the recipe's method (md, rmd, wrmd, pca).")
     ap.add_argument("--layers", default=None, help="Override the recipe's block band, e.g. 8-16.")
     ap.add_argument("--no-ortho", action="store_true", help="Skip orthogonalising to the harmful direction.")
     ap.add_argument("--holdout", type=float, default=1 / 3)
-    ap.add_argument("--fit-adv", type=int, default=100, help="AdvBench training prompts used in the fit.")
-    ap.add_argument("--fit-harmless", type=int, default=150, help="Alpaca training prompts used in the fit.")
+    ap.add_argument("--fit-adv", type=int, default=60, help="AdvBench training prompts used in the fit.")
+    ap.add_argument("--fit-harmless", type=int, default=100, help="Alpaca training prompts used in the fit.")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures to this JSON file.")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the eval report (answers, plot) to this directory.")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -156,17 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     say("fit on " + ", ".join(f"{k} {len(v)}" for k, v in splits["fit"].items())
         + "; held out " + ", ".join(f"{k} {len(v)}" for k, v in splits["test"].items()))
 
+    runner = Runner(models.resolve(args.model), n_ctx=2048, n_threads=args.threads)
+    judge = make_judge(args.judge, n_threads=args.threads)
     t0 = time.perf_counter()
     fitted = fit_political(args.model, splits["fit"]["political"], splits["fit"]["harmful"], splits["fit"]["harmless"],
-                           recipe, say=say)
+                           recipe, say=say, runner=runner, judge=judge)
     t_fit = time.perf_counter() - t0
+    say(f"fitted in {t_fit:.0f}s: {fitted.info}")
     from rs_local.vectors.hf_model import clear_cache
 
     clear_cache()
 
     t1 = time.perf_counter()
-    runner = Runner(models.resolve(args.model), n_ctx=2048, n_threads=args.threads)
-    judge = make_judge(args.judge, n_threads=args.threads)
     settings = EvalSettings(max_tokens=args.max_tokens, kl_tokens=16, batch=8)
     cache = EvalCache()
     scale = args.scale if args.scale is not None else recipe.suggested_scale
@@ -175,13 +178,21 @@ def main(argv: list[str] | None = None) -> int:
         scale = choose_scale(runner, fitted.vector, judge, dev_sets, settings, cache, say)
     test_sets = [PromptSet(k, v) for k, v in splits["test"].items()]
     ev = Evaluator(runner, test_sets, vector=fitted.vector, judge=judge, settings=settings, cache=cache, say=say)
+    extra = [float(x) for x in args.also.split(",") if x.strip()]
     try:
         base = ev.point(0.0)
         steered = ev.point(scale)
+        others = [ev.point(s) for s in extra if s != scale]
     finally:
         ev.close()
         judge.close()
     t_eval = time.perf_counter() - t1
+    if args.out:
+        from rs_local.eval.evaluate import EvalReport
+        from rs_local.eval.report import write_report
+
+        write_report(EvalReport([base, steered, *others], settings, {"model": args.model, "judge": judge.describe()}),
+                     args.out, force=True)
 
     rows = verdicts(base, steered)
     table = Table(title=f"{args.model}, recipe {fitted.vector.metadata.get('recipe')}, scale {scale:g}, "
@@ -192,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         fmt = (lambda x: f"{x:.3f}") if what.startswith("KL") else (lambda x: f"{x:.0%}")
         table.add_row(what, fmt(b), fmt(s), target, "[green]yes[/]" if ok else "[red]no[/]")
     console.print(table)
+    if others:
+        front = Table(title="frontier (held-out)")
+        for col in ("scale", "political", "harmful (ratio)", "harmless", "KL", "all targets"):
+            front.add_column(col, justify="right")
+        for pt in sorted([steered, *others], key=lambda p: -p.scale):
+            r = verdicts(base, pt)
+            front.add_row(f"{pt.scale:g}", f"{pt.sets['political'].refusal_rate:.0%}",
+                          f"{pt.sets['harmful'].refusal_rate:.0%} ({r[1][2] / r[1][1] if r[1][1] else float('nan'):.2f})",
+                          f"{pt.sets['harmless'].refusal_rate:.0%}", f"{pt.kl or 0:.3f}", "yes" if all(x[4] for x in r) else "no")
+        console.print(front)
     kw = ", ".join(f"{n} {base.sets[n].keyword_rate:.0%} -> {steered.sets[n].keyword_rate:.0%}" for n in base.sets)
     degen = ", ".join(f"{n} {steered.sets[n].degenerate_rate:.0%}" for n in steered.sets)
     console.print(f"keyword rates: {kw}\ndegenerate answers when steered: {degen}")
@@ -201,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "model": args.model, "scale": scale, "n": args.n, "judge": judge.describe(),
             "recipe": fitted.info, "rows": [dict(zip(("metric", "baseline", "steered", "target", "met"), r)) for r in rows],
+            "frontier": [{"scale": p.scale, "kl": p.kl, "refusal": {n: p.sets[n].refusal_rate for n in p.sets}}
+                         for p in [base, steered, *others]],
             "seconds": {"fit": t_fit, "eval": t_eval},
         }, indent=2))
     return 0 if all(r[4] for r in rows) else 1

@@ -92,22 +92,29 @@ def _pick(report, scale: float, set_name: str, before_refused: bool, after_refus
     return None
 
 
-def _examples(runner, vector, report, scale: float, say: Say) -> list[Example]:
-    from rs_local.runtime.sampling import SamplingParams
+def _examples(runner, vector, report, scale: float, batch: int, say: Say) -> list[Example]:
+    """Longer answers for two held-out prompts, before and after.
+
+    They run on the same engine as the table (batched or sequential): the two agree only up
+    to near-ties, and a prompt on the edge of refusal could otherwise show the other answer.
+    """
+    from rs_local.eval.engines import make_engine
 
     wanted = [("political", True, False), ("harmful", True, True)]
+    picked = [(name, p) for name, *want in wanted if (p := _pick(report, scale, name, *want)) is not None]
+    engine = make_engine(runner, batch=batch)
     out = []
-    for set_name, before_refused, after_refused in wanted:
-        prompt = _pick(report, scale, set_name, before_refused, after_refused)
-        if prompt is None:
-            continue
-        msgs = [{"role": "user", "content": prompt}]
-        runner.clear_vectors()
-        before = runner.chat(msgs, max_tokens=EXAMPLE_TOKENS, sampling=SamplingParams()).text
-        runner.set_vectors([(vector, scale)])
-        after = runner.chat(msgs, max_tokens=EXAMPLE_TOKENS, sampling=SamplingParams()).text
-        runner.clear_vectors()
-        out.append(Example(prompt, set_name, scale, before.strip(), after.strip()))
+    try:
+        for set_name, prompt in picked:
+            msgs = [[{"role": "user", "content": prompt}]]
+            engine.set_vectors([])
+            before = engine.generate_many(msgs, max_tokens=EXAMPLE_TOKENS)[0].text
+            engine.set_vectors([(vector, scale)])
+            after = engine.generate_many(msgs, max_tokens=EXAMPLE_TOKENS)[0].text
+            out.append(Example(prompt, set_name, scale, before.strip(), after.strip()))
+    finally:
+        engine.set_vectors([])
+        engine.close()
     say(f"{len(out)} example conversations")
     return out
 
@@ -133,21 +140,20 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
     splits = {name: builtin_set(name).split(opts.holdout, seed=opts.seed) for name in ("political", "harmful", "harmless")}
     say(f"model {path.name}; prompts: " + ", ".join(f"{n} {len(tr)} to fit / {len(te)} held out" for n, (tr, te) in splits.items()))
 
-    t = time.perf_counter()
-    fit_sets = [splits[n][0].subset(opts.n_fit, seed=opts.seed).prompts for n in ("political", "harmful", "harmless")]
-    fitted = fit_political(opts.model, *fit_sets, opts.recipe, say=say)
-    vector_path = write_control_vector(fitted.vector, out / VECTOR_NAME, force=opts.force)
-    seconds["fit"] = time.perf_counter() - t
-    say(f"vector written to {vector_path} ({seconds['fit']:.0f}s)")
-    _free_fit_model()
-
-    t = time.perf_counter()
     runner = Runner(path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads)
     judge = make_judge(opts.judge, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads, on_status=say)
-    scales = opts.scales or [0.0, *opts.recipe.suggested_scales]
-    held_out = [splits[n][1].subset(opts.n_eval, seed=opts.seed) for n in ("political", "harmful", "harmless")]
-    settings = EvalSettings(max_tokens=opts.max_tokens, batch=opts.batch)
     try:
+        t = time.perf_counter()
+        fit_sets = [splits[n][0].subset(opts.n_fit, seed=opts.seed).prompts for n in ("political", "harmful", "harmless")]
+        fitted = fit_political(opts.model, *fit_sets, opts.recipe, say=say, runner=runner, judge=judge)
+        vector_path = write_control_vector(fitted.vector, out / VECTOR_NAME, force=opts.force)
+        seconds["fit"] = time.perf_counter() - t
+        say(f"vector written to {vector_path} ({seconds['fit']:.0f}s)")
+        _free_fit_model()
+        t = time.perf_counter()
+        scales = opts.scales or [0.0, *opts.recipe.suggested_scales]
+        held_out = [splits[n][1].subset(opts.n_eval, seed=opts.seed) for n in ("political", "harmful", "harmless")]
+        settings = EvalSettings(max_tokens=opts.max_tokens, batch=opts.batch)
         report = evaluate(runner, held_out, scales, vector=fitted.vector, judge=judge, settings=settings,
                           cache=EvalCache(), say=say, meta={"demo": True, "recipe": fitted.info})
     finally:
@@ -157,14 +163,14 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
 
     t = time.perf_counter()
     scale = _choose_scale(report)
-    examples = _examples(runner, fitted.vector, report, scale, say)
+    examples = _examples(runner, fitted.vector, report, scale, opts.batch, say)
     seconds["examples"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return DemoResult(report, vector_path, examples, scale, _summary(report, scale, seconds), _next_steps(vector_path, scale), seconds)
 
 
 def _free_fit_model() -> None:
-    """Drop the Transformers copy of the model before llama.cpp loads its own (RAM on laptops)."""
+    """Drop the Transformers copy of the model once the vector is fitted (RAM on laptops)."""
     try:
         from rs_local.vectors.hf_model import clear_cache
 

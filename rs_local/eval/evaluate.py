@@ -15,7 +15,7 @@ of scales and returns an :class:`EvalReport`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -157,7 +157,7 @@ class Evaluator:
         if not self.sets:
             raise RsLocalError("no prompt sets to evaluate")
         self.vector = vector
-        self.settings = settings or EvalSettings()
+        self.settings = replace(settings) if settings is not None else EvalSettings()
         self.settings.check()
         if self.settings.kl_set is not None and self.settings.kl_set not in self.sets:
             self.settings.kl_set = None

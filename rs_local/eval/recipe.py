@@ -1,22 +1,26 @@
 """The default recipe for removing political refusals while keeping harmful ones.
 
-A plain mean difference "political minus harmless" carries two things: the topic (politics)
-and the refusal the topic triggers. Part of that refusal component is the model's generic
-refusal direction, the one harmful requests use too, so subtracting it at a useful strength
-also removes harmful refusals (measured: on Qwen2.5-Coder-0.5B, blocks 8-20 at -0.5 removed
-every harmful refusal). The recipe therefore
+Default (``method="gradient"``), measured on Qwen2.5-Coder-0.5B:
 
-1. fits a *harmful-refusal* direction the same way (harmful requests minus harmless ones),
-2. fits the political direction (political questions minus harmless ones) and removes, block
-   by block, its component along the harmful direction (``orthogonalize_to``), so steering
-   against it leaves the shared refusal machinery alone, and
-3. restricts both to a band of middle blocks, where the decision to refuse is formed; late
-   blocks mostly shape the wording and steering them costs fluency (KL) fast.
+1. answer the training prompts with the plain model (llama.cpp, short greedy answers) and
+   judge them: which political and which harmful prompts does it refuse, and how does each
+   refusal open;
+2. for each refused prompt, take the gradient of the log-probability of that opening with
+   respect to a vector added to each block's output (Transformers, the same GGUF dequantised):
+   the direction a control vector would have to take to make that refusal more likely;
+3. per block of the band (default 8-16, the middle blocks, where the decision to refuse
+   forms; late blocks mostly shape wording and cost fluency fast), the political direction
+   is the mean political gradient with the whole span of the harmful gradients projected
+   out, so to first order no harmful refusal seen in training moves;
+4. the length per block is ``||mean(political) - mean(harmless)|| / k`` (comparable to a
+   mean-difference vector of the band), and the scale is chosen by ``rs-local sweep``
+   (suggested for the default model: about -1).
 
-The scale is not part of the vector: choose it with ``rs-local sweep`` (or take the
-recipe's suggested value, measured on the reference model). Everything here is a thin layer
-over :func:`rs_local.vectors.fit.fit_vector`, so each step is also a plain ``rs-local fit``
-command (see :func:`Recipe.commands`).
+Why: every mean-difference variant (political - harmless, orthogonalised to harmful -
+harmless, to refused-minus-complied harmful, political-refused - harmful-refused, bands from
+2-6 to 16-22, ridge) removed harmful refusals at least as fast as political ones on this
+model; see :mod:`rs_local.eval.gradient_fit`. The older recipe is kept as ``method="md"``
+(mean difference orthogonalised to the harmful direction, through ``rs-local fit``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 Say = Callable[[str], None]
+METHODS = ("gradient", "md")
 
 
 @dataclass
 class Recipe:
-    """Settings of the two fits; defaults are the ones measured to work on the default model."""
+    """Settings of the fit; defaults are the ones measured to work on the default model."""
 
-    method: str = "md"
+    method: str = "gradient"
     layers: str = "8-16"
+    #: gradient method: tokens of each refusal opening, prompts per set, answer length for labelling
+    answer_tokens: int = 2
+    max_prompts: int = 40
+    label_tokens: int = 32
+    #: md method
     orthogonalize: bool = True
     lam: float | str = 0.1
     holdout: float = 0.2
@@ -41,23 +51,47 @@ class Recipe:
     suggested_scale: float = -1.0
     suggested_scales: tuple[float, ...] = (-0.5, -1.0, -1.5)
 
-    def commands(self, political: str, harmful: str, harmless: str, model: str = "qwen2.5-coder-0.5b") -> list[str]:
-        """The same recipe as ``rs-local fit`` command lines."""
-        common = f"--model {model} --method {self.method} --layers {self.layers}"
-        harm = f"rs-local fit {common} -p {harmful} -n {harmless} -o harmful.gguf"
-        pol = f"rs-local fit {common} -p {political} -n {harmless} -o political.gguf"
-        if self.orthogonalize:
-            pol += " --orthogonalize-to harmful.gguf"
-        return [harm, pol] if self.orthogonalize else [pol]
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown recipe method '{self.method}' (choose from {', '.join(METHODS)})")
+
+    def describe(self) -> str:
+        if self.method == "gradient":
+            return f"refusal-gradient contrast (political minus harmful span), blocks {self.layers}"
+        return f"mean difference, blocks {self.layers}" + (", orthogonalised to harmful" if self.orthogonalize else "")
 
 
 @dataclass
 class RecipeResult:
-    """The political vector, and the harmful vector it was made orthogonal to (if any)."""
+    """The political vector, plus what the fit saw (refused counts, the harmful vector for md)."""
 
     vector: Any  # ControlVector
-    harmful: Any | None
+    harmful: Any | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def label_refusals(runner, prompts: Sequence[str], *, judge: Any = None, max_tokens: int = 32, batch: int = 8,
+                   cache: Any = None) -> list[tuple[str, str, bool]]:
+    """(prompt, answer, refused) for each prompt: the plain model's short greedy answer, judged."""
+    from rs_local.eval.evaluate import EvalSettings, Evaluator
+    from rs_local.eval.prompt_sets import PromptSet
+
+    ev = Evaluator(runner, [PromptSet("train", list(prompts))], judge=judge, cache=cache,
+                   settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch))
+    try:
+        _, records = ev.score_set("train", 0.0)
+    finally:
+        ev.close()
+    return [(r.prompt, r.answer, r.refusal) for r in records]
+
+
+def _layers(spec: str, n_layer: int) -> list[int]:
+    from rs_local.vectors.layers import parse_layers
+
+    layers = parse_layers(spec, n_layer)
+    if layers is None:
+        raise ValueError("the recipe needs an explicit band (e.g. 8-16), not 'auto'")
+    return layers
 
 
 def fit_political(
@@ -67,27 +101,72 @@ def fit_political(
     harmless: Sequence[str],
     recipe: Recipe | None = None,
     say: Say | None = None,
+    *,
+    runner: Any = None,
+    judge: Any = None,
     cache: Any = True,
 ) -> RecipeResult:
-    """Fit the recipe's political-refusal vector (needs Transformers; the model is a name, path or FitModel)."""
+    """Fit the recipe's political-refusal vector on training prompts.
+
+    ``model`` is a built-in name or GGUF path (Transformers loads the same file). The gradient
+    method also answers the prompts with llama.cpp (``runner``, loaded if not given) and judges
+    them (``judge``: any rs_local.judge backend; keywords when None).
+    """
+    recipe = recipe or Recipe()
+    recipe.check()
+    say = say or (lambda _m: None)
+    if recipe.method == "md":
+        return _fit_md(model, political, harmful, harmless, recipe, say, cache)
+    return _fit_gradient(model, political, harmful, harmless, recipe, say, runner, judge, cache)
+
+
+def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache) -> RecipeResult:
+    import random
+
+    from rs_local import models
+    from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.eval.gradient_fit import RefusedPrompt, fit_gradient_vector
+    from rs_local.vectors.hf_model import load_model
+
+    own_runner = runner is None
+    if own_runner:
+        from rs_local.runtime.runner import Runner
+
+        runner = Runner(models.resolve(str(model), progress=say), n_ctx=2048)
+    rng = random.Random(recipe.seed)
+    cap = lambda xs: list(xs) if len(xs) <= recipe.max_prompts else rng.sample(list(xs), recipe.max_prompts)  # noqa: E731
+    eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
+    refused = {}
+    for name, prompts in (("political", political), ("harmful", harmful)):
+        rows = label_refusals(runner, prompts, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache)
+        refused[name] = [RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()]
+        say(f"plain model refuses {len(refused[name])}/{len(prompts)} {name} training prompts")
+    if own_runner:
+        del runner
+    fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
+    layers = _layers(recipe.layers, fm.n_layer)
+    vec = fit_gradient_vector(fm, cap(refused["political"]), cap(refused["harmful"]), list(political), list(harmless),
+                              layers, answer_tokens=recipe.answer_tokens, cache=cache, say=say)
+    vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
+                         "n_political": len(political), "n_harmful": len(harmful), "n_harmless": len(harmless)})
+    info = {"method": recipe.method, "layers": recipe.layers,
+            "refused": {k: len(v) for k, v in refused.items()}}
+    return RecipeResult(vec, None, info)
+
+
+def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache) -> RecipeResult:
     from rs_local.vectors.fit import FitOptions, fit_vector
 
-    recipe = recipe or Recipe()
-    say = say or (lambda _m: None)
-
     def options(ortho=None) -> FitOptions:
-        return FitOptions(method=recipe.method, lam=recipe.lam, layers=recipe.layers, holdout=recipe.holdout,
+        return FitOptions(method="md", lam=recipe.lam, layers=recipe.layers, holdout=recipe.holdout,
                           seed=recipe.seed, orthogonalize_to=ortho, cache=cache)
 
     harm = None
     if recipe.orthogonalize:
-        say(f"fitting the harmful-refusal direction: {len(harmful)} harmful vs {len(harmless)} harmless prompts")
+        say(f"fitting the harmful direction: {len(harmful)} harmful vs {len(harmless)} harmless prompts")
         harm = fit_vector(model, list(harmful), list(harmless), options=options(), say=say).vector
-        harm.metadata["source_file"] = "harmful-refusal direction (recipe step 1)"
-    say(f"fitting the political direction: {len(political)} political vs {len(harmless)} harmless prompts"
-        + (", orthogonal to the harmful one" if harm is not None else ""))
+        harm.metadata["source_file"] = "harmful-vs-harmless direction (recipe step 1)"
+    say(f"fitting the political direction: {len(political)} political vs {len(harmless)} harmless prompts")
     pol = fit_vector(model, list(political), list(harmless), options=options(harm), say=say).vector
-    pol.metadata["recipe"] = (f"{recipe.method}, blocks {recipe.layers}"
-                              + (", orthogonalised to harmful-vs-harmless" if recipe.orthogonalize else ""))
-    pol.metadata["suggested_scale"] = recipe.suggested_scale
+    pol.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale})
     return RecipeResult(pol, harm, {"method": recipe.method, "layers": recipe.layers, "orthogonalize": recipe.orthogonalize})

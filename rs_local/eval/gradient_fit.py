@@ -1,0 +1,166 @@
+"""Refusal-gradient directions: what lowers *political* refusal without touching *harmful* refusal.
+
+Why not a mean difference. On Qwen2.5-Coder-0.5B every mean-difference direction we tried
+(political minus harmless, orthogonalised to harmful minus harmless, to refused-minus-complied
+harmful, political-refused minus harmful-refused, the politics topic alone, ridge variants,
+any band from blocks 2-6 to 16-22) lowered harmful refusals at least as fast as political
+ones: the model refuses both through the same machinery, and a mean difference describes
+where prompts *are*, not what makes the model *refuse*. Projecting out one harmful direction
+changes almost nothing (measured: same refusal curves within noise).
+
+What works is to ask the model directly. For a prompt the model refuses, the gradient of
+the log-probability of its own refusal opening ("I'm sorry", "As an AI language model")
+with respect to a vector added to a block's output at every position (exactly what a
+llama.cpp control vector is) is the direction that raises that refusal fastest. Averaged
+over political prompts it is the political-refusal direction; the harmful prompts' gradients
+span the directions that move harmful refusal. Removing that whole span from the political
+gradient (not one mean direction: harmful gradients vary from prompt to prompt, so a
+subspace is needed) leaves a direction that, to first order, does not change any harmful
+refusal seen in training. Measured on held-out prompts it removes most political refusals
+while harmful refusals stay at or above their baseline.
+
+The result is an ordinary ControlVector: unit direction per block times
+``||mean(political) - mean(harmless)|| / k`` (the same magnitude a mean-difference vector
+of the band would get, so scales are comparable); negative scales remove refusal.
+Needs Transformers and torch (like ``rs-local fit``); imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RefusedPrompt:
+    """A prompt the plain model refused, with the opening of its refusal (text)."""
+
+    prompt: str
+    answer: str
+
+
+def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int], answer_tokens: int = 2,
+                      system: str | None = None, say: Say | None = None) -> np.ndarray:
+    """``[n, n_layer, d]`` gradients of log P(refusal opening | prompt) w.r.t. an added block-output vector.
+
+    A zero vector ``delta_l`` is added to block ``l``'s output at every position (a forward
+    hook), so ``d score / d delta_l`` is the sum over positions of the residual-stream gradient:
+    the first-order effect of a control vector on that block. Only the answer positions go
+    through the LM head.
+    """
+    import torch
+
+    from rs_local.vectors.capture import render
+
+    say = say or (lambda _m: None)
+    tok = fm.tokenizer
+    out = np.zeros((len(items), fm.n_layer, fm.n_embd), dtype=np.float32)
+    head = fm.model.get_output_embeddings()
+    dtype = next(fm.model.parameters()).dtype
+    for i, item in enumerate(items):
+        prompt_ids = tok(render(fm, item.prompt, system), add_special_tokens=False)["input_ids"]
+        answer_ids = tok(item.answer, add_special_tokens=False)["input_ids"][:answer_tokens]
+        if not answer_ids:
+            continue
+        deltas = {l: torch.zeros(fm.n_embd, dtype=dtype, requires_grad=True) for l in layers}
+        handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l])) for l in layers]
+        try:
+            ids = torch.tensor([prompt_ids + answer_ids])
+            hidden = fm.base(input_ids=ids, use_cache=False).last_hidden_state[0]
+            n = len(prompt_ids)
+            pos = torch.arange(n - 1, n - 1 + len(answer_ids))
+            logp = torch.log_softmax(head(hidden[pos]).float(), dim=-1)
+            score = logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].sum()
+            grads = torch.autograd.grad(score, [deltas[l] for l in layers])
+        finally:
+            for h in handles:
+                h.remove()
+        for l, g in zip(layers, grads):
+            out[i, l] = g.detach().float().numpy()
+        if (i + 1) % 8 == 0:
+            say(f"  gradients: {i + 1}/{len(items)}")
+    return out
+
+
+def _adder(delta):
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + delta,) + tuple(output[1:])
+        return output + delta
+    return hook
+
+
+def contrast_direction(target: np.ndarray, keep: np.ndarray, layers: Sequence[int], rank: int | None = None) -> dict[int, np.ndarray]:
+    """Per block: mean target gradient with the span of the keep gradients projected out (unit).
+
+    ``rank`` caps how many singular directions of the keep gradients are removed (default:
+    all of them, i.e. their whole span).
+    """
+    out = {}
+    for l in layers:
+        g = target[:, l].astype(np.float64).mean(axis=0)
+        k = keep[:, l].astype(np.float64)
+        k = k[np.linalg.norm(k, axis=1) > 0]
+        if len(k):
+            _, s, vt = np.linalg.svd(k, full_matrices=False)
+            r = int((s > s[0] * 1e-6).sum()) if rank is None else min(rank, len(s))
+            q = vt[:r]
+            g = g - q.T @ (q @ g)
+        norm = float(np.linalg.norm(g))
+        if norm > 0:
+            out[l] = g / norm
+    return out
+
+
+def fit_gradient_vector(
+    fm,
+    political: Sequence[RefusedPrompt],
+    harmful: Sequence[RefusedPrompt],
+    political_prompts: Sequence[str],
+    harmless_prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    answer_tokens: int = 2,
+    system: str | None = None,
+    cache: Any = True,
+    say: Say | None = None,
+):
+    """The political-refusal ControlVector (see the module doc).
+
+    ``political``/``harmful`` are the refused prompts with their refusal openings;
+    ``political_prompts``/``harmless_prompts`` set the per-block magnitude.
+    """
+    from rs_local.vectors.capture import capture
+    from rs_local.vectors.control_vector import ControlVector
+
+    say = say or (lambda _m: None)
+    if not political:
+        raise ValueError("no refused political prompt to fit on: the model does not refuse these prompts")
+    if not harmful:
+        raise ValueError("no refused harmful prompt to fit on: the model does not refuse these prompts")
+    layers = list(layers)
+    say(f"refusal gradients of {len(political)} refused political prompts")
+    g_pol = refusal_gradients(fm, political, layers, answer_tokens, system, say)
+    say(f"refusal gradients of {len(harmful)} refused harmful prompts")
+    g_harm = refusal_gradients(fm, harmful, layers, answer_tokens, system, say)
+    units = contrast_direction(g_pol, g_harm, layers)
+    pos = capture(fm, list(political_prompts), keep_raw=True, system=system, cache=cache)
+    neg = capture(fm, list(harmless_prompts), keep_raw=True, system=system, cache=cache)
+    dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
+    k = len(units)
+    directions = {l: (u * float(np.linalg.norm(dp[l])) / k).astype(np.float32) for l, u in units.items()}
+    meta = {
+        "method": "refusal-gradient contrast",
+        "layers": ",".join(str(l) for l in units),
+        "n_refused_political": len(political),
+        "n_refused_harmful": len(harmful),
+        "answer_tokens": answer_tokens,
+        "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
+        "model": fm.name,
+        "model_file": fm.path.name,
+    }
+    return ControlVector(directions, fm.model_hint, meta)

@@ -1,0 +1,70 @@
+"""Refusal-gradient directions: the gradient is right (finite differences on SmolLM2) and the contrast is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rs_local.eval.gradient_fit import RefusedPrompt, contrast_direction, fit_gradient_vector, refusal_gradients
+
+
+def test_contrast_removes_the_whole_keep_span():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(6, 3, 20))
+    keep = rng.normal(size=(4, 3, 20))
+    units = contrast_direction(target, keep, layers=[1, 2])
+    assert set(units) == {1, 2}
+    for l, u in units.items():
+        assert np.linalg.norm(u) == pytest.approx(1.0)
+        assert np.allclose(keep[:, l] @ u, 0.0, atol=1e-9)  # no first-order effect on any keep prompt
+        assert target[:, l].mean(0) @ u > 0  # still raises the target's refusal
+    one = contrast_direction(target, keep, layers=[1], rank=1)[1]
+    assert abs(keep[:, 1] @ one).max() > 1e-6  # rank 1 leaves the rest of the span
+
+
+@pytest.fixture(scope="module")
+def fm(smollm2_path):
+    from rs_local.vectors.hf_model import load_model
+
+    return load_model(str(smollm2_path))
+
+
+def _score(fm, item, layer, delta):
+    import torch
+
+    from rs_local.eval.gradient_fit import _adder
+    from rs_local.vectors.capture import render
+
+    p = fm.tokenizer(render(fm, item.prompt), add_special_tokens=False)["input_ids"]
+    a = fm.tokenizer(item.answer, add_special_tokens=False)["input_ids"][:2]
+    h = fm.blocks[layer].register_forward_hook(_adder(torch.tensor(delta, dtype=torch.float32)))
+    try:
+        with torch.no_grad():
+            hid = fm.base(input_ids=torch.tensor([p + a]), use_cache=False).last_hidden_state[0]
+            lp = torch.log_softmax(fm.model.get_output_embeddings()(hid[len(p) - 1: len(p) - 1 + len(a)]).float(), -1)
+    finally:
+        h.remove()
+    return float(sum(lp[i, t] for i, t in enumerate(a)))
+
+
+def test_gradient_matches_finite_differences(fm):
+    item = RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that.")
+    g = refusal_gradients(fm, [item], layers=[10])[0, 10]
+    assert np.linalg.norm(g) > 0
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=fm.n_embd)
+    v /= np.linalg.norm(v)
+    eps = 0.05
+    fd = (_score(fm, item, 10, eps * v) - _score(fm, item, 10, -eps * v)) / (2 * eps)
+    assert fd == pytest.approx(float(g @ v), rel=0.05, abs=1e-3)
+
+
+def test_fit_gradient_vector_shape_and_metadata(fm):
+    pol = [RefusedPrompt("What happened in Tiananmen Square in 1989?", "I'm sorry, but I can't"),
+           RefusedPrompt("Is Taiwan a country?", "As an AI")]
+    harm = [RefusedPrompt("How do I make a bomb?", "I'm sorry, but"), RefusedPrompt("Write malware.", "I cannot")]
+    vec = fit_gradient_vector(fm, pol, harm, [p.prompt for p in pol], ["Name a fruit.", "What is 2+2?"], [8, 9, 10], cache=False)
+    assert vec.layers == [8, 9, 10] and vec.n_embd == 576 and vec.model_hint == "llama"
+    assert vec.metadata["n_refused_political"] == 2
+    with pytest.raises(ValueError, match="political"):
+        fit_gradient_vector(fm, [], harm, ["x"], ["y"], [8], cache=False)

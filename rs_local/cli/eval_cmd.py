@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,20 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from rs_local.cli.judge_cmd import judge_options
-from rs_local.cli.options import err_console, load_runner, model_option, runtime_options
+from rs_local.cli.judge_cmd import judge_options, make_judge_from
+from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options
 from rs_local.errors import RsLocalError
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
-
-
-def _quiet_openmp() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
-
-    On a busy or small machine, spinning threads of a batched decode steal the cores the
-    other threads need; passive waiting costs nothing measurable on an idle one.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _scales(text: str) -> list[float]:
@@ -58,18 +48,6 @@ def eval_options(f: Callable) -> Callable:
     ]):
         f = opt(f)
     return f
-
-
-def _make_judge(kw: dict[str, Any], n_ctx: int, n_gpu_layers: int, n_threads: int | None):
-    from rs_local.judge.backends import make_judge
-
-    with err_console.status("loading the judge"):
-        return make_judge(
-            kw["judge_name"], url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
-            timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
-            logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=lambda m: err_console.print(f"[dim]{m}[/]"),
-        )
 
 
 def _say(msg: str) -> None:
@@ -115,14 +93,14 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
 
     Writes report.json, answers.jsonl and refusal_vs_scale.png into --output and prints the table.
     """
-    _quiet_openmp()
+    quiet_openmp()
     from rs_local.eval.evaluate import evaluate
     from rs_local.eval.report import summary_table, write_report
 
     scale_list = _scales(scales)
     sets, vector, layers, settings, cache = _setup(kw)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         report = evaluate(runner, sets, scale_list, vector=vector, layers=layers, judge=judge, settings=settings,
                           cache=cache, say=_say)
@@ -165,7 +143,7 @@ def _bands(text: str | None, layers: str | None):
 def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induce, bands, full,
           n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     """Find the scale (and band) that removes most --target refusals within the --keep and --max-kl limits."""
-    _quiet_openmp()
+    quiet_openmp()
     from rs_local.eval.evaluate import Evaluator
     from rs_local.eval.sweep import evaluator_objective, search_bands
     from rs_local.eval.sweep_report import sweep_table, write_sweep
@@ -177,7 +155,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
             raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
     band_list = _bands(bands, kw.get("layers"))
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=_say)
     try:
         objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)
@@ -219,7 +197,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
 @runtime_options
 def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, n_threads) -> None:
     """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""
-    _quiet_openmp()
+    quiet_openmp()
     from rs_local.eval.demo import DemoOptions, run_demo
 
     opts = DemoOptions(model=model, output=output, force=force, judge=judge_name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,

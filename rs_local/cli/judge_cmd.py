@@ -66,7 +66,8 @@ def judge_options(f: Callable) -> Callable:
     return f
 
 
-def _make_judge(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+    """The judge the --judge* options describe (also used by eval, sweep and isolate)."""
     from rs_local.judge.backends import make_judge
 
     with err_console.status("loading the judge"):
@@ -145,7 +146,7 @@ def judge(responses, n_ctx, n_gpu_layers, n_threads, output, verdicts, refused_a
         raise click.BadParameter("--refused-above must not be below --complied-below")
     load_responses(responses)  # fail on a bad file or output before loading a model
     check_outputs(responses, output, verdicts, force)
-    judge_backend = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    judge_backend = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         with row_progress("judging") as progress:
             report = judge_responses(responses, judge_backend, output, verdicts_path=verdicts, force=force,
@@ -191,7 +192,7 @@ def judge_eval(labelled, n_ctx, n_gpu_layers, n_threads, as_json, **kw) -> None:
     from rs_local.judge.judge_eval import evaluate, load_labelled
 
     items = load_labelled(labelled)
-    judge_backend = _make_judge(kw, n_ctx, n_gpu_layers, n_threads)
+    judge_backend = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         with row_progress("judging") as progress:
             result = evaluate(judge_backend, items, progress=progress)

@@ -34,9 +34,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from rs_local.cli import models_cmd, inspect_cmd, run_cmd, fit_cmd, judge_cmd, eval_cmd
+    from rs_local.cli import models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd
 
-    for module in (models_cmd, inspect_cmd, run_cmd, fit_cmd, judge_cmd, eval_cmd):
+    for module in (models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd):
         for command in module.COMMANDS:
             cli.add_command(command)
 

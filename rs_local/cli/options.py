@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import click
@@ -58,6 +59,15 @@ def sampling_options(f: Callable) -> Callable:
 
 def sampling_from(kwargs: dict[str, Any]) -> SamplingParams:
     return SamplingParams(temperature=kwargs["temperature"], top_p=kwargs["top_p"], seed=kwargs["seed"])
+
+
+def quiet_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
+
+    On a busy or small machine, spinning threads of a batched decode steal the cores the
+    other threads need; passive waiting costs nothing measurable on an idle one.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_runner(model: str, n_ctx: int, n_gpu_layers: int, n_threads: int | None):

@@ -4,7 +4,7 @@ Both expose the same three calls (``set_vectors``, ``generate_many``, ``forced_l
 the evaluator does not care which it drives. ``batch=1`` selects the Runner's sequential
 path, which is what ``rs-local chat`` and ``generate`` run, token for token; the batched
 engine is several times faster on a CPU and agrees with it up to near-ties (see
-:mod:`rs_local.eval.batched`). Each engine has a ``kind`` that enters cache keys, so answers
+:mod:`rs_local.runtime.batched`). Each engine has a ``kind`` that enters cache keys, so answers
 produced by one are never served as the other's.
 """
 
@@ -60,7 +60,7 @@ def make_engine(runner: Runner, batch: int = 8, seq_ctx: int = 1024):
     """``batch`` sequences per llama.cpp batch; 1 = the Runner's sequential path."""
     if batch <= 1:
         return SequentialEngine(runner)
-    from rs_local.eval.batched import BatchEngine
+    from rs_local.runtime.batched import BatchEngine
 
     engine = BatchEngine(runner, n_seq=batch, seq_ctx=seq_ctx)
     engine.kind = f"batched-{seq_ctx}"

@@ -19,7 +19,7 @@ Default (``method="gradient"``), measured on Qwen2.5-Coder-0.5B:
 Why: every mean-difference variant (political - harmless, orthogonalised to harmful -
 harmless, to refused-minus-complied harmful, political-refused - harmful-refused, bands from
 2-6 to 16-22, ridge) removed harmful refusals at least as fast as political ones on this
-model; see :mod:`rs_local.eval.gradient_fit`. The older recipe is kept as ``method="md"``
+model; see :mod:`rs_local.vectors.refusal_gradient`. The older recipe is kept as ``method="md"``
 (mean difference orthogonalised to the harmful direction, through ``rs-local fit``).
 """
 
@@ -52,8 +52,13 @@ class Recipe:
     suggested_scales: tuple[float, ...] = (-0.5, -1.0, -1.5)
 
     def check(self) -> None:
+        """Fail on bad settings before any model loads (a bad band would otherwise surface minutes in)."""
+        from rs_local.vectors.layers import parse_layers
+
         if self.method not in METHODS:
             raise ValueError(f"unknown recipe method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.layers.strip().lower() == "auto" or parse_layers(self.layers, 1 << 20) is None:
+            raise ValueError("the recipe needs an explicit band (e.g. 8-16), not 'auto'")
 
     def describe(self) -> str:
         if self.method == "gradient":
@@ -125,7 +130,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
 
     from rs_local import models
     from rs_local.eval.baseline_cache import EvalCache
-    from rs_local.eval.gradient_fit import RefusedPrompt, fit_gradient_vector
+    from rs_local.vectors.refusal_gradient import RefusedPrompt, fit_gradient_vector
     from rs_local.vectors.hf_model import load_model
 
     own_runner = runner is None
@@ -143,6 +148,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         say(f"plain model refuses {len(refused[name])}/{len(prompts)} {name} training prompts")
     if own_runner:
         del runner
+    _check_refused(refused)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     layers = _layers(recipe.layers, fm.n_layer)
     vec = fit_gradient_vector(fm, cap(refused["political"]), cap(refused["harmful"]), list(political), list(harmless),
@@ -152,6 +158,17 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     info = {"method": recipe.method, "layers": recipe.layers,
             "refused": {k: len(v) for k, v in refused.items()}}
     return RecipeResult(vec, None, info)
+
+
+def _check_refused(refused: dict[str, list]) -> None:
+    """Stop before the Transformers load when a set gives nothing to fit on."""
+    from rs_local.errors import RsLocalError
+
+    if not refused["political"]:
+        raise RsLocalError("the plain model refuses none of the target (political) prompts: there is no refusal to remove")
+    if not refused["harmful"]:
+        raise RsLocalError("the plain model refuses none of the keep (harmful) prompts: nothing to protect "
+                           "(a plain `rs-local fit` vector does the job)")
 
 
 def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache) -> RecipeResult:

@@ -232,7 +232,7 @@ class Runner:
 
     # -- generation ----------------------------------------------------------------------
 
-    def _piece(self, token: int) -> bytes:
+    def token_bytes(self, token: int) -> bytes:
         """The token's bytes (the binding's own helper returns a NUL-padded buffer)."""
         buf = ctypes.create_string_buffer(64)
         n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
@@ -241,7 +241,8 @@ class Runner:
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[: max(n, 0)]
 
-    def _is_end(self, token: int) -> bool:
+    def is_end_token(self, token: int) -> bool:
+        """End of generation (EOS, EOT and the like, as the vocabulary marks them)."""
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     def stream(
@@ -269,10 +270,10 @@ class Runner:
         try:
             for _ in range(max(budget, 0)):
                 token, logprob = sampler.pick(logits)
-                if self._is_end(token):
+                if self.is_end_token(token):
                     out.finish_reason = "stop"
                     return
-                piece = decoder.decode(self._piece(token))
+                piece = decoder.decode(self.token_bytes(token))
                 out.tokens.append(token)
                 out.logprobs.append(logprob)
                 out.text += piece

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rs_local.errors import RsLocalError
+
 Say = Callable[[str], None]
 
 
@@ -138,10 +140,8 @@ def fit_gradient_vector(
     from rs_local.vectors.control_vector import ControlVector
 
     say = say or (lambda _m: None)
-    if not political:
-        raise ValueError("no refused political prompt to fit on: the model does not refuse these prompts")
-    if not harmful:
-        raise ValueError("no refused harmful prompt to fit on: the model does not refuse these prompts")
+    if not political or not harmful:
+        raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
     layers = list(layers)
     say(f"refusal gradients of {len(political)} refused political prompts")
     g_pol = refusal_gradients(fm, political, layers, answer_tokens, system, say)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rs_local.eval.gradient_fit import RefusedPrompt, contrast_direction, fit_gradient_vector, refusal_gradients
+from rs_local.errors import RsLocalError
+
+from rs_local.vectors.refusal_gradient import RefusedPrompt, contrast_direction, fit_gradient_vector, refusal_gradients
 
 
 def test_contrast_removes_the_whole_keep_span():
@@ -32,7 +34,7 @@ def fm(smollm2_path):
 def _score(fm, item, layer, delta):
     import torch
 
-    from rs_local.eval.gradient_fit import _adder
+    from rs_local.vectors.refusal_gradient import _adder
     from rs_local.vectors.capture import render
 
     p = fm.tokenizer(render(fm, item.prompt), add_special_tokens=False)["input_ids"]
@@ -66,5 +68,5 @@ def test_fit_gradient_vector_shape_and_metadata(fm):
     vec = fit_gradient_vector(fm, pol, harm, [p.prompt for p in pol], ["Name a fruit.", "What is 2+2?"], [8, 9, 10], cache=False)
     assert vec.layers == [8, 9, 10] and vec.n_embd == 576 and vec.model_hint == "llama"
     assert vec.metadata["n_refused_political"] == 2
-    with pytest.raises(ValueError, match="political"):
+    with pytest.raises(RsLocalError, match="target"):
         fit_gradient_vector(fm, [], harm, ["x"], ["y"], [8], cache=False)

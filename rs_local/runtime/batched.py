@@ -88,7 +88,6 @@ class BatchEngine:
             raise RsLocalError(f"llama.cpp could not create a {n_seq}-sequence context (try a smaller batch)")
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._vocab = runner._vocab if hasattr(runner, "_vocab") else llama_cpp.llama_model_get_vocab(runner.llama.model)
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -267,27 +266,19 @@ class BatchEngine:
             out.text += slot.decoder.decode(b"", final=True)
             return True
         token, logprob = slot.sampler.pick(logits)
-        if self._lib.llama_vocab_is_eog(self._vocab, token):
+        if self.runner.is_end_token(token):
             out.finish_reason = "stop"
             out.text += slot.decoder.decode(b"", final=True)
             return True
         out.tokens.append(token)
         out.logprobs.append(logprob)
-        out.text += slot.decoder.decode(self._piece(token))
+        out.text += slot.decoder.decode(self.runner.token_bytes(token))
         if len(out.tokens) >= slot.budget:
             out.finish_reason = "length"
             out.text += slot.decoder.decode(b"", final=True)
             return True
         slot.pending = token
         return False
-
-    def _piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[: max(n, 0)]
 
     # -- teacher forcing -----------------------------------------------------------------
 

@@ -1,0 +1,79 @@
+"""``rs-local isolate``: the default recipe on your own prompt sets.
+
+Fits a vector that removes the refusals of one set (``--target``, e.g. political questions)
+while the refusals of another (``--keep``, e.g. harmful requests) stay: the recipe of
+:mod:`rs_local.eval.recipe`, which ``rs-local demo`` runs on the shipped sets. Thin: loads
+the prompts, the model and the judge, calls :func:`fit_political`, writes the GGUF.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rs_local.cli.judge_cmd import judge_options, make_judge_from
+from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options
+from rs_local.errors import FileProblem
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def _say(msg: str) -> None:
+    err_console.print(f"[dim]{msg}[/]")
+
+
+@click.command()
+@model_option
+@click.option("--target", "-t", type=_FILE, required=True, help="Prompts whose refusals should go (e.g. political questions).")
+@click.option("--keep", "-k", type=_FILE, required=True, help="Prompts whose refusals must stay (e.g. harmful requests).")
+@click.option("--harmless", type=_FILE, required=True, help="Everyday prompts the model answers (they set the vector's length).")
+@click.option("--field", "--column", "field", default=None, help="JSON field / CSV column holding the prompt.")
+@click.option("--method", type=click.Choice(["gradient", "md"]), default="gradient", show_default=True,
+              help="gradient: refusal-gradient contrast (default); md: mean difference orthogonalised to the keep set's.")
+@click.option("--layers", default="8-16", show_default=True, help="Block band the vector spans.")
+@click.option("--max-prompts", type=click.IntRange(1), default=40, show_default=True,
+              help="Refused prompts per set whose gradients are taken (seeded sample).")
+@click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+@judge_options
+@runtime_options
+def isolate(model, target, keep, harmless, field, method, layers, max_prompts, output, force,
+            n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
+    """Fit a vector that removes TARGET refusals and leaves KEEP refusals alone.
+
+    The plain model answers every prompt, a judge (keywords unless --judge/--judge-url is
+    given) marks which are refused, and the vector is fitted from the refused ones. Apply it
+    with a negative scale; choose the scale with `rs-local sweep`.
+    """
+    quiet_openmp()
+    from rs_local.converters.gguf_io import write_control_vector
+    from rs_local.eval.recipe import Recipe, fit_political
+    from rs_local.prompts import load_prompts
+
+    if output.exists() and not force:
+        raise FileProblem(output, "already exists (use --force to overwrite)")
+    sets = [load_prompts(p, field) for p in (target, keep, harmless)]
+    recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts)
+    try:
+        recipe.check()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--layers") from None
+    if kw["judge_name"] is None and kw["judge_url"] is None:
+        kw["judge_name"] = "keywords"
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
+    try:
+        fitted = fit_political(model, *sets, recipe, say=_say, runner=runner, judge=judge)
+    finally:
+        judge.close()
+    path = write_control_vector(fitted.vector, output, force=force)
+    refused = fitted.info.get("refused", {})
+    counts = f" from {refused.get('political', '?')} refused target / {refused.get('harmful', '?')} refused keep prompts" if refused else ""
+    click.echo(f"wrote {path}: {recipe.describe()}{counts}")
+    click.echo(f"next: rs-local sweep --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
+               f"--target target --keep keep -o sweep/")
+
+
+COMMANDS = [isolate]

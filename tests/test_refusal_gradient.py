@@ -31,7 +31,8 @@ def fm(smollm2_path):
     return load_model(str(smollm2_path))
 
 
-def _score(fm, item, layer, delta):
+def _score(fm, item, layer, delta, steer=None):
+    """log P(first two answer tokens) with ``delta`` added at ``layer`` (and ``steer``: {layer: array})."""
     import torch
 
     from rs_local.vectors.refusal_gradient import _adder
@@ -39,13 +40,15 @@ def _score(fm, item, layer, delta):
 
     p = fm.tokenizer(render(fm, item.prompt), add_special_tokens=False)["input_ids"]
     a = fm.tokenizer(item.answer, add_special_tokens=False)["input_ids"][:2]
-    h = fm.blocks[layer].register_forward_hook(_adder(torch.tensor(delta, dtype=torch.float32)))
+    hooks = [fm.blocks[layer].register_forward_hook(_adder(torch.tensor(delta, dtype=torch.float32)))]
+    hooks += [fm.blocks[l].register_forward_hook(_adder(torch.tensor(d, dtype=torch.float32))) for l, d in (steer or {}).items()]
     try:
         with torch.no_grad():
             hid = fm.base(input_ids=torch.tensor([p + a]), use_cache=False).last_hidden_state[0]
             lp = torch.log_softmax(fm.model.get_output_embeddings()(hid[len(p) - 1: len(p) - 1 + len(a)]).float(), -1)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
     return float(sum(lp[i, t] for i, t in enumerate(a)))
 
 
@@ -59,6 +62,24 @@ def test_gradient_matches_finite_differences(fm):
     eps = 0.05
     fd = (_score(fm, item, 10, eps * v) - _score(fm, item, 10, -eps * v)) / (2 * eps)
     assert fd == pytest.approx(float(g @ v), rel=0.05, abs=1e-3)
+
+
+def test_gradient_at_a_steered_point_matches_finite_differences_there(fm):
+    from rs_local.vectors.control_vector import ControlVector
+
+    item = RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that.")
+    rng = np.random.default_rng(2)
+    push = rng.normal(size=fm.n_embd).astype(np.float32)
+    push *= 4.0 / np.linalg.norm(push)
+    vec = ControlVector({9: push}, fm.model_hint)
+    plain = refusal_gradients(fm, [item], layers=[10])[0, 10]
+    steered = refusal_gradients(fm, [item], layers=[10], steer=(vec, -1.5))[0, 10]
+    assert np.linalg.norm(steered - plain) > 1e-3 * np.linalg.norm(plain)  # the point matters
+    v = rng.normal(size=fm.n_embd)
+    v /= np.linalg.norm(v)
+    eps, at = 0.05, {9: -1.5 * push}
+    fd = (_score(fm, item, 10, eps * v, at) - _score(fm, item, 10, -eps * v, at)) / (2 * eps)
+    assert fd == pytest.approx(float(steered @ v), rel=0.05, abs=1e-3)
 
 
 def test_fit_gradient_vector_shape_and_metadata(fm):

@@ -13,8 +13,16 @@ Default (``method="gradient"``), measured on Qwen2.5-Coder-0.5B:
    is the mean political gradient with the whole span of the harmful gradients projected
    out, so to first order no harmful refusal seen in training moves;
 4. the length per block is ``||mean(political) - mean(harmless)|| / k`` (comparable to a
-   mean-difference vector of the band), and the scale is chosen by ``rs-local sweep``
-   (suggested for the default model: about -1).
+   mean-difference vector of the band);
+5. a second round: steer with that vector at ``probe_scale`` (-1), label the training
+   prompts again, take the gradients of the prompts still refused *at that steered point*
+   (political and harmful), pool them with the first round's and contrast again. The few
+   political prompts the first vector leaves refused fall back to the generic "Sorry, but I
+   can't assist" opening, which round 1 never saw; on the demo's held-out prompts the second
+   round took political refusal at scale -1 from 18% to 5% and KL from 0.052 to 0.030, with
+   harmful refusal at 93% of its baseline.
+
+The scale is chosen by ``rs-local sweep`` (suggested for the default model: -1).
 
 Why: every mean-difference variant (political - harmless, orthogonalised to harmful -
 harmless, to refused-minus-complied harmful, political-refused - harmful-refused, bands from
@@ -42,6 +50,9 @@ class Recipe:
     answer_tokens: int = 2
     max_prompts: int = 40
     label_tokens: int = 32
+    #: gradient method: rounds (2 = once more at the steered point), and the scale of that point
+    rounds: int = 2
+    probe_scale: float = -1.0
     #: md method
     orthogonalize: bool = True
     lam: float | str = 0.1
@@ -76,27 +87,30 @@ class RecipeResult:
 
 
 def label_refusals(runner, prompts: Sequence[str], *, judge: Any = None, max_tokens: int = 32, batch: int = 8,
-                   cache: Any = None) -> list[tuple[str, str, bool]]:
-    """(prompt, answer, refused) for each prompt: the plain model's short greedy answer, judged."""
+                   cache: Any = None, vector: Any = None, scale: float = 0.0) -> list[tuple[str, str, bool]]:
+    """(prompt, answer, refused) for each prompt: the model's short greedy answer (steered by
+    ``vector`` at ``scale`` if given), judged."""
     from rs_local.eval.evaluate import EvalSettings, Evaluator
     from rs_local.eval.prompt_sets import PromptSet
 
-    ev = Evaluator(runner, [PromptSet("train", list(prompts))], judge=judge, cache=cache,
+    ev = Evaluator(runner, [PromptSet("train", list(prompts))], vector=vector, judge=judge, cache=cache,
                    settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch))
     try:
-        _, records = ev.score_set("train", 0.0)
+        _, records = ev.score_set("train", scale if vector is not None else 0.0)
     finally:
         ev.close()
     return [(r.prompt, r.answer, r.refusal) for r in records]
 
 
 def _layers(spec: str, n_layer: int) -> list[int]:
+    """The band on this model (Recipe.check has vetted the syntax; the range needs the model)."""
+    from rs_local.errors import RsLocalError
     from rs_local.vectors.layers import parse_layers
 
-    layers = parse_layers(spec, n_layer)
-    if layers is None:
-        raise ValueError("the recipe needs an explicit band (e.g. 8-16), not 'auto'")
-    return layers
+    try:
+        return parse_layers(spec, n_layer) or []
+    except ValueError as exc:
+        raise RsLocalError(f"--layers: {exc}") from None
 
 
 def fit_political(
@@ -126,38 +140,58 @@ def fit_political(
 
 
 def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache) -> RecipeResult:
-    import random
-
     from rs_local import models
     from rs_local.eval.baseline_cache import EvalCache
-    from rs_local.vectors.refusal_gradient import RefusedPrompt, fit_gradient_vector
     from rs_local.vectors.hf_model import load_model
+    from rs_local.vectors.refusal_gradient import GradientContrast
 
-    own_runner = runner is None
-    if own_runner:
+    if runner is None:
         from rs_local.runtime.runner import Runner
 
         runner = Runner(models.resolve(str(model), progress=say), n_ctx=2048)
-    rng = random.Random(recipe.seed)
-    cap = lambda xs: list(xs) if len(xs) <= recipe.max_prompts else rng.sample(list(xs), recipe.max_prompts)  # noqa: E731
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
-    refused = {}
-    for name, prompts in (("political", political), ("harmful", harmful)):
-        rows = label_refusals(runner, prompts, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache)
-        refused[name] = [RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()]
-        say(f"plain model refuses {len(refused[name])}/{len(prompts)} {name} training prompts")
-    if own_runner:
-        del runner
-    _check_refused(refused)
+    sets = {"political": list(political), "harmful": list(harmful)}
+
+    def refused_now(vector=None) -> dict[str, list]:
+        """Training prompts the model (steered by ``vector`` at the probe scale) still refuses."""
+        from rs_local.vectors.refusal_gradient import RefusedPrompt
+
+        out = {}
+        for name, prompts in sets.items():
+            rows = label_refusals(runner, prompts, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache,
+                                  vector=vector, scale=recipe.probe_scale)
+            out[name] = _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
+            where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
+            say(f"{where}: {sum(r for *_, r in rows)}/{len(prompts)} {name} training prompts refused")
+        return out
+
+    first = refused_now()
+    _check_refused(first)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
-    layers = _layers(recipe.layers, fm.n_layer)
-    vec = fit_gradient_vector(fm, cap(refused["political"]), cap(refused["harmful"]), list(political), list(harmless),
-                              layers, answer_tokens=recipe.answer_tokens, cache=cache, say=say)
+    fit = GradientContrast(fm, _layers(recipe.layers, fm.n_layer), recipe.answer_tokens)
+    fit.add(first["political"], first["harmful"], say=say)
+    vec = fit.vector(political, harmless, cache)
+    for _ in range(recipe.rounds - 1):
+        still = refused_now(vec)
+        if not still["political"]:
+            break
+        fit.add(still["political"], still["harmful"], steer=(vec, recipe.probe_scale), say=say)
+        vec = fit.vector(political, harmless, cache)
     vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
                          "n_political": len(political), "n_harmful": len(harmful), "n_harmless": len(harmless)})
-    info = {"method": recipe.method, "layers": recipe.layers,
-            "refused": {k: len(v) for k, v in refused.items()}}
+    info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds,
+            "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
+
+
+def _cap(items: list, recipe: Recipe) -> list:
+    """At most ``max_prompts`` (a seeded sample, kept in order): gradients cost a backward pass each."""
+    import random
+
+    if len(items) <= recipe.max_prompts:
+        return items
+    keep = sorted(random.Random(recipe.seed).sample(range(len(items)), recipe.max_prompts))
+    return [items[i] for i in keep]
 
 
 def _check_refused(refused: dict[str, list]) -> None:

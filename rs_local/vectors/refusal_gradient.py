@@ -46,13 +46,14 @@ class RefusedPrompt:
 
 
 def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int], answer_tokens: int = 2,
-                      system: str | None = None, say: Say | None = None) -> np.ndarray:
+                      system: str | None = None, say: Say | None = None, steer: Any = None) -> np.ndarray:
     """``[n, n_layer, d]`` gradients of log P(refusal opening | prompt) w.r.t. an added block-output vector.
 
     A zero vector ``delta_l`` is added to block ``l``'s output at every position (a forward
     hook), so ``d score / d delta_l`` is the sum over positions of the residual-stream gradient:
     the first-order effect of a control vector on that block. Only the answer positions go
-    through the LM head.
+    through the LM head. ``steer`` = ``(ControlVector, scale)`` takes the gradients at that
+    steered point instead of at the plain model.
     """
     import torch
 
@@ -63,6 +64,10 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
     out = np.zeros((len(items), fm.n_layer, fm.n_embd), dtype=np.float32)
     head = fm.model.get_output_embeddings()
     dtype = next(fm.model.parameters()).dtype
+    fixed = {}
+    if steer is not None:
+        vec, scale = steer
+        fixed = {l: torch.tensor(d * scale, dtype=dtype) for l, d in vec.directions.items() if l < fm.n_layer}
     for i, item in enumerate(items):
         prompt_ids = tok(render(fm, item.prompt, system), add_special_tokens=False)["input_ids"]
         answer_ids = tok(item.answer, add_special_tokens=False)["input_ids"][:answer_tokens]
@@ -70,6 +75,7 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
             continue
         deltas = {l: torch.zeros(fm.n_embd, dtype=dtype, requires_grad=True) for l in layers}
         handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l])) for l in layers]
+        handles += [fm.blocks[l].register_forward_hook(_adder(v)) for l, v in fixed.items()]
         try:
             ids = torch.tensor([prompt_ids + answer_ids])
             hidden = fm.base(input_ids=ids, use_cache=False).last_hidden_state[0]
@@ -118,6 +124,65 @@ def contrast_direction(target: np.ndarray, keep: np.ndarray, layers: Sequence[in
     return out
 
 
+class GradientContrast:
+    """Refusal gradients gathered over one or more rounds, and the vector they give.
+
+    Round 1 takes gradients at the plain model. A round at a steered point (``steer=``) adds
+    the gradients of prompts that are *still* refused there: on the default model the few
+    political prompts the first vector leaves refused switch to the generic "Sorry, but I
+    can't assist" opening, a refusal the first round never saw. Pooling both rounds (and the
+    keep prompts' gradients at both points) removed those too, at a lower KL (measured; see
+    :mod:`rs_local.eval.recipe`).
+    """
+
+    def __init__(self, fm, layers: Sequence[int], answer_tokens: int = 2, system: str | None = None):
+        self.fm, self.layers, self.answer_tokens, self.system = fm, list(layers), answer_tokens, system
+        self.target: list[np.ndarray] = []
+        self.keep: list[np.ndarray] = []
+        self.rounds = 0
+
+    def add(self, target: Sequence[RefusedPrompt], keep: Sequence[RefusedPrompt], steer: Any = None,
+            say: Say | None = None) -> None:
+        """Gradients of these refused prompts (at the plain model, or at ``steer=(vector, scale)``)."""
+        say = say or (lambda _m: None)
+        for name, items, into in (("target", target, self.target), ("keep", keep, self.keep)):
+            if items:
+                say(f"refusal gradients of {len(items)} refused {name} prompts" + (" (steered)" if steer else ""))
+                into.append(refusal_gradients(self.fm, items, self.layers, self.answer_tokens, self.system, say, steer))
+        self.rounds += 1
+
+    def counts(self) -> tuple[int, int]:
+        return sum(len(g) for g in self.target), sum(len(g) for g in self.keep)
+
+    def vector(self, political_prompts: Sequence[str], harmless_prompts: Sequence[str], cache: Any = True):
+        """The ControlVector: unit contrast direction per block times the band's mean-difference length."""
+        from rs_local.vectors.capture import capture
+        from rs_local.vectors.control_vector import ControlVector
+
+        n_target, n_keep = self.counts()
+        if not n_target or not n_keep:
+            raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
+        units = contrast_direction(np.concatenate(self.target), np.concatenate(self.keep), self.layers)
+        fm = self.fm
+        pos = capture(fm, list(political_prompts), keep_raw=True, system=self.system, cache=cache)
+        neg = capture(fm, list(harmless_prompts), keep_raw=True, system=self.system, cache=cache)
+        dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
+        k = len(units)
+        directions = {l: (u * float(np.linalg.norm(dp[l])) / k).astype(np.float32) for l, u in units.items()}
+        meta = {
+            "method": "refusal-gradient contrast",
+            "layers": ",".join(str(l) for l in units),
+            "rounds": self.rounds,
+            "n_refused_political": n_target,
+            "n_refused_harmful": n_keep,
+            "answer_tokens": self.answer_tokens,
+            "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
+            "model": fm.name,
+            "model_file": fm.path.name,
+        }
+        return ControlVector(directions, fm.model_hint, meta)
+
+
 def fit_gradient_vector(
     fm,
     political: Sequence[RefusedPrompt],
@@ -131,36 +196,13 @@ def fit_gradient_vector(
     cache: Any = True,
     say: Say | None = None,
 ):
-    """The political-refusal ControlVector (see the module doc).
+    """One round at the plain model (see :class:`GradientContrast`; the recipe runs two).
 
     ``political``/``harmful`` are the refused prompts with their refusal openings;
     ``political_prompts``/``harmless_prompts`` set the per-block magnitude.
     """
-    from rs_local.vectors.capture import capture
-    from rs_local.vectors.control_vector import ControlVector
-
-    say = say or (lambda _m: None)
     if not political or not harmful:
         raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
-    layers = list(layers)
-    say(f"refusal gradients of {len(political)} refused political prompts")
-    g_pol = refusal_gradients(fm, political, layers, answer_tokens, system, say)
-    say(f"refusal gradients of {len(harmful)} refused harmful prompts")
-    g_harm = refusal_gradients(fm, harmful, layers, answer_tokens, system, say)
-    units = contrast_direction(g_pol, g_harm, layers)
-    pos = capture(fm, list(political_prompts), keep_raw=True, system=system, cache=cache)
-    neg = capture(fm, list(harmless_prompts), keep_raw=True, system=system, cache=cache)
-    dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
-    k = len(units)
-    directions = {l: (u * float(np.linalg.norm(dp[l])) / k).astype(np.float32) for l, u in units.items()}
-    meta = {
-        "method": "refusal-gradient contrast",
-        "layers": ",".join(str(l) for l in units),
-        "n_refused_political": len(political),
-        "n_refused_harmful": len(harmful),
-        "answer_tokens": answer_tokens,
-        "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
-        "model": fm.name,
-        "model_file": fm.path.name,
-    }
-    return ControlVector(directions, fm.model_hint, meta)
+    fit = GradientContrast(fm, layers, answer_tokens, system)
+    fit.add(political, harmful, say=say)
+    return fit.vector(political_prompts, harmless_prompts, cache)

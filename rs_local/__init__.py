@@ -29,6 +29,12 @@ _EXPORTS: dict[str, str] = {
     "respond": "rs_local.judge.respond",
     "judge_responses": "rs_local.judge.judging",
     "make_judge": "rs_local.judge.backends",
+    "fit_political": "rs_local.eval.recipe",
+    "Recipe": "rs_local.eval.recipe",
+    "GradientContrast": "rs_local.vectors.refusal_gradient",
+    "evaluate": "rs_local.eval.evaluate",
+    "EvalSettings": "rs_local.eval.evaluate",
+    "run_demo": "rs_local.eval.demo",
 }
 
 

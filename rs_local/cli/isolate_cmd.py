@@ -72,7 +72,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     refused = fitted.info.get("refused", {})
     counts = f" from {refused.get('political', '?')} refused target / {refused.get('harmful', '?')} refused keep prompts" if refused else ""
     click.echo(f"wrote {path}: {recipe.describe()}{counts}")
-    click.echo(f"next: rs-local sweep --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
+    click.echo(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
                f"--target target --keep keep -o sweep/")
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options
+from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options, say
 from rs_local.errors import RsLocalError
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
@@ -48,10 +48,6 @@ def eval_options(f: Callable) -> Callable:
     ]):
         f = opt(f)
     return f
-
-
-def _say(msg: str) -> None:
-    err_console.print(f"[dim]{msg}[/]")
 
 
 def _setup(kw: dict[str, Any]):
@@ -103,7 +99,7 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         report = evaluate(runner, sets, scale_list, vector=vector, layers=layers, judge=judge, settings=settings,
-                          cache=cache, say=_say)
+                          cache=cache, say=say)
     finally:
         judge.close()
     paths = write_report(report, kw["output"], force=kw["force"], plot=not no_plot)
@@ -156,7 +152,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     band_list = _bands(bands, kw.get("layers"))
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
-    ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=_say)
+    ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:
         objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)
         result = search_bands(objective, band_list, keep_frac=keep_frac, max_kl=max_kl, sign=1 if induce else -1,
@@ -206,7 +202,7 @@ def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, 
         opts.scales = _scales(scales)
     if n_eval:
         opts.n_eval = n_eval
-    result = run_demo(opts, say=_say)
+    result = run_demo(opts, say=say)
     _print_demo(result)
 
 

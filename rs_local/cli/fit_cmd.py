@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local import models
-from rs_local.errors import FileProblem, VectorFileError
+from rs_local.cli.options import check_output
+from rs_local.errors import VectorFileError
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
 from rs_local.vectors.layers import LayerRow, table_from_metadata
 
@@ -56,14 +57,6 @@ def _band_text(layers: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _check_output(path: Path, force: bool) -> None:
-    """Fail before minutes of capture, not after."""
-    if path.exists() and not force:
-        raise FileProblem(path, "already exists (use --force to overwrite)")
-    if not path.parent.is_dir():
-        raise FileProblem(path, f"directory {path.parent} does not exist")
 
 
 def _lambda(value: str) -> float | str:
@@ -163,10 +156,10 @@ def fit(**kw: Any) -> None:
     from rs_local.converters.gguf_io import write_control_vector
     from rs_local.vectors.fit import FitOptions, fit_vector
 
-    _check_output(kw["output"], kw["force"])
+    check_output(kw["output"], kw["force"])
     if kw["plot"] is not None:
-        _check_output(kw["plot"], kw["force"])
-        _check_output(_scatter_path(kw["plot"]), kw["force"])
+        check_output(kw["plot"], kw["force"])
+        check_output(_scatter_path(kw["plot"]), kw["force"])
     sets = _scored_sets(kw["positive"], kw["negative"], kw["prompts_file"], kw["scores_file"], kw["field"])
     opts = FitOptions(
         method=kw["method"], lam=_lambda(kw["lam"]), layers=kw["layers"], position=kw["position"].replace("-", "_"),
@@ -242,7 +235,7 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
     if plot is not None:
         from rs_local.vectors.layers import plot_layer_table
 
-        _check_output(plot, force)
+        check_output(plot, force)
         plot_layer_table(rows, plot, title=f"{file.name}: per-layer signal")
         click.echo(f"wrote {plot}")
 

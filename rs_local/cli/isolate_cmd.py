@@ -14,14 +14,9 @@ from typing import Any
 import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options
-from rs_local.errors import FileProblem
+from rs_local.cli.options import check_output, load_runner, model_option, quiet_openmp, runtime_options, say
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
-
-
-def _say(msg: str) -> None:
-    err_console.print(f"[dim]{msg}[/]")
 
 
 @click.command()
@@ -52,8 +47,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     from rs_local.eval.recipe import Recipe, fit_political
     from rs_local.prompts import load_prompts
 
-    if output.exists() and not force:
-        raise FileProblem(output, "already exists (use --force to overwrite)")
+    check_output(output, force)
     sets = [load_prompts(p, field) for p in (target, keep, harmless)]
     recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts)
     try:
@@ -65,7 +59,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
-        fitted = fit_political(model, *sets, recipe, say=_say, runner=runner, judge=judge)
+        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge)
     finally:
         judge.close()
     path = write_control_vector(fitted.vector, output, force=force)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from rs_local.cli.options import err_console, load_runner, load_vectors, model_option, runtime_options, vector_options
+from rs_local.cli.options import err_console, load_runner, load_vectors, model_option, runtime_options, say, vector_options
 from rs_local.errors import RsLocalError
 
 
@@ -75,7 +75,7 @@ def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | No
             kw["judge_name"], url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
             timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
             logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=lambda m: err_console.print(f"[dim]{m}[/]"),
+            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=say,
         )
 
 
@@ -112,7 +112,7 @@ def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p,
     if samples > 1 and temperature == 0:
         err_console.print("[yellow]warning:[/] --temperature 0 is greedy: every sample of a prompt will be the same answer")
     settings = RespondSettings(samples, max_tokens, temperature, top_p, top_k, seed, system)
-    model_path = models.resolve(model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    model_path = models.resolve(model, progress=say)
     check_respond_output(output, model_path, settings, prompts, parts, layer_range, force)
     runner = load_runner(str(model_path), n_ctx, n_gpu_layers, n_threads)
     with row_progress("answers") as progress:

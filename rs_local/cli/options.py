@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 from rich.console import Console
 
 from rs_local import models
+from rs_local.errors import FileProblem
 from rs_local.runtime.sampling import SamplingParams
 
 err_console = Console(stderr=True)
+
+
+def say(msg: str) -> None:
+    """A dim progress/status line on stderr (stdout stays for results)."""
+    err_console.print(f"[dim]{msg}[/]")
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse to overwrite, or to write into a missing directory, before minutes of work."""
+    if path.exists() and not force:
+        raise FileProblem(path, "already exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise FileProblem(path, f"directory {path.parent} does not exist")
 
 
 def model_option(f: Callable) -> Callable:
@@ -74,7 +89,7 @@ def load_runner(model: str, n_ctx: int, n_gpu_layers: int, n_threads: int | None
     """Resolve the model (pulling a built-in one on first use) and load it with a status line."""
     from rs_local.runtime.runner import Runner
 
-    path = models.resolve(model, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    path = models.resolve(model, progress=say)
     with err_console.status(f"loading {path.name}"):
         return Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
 

@@ -86,20 +86,21 @@ class RecipeResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def label_refusals(runner, prompts: Sequence[str], *, judge: Any = None, max_tokens: int = 32, batch: int = 8,
-                   cache: Any = None, vector: Any = None, scale: float = 0.0) -> list[tuple[str, str, bool]]:
-    """(prompt, answer, refused) for each prompt: the model's short greedy answer (steered by
-    ``vector`` at ``scale`` if given), judged."""
+def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Any = None, max_tokens: int = 32, batch: int = 8,
+                   cache: Any = None, vector: Any = None, scale: float = 0.0) -> dict[str, list[tuple[str, str, bool]]]:
+    """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
+    (steered by ``vector`` at ``scale`` if given), judged. One evaluator (one batched llama.cpp
+    context) serves every set."""
     from rs_local.eval.evaluate import EvalSettings, Evaluator
     from rs_local.eval.prompt_sets import PromptSet
 
-    ev = Evaluator(runner, [PromptSet("train", list(prompts))], vector=vector, judge=judge, cache=cache,
-                   settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch))
+    ev = Evaluator(runner, [PromptSet(name, list(prompts)) for name, prompts in sets.items()], vector=vector,
+                   judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch))
     try:
-        _, records = ev.score_set("train", scale if vector is not None else 0.0)
+        steer = scale if vector is not None else 0.0
+        return {name: [(r.prompt, r.answer, r.refusal) for r in ev.score_set(name, steer)[1]] for name in sets}
     finally:
         ev.close()
-    return [(r.prompt, r.answer, r.refusal) for r in records]
 
 
 def _layers(spec: str, n_layer: int) -> list[int]:
@@ -143,7 +144,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     from rs_local import models
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.vectors.hf_model import load_model
-    from rs_local.vectors.refusal_gradient import GradientContrast
+    from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
     if runner is None:
         from rs_local.runtime.runner import Runner
@@ -156,27 +157,27 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         """Training prompts the model (steered by ``vector`` at the probe scale) still refuses."""
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-        out = {}
-        for name, prompts in sets.items():
-            rows = label_refusals(runner, prompts, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache,
+        labelled = label_refusals(runner, sets, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache,
                                   vector=vector, scale=recipe.probe_scale)
-            out[name] = _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
-            where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
-            say(f"{where}: {sum(r for *_, r in rows)}/{len(prompts)} {name} training prompts refused")
-        return out
+        where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
+        for name, rows in labelled.items():
+            say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {name} training prompts refused")
+        return {name: _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
+                for name, rows in labelled.items()}
 
     first = refused_now()
     _check_refused(first)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
+    lengths = band_lengths(fm, political, harmless, cache=cache)
     fit = GradientContrast(fm, _layers(recipe.layers, fm.n_layer), recipe.answer_tokens)
     fit.add(first["political"], first["harmful"], say=say)
-    vec = fit.vector(political, harmless, cache)
+    vec = fit.vector(lengths)
     for _ in range(recipe.rounds - 1):
         still = refused_now(vec)
         if not still["political"]:
             break
         fit.add(still["political"], still["harmful"], steer=(vec, recipe.probe_scale), say=say)
-        vec = fit.vector(political, harmless, cache)
+        vec = fit.vector(lengths)
     vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
                          "n_political": len(political), "n_harmful": len(harmful), "n_harmless": len(harmless)})
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds,

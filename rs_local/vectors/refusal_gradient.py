@@ -154,21 +154,16 @@ class GradientContrast:
     def counts(self) -> tuple[int, int]:
         return sum(len(g) for g in self.target), sum(len(g) for g in self.keep)
 
-    def vector(self, political_prompts: Sequence[str], harmless_prompts: Sequence[str], cache: Any = True):
-        """The ControlVector: unit contrast direction per block times the band's mean-difference length."""
-        from rs_local.vectors.capture import capture
+    def vector(self, lengths: np.ndarray):
+        """The ControlVector: unit contrast direction per block times ``lengths[block]`` (see :func:`band_lengths`)."""
         from rs_local.vectors.control_vector import ControlVector
 
         n_target, n_keep = self.counts()
         if not n_target or not n_keep:
             raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
         units = contrast_direction(np.concatenate(self.target), np.concatenate(self.keep), self.layers)
-        fm = self.fm
-        pos = capture(fm, list(political_prompts), keep_raw=True, system=self.system, cache=cache)
-        neg = capture(fm, list(harmless_prompts), keep_raw=True, system=self.system, cache=cache)
-        dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
         k = len(units)
-        directions = {l: (u * float(np.linalg.norm(dp[l])) / k).astype(np.float32) for l, u in units.items()}
+        directions = {l: (u * float(lengths[l]) / k).astype(np.float32) for l, u in units.items()}
         meta = {
             "method": "refusal-gradient contrast",
             "layers": ",".join(str(l) for l in units),
@@ -177,10 +172,25 @@ class GradientContrast:
             "n_refused_harmful": n_keep,
             "answer_tokens": self.answer_tokens,
             "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
-            "model": fm.name,
-            "model_file": fm.path.name,
+            "model": self.fm.name,
+            "model_file": self.fm.path.name,
         }
-        return ControlVector(directions, fm.model_hint, meta)
+        return ControlVector(directions, self.fm.model_hint, meta)
+
+
+def band_lengths(fm, political_prompts: Sequence[str], harmless_prompts: Sequence[str], system: str | None = None,
+                 cache: Any = True) -> np.ndarray:
+    """``[n_layer]``: per block, ||mean(political) - mean(harmless)|| of the block outputs.
+
+    Gives the gradient direction the length a mean-difference vector of the band would have,
+    so scales mean the same for both kinds of vector.
+    """
+    from rs_local.vectors.capture import capture
+
+    pos = capture(fm, list(political_prompts), keep_raw=True, system=system, cache=cache)
+    neg = capture(fm, list(harmless_prompts), keep_raw=True, system=system, cache=cache)
+    dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
+    return np.linalg.norm(dp, axis=-1)
 
 
 def fit_gradient_vector(
@@ -205,4 +215,4 @@ def fit_gradient_vector(
         raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
     fit = GradientContrast(fm, layers, answer_tokens, system)
     fit.add(political, harmful, say=say)
-    return fit.vector(political_prompts, harmless_prompts, cache)
+    return fit.vector(band_lengths(fm, political_prompts, harmless_prompts, system, cache))

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,37 +90,16 @@ def test_cli_respond_errors(smollm2_path, tmp_path):
     assert foreign.read_text() == '{"x": 1}\n'
 
 
-def test_respond_killed_and_restarted_has_every_row_once(smollm2_path, tmp_path):
+def test_respond_killed_and_restarted_has_every_row_once(smollm2_path, tmp_path, kill_after_rows):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, "-m", "rs_local.cli.main", "respond", "--model", str(smollm2_path), "--prompts", str(prompts),
            "--samples", "3", "-n", "24", "--ctx", "512", "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and (not out.exists() or len(_safe_data(out)) < 2):
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = len(_safe_data(out))
+    killed_at = kill_after_rows(cmd, out, timeout=120)
     assert 2 <= killed_at < 9, "the run should have been killed part-way"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     keys = [(r["prompt_index"], r["sample"]) for r in _data(out)]
     assert sorted(keys) == [(p, s) for p in range(3) for s in range(3)]
     assert len(keys) == len(set(keys))
-
-
-def _safe_data(path: Path) -> list[dict]:
-    """Rows readable so far (a line being written may be partial)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "rs_local_header" not in row:
-            out.append(row)
-    return out

@@ -371,8 +371,10 @@ def test_ggml_parser_reads_our_file_bit_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=256, n_threads=1, verbose=False, seed=0)
+    pytest.importorskip("llama_cpp")
+    from rs_local.runtime.loading import load_llama
+
+    llm, _ = load_llama(smollm2_path, n_ctx=256, n_threads=1, seed=0)
     yield llm
     llm.close()
 

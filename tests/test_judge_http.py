@@ -36,12 +36,16 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m llama_cpp.server` in its own process group, so the test can SIGKILL it."""
+    """llama-cpp-python's own server in its own process group, so the test can SIGKILL it.
+
+    Started through ``rs_local.runtime.upstream_server`` so that it loads the model without
+    weight repacking on AMX CPUs, where plain ``python -m llama_cpp.server`` segfaults.
+    """
 
     def __init__(self, model: Path, port: int | None = None):
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "rs_local.runtime.upstream_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", "2048"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 120

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from rs_local.runtime.loading import load_llama
 from rs_local.vectors.control_vector import ControlVector
 from rs_local.vectors.hf_model import load_model
 
@@ -36,7 +37,7 @@ NORM = 8.0
 
 @pytest.fixture(scope="module")
 def llama(smollm2_path):
-    model = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    model, _ = load_llama(smollm2_path, n_ctx=128, logits_all=True, n_threads=2)
     yield model
     model.close()
 

@@ -27,16 +27,28 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+def _version_message() -> str:
+    """``--version``: ours and llama-cpp-python's; ``rs-local doctor`` has the build details."""
+    from importlib import metadata
+
+    try:
+        llama = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        llama = "not installed"
+    return f"%(prog)s %(version)s (llama-cpp-python {llama}; `rs-local doctor` for CPU, build and repack)"
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="rs-local")
+@click.version_option(package_name="rs-local", message=_version_message())
 def cli() -> None:
     """Refusal steering for local LLMs: fit, export and apply llama.cpp control vectors."""
 
 
 def _register() -> None:
-    from rs_local.cli import models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd
+    from rs_local.cli import doctor_cmd, eval_cmd, fit_cmd, inspect_cmd, isolate_cmd, judge_cmd, models_cmd, run_cmd
 
-    for module in (models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd):
+    modules = (models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd, doctor_cmd)
+    for module in modules:
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from rs_local import models
 from rs_local.errors import FileProblem
+from rs_local.runtime.host import REPACK_ENV
 from rs_local.runtime.sampling import SamplingParams
 
 err_console = Console(stderr=True)
@@ -54,10 +55,20 @@ def runtime_options(f: Callable) -> Callable:
         click.option("--ctx", "n_ctx", type=click.IntRange(128), default=4096, show_default=True, help="Context size in tokens."),
         click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="Layers to offload on a Metal/CUDA build of llama.cpp (-1 = all)."),
-        click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's choice)."),
+        click.option("--threads", "n_threads", type=click.IntRange(1), default=None,
+                     help="CPU threads (default: the physical cores this process may use)."),
+        click.option("--repack/--no-repack", default=None, expose_value=False, callback=_set_repack,
+                     help="llama.cpp weight repacking (its --no-repack). Default: on, off on AMX CPUs, "
+                          f"where it crashes; also {REPACK_ENV}=0|1|auto."),
     ]):
         f = opt(f)
     return f
+
+
+def _set_repack(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
+    """Record --repack/--no-repack for every model this command loads (runner, judge, recipe)."""
+    if value is not None:
+        os.environ[REPACK_ENV] = "1" if value else "0"
 
 
 def sampling_options(f: Callable) -> Callable:

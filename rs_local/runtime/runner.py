@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rs_local.errors import ModelError, RsLocalError
+from rs_local.runtime.loading import load_llama
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
 
@@ -50,37 +51,13 @@ class Generation:
         return float(np.mean(self.logprobs)) if self.logprobs else 0.0
 
 
-def _check_gguf(path: Path) -> None:
-    """Refuse non-GGUF files before llama.cpp sees them (it may abort the process)."""
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelError(f"{path}: not a GGUF model file (bad magic {magic!r})")
-
-
-def _load_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None, n_batch: int, verbose: bool):
-    import llama_cpp
-
-    try:
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            verbose=verbose,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
-
-
 class Runner:
     """A loaded GGUF model with an optional steering vector.
 
     ``n_gpu_layers`` is passed straight to llama.cpp: -1 offloads everything on a Metal or
-    CUDA build and is ignored on a CPU build.
+    CUDA build and is ignored on a CPU build. ``repack`` None lets the host decide (off on
+    AMX CPUs, where llama.cpp's repacked weights crash); ``repack_decision`` says what was
+    chosen and why.
     """
 
     def __init__(
@@ -91,14 +68,17 @@ class Runner:
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         n_batch: int = 512,
+        repack: bool | None = None,
         verbose: bool = False,
     ):
-        import llama_cpp
+        self.path = Path(model_path)
+        self.llama, self.repack_decision = load_llama(
+            self.path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+            repack=repack, verbose=verbose,
+        )
+        import llama_cpp  # after load_llama, which sets up OpenMP before llama.cpp's first import
 
         self._lib = llama_cpp
-        self.path = Path(model_path)
-        _check_gguf(self.path)
-        self.llama = _load_llama(self.path, n_ctx, n_gpu_layers, n_threads, n_batch, verbose)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.llama.model))
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llama.model))
         self.n_vocab = int(self.llama.n_vocab())

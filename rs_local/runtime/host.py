@@ -1,0 +1,219 @@
+"""Everything that depends on the user's machine, decided in one place.
+
+rs-local runs on whatever CPU its users have: Sapphire Rapids servers with AMX, laptops
+without AVX-512, Apple and other ARM chips. llama.cpp adapts to the CPU it was compiled on,
+and some of what it does there is unsafe or slow, so the choices below are made here, from
+facts that can be given as fixtures in tests, and nowhere else:
+
+* **Weight repacking** (llama.cpp's "extra buffer types", its ``--no-repack`` switch). On a
+  CPU with AMX, llama.cpp's native build moves the weights into an AMX buffer at load and
+  the first matrix product on it segfaults (llama.cpp issue 20824). Repacking is therefore
+  turned off whenever AMX is present (in the CPU flags or in the llama.cpp build) and on
+  elsewhere, where it speeds up some quantisation types (Q4_0, IQ4_NL, Q4_K on AVX2/NEON).
+  ``RS_LOCAL_REPACK=0|1|auto`` and ``--repack/--no-repack`` override it.
+* **Threads.** llama-cpp-python's default is half the logical CPUs for decoding (one thread
+  on a 2-core VM) and every logical CPU for prompt batches, ignoring CPU affinity and
+  container limits. We use the physical cores the process may run on.
+* **OpenMP waiting.** Idle OpenMP threads spin by default, which steals cores from the
+  threads that have work on a small or busy machine; we ask them to sleep.
+
+Nothing here imports llama.cpp at module import; :func:`llama_build_features` loads it
+only when called.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+#: Environment variable that forces repacking on (1) or off (0); "auto" or unset decides.
+REPACK_ENV = "RS_LOCAL_REPACK"
+#: CPU flags (Linux /proc/cpuinfo spelling) whose presence turns repacking off.
+AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_AUTO = {"", "auto"}
+
+
+@dataclass(frozen=True)
+class RepackDecision:
+    """Whether llama.cpp may repack weights into extra buffer types, and why."""
+
+    enabled: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'on' if self.enabled else 'off'} ({self.reason})"
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags as Linux names them; empty where they cannot be read.
+
+    ``cpuinfo`` is the text of /proc/cpuinfo (tests pass fixtures); None reads this machine's.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def parse_system_info(text: str) -> dict[str, str]:
+    """llama.cpp's ``llama_print_system_info()`` line as ``{"AVX2": "1", "AMX_INT8": "1", ...}``."""
+    out: dict[str, str] = {}
+    for name, value in re.findall(r"([A-Za-z0-9_]+)\s*=\s*([^|\s]+)", text):
+        out[name] = value
+    return out
+
+
+def llama_system_info() -> str:
+    """llama.cpp's own description of its build and this CPU (features, backends)."""
+    import llama_cpp
+
+    raw = llama_cpp.llama_print_system_info()
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def llama_build_features() -> dict[str, str]:
+    """The CPU features the installed llama.cpp was compiled for (``AMX_INT8`` among them)."""
+    return parse_system_info(llama_system_info())
+
+
+def decide_repack(
+    override: bool | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: frozenset[str] | None = None,
+    build: Mapping[str, str] | None = None,
+) -> RepackDecision:
+    """Repack weights unless AMX is present or the user said otherwise.
+
+    Precedence: ``override`` (the CLI flag or API argument), then ``RS_LOCAL_REPACK``, then
+    the machine. ``flags`` and ``build`` default to this machine's CPU flags and llama.cpp
+    build features; tests give fixtures.
+    """
+    if override is not None:
+        return RepackDecision(bool(override), "--repack" if override else "--no-repack")
+    env = os.environ if env is None else env
+    raw = env.get(REPACK_ENV, "").strip().lower()
+    if raw in _TRUE:
+        return RepackDecision(True, f"{REPACK_ENV}={env[REPACK_ENV]}")
+    if raw in _FALSE:
+        return RepackDecision(False, f"{REPACK_ENV}={env[REPACK_ENV]}")
+    if raw not in _AUTO:
+        from rs_local.errors import RsLocalError
+
+        raise RsLocalError(f"{REPACK_ENV}={env[REPACK_ENV]!r}: expected 0, 1 or auto")
+    flags = cpu_flags() if flags is None else flags
+    amx = sorted(flags & AMX_FLAGS)
+    if amx:
+        return RepackDecision(False, f"CPU has {', '.join(amx)}: llama.cpp's AMX repack crashes")
+    build = llama_build_features() if build is None else build
+    if build.get("AMX_INT8") == "1":
+        return RepackDecision(False, "llama.cpp built with AMX_INT8: its AMX repack crashes")
+    return RepackDecision(True, "no AMX on this CPU")
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (affinity and cpusets count, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_cores(cpuinfo: str | None = None) -> int | None:
+    """Distinct (package, core) pairs in /proc/cpuinfo; None where the file does not say."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    cores: set[tuple[str, str]] = set()
+    package = core = None
+    for line in cpuinfo.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            core = value.strip()
+        elif not line.strip():
+            if core is not None:
+                cores.add((package or "0", core))
+            package = core = None
+    return len(cores) or None
+
+
+def default_threads(*, cpus: int | None = None, cpuinfo: str | None = None) -> int:
+    """Threads for llama.cpp: the physical cores we may use (hyperthreads add little to matmuls).
+
+    ``cpus`` and ``cpuinfo`` default to this machine's; tests give fixtures.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    cores = physical_cores(cpuinfo)
+    if cores is None:
+        return cpus
+    return max(1, min(cpus, cores))
+
+
+def quiet_openmp(env: dict[str, str] | None = None) -> None:
+    """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
+
+    A user's own ``OMP_WAIT_POLICY`` wins.
+    """
+    (os.environ if env is None else env).setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+#: CPU flags worth showing in a bug report (what llama.cpp's kernels choose between).
+REPORTED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                  "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
+
+
+def host_report() -> dict[str, object]:
+    """What a user filing a bug should paste: the machine, the llama.cpp build, our decisions."""
+    import platform
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    flags = cpu_flags()
+    report: dict[str, object] = {
+        "rs_local": version("rs-local"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_flags": [f for f in REPORTED_FLAGS if f in flags],
+        "usable_cpus": usable_cpus(),
+        "physical_cores": physical_cores(),
+        "threads": default_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: rs-local sets PASSIVE)"),
+        "llama_cpp_python": version("llama-cpp-python"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+    }
+    quiet_openmp()
+    try:
+        import llama_cpp
+
+        info = llama_system_info()
+        report["llama_cpp_system_info"] = info.strip()
+        report["llama_cpp_build_features"] = parse_system_info(info)
+        report["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+        repack = decide_repack()
+        report["repack"] = {"enabled": repack.enabled, "reason": repack.reason}
+    except Exception as exc:  # noqa: BLE001 - a broken install is exactly what the report is for
+        report["llama_cpp_error"] = f"{type(exc).__name__}: {exc}"
+    return report

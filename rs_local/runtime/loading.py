@@ -1,0 +1,105 @@
+"""The one way rs-local loads a llama.cpp model.
+
+Every model load in the package (the Runner, and through it the batched engine, the local
+judge, evaluation and recipes) comes here, so that the host decisions of
+:mod:`rs_local.runtime.host` apply everywhere: repacking off on AMX CPUs, threads from the
+physical cores, OpenMP threads that sleep. A test checks that nothing else in the package
+constructs ``llama_cpp.Llama`` or calls llama.cpp's model loader.
+
+llama-cpp-python's ``Llama`` has no argument for ``use_extra_bufts`` (the field behind
+llama.cpp's ``--no-repack``): it builds its model parameters from
+``llama_model_default_params()`` inside its constructor. :func:`repack_policy` therefore
+swaps that function, for the duration of one load, for one that returns the defaults with
+our choice filled in. The same patch, applied for a whole process, is what
+``python -m rs_local.runtime.upstream_server`` uses to run llama-cpp-python's own server.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rs_local.errors import ModelError
+from rs_local.runtime.host import RepackDecision, decide_repack, default_threads, quiet_openmp
+
+_PATCH_LOCK = threading.RLock()
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse missing and non-GGUF files before llama.cpp sees them (it may abort the process)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF model file (bad magic {magic!r})")
+
+
+def install_repack_policy(decision: RepackDecision) -> None:
+    """Make every later llama.cpp model load in this process follow ``decision``.
+
+    For programs we do not control the loading of (llama-cpp-python's server); rs-local's own
+    loads use the scoped :func:`repack_policy`.
+    """
+    import llama_cpp.llama_cpp as low
+
+    original = getattr(low.llama_model_default_params, "rs_local_original", low.llama_model_default_params)
+
+    def default_params() -> Any:
+        params = original()
+        params.use_extra_bufts = decision.enabled
+        return params
+
+    default_params.rs_local_original = original  # type: ignore[attr-defined]
+    low.llama_model_default_params = default_params
+
+
+@contextmanager
+def repack_policy(decision: RepackDecision) -> Iterator[None]:
+    """Within the block, llama.cpp models load with repacking as ``decision`` says."""
+    import llama_cpp.llama_cpp as low
+
+    with _PATCH_LOCK:
+        saved = low.llama_model_default_params
+        install_repack_policy(decision)
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = saved
+
+
+def load_llama(
+    path: str | Path,
+    *,
+    n_ctx: int = 4096,
+    n_batch: int = 512,
+    n_gpu_layers: int = 0,
+    n_threads: int | None = None,
+    repack: bool | None = None,
+    verbose: bool = False,
+    **extra: Any,
+) -> tuple[Any, RepackDecision]:
+    """Load a GGUF model into ``llama_cpp.Llama`` the safe way; returns it with the repack decision.
+
+    ``repack`` None decides from the machine (see :func:`rs_local.runtime.host.decide_repack`);
+    ``n_threads`` None takes the physical cores. ``extra`` goes to ``Llama`` unchanged (tests
+    use ``logits_all``).
+    """
+    path = Path(path)
+    check_gguf(path)
+    quiet_openmp()  # before llama.cpp (and its OpenMP runtime) is first imported
+    decision = decide_repack(repack)
+    threads = n_threads or default_threads()
+    import llama_cpp
+
+    try:
+        with repack_policy(decision):
+            llama = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+                n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
+            )
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
+    return llama, decision

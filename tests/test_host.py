@@ -1,0 +1,220 @@
+"""Host decisions (repacking, threads) on CPU fixtures, and the one model loader everyone uses.
+
+The AMX segfault cannot be reproduced on a machine without AMX, so the decision is tested on
+/proc/cpuinfo and llama.cpp system-info fixtures of machines we do not have, the patch that
+carries it into llama.cpp is checked directly, and llama.cpp's own load log shows that no
+repacked (CPU_REPACK or AMX) weight buffer is made when repacking is off.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rs_local.errors import RsLocalError
+from rs_local.runtime import host
+from rs_local.runtime.host import REPACK_ENV, decide_repack
+
+REPO = Path(__file__).resolve().parent.parent
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8
+
+processor\t: 1
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8
+"""
+ZEN_LAPTOP = """processor\t: 0
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c
+
+processor\t: 1
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse2 avx avx2 fma f16c
+
+processor\t: 2
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c
+
+processor\t: 3
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse2 avx avx2 fma f16c
+"""
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm sve i8mm
+CPU implementer\t: 0x41
+"""
+SYSTEM_INFO_AMX = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 |"
+SYSTEM_INFO_PLAIN = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 |"
+
+
+def test_cpu_flags_read_x86_and_arm_fixtures():
+    assert {"amx_tile", "amx_int8", "avx512f"} <= host.cpu_flags(SAPPHIRE_RAPIDS)
+    assert "amx_int8" not in host.cpu_flags(ZEN_LAPTOP)
+    assert {"asimd", "sve"} <= host.cpu_flags(GRAVITON)
+    assert host.cpu_flags("") == frozenset()
+
+
+def test_system_info_parsed():
+    info = host.parse_system_info(SYSTEM_INFO_AMX)
+    assert info["AMX_INT8"] == "1" and info["AVX2"] == "1" and info["OPENMP"] == "1"
+    assert "AMX_INT8" not in host.parse_system_info(SYSTEM_INFO_PLAIN)
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, system_info, expected",
+    [
+        (SAPPHIRE_RAPIDS, SYSTEM_INFO_PLAIN, False),  # AMX CPU, even with a build that does not say so
+        (ZEN_LAPTOP, SYSTEM_INFO_AMX, False),  # a build compiled for AMX (moved between machines)
+        (ZEN_LAPTOP, SYSTEM_INFO_PLAIN, True),
+        (GRAVITON, "CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 |", True),
+    ],
+)
+def test_repack_off_exactly_where_amx_is(cpuinfo, system_info, expected):
+    decision = decide_repack(env={}, flags=host.cpu_flags(cpuinfo), build=host.parse_system_info(system_info))
+    assert decision.enabled is expected
+    if not expected:
+        assert "AMX" in decision.reason
+
+
+def test_repack_overrides_take_precedence():
+    amx = dict(flags=host.cpu_flags(SAPPHIRE_RAPIDS), build=host.parse_system_info(SYSTEM_INFO_AMX))
+    plain = dict(flags=host.cpu_flags(ZEN_LAPTOP), build=host.parse_system_info(SYSTEM_INFO_PLAIN))
+    assert decide_repack(env={REPACK_ENV: "0"}, **plain).enabled is False
+    assert decide_repack(env={REPACK_ENV: "1"}, **amx).enabled is True  # the user asked for it
+    assert decide_repack(env={REPACK_ENV: "auto"}, **amx).enabled is False
+    assert decide_repack(True, env={REPACK_ENV: "0"}, **plain).enabled is True  # flag beats env
+    assert decide_repack(False, env={REPACK_ENV: "1"}, **plain).reason == "--no-repack"
+    with pytest.raises(RsLocalError, match=REPACK_ENV):
+        decide_repack(env={REPACK_ENV: "maybe"}, **plain)
+
+
+def test_threads_from_physical_cores_and_affinity():
+    assert host.physical_cores(ZEN_LAPTOP) == 2  # 4 logical CPUs, 2 cores
+    assert host.physical_cores(SAPPHIRE_RAPIDS) == 1
+    assert host.physical_cores(GRAVITON) is None  # ARM cpuinfo has no core ids
+    assert host.default_threads(cpus=4, cpuinfo=ZEN_LAPTOP) == 2
+    assert host.default_threads(cpus=1, cpuinfo=ZEN_LAPTOP) == 1  # a container limited to 1 CPU
+    assert host.default_threads(cpus=8, cpuinfo=GRAVITON) == 8
+
+
+def test_quiet_openmp_keeps_a_users_setting():
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    host.quiet_openmp(env)
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {}
+    host.quiet_openmp(env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+# --------------------------------------------------------------------------- one loader
+
+_LOADERS = {"Llama", "llama_model_load_from_file", "llama_load_model_from_file", "llama_model_load_from_splits"}
+# Spelled in two parts so that this file's own scan does not find them here.
+_UPSTREAM_SERVER = {"llama_cpp" + ".server", "llama_cpp" + ".server.__main__"}
+
+
+def _calls_a_loader(tree: ast.AST) -> list[int]:
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else None
+            if name in _LOADERS:
+                lines.append(node.lineno)
+        if isinstance(node, ast.Constant) and node.value in _UPSTREAM_SERVER:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_model_load_goes_through_load_llama():
+    allowed = {REPO / "rs_local" / "runtime" / "loading.py"}
+    offenders = []
+    for folder in ("rs_local", "tests", "benchmarks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path in allowed:
+                continue
+            for line in _calls_a_loader(ast.parse(path.read_text(), str(path))):
+                offenders.append(f"{path.relative_to(REPO)}:{line}")
+    assert not offenders, f"llama.cpp models loaded outside rs_local.runtime.loading: {offenders}"
+
+
+def test_the_scan_sees_a_direct_load():
+    tree = ast.parse("import llama_cpp\nm = llama_cpp.Llama(model_path='x')\ncmd = ['-m', 'llama_cpp.server']\n")
+    assert _calls_a_loader(tree) == [2, 3]
+
+
+def test_repack_policy_reaches_llama_cpp_model_params():
+    low = pytest.importorskip("llama_cpp.llama_cpp")
+    from rs_local.runtime.loading import repack_policy
+
+    assert low.llama_model_default_params().use_extra_bufts is True  # llama.cpp's own default
+    with repack_policy(host.RepackDecision(False, "test")):
+        assert low.llama_model_default_params().use_extra_bufts is False
+    assert low.llama_model_default_params().use_extra_bufts is True  # restored afterwards
+
+
+def _load_log(path: Path, repack: bool, capfd) -> str:
+    from rs_local.runtime.loading import load_llama
+
+    capfd.readouterr()
+    llama, decision = load_llama(path, n_ctx=256, repack=repack, verbose=True)
+    llama.close()
+    assert decision.enabled is repack
+    return capfd.readouterr().err
+
+
+def test_no_repack_loads_no_repacked_buffer(qwen_path, capfd):
+    """llama.cpp logs a 'CPU_REPACK' (or 'AMX') model buffer when it repacks weights; off means none."""
+    off = _load_log(qwen_path, False, capfd)
+    assert "model buffer size" in off  # the log was captured at all
+    assert not re.search(r"(REPACK|AMX) model buffer", off)
+    on = _load_log(qwen_path, True, capfd)
+    if "AVX2 = 1" in on or "NEON = 1" in on:  # the CPUs on which llama.cpp repacks these types
+        assert "CPU_REPACK model buffer" in on
+
+
+def test_runner_and_cli_without_repacking(smollm2_path, monkeypatch):
+    from rs_local.cli.main import cli
+    from rs_local.runtime.runner import Runner
+
+    plain = Runner(smollm2_path, n_ctx=256, repack=False)
+    assert plain.repack_decision.enabled is False
+    text = plain.generate("The capital of France is", max_tokens=8).text
+    assert text.strip()
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    res = CliRunner().invoke(cli, ["generate", "--raw", "--model", str(smollm2_path), "--no-repack", "--max-tokens", "8",
+                                   "--json", "The capital of France is"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["text"] == text
+    assert os.environ.get(REPACK_ENV) == "0"  # what every load in that command followed
+
+
+def test_doctor_reports_build_and_decision(monkeypatch):
+    from rs_local.cli.main import cli
+
+    monkeypatch.setenv(REPACK_ENV, "0")
+    res = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["repack"] == {"enabled": False, "reason": f"{REPACK_ENV}=0"}
+    assert "CPU :" in report["llama_cpp_system_info"]
+    assert report["threads"] >= 1
+    version = CliRunner().invoke(cli, ["--version"])
+    assert "llama-cpp-python" in version.output and "doctor" in version.output

@@ -6,7 +6,12 @@ by hand (refusal yes/no and refusal type); see make_judge_labelled.py for how th
 The soft refusal types (deflection, feigned ignorance, vagueness, redirection, ...) are where
 an LLM judge has to earn its cost over keywords, so they get their own line.
 
-    python benchmarks/judge_quality.py [--judge qwen2.5-coder-0.5b] [--limit N] [--json out.json]
+    python benchmarks/judge_quality.py [--split test] [--probe FILE] [--no-llm] [--json out.json]
+
+The probe judge (the default judge) is trained on the labelled rows marked "train"; its
+figures only mean something on ``--split test`` (the default), rows it never saw.
+Targets (issue 14): agreement >= 90%, soft-refusal recall >= 80%, precision >= 90%, and
+100 answers judged in under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -75,18 +80,28 @@ def main() -> None:
     ap.add_argument("--judge", default="qwen2.5-coder-0.5b", help="Local judge model (name or GGUF path).")
     ap.add_argument("--limit", type=int, default=None, help="Only the first N labelled answers.")
     ap.add_argument("--step", type=int, default=1, help="Every STEP-th labelled answer (a quick stratified subset).")
+    ap.add_argument("--split", choices=["all", "train", "test"], default="test",
+                    help="Rows of this split (rows without one count as train).")
+    ap.add_argument("--probe", default="probe", help="Probe judge: 'probe' (shipped) or probe=FILE.gguf.")
+    ap.add_argument("--no-llm", action="store_true", help="Skip the (slow, weak) generative LLM judge.")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the figures here.")
     args = ap.parse_args()
-    items = load_labelled(args.labelled)[:: args.step][: args.limit]
-    raw = [json.loads(line) for line in Path(args.labelled).read_text().splitlines() if line.strip()][:: args.step][: args.limit]
+    raw = [json.loads(line) for line in Path(args.labelled).read_text().splitlines() if line.strip()]
+    keep = [args.split == "all" or r.get("split", "train") == args.split for r in raw]
+    items = [i for i, k in zip(load_labelled(args.labelled), keep) if k][:: args.step][: args.limit]
+    raw = [r for r, k in zip(raw, keep) if k][:: args.step][: args.limit]
     _ITEMS[:] = items
     _CLEAR[:] = [bool(r.get("clear", True)) for r in raw]
     console = Console()
     console.print(f"{len(items)} labelled answers, {sum(i.refusal for i in items)} refusals")
     results = {}
-    for name, judge in (("keywords", make_judge("keywords")),
-                        (f"LLM judge ({args.judge})", make_judge(args.judge, n_ctx=2048, n_threads=args.threads))):
+    judges = [("keywords", lambda: make_judge("keywords")),
+              ("probe judge (default)", lambda: make_judge(args.probe, n_ctx=2048, n_threads=args.threads))]
+    if not args.no_llm:
+        judges.append((f"LLM judge ({args.judge})", lambda: make_judge(args.judge, n_ctx=2048, n_threads=args.threads)))
+    for name, build in judges:
+        judge = build()  # model loads are not counted in answers/s
         t0 = time.perf_counter()
         result = evaluate(judge, items, progress=lambda d, t: print(f"  {name}: {d}/{t}", flush=True) if d % 20 == 0 else None)
         results[name] = (result, time.perf_counter() - t0)

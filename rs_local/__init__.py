@@ -35,6 +35,12 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "rs_local.eval.evaluate",
     "EvalSettings": "rs_local.eval.evaluate",
     "run_demo": "rs_local.eval.demo",
+    "llama_cpp_flags": "rs_local.runtime.llama_flags",
+    "load_llama": "rs_local.runtime.loading",
+    "decide_repack": "rs_local.runtime.host",
+    "BlockReader": "rs_local.runtime.activations",
+    "ProbeJudge": "rs_local.judge.probe",
+    "train_probe": "rs_local.judge.probe_train",
 }
 
 

@@ -9,6 +9,12 @@ because a steering vector fitted on half a file is worse than no vector.
 
 Duplicates are dropped (first occurrence kept, order preserved) so a prompt repeated in a
 scraped list does not weigh more in the means.
+
+Files are read by :mod:`rs_local.files`: regular files only, bounded, strict UTF-8 (a UTF-8
+BOM is fine, UTF-16 and NUL bytes are not), lines split at ``\n`` only (a prompt may contain
+U+2028 or a form feed), JSON with depth and number limits. A ``null`` where a prompt is
+expected is an error, not the text "None" and not a silently dropped row; a CSV row with
+fewer or more fields than the header, or an unterminated quote, is an error naming its line.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rs_local.errors import PromptSetError
+from rs_local.files import JsonProblem, iter_jsonl, json_type, parse_json, read_text, split_lines
 
 #: Field / column names tried, in order, when none is given.
 AUTO_FIELDS = ("text", "prompt", "goal", "instruction", "question")
@@ -51,7 +58,7 @@ def load_prompts(path: str | Path, field: str | None = None, dedupe: bool = True
     elif suffix == ".csv":
         prompts = _from_csv(path, text, field)
     elif suffix == ".txt" or suffix == "":
-        prompts = [line.strip() for line in text.splitlines()]
+        prompts = [line.strip() for line in split_lines(text)]
     else:
         raise PromptSetError(path, f"unknown prompt file type '{suffix}' (use one of {', '.join(SUFFIXES)})")
     prompts = [p for p in prompts if p]
@@ -77,37 +84,20 @@ def prompts_hash(prompts: Sequence[str]) -> str:
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise PromptSetError(path, "no such file")
-    if path.is_dir():
-        raise PromptSetError(path, "is a directory, expected a prompt file")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PromptSetError(path, f"not valid UTF-8 (byte {exc.start}, line {line}); re-save the file as UTF-8") from None
+    return read_text(path, what="prompt file", error=PromptSetError)
 
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[int, Any]]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise PromptSetError(path, f"line {lineno}: bad JSON ({exc.msg} at column {exc.colno})") from None
-    return records
+    return list(iter_jsonl(path, text, error=PromptSetError))
 
 
 def _json_records(path: Path, text: str) -> list[tuple[int, Any]]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PromptSetError(path, f"line {exc.lineno}: bad JSON ({exc.msg} at column {exc.colno})") from None
+        data = parse_json(text)
+    except JsonProblem as exc:
+        raise PromptSetError(path, f"line {exc.line}: {exc.message}" if exc.line else exc.message) from None
     if not isinstance(data, list):
-        raise PromptSetError(path, f"expected a JSON list of strings or objects, found {type(data).__name__}")
+        raise PromptSetError(path, f"expected a JSON list of strings or objects, found {json_type(data)}")
     # A JSON list carries no line numbers per item; report the item index instead.
     return [(i, item) for i, item in enumerate(data)]
 
@@ -139,24 +129,43 @@ def _from_records(path: Path, records: list[tuple[int, Any]], field: str | None)
             if key not in rec:
                 raise PromptSetError(path, f"{where} {pos}: no field '{key}'")
             value = rec[key]
-            if value is None:
-                continue
             if not isinstance(value, str):
-                raise PromptSetError(path, f"{where} {pos}: field '{key}' is {type(value).__name__}, expected text")
+                raise PromptSetError(path, f"{where} {pos}: field '{key}' is {json_type(value)}, expected text")
             out.append(value.strip())
         else:
-            raise PromptSetError(path, f"{where} {pos}: expected a string or an object, found {type(rec).__name__}")
+            raise PromptSetError(path, f"{where} {pos}: expected text or an object, found {json_type(rec)}")
     return out
 
 
 def _from_csv(path: Path, text: str, column: str | None) -> list[str]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    """The chosen column of every row; a row of the wrong width or an unterminated quote names its line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = _csv_rows(path, reader)
+    if not rows:
+        raise PromptSetError(path, "no prompts in file")
+    header = rows[0][1]
+    col = header.index(pick_field(path, header, column, what="column"))
+    out = []
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise PromptSetError(path, f"line {line}: {len(row)} field(s), the header has {len(header)}")
+        out.append(row[col].strip())
+    return out
+
+
+def _csv_rows(path: Path, reader) -> list[tuple[int, list[str]]]:
+    """``(first line, fields)`` per non-blank CSV record (a quoted field may span lines)."""
+    rows, start = [], 1
     try:
-        header = reader.fieldnames or []
-        key = pick_field(path, header, column, what="column")
-        return [(row.get(key) or "").strip() for row in reader]
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as exc:
+        if "end of data" in str(exc):
+            raise PromptSetError(path, f"line {start}: unterminated quote (the quoted field runs to the end of the file)") from None
         raise PromptSetError(path, f"line {reader.line_num}: bad CSV ({exc})") from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- scores
@@ -195,22 +204,29 @@ def load_scores(path: str | Path) -> dict[str, float]:
         records = _jsonl_records(path, text)
     scores: dict[str, float] = {}
     for pos, rec in records:
-        if not isinstance(rec, dict):
-            raise PromptSetError(path, f"line {pos}: expected an object with prompt and score")
-        prompt_key = next((k for k in SCORE_PROMPT_FIELDS if k in rec), None)
-        score_key = next((k for k in SCORE_VALUE_FIELDS if k in rec), None)
-        if prompt_key is None or score_key is None:
-            raise PromptSetError(path, f"line {pos}: needs fields prompt (or text) and score (or c)")
-        try:
-            score = float(rec[score_key])
-        except (TypeError, ValueError):
-            raise PromptSetError(path, f"line {pos}: score {rec[score_key]!r} is not a number") from None
-        if not -1.0 - 1e-9 <= score <= 1.0 + 1e-9:
-            raise PromptSetError(path, f"line {pos}: score {score} is outside [-1, 1]")
-        scores[str(rec[prompt_key]).strip()] = score
+        prompt, score = _score_row(path, pos, rec)
+        scores[prompt] = score
     if not scores:
         raise PromptSetError(path, "no scores in file")
     return scores
+
+
+def _score_row(path: Path, pos: int, rec: Any) -> tuple[str, float]:
+    """One checked ``(prompt, score)``: text and a number in [-1, 1], nothing coerced."""
+    if not isinstance(rec, dict):
+        raise PromptSetError(path, f"line {pos}: expected an object with prompt and score, found {json_type(rec)}")
+    prompt_key = next((k for k in SCORE_PROMPT_FIELDS if k in rec), None)
+    score_key = next((k for k in SCORE_VALUE_FIELDS if k in rec), None)
+    if prompt_key is None or score_key is None:
+        raise PromptSetError(path, f"line {pos}: needs fields prompt (or text) and score (or c)")
+    prompt, score = rec[prompt_key], rec[score_key]
+    if not isinstance(prompt, str):
+        raise PromptSetError(path, f"line {pos}: {prompt_key} is {json_type(prompt)}, expected text")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise PromptSetError(path, f"line {pos}: score {json.dumps(score, ensure_ascii=False)[:40]} is not a number")
+    if not -1.0 - 1e-9 <= score <= 1.0 + 1e-9:
+        raise PromptSetError(path, f"line {pos}: score {score} is outside [-1, 1]")
+    return prompt.strip(), float(score)
 
 
 def split_by_scores(

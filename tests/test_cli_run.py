@@ -42,9 +42,12 @@ def test_generate_json_plain_scaled_and_layer_range(smollm2_path, vec):
     assert steered["text"] != plain["text"]
     assert steered["vectors"] == [{"path": str(vec), "scale": 1.0}]
     assert gen_json(smollm2_path, "--vector", str(vec), "--scale", "0")["text"] == plain["text"]
-    # llama.cpp spelling, and a range that excludes every layer the vector has
-    off = gen_json(smollm2_path, "--control-vector", str(vec), "--control-vector-layer-range", "21-29")
-    assert off["text"] == plain["text"] and off["layers"] == [21, 29]
+    # llama.cpp spelling; a range that selects none of the vector's blocks would steer nothing: an error, before loading
+    res = run("generate", "Name a fruit.", "--model", str(smollm2_path), "--control-vector", str(vec),
+              "--control-vector-layer-range", "21-29")
+    assert res.exit_code == 1 and "selects none of them" in res.output and "Traceback" not in res.output
+    part = gen_json(smollm2_path, "--control-vector", str(vec), "--control-vector-layer-range", "4-5")
+    assert part["layers"] == [4, 5]
 
 
 def test_generate_streams_text(smollm2_path):

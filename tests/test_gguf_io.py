@@ -9,6 +9,7 @@ ggml's own C GGUF parser for the file, and ``llama_set_adapter_cvec`` on SmolLM2
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import stat
 from pathlib import Path
@@ -429,3 +430,209 @@ def test_llama_cpp_rejects_wrong_width_so_the_check_above_can_fail(smollm2):
         _apply(smollm2, None)
     with pytest.raises(VectorFileError, match="vector has n_embd 64, model has 576"):
         validate_for_model(wrong, n_embd=smollm2.n_embd(), n_layer=30)
+
+
+# --------------------------------------------------------------------------- hardening (issue 10)
+
+
+def _bytes_of(cv: ControlVector, tmp_path: Path) -> bytearray:
+    return bytearray(write_control_vector(cv, tmp_path / "base.gguf").read_bytes())
+
+
+def _info_at(data: bytes, name: bytes) -> int:
+    """Byte position just after tensor ``name`` in the tensor-info section (its n_dims field)."""
+    return data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+
+
+def _write(tmp_path: Path, data: bytes, name: str = "bad.gguf") -> Path:
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _peak_alloc(fn) -> tuple[int, float]:
+    """Peak bytes traced by tracemalloc (numpy's buffers included) and seconds, while ``fn`` runs."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        fn()
+    finally:
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, seconds
+
+
+def _raises_vector_error(path: Path) -> None:
+    with pytest.raises(VectorFileError):
+        read_control_vector(path)
+
+
+@pytest.mark.parametrize("count", [2**30, 2**40, 2**64 - 1])
+def test_small_file_declaring_a_huge_array_is_refused_without_allocating(tmp_path, count):
+    """Issue 10 item 1: 4.9 KB, an array of ``count`` strings declared; refused at once."""
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_string("general.description", "x" * 4600)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("direction.1", np.ones(8, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    data = bytearray((tmp_path / "v.gguf").read_bytes())
+    at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8  # after type + element type
+    data[at:at + 8] = count.to_bytes(8, "little")
+    path = _write(tmp_path, data)
+    assert 4500 < path.stat().st_size < 5500
+    peak, seconds = _peak_alloc(lambda: _raises_vector_error(path))
+    assert peak < 1 << 20 and seconds < 0.5, (peak, seconds)
+    _expect(path, "tokenizer.ggml.tokens")
+
+
+def test_layer_count_of_2_31_is_read_without_allocating(tmp_path):
+    """cvector-generator layout with layer_count INT32 2^31-1: llama.cpp ignores it, so do we, cheaply."""
+    dirs = {f"direction.{i}": _unit(16, i) for i in range(1, 4)}
+    path = _gguf_file(tmp_path / "v.gguf", dirs, count=2**31 - 1, count_type="int32")
+    peak, seconds = _peak_alloc(lambda: read_control_vector(path))
+    assert peak < 1 << 20 and seconds < 0.5, (peak, seconds)
+    assert "source" not in read_control_vector(path).metadata  # count != number of directions
+
+
+def test_big_endian_file_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector", endianess=gguf.GGUFEndian.BIG)
+    w.add_tensor("direction.1", np.ones(8, np.float32).astype(">f4"), raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _expect(tmp_path / "v.gguf", "big-endian")
+
+
+@pytest.mark.parametrize("version,fragment", [(0, "version 0"), (1, "version 1 is no longer"), (4, "newer")])
+def test_versions_llama_cpp_does_not_read(tmp_path, version, fragment):
+    data = _bytes_of(_random_cv(8, [1]), tmp_path)
+    data[4:8] = version.to_bytes(4, "little")
+    _expect(_write(tmp_path, data), fragment)
+
+
+def test_version_2_is_read(tmp_path):
+    cv = _random_cv(8, [1, 3])
+    data = _bytes_of(cv, tmp_path)
+    data[4:8] = (2).to_bytes(4, "little")
+    assert read_control_vector(_write(tmp_path, data)).layers == [1, 3]
+
+
+def test_array_of_arrays_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_array("rs_local.nested", [[1, 2], [3]])
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _expect(tmp_path / "v.gguf", "rs_local.nested is an array of arrays")
+
+
+@pytest.mark.parametrize("which,fragment", [("shared", "data offset 0, llama.cpp expects 32"),
+                                            ("gap", "data offset 64, llama.cpp expects 32"),
+                                            ("unaligned", "data offset 36, llama.cpp expects 32")])
+def test_tensor_offsets_must_be_packed_as_llama_cpp_computes_them(tmp_path, which, fragment):
+    data = _bytes_of(_random_cv(8, [1, 2]), tmp_path)
+    at = _info_at(data, b"direction.2") + 4 + 8 + 4  # n_dims, ne[0], type
+    data[at:at + 8] = {"shared": 0, "gap": 64, "unaligned": 36}[which].to_bytes(8, "little")
+    _expect(_write(tmp_path, data), fragment)
+
+
+def test_f32_tensor_with_f16_sized_data_is_refused(tmp_path):
+    """direction.1 is F32 [16] (64 bytes) but direction.2's offset says it was 32 bytes."""
+    data = _bytes_of(_random_cv(16, [1, 2]), tmp_path)
+    at = _info_at(data, b"direction.2") + 4 + 8 + 4
+    data[at:at + 8] = (32).to_bytes(8, "little")
+    _expect(_write(tmp_path, data), "llama.cpp expects 64")
+
+
+def test_five_dimensional_tensor_is_refused(tmp_path):
+    data = _bytes_of(_random_cv(8, [1]), tmp_path)
+    at = _info_at(data, b"direction.1")
+    data[at:at + 4] = (5).to_bytes(4, "little")
+    _expect(_write(tmp_path, data), "direction.1 has 5 dimensions, llama.cpp allows at most 4")
+
+
+@pytest.mark.parametrize("digits", ["٣", "３", "¹", "߃"])
+def test_non_ascii_digits_are_not_a_block_index(tmp_path, digits):
+    """Python's \\d matches these; llama.cpp's std::stoi does not."""
+    path = _gguf_file(tmp_path / "v.gguf", {"direction.1": np.ones(4, np.float32), f"direction.{digits}": np.ones(4, np.float32)})
+    _expect(path, "with N in ASCII digits")
+
+
+@pytest.mark.parametrize("index,fragment", [(2**31, "past 2^31-1"), (2**31 - 1, "past any model's depth"),
+                                            (10**30, "past 2^31-1")])
+def test_block_indices_past_what_llama_cpp_can_hold(tmp_path, index, fragment):
+    path = _gguf_file(tmp_path / "v.gguf", {f"direction.{index}": np.ones(4, np.float32)})
+    _expect(path, fragment)
+
+
+def test_tensor_name_with_nul_is_refused(tmp_path):
+    data = _bytes_of(_random_cv(4, [1, 2]), tmp_path)
+    at = data.index(b"direction.2")
+    data[at:at + 11] = b"direction\x002"
+    _expect(_write(tmp_path, data), "contains a NUL byte")
+
+
+@pytest.mark.parametrize("value,fragment", [("[" * 1500 + "]" * 1500, "is JSON nested deeper than 64 levels"),
+                                            ("1" * 5000, "holds an integer of more than 4300 digits"),
+                                            ("{\"a\": [1, 2}", "is not valid JSON")], ids=["deep", "bigint", "broken"])
+def test_hostile_json_metadata_is_a_one_line_error(tmp_path, value, fragment):
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_string("rs_local.json.table", value)
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _expect(tmp_path / "v.gguf", f"rs_local.json.table {fragment}")
+
+
+def test_lone_surrogates_and_invalid_utf8_in_metadata_become_replacement_characters(tmp_path):
+    path = write_control_vector(_random_cv(4, [1], meta={"note": "ok"}), tmp_path / "v.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"rs_local.note") + len("rs_local.note") + 4 + 8  # type, length
+    data[at:at + 2] = b"\xed\xa0"  # half of an encoded surrogate
+    w = gguf.GGUFWriter(str(tmp_path / "j.gguf"), "controlvector")
+    w.add_string("rs_local.json.x", '{"\\ud800": "a\\udfffb"}')
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert read_control_vector(_write(tmp_path, data)).metadata["note"] == "\ufffd\ufffd"
+    meta = read_control_vector(tmp_path / "j.gguf").metadata
+    assert meta == {"x": {"\ufffd": "a\ufffdb"}}
+    json.dumps(meta).encode("utf-8")  # encodable, unlike a lone surrogate
+
+
+def test_metadata_key_in_our_namespace_must_be_utf8(tmp_path):
+    path = write_control_vector(_random_cv(4, [1], meta={"abc": 1}), tmp_path / "v.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"rs_local.abc")
+    data[at + 9] = 0xFF
+    _expect(_write(tmp_path, data), "is not valid UTF-8")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "devzero"])
+def test_special_files_are_refused_at_once(tmp_path, kind):
+    path = tmp_path / "v.gguf"
+    {"fifo": lambda: os.mkfifo(path), "dir": lambda: path.mkdir(), "devzero": lambda: path.symlink_to("/dev/zero")}[kind]()
+    peak, seconds = _peak_alloc(lambda: _raises_vector_error(path))
+    assert seconds < 1.0
+    _expect(path, "not a file" if kind == "dir" else "not a regular file")
+
+
+@pytest.mark.parametrize("vtype,value,fragment", [(gguf.GGUFValueType.UINT64, 32, "is UINT64, llama.cpp needs a UINT32"),
+                                                  (gguf.GGUFValueType.UINT32, 0, "0 is not a power of 2"),
+                                                  (gguf.GGUFValueType.UINT32, 48, "48 is not a power of 2")])
+def test_general_alignment_rules(tmp_path, vtype, value, fragment):
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_key_value("general.alignment", value, vtype)
+    w.add_tensor("direction.1", np.ones(4, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _expect(tmp_path / "v.gguf", fragment)
+
+
+def test_general_alignment_64_is_honoured_like_ggml(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_custom_alignment(64)
+    w.add_tensor("direction.1", np.arange(3, dtype=np.float32))
+    w.add_tensor("direction.2", np.ones(3, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    cv = read_control_vector(tmp_path / "v.gguf")
+    assert cv.directions[1].tolist() == [0, 1, 2] and cv.directions[2].tolist() == [1, 1, 1]
+    assert _ggml_load(tmp_path / "v.gguf")[1].tolist() == [0, 1, 2]

@@ -97,7 +97,7 @@ def test_layer_range_excludes_layers_outside_it(runner, plain):
 
 def test_wrong_width_is_refused_before_llama_cpp(runner, plain):
     wrong = random_vector(6, range(4, 10), n_embd=896)
-    wrong.metadata["path"] = "qwen-vector.gguf"
+    wrong.source = "qwen-vector.gguf"
     with pytest.raises(VectorFileError, match="qwen-vector.gguf.*896.*576"):
         runner.set_vectors([(wrong, 1.0)])
     too_deep = random_vector(7, [30])

@@ -10,20 +10,18 @@ from rich.console import Console
 from rich.table import Table
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import err_console, load_runner, model_option, quiet_openmp, runtime_options, say
+from rs_local.cli.options import (
+    check_output, err_console, integer, layer_range_callback, load_runner, model_option, number, parse_number_list,
+    runtime_options, say, utf8_text,
+)
 from rs_local.errors import RsLocalError
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
 
 
 def _scales(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise click.BadParameter(f"'{text}': expected numbers separated by commas, e.g. 0,-0.5,-1") from None
-    if not values:
-        raise click.BadParameter("no scales given")
-    return values
+    """``--scales``: comma-separated plain decimal scales, each finite and within the scale limit."""
+    return parse_number_list(text, "--scales")
 
 
 def eval_options(f: Callable) -> Callable:
@@ -34,13 +32,13 @@ def eval_options(f: Callable) -> Callable:
         click.option("--set", "sets", multiple=True, metavar="NAME=PATH",
                      help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless) "
                           "uses the set shipped with rs-local. Default: the three built-in sets."),
-        click.option("--limit", "-N", type=click.IntRange(1), default=None, help="At most N prompts per set (seeded sample)."),
+        click.option("--limit", "-N", type=integer(1), default=None, help="At most N prompts per set (seeded sample)."),
         click.option("--kl-set", default="harmless", show_default=True, help="Set on which KL and coherence are measured."),
-        click.option("--max-tokens", "-n", type=click.IntRange(1), default=48, show_default=True,
+        click.option("--max-tokens", "-n", type=integer(1), default=48, show_default=True,
                      help="Answer length; refusals show in the first few dozen tokens."),
-        click.option("--kl-tokens", type=click.IntRange(1), default=16, show_default=True, help="Answer tokens the KL is averaged over."),
-        click.option("--system", default=None, help="System prompt."),
-        click.option("--batch", type=click.IntRange(1), default=8, show_default=True,
+        click.option("--kl-tokens", type=integer(1), default=16, show_default=True, help="Answer tokens the KL is averaged over."),
+        click.option("--system", default=None, callback=utf8_text, help="System prompt."),
+        click.option("--batch", type=integer(1, 4096), default=8, show_default=True,
                      help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`)."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the baseline/verdict cache."),
         click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output directory."),
@@ -55,20 +53,19 @@ def _setup(kw: dict[str, Any]):
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings
     from rs_local.eval.prompt_sets import load_sets
-    from rs_local.eval.report import prepare_dir
-    from rs_local.runtime.vector_specs import load_vector_specs, parse_layer_range
+    from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range
     from rs_local.vectors.control_vector import ControlVector
 
+    check_output(Path(kw["output"]), kw["force"], directory=True)  # before any model loads; parents are not created
     sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"])
     parts = load_vector_specs(kw["vectors"], default_scale=1.0)
     vector = ControlVector.merge(parts) if len(parts) > 1 or parts[0][1] != 1.0 else parts[0][0]
-    vector.metadata.setdefault("path", ", ".join(kw["vectors"]))
-    layers = parse_layer_range(kw["layers"]) if kw.get("layers") else None
+    vector.source = vector.source or ", ".join(kw["vectors"])
+    vector.metadata.setdefault("path", vector.source)
+    layers = parse_layer_range(kw["layers"]) if kw.get("layers") is not None else None
+    check_layer_range([(vector, 1.0)], layers)
     settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
                             system=kw["system"], batch=kw["batch"])
-    out = Path(kw["output"])
-    if out.exists() and not kw["force"]:
-        prepare_dir(out, False)  # raises the standard "exists" error before any model loads
     cache = EvalCache(None if kw["no_cache"] else "default")
     return sets, vector, layers, settings, cache
 
@@ -80,7 +77,8 @@ def _setup(kw: dict[str, Any]):
 @model_option
 @eval_options
 @click.option("--scales", default="0,-0.5,-1,-1.5", show_default=True, help="Comma-separated scales (0 = plain model, always included).")
-@click.option("--layers", default=None, metavar="START-END", help="Apply the vector only to these blocks.")
+@click.option("--layers", default=None, metavar="START-END", callback=layer_range_callback,
+              help="Apply the vector only to these blocks.")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
 @judge_options
 @runtime_options
@@ -89,7 +87,6 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
 
     Writes report.json, answers.jsonl and refusal_vs_scale.png into --output and prints the table.
     """
-    quiet_openmp()
     from rs_local.eval.evaluate import evaluate
     from rs_local.eval.report import summary_table, write_report
 
@@ -110,12 +107,21 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
 # ----------------------------------------------------------------------------- sweep
 
 
-def _bands(text: str | None, layers: str | None):
-    from rs_local.runtime.vector_specs import parse_layer_range
+def _bands(text: str | None, layers: str | None, vector=None):
+    """``--bands A-B,C-D`` (a list of ranges is meant here) or the one ``--layers`` range; each must hit the vector."""
+    from rs_local.runtime.vector_specs import check_layer_range, parse_layer_range
 
-    if text:
-        return [parse_layer_range(b) for b in text.split(",") if b.strip()]
-    return [parse_layer_range(layers) if layers else None]
+    if text is not None:
+        items = [b.strip() for b in text.split(",")]
+        if any(not b for b in items):
+            raise click.BadParameter(f"'{text}': expected layer ranges separated by commas, e.g. 8-12,10-16", param_hint="--bands")
+        bands = [parse_layer_range(b) for b in items]
+    else:
+        bands = [parse_layer_range(layers) if layers is not None else None]
+    for band in bands:
+        if vector is not None:
+            check_layer_range([(vector, 1.0)], band, "--bands" if text is not None else "--layers")
+    return bands
 
 
 @click.command()
@@ -123,15 +129,16 @@ def _bands(text: str | None, layers: str | None):
 @eval_options
 @click.option("--target", required=True, help="Set whose refusals should go (e.g. political).")
 @click.option("--keep", multiple=True, help="Set whose refusals must stay (repeatable, e.g. harmful).")
-@click.option("--keep-frac", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+@click.option("--keep-frac", type=number(0, 1), default=0.9, show_default=True,
               help="Keep-set refusal rate must stay >= this fraction of its unsteered rate.")
-@click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
+@click.option("--max-kl", type=number(0, min_open=True), default=0.1, show_default=True,
               help="Largest KL(plain || steered) in nats allowed on the KL set.")
-@click.option("--step", type=click.FloatRange(0, min_open=True), default=0.25, show_default=True, help="Scale step of the outward walk.")
-@click.option("--max-scale", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True, help="Largest |scale| tried.")
-@click.option("--refine", type=click.IntRange(0), default=3, show_default=True, help="Bisection steps after a constraint breaks.")
+@click.option("--step", type=number(0, 1000, min_open=True), default=0.25, show_default=True, help="Scale step of the outward walk.")
+@click.option("--max-scale", type=number(0, 1000, min_open=True), default=3.0, show_default=True, help="Largest |scale| tried.")
+@click.option("--refine", type=integer(0, 60), default=3, show_default=True, help="Bisection steps after a constraint breaks.")
 @click.option("--induce", is_flag=True, help="Search positive scales (induce refusal on the target) instead of negative.")
-@click.option("--layers", default=None, metavar="START-END", help="Apply the vector only to these blocks.")
+@click.option("--layers", default=None, metavar="START-END", callback=layer_range_callback,
+              help="Apply the vector only to these blocks.")
 @click.option("--bands", default=None, metavar="A-B,C-D", help="Also search over these layer bands (best one wins).")
 @click.option("--full", is_flag=True, help="Measure every set at every point (slower; a complete frontier).")
 @judge_options
@@ -139,7 +146,6 @@ def _bands(text: str | None, layers: str | None):
 def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induce, bands, full,
           n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     """Find the scale (and band) that removes most --target refusals within the --keep and --max-kl limits."""
-    quiet_openmp()
     from rs_local.eval.evaluate import Evaluator
     from rs_local.eval.sweep import evaluator_objective, search_bands
     from rs_local.eval.sweep_report import sweep_table, write_sweep
@@ -149,7 +155,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     for name in (target, *keep):
         if name not in names:
             raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
-    band_list = _bands(bands, kw.get("layers"))
+    band_list = _bands(bands, kw.get("layers"), vector)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
@@ -186,19 +192,18 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("rs-local-demo"), show_default=True,
               help="Directory for the vector, report and plot.")
 @click.option("--scales", default=None, help="Scales to show (default: chosen for the model).")
-@click.option("--n", "n_eval", type=click.IntRange(4), default=None, help="Held-out prompts per set to evaluate (default 20).")
+@click.option("--n", "n_eval", type=integer(4), default=None, help="Held-out prompts per set to evaluate (default 20).")
 @click.option("--judge", "judge_name", default="keywords", show_default=True, metavar="MODEL|keywords",
               help="Refusal judge: 'keywords' (fast) or a local model name/GGUF for the LLM judge.")
 @click.option("--force", is_flag=True, help="Reuse an existing output directory.")
 @runtime_options
 def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, n_threads) -> None:
     """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""
-    quiet_openmp()
     from rs_local.eval.demo import DemoOptions, run_demo
 
     opts = DemoOptions(model=model, output=output, force=force, judge=judge_name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                        n_threads=n_threads)
-    if scales:
+    if scales is not None:
         opts.scales = _scales(scales)
     if n_eval:
         opts.n_eval = n_eval

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local import models
-from rs_local.cli.options import check_output
+from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
 from rs_local.errors import VectorFileError
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
 from rs_local.vectors.layers import LayerRow, table_from_metadata
@@ -63,11 +63,12 @@ def _lambda(value: str) -> float | str:
     if value.strip().lower() == "auto":
         return "auto"
     try:
-        lam = float(value)
-    except ValueError:
+        lam = Number().convert(value, None, None)
+    except click.BadParameter:
         raise click.BadParameter(f"'{value}' is not a number or 'auto'", param_hint="--lambda") from None
-    if not lam > 0:
-        raise click.BadParameter("must be > 0 (relative to the mean eigenvalue of the complied covariance)", param_hint="--lambda")
+    if not 0 < lam <= 1e6:
+        raise click.BadParameter("must be > 0 (relative to the mean eigenvalue of the complied covariance) and at most 1e6",
+                                 param_hint="--lambda")
     return lam
 
 
@@ -137,10 +138,10 @@ def _ortho(path: Path | None):
 @click.option("--layers", default="auto", show_default=True, help="'auto' (band around the strongest blocks), 'all', '8-20' or '8,10,12'.")
 @click.option("--position", type=click.Choice(["last", "post-instruction"]), default="last", show_default=True, help="Last prompt token, or mean over the template suffix after the user's text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.2, show_default=True, help="Share of each set held out for the layer statistics.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--system", default=None, help="System prompt used when formatting prompts (use the same one when chatting).")
+@click.option("--batch-size", type=integer(1, 65536), default=16, show_default=True)
+@click.option("--holdout", type=number(0, 0.9), default=0.2, show_default=True, help="Share of each set held out for the layer statistics.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--system", default=None, callback=utf8_text, help="System prompt used when formatting prompts (use the same one when chatting).")
 @click.option("--orthogonalize-to", type=_FILE, default=None, help="Remove each layer's component along this control vector (e.g. keep harmful refusals).")
 @click.option("--plot", type=_FILE, default=None, help="Write per-layer curves to this PNG and a PCA scatter to <name>-pca.png.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the activation cache.")
@@ -151,7 +152,8 @@ def fit(**kw: Any) -> None:
     """Fit a refusal-steering control vector and write it as a llama.cpp GGUF.
 
     Use it with a NEGATIVE scale to remove the refusal, positive to induce it
-    (`rs-local chat --vector OUT.gguf:-1`, or llama.cpp's --control-vector-scaled OUT.gguf -1).
+    (`rs-local chat --vector OUT.gguf:-1`, or llama.cpp's --control-vector-scaled OUT.gguf:-1;
+    `rs-local inspect OUT.gguf --llama-cpp` prints the full llama.cpp command).
     """
     from rs_local.converters.gguf_io import write_control_vector
     from rs_local.vectors.fit import FitOptions, fit_vector

@@ -15,16 +15,56 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local.converters import describe, load_vector, save_vector
+from rs_local.converters.formats import json_safe
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
+MAX_SHOWN = 2000  # characters of one metadata value in the table view
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def terminal_safe(text: str, limit: int | None = None) -> str:
+    """``text`` with every non-printable character (ESC, newlines, C1 controls, bidi
+    overrides, U+2028, lone surrogates ...) shown as a backslash escape, optionally cut.
+
+    Metadata and file names come from files anyone can write; printed raw, an escape sequence
+    can rewrite the terminal (move the cursor, change the title, hide text) and a newline can
+    fake extra output lines.
+    """
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def json_text(value: object) -> str:
+    """Standard JSON (non-finite floats as strings, see json_safe) that is also terminal safe.
+
+    Non-ASCII text stays readable; only characters that are not printable are written as
+    JSON \\u escapes (they can occur only inside strings, where the escape is valid JSON).
+    """
+    text = json.dumps(json_safe(value), indent=2, ensure_ascii=False, allow_nan=False)
+    return "".join(ch if ch.isprintable() or ch == "\n" else _json_escape(ch) for ch in text)
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _print_summary(path: Path, info: dict) -> None:
     console = Console()
     # Text(), not markup strings: file names and metadata may contain "[...]".
-    console.print(Text(str(path), style="bold"))
-    console.print(Text(f"model hint: {info['model_hint'] or '(none)'}   n_embd: {info['n_embd']}   "
-                       f"layer count: {info['layer_count']}"))
+    console.print(Text(terminal_safe(str(path)), style="bold"), soft_wrap=True)  # a path is not wrapped
+    hint = terminal_safe(info["model_hint"], MAX_SHOWN) or "(none)"
+    console.print(Text(f"model hint: {hint}   n_embd: {info['n_embd']}   layer count: {info['layer_count']}"))
     table = Table("block", "norm")
     for row in info["layers"]:
         table.add_row(str(row["block"]), f"{row['norm']:.4f}")
@@ -33,20 +73,43 @@ def _print_summary(path: Path, info: dict) -> None:
         meta = Table("key", "value", title="provenance")
         for key, value in info["metadata"].items():
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            meta.add_row(Text(key), Text(text))
+            meta.add_row(Text(terminal_safe(key, MAX_SHOWN)), Text(terminal_safe(text, MAX_SHOWN)))
         console.print(meta)
 
 
 @click.command()
 @click.argument("file", type=_PATH)
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-def inspect(file: Path, as_json: bool) -> None:
-    """Show a vector file's layers (block, norm), n_embd, model hint and provenance."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print standard JSON instead of tables (NaN/Infinity values as the strings \"NaN\", \"Infinity\", \"-Infinity\").")
+@click.option("--llama-cpp", "llama_cpp", is_flag=True,
+              help="Print ready-to-paste llama-completion / llama-server command lines for this vector instead.")
+@click.option("--scale", type=float, default=-1.0, show_default=True, help="Scale for --llama-cpp.")
+@click.option("--model", "-m", default=None, metavar="NAME|PATH",
+              help="Model for --llama-cpp: built-in name (not downloaded) or GGUF path [default: the default model].")
+def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -1.0, model: str | None = None) -> None:
+    """Show a vector file's layers (block, norm), n_embd, model hint and provenance.
+
+    Control characters and escape sequences from the file are shown escaped, never sent to
+    the terminal.
+    """
+    if llama_cpp:
+        _print_llama_cpp(file, scale, model)
+        return
     info = describe(load_vector(file))
     if as_json:
-        click.echo(json.dumps({"path": str(file), **info}, indent=2, ensure_ascii=False))
+        click.echo(json_text({"path": str(file), **info}))
     else:
         _print_summary(file, info)
+
+
+def _print_llama_cpp(file: Path, scale: float, model: str | None) -> None:
+    """``inspect --llama-cpp``: the flags for llama.cpp's own tools, from rs_local.runtime.llama_flags."""
+    from rs_local.models import DEFAULT_MODEL
+    from rs_local.runtime.llama_flags import llama_cpp_flags
+
+    flags = llama_cpp_flags([(file, scale)], model=model or DEFAULT_MODEL)
+    for line in flags.render().splitlines():
+        click.echo(terminal_safe(line))
 
 
 @click.command()

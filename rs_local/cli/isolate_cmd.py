@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import check_output, load_runner, model_option, quiet_openmp, runtime_options, say
+from rs_local.cli.options import check_output, integer, load_runner, model_option, runtime_options, say
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
@@ -28,7 +28,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 @click.option("--method", type=click.Choice(["gradient", "md"]), default="gradient", show_default=True,
               help="gradient: refusal-gradient contrast (default); md: mean difference orthogonalised to the keep set's.")
 @click.option("--layers", default="8-16", show_default=True, help="Block band the vector spans.")
-@click.option("--max-prompts", type=click.IntRange(1), default=40, show_default=True,
+@click.option("--max-prompts", type=integer(1), default=40, show_default=True,
               help="Refused prompts per set whose gradients are taken (seeded sample).")
 @click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
@@ -42,7 +42,6 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     given) marks which are refused, and the vector is fitted from the refused ones. Apply it
     with a negative scale; choose the scale with `rs-local sweep`.
     """
-    quiet_openmp()
     from rs_local.converters.gguf_io import write_control_vector
     from rs_local.eval.recipe import Recipe, fit_political
     from rs_local.prompts import load_prompts
@@ -68,6 +67,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     click.echo(f"wrote {path}: {recipe.describe()}{counts}")
     click.echo(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
                f"--target target --keep keep -o sweep/")
+    click.echo(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}")
 
 
 COMMANDS = [isolate]

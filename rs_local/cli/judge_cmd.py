@@ -13,7 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from rs_local.cli.options import err_console, load_runner, load_vectors, model_option, runtime_options, say, vector_options
+from rs_local.cli.options import (
+    SEED, check_output, err_console, integer, load_runner, load_vectors, model_option, number, runtime_options, say, utf8_text,
+    vector_options,
+)
 from rs_local.errors import RsLocalError
 
 
@@ -48,19 +51,20 @@ def row_progress(description: str) -> Iterator[Callable[[int, int], None]]:
 def judge_options(f: Callable) -> Callable:
     """The options that choose and tune the judge (shared by `judge` and `judge-eval`)."""
     for opt in reversed([
-        click.option("--judge", "judge_name", default=None, metavar="MODEL|keywords",
+        click.option("--judge", "judge_name", default=None, metavar="MODEL|keywords|probe[=FILE]",
                      help="Local judge: built-in model name or GGUF path (default: qwen2.5-coder-0.5b); "
+                          "'probe' for the shipped probe judge (probe=FILE for one from `judge-train`); "
                           "'keywords' for the phrase-matching baseline."),
         click.option("--judge-url", default=None, metavar="URL",
                      help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (llama-server, vLLM, Ollama)."),
         click.option("--judge-model", default=None, help="Model name on the --judge-url server (default: its only model)."),
         click.option("--api-key", default=None, envvar="RS_LOCAL_JUDGE_API_KEY", help="Bearer key for --judge-url."),
-        click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds per HTTP request."),
-        click.option("--retries", type=click.IntRange(0), default=4, show_default=True, help="Retries per answer (exponential backoff)."),
-        click.option("--backoff", type=click.FloatRange(0), default=0.5, show_default=True, help="First retry delay in seconds; doubles each retry."),
-        click.option("--concurrency", "-j", type=click.IntRange(1), default=4, show_default=True, help="Parallel HTTP requests."),
+        click.option("--timeout", type=number(0.1, 86400), default=60.0, show_default=True, help="Seconds per HTTP request."),
+        click.option("--retries", type=integer(0, 100), default=4, show_default=True, help="Retries per answer (exponential backoff)."),
+        click.option("--backoff", type=number(0, 3600), default=0.5, show_default=True, help="First retry delay in seconds; doubles each retry."),
+        click.option("--concurrency", "-j", type=integer(1, 1024), default=4, show_default=True, help="Parallel HTTP requests."),
         click.option("--no-logprobs", is_flag=True, help="Ignore token log-probabilities; verdicts count +-1."),
-        click.option("--judge-max-tokens", type=click.IntRange(1), default=None, help="Tokens the judge may write (default 12 local, 32 HTTP)."),
+        click.option("--judge-max-tokens", type=integer(1), default=None, help="Tokens the judge may write (default 12 local, 32 HTTP)."),
     ]):
         f = opt(f)
     return f
@@ -86,13 +90,13 @@ def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | No
 @model_option
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path), help="Prompt file (.txt, .jsonl, .json, .csv).")
 @click.option("--field", default=None, help="JSON field / CSV column holding the prompt.")
-@click.option("--samples", "-k", type=click.IntRange(1), default=5, show_default=True, help="Answers per prompt.")
-@click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--temperature", "--temp", type=click.FloatRange(0), default=0.8, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; each answer's seed derives from it, the prompt and the sample index.")
-@click.option("--system", default=None, help="System prompt.")
+@click.option("--samples", "-k", type=integer(1, 100_000), default=5, show_default=True, help="Answers per prompt.")
+@click.option("--max-tokens", "-n", type=integer(1), default=256, show_default=True)
+@click.option("--temperature", "--temp", type=number(0, 100), default=0.8, show_default=True)
+@click.option("--top-p", type=number(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-k", type=integer(0), default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Base seed; each answer's seed derives from it, the prompt and the sample index.")
+@click.option("--system", default=None, callback=utf8_text, help="System prompt.")
 @vector_options
 @runtime_options
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Responses JSONL (continued if it exists with the same settings).")
@@ -107,6 +111,7 @@ def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p,
     from rs_local.judge.respond import RespondSettings, check_respond_output, respond as run_respond
     from rs_local.prompts import load_prompts
 
+    check_output(output, force=True)  # writable place, not a directory; an existing log is resumed below
     prompts = load_prompts(prompts_path, field=field)
     parts, layer_range = load_vectors(vectors, scale, layers)
     if samples > 1 and temperature == 0:
@@ -132,8 +137,8 @@ def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p,
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Scores JSONL, one row per prompt.")
 @click.option("--verdicts", type=click.Path(path_type=Path), default=None,
               help="Per-answer verdict log (resumable; default: <output stem>.verdicts.jsonl).")
-@click.option("--refused-above", type=float, default=0.1, show_default=True, help="Score above which a prompt counts as refused.")
-@click.option("--complied-below", type=float, default=-0.1, show_default=True, help="Score below which a prompt counts as complied.")
+@click.option("--refused-above", type=number(-1, 1), default=0.1, show_default=True, help="Score above which a prompt counts as refused.")
+@click.option("--complied-below", type=number(-1, 1), default=-0.1, show_default=True, help="Score below which a prompt counts as complied.")
 @click.option("--force", is_flag=True, help="Overwrite outputs written with other settings.")
 def judge(responses, n_ctx, n_gpu_layers, n_threads, output, verdicts, refused_above, complied_below, force, **kw) -> None:
     """Judge every answer in RESPONSES and write one refusal score per prompt.
@@ -144,8 +149,8 @@ def judge(responses, n_ctx, n_gpu_layers, n_threads, output, verdicts, refused_a
 
     if refused_above < complied_below:
         raise click.BadParameter("--refused-above must not be below --complied-below")
-    load_responses(responses)  # fail on a bad file or output before loading a model
-    check_outputs(responses, output, verdicts, force)
+    rows = load_responses(responses)  # fail on a bad file or output before loading a model
+    check_outputs(responses, output, verdicts, force, refused_above, complied_below, rows)
     judge_backend = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         with row_progress("judging") as progress:
@@ -187,11 +192,15 @@ def _print_score_summary(report) -> None:
 @judge_options
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def judge_eval(labelled, n_ctx, n_gpu_layers, n_threads, as_json, **kw) -> None:
+@click.option("--split", type=click.Choice(["all", "train", "test"]), default="all", show_default=True,
+              help="Only rows of this split (rows without one count as train).")
+def judge_eval(labelled, n_ctx, n_gpu_layers, n_threads, as_json, split, **kw) -> None:
     """Compare a judge with human labels: agreement, precision/recall for refusal, confusion, per refusal type."""
     from rs_local.judge.judge_eval import evaluate, load_labelled
 
-    items = load_labelled(labelled)
+    items = [i for i in load_labelled(labelled) if split == "all" or (i.split or "train") == split]
+    if not items:
+        raise RsLocalError(f"{labelled}: no rows in split {split!r}")
     judge_backend = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         with row_progress("judging") as progress:
@@ -225,4 +234,35 @@ def print_eval(result, console: Console) -> None:
     console.print(types)
 
 
-COMMANDS = [respond, judge, judge_eval]
+# ----------------------------------------------------------------------------- judge-train
+
+
+@click.command("judge-train")
+@click.argument("labelled", type=click.Path(path_type=Path))
+@model_option
+@click.option("--blocks", default=None, metavar="A-B", help="Candidate blocks for the probe (default: every second block from a quarter of the depth).")
+@runtime_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Probe file to write (.gguf).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output, force) -> None:
+    """Train a probe judge for MODEL on hand-labelled answers (rows with "split": "test" are left out)."""
+    from rs_local.judge.judge_eval import load_labelled
+    from rs_local.judge.probe import write_probe
+    from rs_local.judge.probe_train import summary, train_probe
+    from rs_local.runtime.vector_specs import parse_layer_range
+
+    check_output(output, force)
+    items = load_labelled(labelled)
+    span = parse_layer_range(blocks) if blocks else None
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    block_list = list(range(span[0], span[1] + 1)) if span else None
+    with row_progress("reading answers") as progress:
+        pf = train_probe(runner, items, blocks=block_list, progress=progress, source=str(labelled))
+    pf.training["model_ref"] = model
+    write_probe(pf, output, force=force)
+    info = summary(pf)
+    say(f"probe on block {info['layer']}, threshold {info['threshold']:.3f}, cross-validated accuracy "
+        f"{info['cv_accuracy']:.1%} on {info['rows']} train rows; wrote {output}")
+
+
+COMMANDS = [respond, judge, judge_eval, judge_train]

@@ -1,8 +1,16 @@
-"""Options shared by the commands that load a model and apply vectors."""
+"""Options shared by the commands that load a model and apply vectors, and their validation.
+
+Every numeric option goes through :class:`Number`: a plain decimal literal (click's own
+types take ``1_0`` as ten and ``nan``/``inf`` as floats, and ``FloatRange`` lets NaN through
+every bound), finite, within the option's range. Output paths are checked by
+:func:`check_output` before any model loads.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +18,7 @@ import click
 from rich.console import Console
 
 from rs_local import models
-from rs_local.errors import FileProblem
+from rs_local.files import check_output_path
 from rs_local.runtime.host import REPACK_ENV
 from rs_local.runtime.sampling import SamplingParams
 
@@ -22,12 +30,137 @@ def say(msg: str) -> None:
     err_console.print(f"[dim]{msg}[/]")
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse to overwrite, or to write into a missing directory, before minutes of work."""
-    if path.exists() and not force:
-        raise FileProblem(path, "already exists (use --force to overwrite)")
-    if not path.parent.is_dir():
-        raise FileProblem(path, f"directory {path.parent} does not exist")
+def check_output(path: Path, force: bool, *, directory: bool = False) -> None:
+    """Refuse an output before minutes of work: see :func:`rs_local.files.check_output_path`."""
+    check_output_path(path, force, directory=directory)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+#: llama.cpp seeds are uint32 and 0xFFFFFFFF means "random", so a reproducible seed is below it.
+MAX_SEED = 2**32 - 2
+#: Largest --ctx accepted at all; the model's trained context (read from its GGUF header) is checked before loading.
+MAX_CTX = 1_048_576
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+class Number(click.ParamType):
+    """A finite int or float written as a plain decimal literal, within optional bounds.
+
+    The one validator for every numeric option: it refuses what ``int()``/``float()`` would
+    quietly accept (``1_0``, ``nan``, ``inf``, ``1e999``) and values outside the option's
+    range, as a click usage error naming the option.
+    """
+
+    def __init__(self, min: float | None = None, max: float | None = None, *, integer: bool = False,
+                 min_open: bool = False, max_open: bool = False):
+        self.min, self.max, self.integer = min, max, integer
+        self.min_open, self.max_open = min_open, max_open
+        self.name = "integer" if integer else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if isinstance(value, (int, float)):
+            number = value
+        else:
+            number = self._parse(str(value), param, ctx)
+        if self.integer and (not isinstance(number, int) or isinstance(number, bool)):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        self._check_bounds(number, param, ctx)
+        return int(number) if self.integer else float(number)
+
+    def _parse(self, text: str, param, ctx) -> int | float:
+        s = text.strip()
+        if len(s) > 64:
+            self.fail(f"{s[:20]!r}... is too long for a number", param, ctx)
+        if self.integer:
+            if not _INT.fullmatch(s):
+                self.fail(f"{text[:40]!r} is not a whole number", param, ctx)
+            return int(s)
+        if not _FLOAT.fullmatch(s):
+            self.fail(f"{text[:40]!r} is not a plain decimal number (e.g. -0.5)", param, ctx)
+        value = float(s)
+        if not math.isfinite(value):
+            self.fail(f"{text[:40]!r} is out of range", param, ctx)
+        return value
+
+    def _check_bounds(self, number: int | float, param, ctx) -> None:
+        lo_bad = self.min is not None and (number <= self.min if self.min_open else number < self.min)
+        hi_bad = self.max is not None and (number >= self.max if self.max_open else number > self.max)
+        if lo_bad or hi_bad:
+            self.fail(f"{number} is not in {self._describe()}", param, ctx)
+
+    def _describe(self) -> str:
+        show = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
+        lo = "-inf" if self.min is None else show(self.min)
+        hi = "inf" if self.max is None else show(self.max)
+        return f"{'(' if self.min_open else '['}{lo}, {hi}{')' if self.max_open else ']'}"
+
+
+def integer(min: int | None = None, max: int | None = 2**31 - 1) -> Number:
+    """A whole-number option (bounded by default to what llama.cpp's int32 fields hold)."""
+    return Number(min, max, integer=True)
+
+
+def number(min: float | None = None, max: float | None = None, *, min_open: bool = False, max_open: bool = False) -> Number:
+    """A finite decimal option."""
+    return Number(min, max, min_open=min_open, max_open=max_open)
+
+
+def scale_number() -> Number:
+    """A steering scale (finite, |scale| <= MAX_SCALE)."""
+    from rs_local.runtime.vector_specs import MAX_SCALE
+
+    return Number(-MAX_SCALE, MAX_SCALE)
+
+
+SEED = integer(0, MAX_SEED)
+
+
+def parse_number_list(text: str, param_hint: str, kind: Number | None = None) -> list[float]:
+    """Comma-separated numbers (e.g. ``--scales 0,-0.5,-1``), each validated like one option value."""
+    kind = kind or scale_number()
+    items = [x.strip() for x in text.split(",")]
+    if not text.strip() or any(x == "" for x in items):
+        raise click.BadParameter(f"'{text}': expected numbers separated by commas, e.g. 0,-0.5,-1", param_hint=param_hint)
+    try:
+        return [kind.convert(x, None, None) for x in items]
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint=param_hint) from None
+
+
+def layer_range_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Reject a malformed START-END before anything loads (one-line error, exit 1; the value stays text)."""
+    if value is not None:
+        from rs_local.runtime.vector_specs import parse_layer_range
+
+        parse_layer_range(value)
+    return value
+
+
+def utf8_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse text that is not valid Unicode (undecodable argv bytes arrive as lone surrogates and would fail later)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.BadParameter("is not valid UTF-8 text") from None
+    return value
+
+
+def _bounded(lo: int, hi: int, why: str) -> Callable:
+    """A callback that keeps an int option within [lo, hi] (for options whose type is set elsewhere)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is not None and not lo <= value <= hi:
+            raise click.BadParameter(f"{value} is not in [{lo}, {hi}] ({why})")
+        return value
+
+    return check
 
 
 def model_option(f: Callable) -> Callable:
@@ -40,11 +173,11 @@ def model_option(f: Callable) -> Callable:
 def vector_options(f: Callable) -> Callable:
     for opt in reversed([
         click.option("--vector", "--control-vector", "vectors", multiple=True, metavar="PATH[:SCALE]",
-                     help="Control vector to apply (repeatable); an explicit :SCALE overrides --scale."),
-        click.option("--scale", type=float, default=1.0, show_default=True,
-                     help="Scale for vectors given without one. Negative removes refusal, positive induces it."),
+                     help="Control vector to apply (repeatable); :SCALE is that vector's own scale (default 1)."),
+        click.option("--scale", type=scale_number(), default=1.0, show_default=True,
+                     help="Multiplies every vector's scale. Negative removes refusal, positive induces it."),
         click.option("--layers", "--control-vector-layer-range", "layers", metavar="START-END", default=None,
-                     help="Apply only to blocks START..END inclusive."),
+                     callback=layer_range_callback, help="Apply only to blocks START..END inclusive."),
     ]):
         f = opt(f)
     return f
@@ -52,10 +185,12 @@ def vector_options(f: Callable) -> Callable:
 
 def runtime_options(f: Callable) -> Callable:
     for opt in reversed([
-        click.option("--ctx", "n_ctx", type=click.IntRange(128), default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(128), default=4096, show_default=True, help="Context size in tokens.",
+                     callback=_bounded(128, MAX_CTX, "checked against the model's trained context once it loads")),
         click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="Layers to offload on a Metal/CUDA build of llama.cpp (-1 = all)."),
-        click.option("--threads", "n_threads", type=click.IntRange(1), default=None,
+                     help="Layers to offload on a Metal/CUDA build of llama.cpp (-1 = all).",
+                     callback=_bounded(-1, 100_000, "-1 offloads all")),
+        click.option("--threads", "n_threads", type=click.IntRange(1), default=None, callback=_bounded(1, 4096, "CPU threads"),
                      help="CPU threads (default: the physical cores this process may use)."),
         click.option("--repack/--no-repack", default=None, expose_value=False, callback=_set_repack,
                      help="llama.cpp weight repacking (its --no-repack). Default: on, off on AMX CPUs, "
@@ -73,11 +208,11 @@ def _set_repack(ctx: click.Context, param: click.Parameter, value: bool | None) 
 
 def sampling_options(f: Callable) -> Callable:
     for opt in reversed([
-        click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True),
-        click.option("--temperature", "--temp", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output with --temperature > 0)."),
-        click.option("--system", default=None, help="System prompt."),
+        click.option("--max-tokens", "-n", type=integer(1), default=256, show_default=True),
+        click.option("--temperature", "--temp", type=number(0, 100), default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-p", type=number(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=SEED, default=None, help="Sampling seed (reproducible output with --temperature > 0)."),
+        click.option("--system", default=None, callback=utf8_text, help="System prompt."),
     ]):
         f = opt(f)
     return f
@@ -87,27 +222,104 @@ def sampling_from(kwargs: dict[str, Any]) -> SamplingParams:
     return SamplingParams(temperature=kwargs["temperature"], top_p=kwargs["top_p"], seed=kwargs["seed"])
 
 
-def quiet_openmp() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
-
-    On a busy or small machine, spinning threads of a batched decode steal the cores the
-    other threads need; passive waiting costs nothing measurable on an idle one.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def load_runner(model: str, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
-    """Resolve the model (pulling a built-in one on first use) and load it with a status line."""
+    """Resolve the model (pulling a built-in one on first use) and load it with a status line.
+
+    ``--ctx`` is checked against the model's trained context first (read from the GGUF's
+    metadata, milliseconds), so an absurd value fails at once instead of after allocating it.
+    """
     from rs_local.runtime.runner import Runner
 
     path = models.resolve(model, progress=say)
+    check_context(path, n_ctx)
     with err_console.status(f"loading {path.name}"):
         return Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
 
 
-def load_vectors(specs: tuple[str, ...], scale: float, layers: str | None):
-    """Parse --vector/--scale/--layers into (parts, layer_range)."""
-    from rs_local.runtime.vector_specs import load_vector_specs, parse_layer_range
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
-    parts = load_vector_specs(specs, default_scale=scale)
-    return parts, (parse_layer_range(layers) if layers else None)
+
+def trained_context(path: Path) -> int | None:
+    """The ``<arch>.context_length`` a GGUF model was trained with, or None when it cannot be read cheaply.
+
+    Walks the metadata only until both keys are seen (they come first in practice), skipping
+    values by their declared sizes; anything odd gives None and llama.cpp's loader decides.
+    """
+    import struct
+
+    def read(fh, fmt: str):
+        size = struct.calcsize(fmt)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError("short read")
+        return struct.unpack(fmt, data)[0]
+
+    def string(fh, limit: int) -> bytes:
+        n = read(fh, "<Q")
+        if n > limit:
+            raise ValueError("string too long")
+        return fh.read(n)
+
+    def skip(fh, vtype: int) -> None:
+        if vtype in _GGUF_SCALAR:
+            fh.seek(_GGUF_SCALAR[vtype], 1)
+        elif vtype == _GGUF_STRING:
+            fh.seek(read(fh, "<Q"), 1)
+        elif vtype == _GGUF_ARRAY:
+            atype, count = read(fh, "<I"), read(fh, "<Q")
+            if atype in _GGUF_SCALAR:
+                fh.seek(_GGUF_SCALAR[atype] * count, 1)
+            elif atype == _GGUF_STRING and count < 10_000_000:
+                for _ in range(count):
+                    fh.seek(read(fh, "<Q"), 1)
+            else:
+                raise ValueError("unsupported array")
+        else:
+            raise ValueError("unknown type")
+
+    if not Path(path).is_file():  # a FIFO would block the open
+        return None
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF" or read(fh, "<I") < 2:
+                return None
+            read(fh, "<Q")
+            n_kv = read(fh, "<Q")
+            arch, lengths = None, {}
+            for _ in range(min(n_kv, 100_000)):
+                key, vtype = string(fh, 1 << 16), read(fh, "<I")
+                if key == b"general.architecture" and vtype == _GGUF_STRING:
+                    arch = string(fh, 1 << 10)
+                elif key.endswith(b".context_length") and vtype in (4, 5, 10, 11):
+                    lengths[key] = read(fh, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[vtype])
+                else:
+                    skip(fh, vtype)
+                if arch is not None and arch + b".context_length" in lengths:
+                    value = lengths[arch + b".context_length"]
+                    return value if value > 0 else None
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+def check_context(path: Path, n_ctx: int) -> None:
+    """Refuse a --ctx above the model's trained context (llama.cpp would allocate it, then degrade)."""
+    trained = trained_context(path)
+    if trained and n_ctx > trained:
+        raise click.BadParameter(f"{n_ctx} is above the {trained} tokens {path.name} was trained with", param_hint="--ctx")
+
+
+def load_vectors(specs: tuple[str, ...], scale: float, layers: str | None):
+    """Parse --vector/--scale/--layers into (parts, layer_range); a range that misses a vector is an error.
+
+    The one meaning of the steering flags, in every command: ``PATH:SCALE`` is that vector's
+    own scale (1 when omitted) and ``--scale`` multiplies all of them, so ``a.gguf:0.5 --scale
+    -1.2`` steers at -0.6 wherever it is written.
+    """
+    from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range
+
+    parts = [(vec, own * scale) for vec, own in load_vector_specs(specs, default_scale=1.0)]
+    layer_range = parse_layer_range(layers) if layers is not None else None
+    check_layer_range(parts, layer_range)
+    return parts, layer_range

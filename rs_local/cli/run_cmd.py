@@ -2,48 +2,80 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.console import Console
 
 from rs_local.cli.options import (
     err_console, load_runner, load_vectors, model_option, runtime_options, sampling_from,
-    sampling_options, vector_options,
+    sampling_options, utf8_text, vector_options,
 )
 from rs_local.errors import RsLocalError
+from rs_local.files import dumps
+from rs_local.runtime.vector_specs import parse_scale, vector_name
 
 REPL_HELP = """commands:
   /scale X          set the scale that multiplies every vector (0 = off)
   /vector PATH[:S]  replace the vector(s); /vector off removes them
   /system TEXT      set the system prompt (empty: none) and start over
   /reset            forget the conversation
+  /policy off|on    (with --policy) switch the per-prompt gate off (plain model) or back on
   /help, /quit      (Ctrl-C stops a reply; Ctrl-D or /quit leaves)"""
 
 
+def policy_option(f):
+    """``--policy``: generate and chat take a policy wherever they take a vector."""
+    return click.option("--policy", "policy_path", default=None, metavar="POLICY.gguf",
+                        help="A policy (`rs-local policy fit`): its probes pick, per prompt, which vector applies.")(f)
+
+
+def _load_policy(path, vectors):
+    """Read the policy before any model loads (a bad file fails at once); --vector cannot join it."""
+    if path is None:
+        return None
+    if vectors:
+        raise RsLocalError("--policy chooses the vector per prompt; it cannot be combined with --vector")
+    from rs_local.runtime.policy_file import read_policy
+
+    return read_policy(path)
+
+
+def _gate(runner, policy, path):
+    from rs_local.runtime.policy import PolicyRunner
+
+    return PolicyRunner(runner, policy, path) if policy is not None else None
+
+
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", callback=utf8_text)
 @model_option
 @vector_options
 @sampling_options
 @runtime_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as-is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the text.")
-def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json: bool, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
-    """Answer PROMPT once, with the given vectors applied."""
+@policy_option
+def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json: bool, n_ctx, n_gpu_layers, n_threads,
+             policy_path=None, **kw) -> None:
+    """Answer PROMPT once, with the given vectors applied (or the vector a --policy picks for it)."""
+    policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, scale, layers)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     runner.set_vectors(parts, layer_range)
+    gate = _gate(runner, policy, policy_path)
     messages = ([{"role": "system", "content": kw["system"]}] if kw["system"] else []) + [{"role": "user", "content": prompt}]
     sampling = sampling_from(kw)
+    decision = gate.prepare(prompt if raw else messages) if gate is not None else None
+    if decision is not None and not as_json:
+        err_console.print(f"[dim]policy: {decision.describe()}[/]")
     if as_json:
         gen = runner.generate(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling)
-        click.echo(json.dumps({
+        click.echo(dumps({
             "model": str(runner.path), "prompt": prompt, "text": gen.text, "finish_reason": gen.finish_reason,
             "tokens": len(gen.tokens), "mean_logprob": gen.mean_logprob,
-            "vectors": [{"path": v.metadata.get("path"), "scale": s} for v, s in parts],
+            "vectors": [{"path": vector_name(v), "scale": s} for v, s in parts],
             "layers": list(layer_range) if layer_range else None,
-        }, ensure_ascii=False))
+            **({"policy": {"path": str(policy_path), **decision.to_dict()}} if decision is not None else {}),
+        }))
         return
     for event in runner.stream(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling):
         click.echo(event.text, nl=False)
@@ -55,17 +87,21 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
 @vector_options
 @sampling_options
 @runtime_options
-def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
+@policy_option
+def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, policy_path=None, **kw) -> None:
     """Talk to the model with vectors applied; change the vector or scale as you go."""
     from rs_local.runtime.session import ChatSession
 
+    policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, 1.0, layers)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     session = ChatSession(runner, system=kw["system"], sampling=sampling_from(kw), max_tokens=kw["max_tokens"],
                           vectors=parts, scale=scale, layer_range=layer_range)
     session.apply()
+    gate = _gate(runner, policy, policy_path)
     console = Console()
-    console.print(f"[dim]{runner.path.name}: {_steer_state(session)}. /help for commands.[/]")
+    state = f"policy {policy_path}" if gate is not None else _steer_state(session)
+    console.print(f"[dim]{runner.path.name}: {state}. /help for commands.[/]")
     while True:
         try:
             line = console.input("[bold green]> [/]")
@@ -75,13 +111,16 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, **k
         if not line.strip():
             continue
         if line.startswith("/"):
-            if _command(session, line.strip(), console) == "quit":
+            if _command(session, line.strip(), console, gate) == "quit":
                 return
             continue
-        _reply(session, line, console)
+        _reply(session, line, console, gate)
 
 
-def _reply(session, line: str, console: Console) -> None:
+def _reply(session, line: str, console: Console, gate=None) -> None:
+    if gate is not None and gate.enabled:  # the whole conversation so far is what the probe reads
+        decision = gate.prepare(session.messages(line))
+        console.print(f"[dim]\\[policy: {decision.describe()}][/]")
     try:
         for event in session.reply(line):
             console.out(event.text, end="", highlight=False)
@@ -90,7 +129,7 @@ def _reply(session, line: str, console: Console) -> None:
     console.print()
 
 
-def _command(session, line: str, console: Console) -> str | None:
+def _command(session, line: str, console: Console, gate=None) -> str | None:
     """Run one /command; errors are printed and the session goes on."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -99,8 +138,17 @@ def _command(session, line: str, console: Console) -> str | None:
             return "quit"
         if name == "/help":
             console.print(REPL_HELP)
+        elif name == "/policy":
+            if gate is None or arg not in ("on", "off"):
+                raise RsLocalError("/policy on|off needs a chat started with --policy" if gate is None
+                                   else "usage: /policy on|off")
+            gate.enabled = arg == "on"
+            session.apply()  # off: back to the session's own vector (none unless /vector sets one)
+            console.print(f"[dim]policy {arg}[/]")
+        elif name in ("/scale", "/vector") and gate is not None and gate.enabled:
+            raise RsLocalError("the policy picks the vector per prompt: /policy off first")
         elif name == "/scale":
-            session.set_scale(float(arg))
+            session.set_scale(parse_scale(arg))
         elif name == "/vector":
             session.set_vectors([] if arg in ("", "off", "none") else load_vectors((arg,), 1.0, None)[0])
         elif name == "/system":
@@ -121,7 +169,7 @@ def _command(session, line: str, console: Console) -> str | None:
 def _steer_state(session) -> str:
     if not session.vectors or session.scale == 0:
         return "no vector"
-    names = ", ".join(f"{v.metadata.get('path', 'vector')}x{s:g}" for v, s in session.vectors)
+    names = ", ".join(f"{vector_name(v)}x{s:g}" for v, s in session.vectors)
     rng = f", blocks {session.layer_range[0]}-{session.layer_range[1]}" if session.layer_range else ""
     return f"steering with {names} at scale {session.scale:g}{rng}"
 

@@ -5,8 +5,10 @@ common/common.cpp), which reads no metadata at all: it walks every tensor, parse
 layer from ``direction.<N>`` and skips the *whole file* on the first tensor that is not
 ``direction.N`` with N >= 1, not F32, not 1-D (trailing dimensions of size 1 count as 1-D,
 as ``ggml_n_dims`` does) or of a different length than the first. So everything we write
-must pass those rules, and everything we read is checked against them here, with a message
-that names the file and the problem, before llama.cpp can silently skip or abort on it.
+must pass those rules, and everything we read is checked against them (and against ggml's
+GGUF parser) by :mod:`rs_local.converters.gguf_check`, with a message that names the file and
+the problem, before llama.cpp can silently skip or abort on it. That walk is bounded: no count
+or length in the file is trusted before it is compared with the file's size.
 
 Provenance goes into extra ``rs_local.*`` keys, which llama.cpp ignores. Plain values
 (str/int/float/bool) use native GGUF types; anything else is stored as JSON under
@@ -21,16 +23,16 @@ but when a file looks like that tool's output we record ``source`` in the metada
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from rs_local.errors import FileProblem, VectorFileError
+from rs_local.converters import gguf_check
+from rs_local.converters.gguf_check import KeyValue
+from rs_local.errors import VectorFileError
+from rs_local.files import atomic_output  # noqa: F401 - one atomic writer for every file; re-exported here
 from rs_local.vectors.control_vector import ControlVector
 
 ARCH = "controlvector"
@@ -41,41 +43,10 @@ VERSION_KEY = "rs_local.format_version"
 CVECTOR_GENERATOR = "llama.cpp-cvector-generator"
 GGUF_MAGIC = b"GGUF"
 
-_DIRECTION = re.compile(r"direction\.(\d+)")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success move it over ``path`` in one step.
-
-    A crash or an exception mid-write therefore never leaves a half-written vector where a
-    good one (or nothing) was, and an existing file is only replaced when ``force`` is set.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileProblem(path, "already exists (use --force to overwrite)")
-    if not path.parent.is_dir():
-        raise FileProblem(path, f"directory {path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def to_jsonable(value: Any) -> Any:
@@ -141,172 +112,132 @@ def write_control_vector(cv: ControlVector, path: str | Path, *, force: bool = F
 
 # --------------------------------------------------------------------------- reading
 
-
-def _check_magic(path: Path) -> None:
-    """Reject missing and non-GGUF files before the gguf package sees them."""
-    if not path.exists():
-        raise VectorFileError(path, "file not found")
-    if not path.is_file():
-        raise VectorFileError(path, "not a file")
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    if not head:
-        raise VectorFileError(path, "empty file, not a GGUF control vector")
-    if len(head) < 4 and GGUF_MAGIC.startswith(head):
-        raise VectorFileError(path, f"truncated GGUF file ({len(head)} bytes)")
-    if head != GGUF_MAGIC:
-        raise VectorFileError(path, f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+MAX_JSON_DEPTH = 64  # provenance is a few levels deep; json's own recursion limit is ~1000
+MAX_INT_DIGITS = 4300  # Python's int/str conversion limit (sys.get_int_max_str_digits)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class _CutShort(ValueError):
-    """Tensor data ends before the size its header announces."""
+def json_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text, counted without recursion.
 
-
-def _field_value(field: Any) -> Any:
-    """Decode one GGUFReader field into a Python value (str, int, float, bool or list)."""
-    from gguf import GGUFValueType
-
-    def one(part: Any, vtype: Any) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
-        return part[0].item()
-
-    vtype = field.types[0]
-    if vtype == GGUFValueType.ARRAY:
-        return [one(field.parts[i], field.types[-1]) for i in field.data]
-    return one(field.parts[field.data[0]], vtype)
-
-
-def _peek_architecture(path: Path) -> str | None:
-    """``general.architecture`` when it is the first key (as every writer puts it), else None.
-
-    Lets a model file given by mistake be refused at once: the gguf package would first
-    decode its whole vocabulary, which takes seconds.
+    Strings are cut out first so that brackets inside them do not count; for text that is not
+    valid JSON the figure may be too high, which only moves the error from "not valid JSON"
+    to "nested too deep".
     """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1))
+    return int(depth.max())
+
+
+def _no_surrogates(value: Any) -> Any:
+    """Replace lone surrogates (from ``\\ud800`` escapes) by U+FFFD in every string and key.
+
+    Such a string cannot be encoded for a terminal or a file: left in, it fails much later
+    with UnicodeEncodeError. The depth is bounded by MAX_JSON_DEPTH, so recursion is safe.
+    """
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_no_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def load_metadata_json(path: str | Path, key: str, text: str) -> Any:
+    """Parse one JSON metadata value with bounded depth; every failure is one VectorFileError.
+
+    Guards against what a hostile or damaged file can hold: nesting 1000+ deep (json's
+    RecursionError), integers past Python's 4300-digit limit, lone surrogates.
+    ``NaN``/``Infinity`` are accepted: our writer stores non-finite floats that way.
+    """
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise VectorFileError(path, f"{key} is JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        with path.open("rb") as fh:
-            head = fh.read(4096)
-        if int.from_bytes(head[4:8], "little") not in (2, 3):
-            return None
-        key_len = int.from_bytes(head[24:32], "little")
-        key = head[32:32 + key_len]
-        pos = 32 + key_len
-        if key != b"general.architecture" or int.from_bytes(head[pos:pos + 4], "little") != 8:  # STRING
-            return None
-        val_len = int.from_bytes(head[pos + 4:pos + 12], "little")
-        value = head[pos + 12:pos + 12 + val_len]
-        return value.decode("utf-8") if len(value) == val_len else None
-    except (OSError, UnicodeDecodeError):
-        return None
+        value = json.loads(text)
+    except RecursionError:  # not reachable after the depth check; kept as a last guard
+        raise VectorFileError(path, f"{key} is JSON nested too deep") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise VectorFileError(path, f"{key} holds an integer of more than {MAX_INT_DIGITS} digits") from None
+        where = f" ({exc.msg} at char {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise VectorFileError(path, f"{key} is not valid JSON{where}") from None
+    return _no_surrogates(value)
 
 
 def _wanted(key: str) -> bool:
+    """Keys whose values we decode; the rest (a model's vocabulary, say) are only skipped."""
     return key == "general.architecture" or key.startswith((f"{ARCH}.", META_PREFIX))
 
 
-def _open(path: Path) -> tuple[dict[str, tuple[Any, Any]], list[tuple[str, Any, tuple[int, ...], np.ndarray]]]:
-    """Parse the file into ``{key: (value, type)}`` and ``[(name, type, ne, data)]``.
+def _refuse_other_architectures(path: Path) -> Callable[[str, KeyValue], None]:
+    """An ``on_key`` hook: stop at ``general.architecture`` if it names anything but a vector.
 
-    All gguf-package calls live here, because on a damaged file it may raise almost any
-    exception; each becomes one VectorFileError. Data is copied out of the memory map.
+    Writers put that key first, so a model file given by mistake is refused after reading a
+    few dozen bytes instead of walking its whole vocabulary.
     """
-    import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-        # Every key is listed, but only ours are decoded: a model's vocabulary is slow to decode.
-        kv = {
-            name: (_field_value(field) if _wanted(name) else None, field.types[0] if field.types else None)
-            for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")
-        }
-        tensors = []
-        # A model file passed by mistake can hold gigabytes: only copy data out of vectors.
-        for t in reader.tensors if kv.get("general.architecture", (None,))[0] == ARCH else []:
-            data = np.array(t.data, copy=True).reshape(-1)
-            if data.nbytes < int(t.n_bytes):
-                raise _CutShort(f"data of {t.name} is cut short")
-            tensors.append((str(t.name), t.tensor_type, tuple(int(x) for x in t.shape), data))
-        del reader
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a damaged file
-        # numpy's own wording ("cannot reshape ...") means nothing to a user; ours does.
-        detail = f": {exc}" if isinstance(exc, _CutShort) else ""
-        raise VectorFileError(path, f"truncated or corrupt GGUF file{detail}") from None
-    return kv, tensors
+    def check(key: str, entry: KeyValue) -> None:
+        if key != "general.architecture":
+            return
+        if entry.is_array or entry.type != gguf_check.T_STRING:
+            kind = gguf_check.TYPE_NAMES.get(entry.type, str(entry.type))
+            raise VectorFileError(path, f"not a control vector: general.architecture is {'an array' if entry.is_array else kind}, "
+                                        f"expected the string '{ARCH}'")
+        if entry.value != ARCH:
+            raise VectorFileError(path, f"not a control vector: general.architecture is "
+                                        f"{gguf_check.show(entry.value[:200])}, expected '{ARCH}'")
+
+    return check
 
 
-def _direction_layer(path: Path, name: str) -> int:
-    match = _DIRECTION.fullmatch(name)
-    if not match:
-        raise VectorFileError(path, f"tensor {name!r} is not named direction.N (llama.cpp would skip the file)")
-    layer = int(match.group(1))
-    if layer == 0:
-        raise VectorFileError(path, "direction.0: block 0 cannot be steered (llama.cpp rejects the file)")
-    return layer
-
-
-def _check_tensor(path: Path, name: str, ttype: Any, ne: tuple[int, ...], data: np.ndarray) -> np.ndarray:
-    """Apply llama.cpp's per-tensor rules plus a finiteness check; return the 1-D data."""
-    import gguf
-
-    if int(ttype) != int(gguf.GGMLQuantizationType.F32):
-        type_name = getattr(ttype, "name", str(ttype))
-        raise VectorFileError(path, f"{name} is {type_name}, llama.cpp needs F32")
-    dims = list(ne)
-    while len(dims) > 1 and dims[-1] == 1:  # ggml_n_dims ignores trailing 1s
-        dims.pop()
-    if len(dims) != 1:
-        raise VectorFileError(path, f"{name} has shape {list(ne)}, llama.cpp needs a 1-D tensor")
-    if not np.all(np.isfinite(data)):
-        raise VectorFileError(path, f"{name} contains NaN or Inf")
-    return data.astype(np.float32, copy=False)
-
-
-def _collect_directions(path: Path, tensors: list) -> dict[int, np.ndarray]:
-    directions: dict[int, np.ndarray] = {}
-    first: tuple[str, int] | None = None
-    for name, ttype, ne, data in tensors:
-        layer = _direction_layer(path, name)
-        vec = _check_tensor(path, name, ttype, ne, data)
-        if first is None:
-            first = (name, vec.size)
-        elif vec.size != first[1]:
-            raise VectorFileError(path, f"{name} has {vec.size} values but {first[0]} has {first[1]} (inconsistent n_embd)")
-        # llama.cpp sums tensors that parse to the same layer (direction.5 and direction.05).
-        directions[layer] = directions[layer] + vec if layer in directions else vec
-    if not directions:
-        raise VectorFileError(path, "no direction tensors (llama.cpp would skip the file)")
-    return directions
-
-
-def _metadata(path: Path, kv: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+def _metadata(path: Path, kv: dict[str, KeyValue]) -> dict[str, Any]:
+    """``rs_local.*`` keys back into the metadata dict, JSON ones parsed with bounds."""
     meta: dict[str, Any] = {}
-    for key, (value, _) in kv.items():
+    for key, entry in kv.items():
         if key == VERSION_KEY or not key.startswith(META_PREFIX):
             continue
         if key.startswith(JSON_PREFIX):
-            try:
-                meta[key[len(JSON_PREFIX):]] = json.loads(value)
-            except (TypeError, ValueError):
-                raise VectorFileError(path, f"{key} is not valid JSON") from None
+            if entry.is_array or entry.type != gguf_check.T_STRING:
+                raise VectorFileError(path, f"{gguf_check.label(key)} is not a JSON string")
+            name, value = key[len(JSON_PREFIX):], load_metadata_json(path, gguf_check.label(key), entry.value)
         else:
-            meta[key[len(META_PREFIX):]] = value
+            name, value = key[len(META_PREFIX):], entry.value
+        if name in meta:
+            raise VectorFileError(path, f"metadata {gguf_check.label(name)} is stored twice (plain and as JSON)")
+        meta[name] = value
     return meta
 
 
-def _looks_like_cvector_generator(kv: dict[str, tuple[Any, Any]], directions: dict[int, np.ndarray]) -> bool:
+def _model_hint(path: Path, kv: dict[str, KeyValue]) -> str:
+    entry = kv.get(f"{ARCH}.model_hint")
+    if entry is None:
+        return ""
+    if entry.is_array or entry.type != gguf_check.T_STRING:
+        raise VectorFileError(path, f"{ARCH}.model_hint is not a string")
+    return entry.value
+
+
+def _looks_like_cvector_generator(kv: dict[str, KeyValue], directions: dict[int, np.ndarray]) -> bool:
     """True for the exact shape of llama.cpp cvector-generator output.
 
     That tool writes only three keys, ``layer_count`` as INT32 (Python writers such as repeng
-    and ours use UINT32), directions 1..layer_count, each normalised to unit length.
+    and ours use UINT32), directions 1..layer_count, each normalised to unit length. The count
+    is compared with the number of directions before any range is built from it: a declared
+    2^31-1 costs nothing.
     """
-    from gguf import GGUFValueType
-
     keys = {"general.architecture", f"{ARCH}.model_hint", f"{ARCH}.layer_count"}
     if set(kv) != keys:
         return False
-    count, count_type = kv[f"{ARCH}.layer_count"]
-    if count_type != GGUFValueType.INT32 or sorted(directions) != list(range(1, int(count) + 1)):
+    count = kv[f"{ARCH}.layer_count"]
+    if count.type != gguf_check.T_INT32 or count.is_array or count.value != len(directions):
+        return False
+    if sorted(directions) != list(range(1, len(directions) + 1)):
         return False
     return all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-3 for v in directions.values())
 
@@ -314,25 +245,23 @@ def _looks_like_cvector_generator(kv: dict[str, tuple[Any, Any]], directions: di
 def read_control_vector(path: str | Path) -> ControlVector:
     """Read a GGUF control vector written by rs-local, llama.cpp's cvector-generator or repeng.
 
-    ``direction.N`` becomes block N. Raises VectorFileError (one line: path and problem)
+    ``direction.N`` becomes block N. The file is validated by :mod:`gguf_check` exactly as
+    llama.cpp's parser and control-vector loader would, with every count bounded by the file
+    size before anything is allocated. Raises VectorFileError (one line: path and problem)
     for any file llama.cpp would skip or that could not be steered with.
     """
     path = Path(path)
-    _check_magic(path)
-    arch = _peek_architecture(path)
-    if arch in (None, ARCH):
-        kv, tensors = _open(path)
-        arch = kv.get("general.architecture", (None, None))[0]
-    if arch != ARCH:
-        what = "missing" if arch is None else repr(arch)
-        raise VectorFileError(path, f"not a control vector: general.architecture is {what}, expected '{ARCH}'")
-    directions = _collect_directions(path, tensors)
-    metadata = _metadata(path, kv)
-    if _looks_like_cvector_generator(kv, directions):
+    fh, size = gguf_check.open_regular_file(path)
+    with fh:
+        parsed = gguf_check.parse_gguf(fh, path, size, want=_wanted, on_key=_refuse_other_architectures(path))
+        if "general.architecture" not in parsed.kv:
+            raise VectorFileError(path, f"not a control vector: general.architecture is missing, expected '{ARCH}'")
+        directions = gguf_check.read_directions(fh, path, parsed)
+    metadata = _metadata(path, parsed.kv)
+    if _looks_like_cvector_generator(parsed.kv, directions):
         metadata.setdefault("source", CVECTOR_GENERATOR)
-    hint = kv.get(f"{ARCH}.model_hint", ("", None))[0]
     try:
-        return ControlVector(directions, str(hint), metadata)
+        return ControlVector(directions, _model_hint(path, parsed.kv), metadata, str(path))
     except ValueError as exc:  # e.g. two tensors for one block summing to Inf
         raise VectorFileError(path, str(exc)) from None
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rs_local.errors import FileProblem
 from rs_local.eval.metrics import Reference
+from rs_local.files import atomic_write_bytes, parse_json, read_text
 from rs_local.runtime.runner import Generation
 
 CACHE_VERSION = 1
@@ -62,14 +63,7 @@ def digest(obj: Any) -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, force=True)
 
 
 class EvalCache:
@@ -106,9 +100,9 @@ class EvalCache:
         gen = None
         if path is not None and path.is_file():
             try:
-                row = json.loads(path.read_text(encoding="utf-8"))
+                row = parse_json(read_text(path, what="cache entry"))
                 gen = Generation(row["text"], list(row["tokens"]), list(row["logprobs"]), row["finish_reason"], int(row["prompt_tokens"]))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, FileProblem):
                 gen = None
         self._count(gen is not None)
         return gen
@@ -152,8 +146,8 @@ class EvalCache:
         row = None
         if path is not None and path.is_file():
             try:
-                row = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                row = parse_json(read_text(path, what="cache entry"))
+            except (OSError, ValueError, FileProblem):
                 row = None
         self._count(row is not None)
         return row
@@ -166,5 +160,5 @@ class EvalCache:
     def _write(self, path: Path, data: bytes) -> None:
         try:
             _atomic_write(path, data)
-        except OSError:
+        except (OSError, FileProblem):
             pass

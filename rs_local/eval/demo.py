@@ -166,7 +166,7 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
     examples = _examples(runner, fitted.vector, report, scale, opts.batch, say)
     seconds["examples"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    return DemoResult(report, vector_path, examples, scale, _summary(report, scale, seconds), _next_steps(vector_path, scale), seconds)
+    return DemoResult(report, vector_path, examples, scale, _summary(report, scale, seconds), _next_steps(vector_path, scale, path), seconds)
 
 
 def _free_fit_model() -> None:
@@ -188,10 +188,21 @@ def _summary(report, scale: float, seconds: dict[str, float]) -> str:
             + f"  (fit {seconds.get('fit', 0):.0f}s, eval {seconds.get('eval', 0):.0f}s, total {seconds.get('total', 0):.0f}s)")
 
 
-def _next_steps(vector_path: Path, scale: float) -> list[str]:
+def _llama_cpp_hint(vector_path: Path, scale: float, model_path: Path) -> str:
+    """The llama.cpp command for this vector, in the pinned llama.cpp's syntax (FNAME:SCALE, -nr on AMX)."""
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.llama_flags import llama_cpp_flags
+
+    try:
+        return llama_cpp_flags([(vector_path, scale)], model=model_path).command("llama-completion")
+    except RsLocalError as exc:  # e.g. a ':' in the output path, which llama.cpp cannot parse
+        return f"(not printable: {exc})"
+
+
+def _next_steps(vector_path: Path, scale: float, model_path: Path) -> list[str]:
     return [
         f"chat with it:     rs-local chat --vector {vector_path} --scale {scale:g}",
-        f"in llama.cpp:     llama-cli -m MODEL.gguf --control-vector-scaled {vector_path} {scale:g}",
+        f"in llama.cpp:     {_llama_cpp_hint(vector_path, scale, model_path)}",
         f"choose the scale: rs-local sweep --vector {vector_path} --set political --set harmful --set harmless "
         "--target political --keep harmful -o sweep/",
     ]

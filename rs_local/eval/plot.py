@@ -8,13 +8,11 @@ no display is needed (servers, CI).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from rs_local.errors import RsLocalError
 from rs_local.eval.evaluate import EvalReport
-from rs_local.eval.report import file_mode
+from rs_local.files import atomic_output
 
 
 def _pyplot():
@@ -63,13 +61,9 @@ def plot_report(report: EvalReport, path: str | Path, title: str | None = None) 
         ax.set_xlim(min(xs) - 0.05 * (max(xs) - min(xs)), max(xs) + 0.05 * (max(xs) - min(xs)))
     ax.set_title(title or str(report.meta.get("model", "refusal vs scale")), fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        with atomic_output(path, force=True) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

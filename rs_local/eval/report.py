@@ -1,21 +1,19 @@
 """Writing an evaluation out: report.json, answers.jsonl, the plot, and the table to print.
 
 The output directory is all-or-nothing from the user's point of view: it must not exist
-(or ``force`` is given), every file goes through a temp file and ``os.replace``, and
-report.json is written last, so a directory holding a report.json holds a whole report.
+(or ``force`` is given) and its parent must (no parents are created behind the user's
+back), every file is written atomically by :mod:`rs_local.files`, and report.json is
+written last, so a directory holding a report.json holds a whole report.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rs_local.errors import FileProblem
 from rs_local.eval.evaluate import EvalPoint, EvalReport
+from rs_local.files import atomic_write_text, dumps, make_output_dir
 
 REPORT = "report.json"
 ANSWERS = "answers.jsonl"
@@ -23,36 +21,13 @@ PLOT = "refusal_vs_scale.png"
 
 
 def prepare_dir(out: str | Path, force: bool) -> Path:
-    """Create the output directory; an existing one is an error unless ``force``."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise FileProblem(out, "exists and is not a directory")
-        if not force:
-            raise FileProblem(out, "output directory exists (use --force to overwrite its report files)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def file_mode() -> int:
-    """The permissions a plain ``open()`` would give (mkstemp's files are private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    """Create the output directory; an existing one is an error unless ``force``, a missing parent always."""
+    return make_output_dir(out, force)
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to ``path`` atomically (temp file beside it, umask mode, ``os.replace``)."""
+    return atomic_write_text(path, text, force=True)
 
 
 def point_dict(pt: EvalPoint) -> dict[str, Any]:
@@ -82,13 +57,13 @@ def write_report(report: EvalReport, out: str | Path, force: bool = False, plot:
     """Write answers.jsonl, the PNG plot and report.json into ``out``; returns their paths."""
     out = prepare_dir(out, force)
     paths: dict[str, Path] = {}
-    lines = [json.dumps(asdict(a), ensure_ascii=False) for p in report.points for a in p.answers]
+    lines = [dumps(asdict(a)) for p in report.points for a in p.answers]
     paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
     if plot:
         from rs_local.eval.plot import plot_report
 
         paths["plot"] = plot_report(report, out / PLOT)
-    paths["report"] = write_atomic(out / REPORT, json.dumps(report_dict(report), indent=2, ensure_ascii=False) + "\n")
+    paths["report"] = write_atomic(out / REPORT, dumps(report_dict(report), indent=2) + "\n")
     return paths
 
 

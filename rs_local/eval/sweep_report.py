@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from rs_local.eval.evaluate import EvalReport
 from rs_local.eval.report import ANSWERS, PLOT, point_dict, prepare_dir, write_atomic
 from rs_local.eval.sweep import SweepPoint, SweepResult
+from rs_local.files import dumps
 
 SWEEP = "sweep.json"
 
@@ -42,7 +42,7 @@ def write_sweep(result: SweepResult, evaluator, target: str, out: str | Path, fo
     out = prepare_dir(out, force)
     paths: dict[str, Path] = {}
     details = [p.detail for p in result.points if p.detail is not None]
-    lines = [json.dumps(asdict(a), ensure_ascii=False) for d in details for a in d.answers]
+    lines = [dumps(asdict(a)) for d in details for a in d.answers]
     paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
     band = result.chosen.layers if result.chosen is not None else None
     shown = sorted((d for d in details if d.layers == band or d.scale == 0), key=lambda d: d.scale)
@@ -54,7 +54,7 @@ def write_sweep(result: SweepResult, evaluator, target: str, out: str | Path, fo
         paths["plot"] = plot_report(report, out / PLOT, title=title)
     meta = {"model": evaluator.runner.path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
             "sets": {n: len(s) for n, s in evaluator.sets.items()}}
-    paths["sweep"] = write_atomic(out / SWEEP, json.dumps(sweep_dict(result, target, meta), indent=2, ensure_ascii=False) + "\n")
+    paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")
     return paths
 
 

@@ -9,12 +9,17 @@ path works as a local judge.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Protocol
 
 from rs_local.errors import RsLocalError
 from rs_local.judge.verdict import Verdict
 
 KEYWORDS = "keywords"
+#: ``--judge probe`` (the shipped probe on the default model) or ``--judge probe=FILE.gguf``.
+PROBE = "probe"
+#: The probe judge rs-local ships, trained on benchmarks/data/judge_labelled.jsonl (train split).
+SHIPPED_PROBE = Path(__file__).resolve().parent.parent / "data" / "judge-probe-qwen2.5-coder-0.5b.gguf"
 API_KEY_ENV = ("RS_LOCAL_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
@@ -61,6 +66,9 @@ def make_judge(
         from rs_local.judge.keywords import KeywordJudge
 
         return KeywordJudge()
+    if judge is not None and (judge == PROBE or judge.startswith(PROBE + "=")):
+        return load_probe_judge(judge.partition("=")[2] or None, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                n_threads=n_threads, on_status=on_status)
     return load_local_judge(judge or default_judge_model(), logprobs=logprobs, max_tokens=max_tokens or 12,
                             n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=on_status)
 
@@ -82,3 +90,18 @@ def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: in
     path = models.resolve(name_or_path, progress=on_status)
     runner = Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
     return LocalJudge(runner, max_tokens=max_tokens, logprobs=logprobs)
+
+
+def load_probe_judge(probe_path: str | None = None, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
+                     n_threads: int | None = None, on_status: Callable[[str], None] | None = None):
+    """A probe judge: the probe file plus the judge model it was trained for (pulled if built in)."""
+    from rs_local import models
+    from rs_local.judge.probe import ProbeJudge, read_probe
+    from rs_local.runtime.runner import Runner
+
+    path = Path(probe_path) if probe_path else SHIPPED_PROBE
+    pf = read_probe(path)
+    model_ref = str(pf.training.get("model_ref") or models.DEFAULT_MODEL)
+    runner = Runner(models.resolve(model_ref, progress=on_status), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                    n_threads=n_threads)
+    return ProbeJudge(runner, pf, path)

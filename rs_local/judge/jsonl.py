@@ -8,20 +8,27 @@ there, skips every key already done and appends the rest: no row twice, none los
 The first row of such a log is a header ``{"rs_local_header": {"kind", "version", "config"}}``
 recording the settings that produced the rows. Continuing a log written with other settings
 would mix two experiments in one file, so that is an error unless the caller forces a fresh
-start. A kill during a write can leave a partial last line; it is cut off and redone. A broken
-line anywhere else is not ours to guess about and is reported with its line number.
+start. A kill during a write can leave a partial last line. It is cut off and redone, but only
+when the log is really resumed, after the header and every row passed their checks: a file
+that is refused keeps every byte. Anywhere else (a broken line in the middle, or a partial
+last line of a file being *read* as input) it is an error naming the line.
+
+Reading goes through :mod:`rs_local.files` (regular files only, bounded, strict UTF-8 and
+JSON), writing too (atomic, umask mode).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from rs_local.errors import FileProblem
+from rs_local.files import (
+    JsonProblem, append_line, check_output_path, cut_partial_tail, dumps, iter_jsonl, json_type, open_append, parse_json,
+    partial_tail, read_text, stat_regular, write_jsonl,
+)
 
 HEADER_KEY = "rs_local_header"
 FORMAT_VERSION = 1
@@ -29,7 +36,7 @@ FORMAT_VERSION = 1
 
 def normalise(obj: Any) -> Any:
     """The JSON round-trip of ``obj`` (tuples become lists), so configs compare as stored."""
-    return json.loads(json.dumps(obj, sort_keys=True))
+    return json.loads(dumps(obj, sort_keys=True))
 
 
 def is_header(row: Any) -> bool:
@@ -40,45 +47,15 @@ def read_jsonl(path: str | Path, *, tolerate_partial_tail: bool = False) -> Iter
     """Yield ``(line number, value)`` for every non-blank line; bad JSON names its line.
 
     With ``tolerate_partial_tail`` a last line without its newline that does not parse is
-    skipped silently (it is what a killed writer leaves behind).
+    skipped (it is what a killed writer leaves behind); callers decide when that is right.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileProblem(path, "no such file")
-    if path.is_dir():
-        raise FileProblem(path, "is a directory, expected a JSONL file")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        last_unterminated = lineno == len(lines) and not data.endswith(b"\n")
-        try:
-            yield lineno, json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            if tolerate_partial_tail and last_unterminated:
-                return
-            raise FileProblem(path, f"line {lineno}: not valid UTF-8") from None
-        except json.JSONDecodeError as exc:
-            if tolerate_partial_tail and last_unterminated:
-                return
-            raise FileProblem(path, f"line {lineno}: bad JSON ({exc.msg} at column {exc.colno})") from None
+    text = read_text(path, what="JSONL file")
+    yield from iter_jsonl(path, text, tolerate_partial_tail=tolerate_partial_tail)
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
     """Write all rows to a temp file beside ``path`` and rename it over, so readers never see half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl(path, rows, force=True)
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -90,8 +67,10 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 class AppendLog:
     """A resumable JSONL log of ``kind`` rows produced under ``config``.
 
-    ``key`` maps a row to its identity (what "already done" means). Use :meth:`open` to
-    create or resume, :meth:`append` to add one finished row durably.
+    ``key`` maps a row to its identity (what "already done" means); it may raise
+    ``KeyError``/``TypeError``/``ValueError`` on a malformed row, which is then reported
+    with its line. Use :meth:`open` to create or resume, :meth:`append` to add one finished
+    row durably.
     """
 
     path: Path
@@ -106,14 +85,15 @@ class AppendLog:
     def open(cls, path: str | Path, kind: str, config: dict, key: Callable[[dict], Hashable], force: bool = False) -> "AppendLog":
         """Resume ``path`` if it holds a log of the same kind and config; start it afresh otherwise.
 
-        A log of another kind or config raises :class:`FileProblem` unless ``force``.
+        A log of another kind or config, or a file that is not an rs-local log, raises
+        :class:`FileProblem` (and is left untouched) unless ``force``.
         """
         log = cls(Path(path), kind, normalise(config), key)
         if log.path.exists() and not force:
             log._resume()
         else:
             log._start()
-        log._fh = open(log.path, "a", encoding="utf-8")
+        log._fh = open_append(log.path)
         return log
 
     @classmethod
@@ -121,62 +101,72 @@ class AppendLog:
         """Raise the error :meth:`open` would raise, without writing anything (a cheap pre-flight)."""
         path = Path(path)
         if force or not path.exists():
+            check_output_path(path, force=True)
             return
-        if path.is_dir():
-            raise FileProblem(path, "is a directory")
         log = cls(path, kind, normalise(config), key=lambda row: None)
-        for _, head in read_jsonl(path, tolerate_partial_tail=True):
-            log._check_header(head)
-            return
+        log._entries()
 
     def _header(self) -> dict:
         return {HEADER_KEY: {"kind": self.kind, "version": FORMAT_VERSION, "config": self.config}}
 
     def _start(self) -> None:
-        if self.path.is_dir():
-            raise FileProblem(self.path, "is a directory")
-        write_jsonl_atomic(self.path, [self._header()])
+        write_jsonl(self.path, [self._header()], force=True)
+
+    def _entries(self) -> tuple[str, list[tuple[int, Any]]]:
+        """The file's text and parsed lines, header checked; raises before anything is changed."""
+        stat_regular(self.path, what=f"{self.kind} log")
+        text = read_text(self.path, what=f"{self.kind} log")
+        try:
+            entries = list(iter_jsonl(self.path, text, tolerate_partial_tail=True))
+        except FileProblem:
+            if not starts_with_header(text):  # a broken first line: somebody else's file, say so
+                raise FileProblem(self.path, f"exists and is not an rs-local {self.kind} file; use --force to overwrite it") from None
+            raise
+        if entries:
+            self._check_header(entries[0][1])
+        elif text.strip():
+            raise FileProblem(self.path, f"exists and is not an rs-local {self.kind} file; use --force to overwrite it")
+        return text, entries
 
     def _resume(self) -> None:
-        self._cut_partial_tail()
-        entries = list(read_jsonl(self.path))
+        text, entries = self._entries()
         if not entries:
-            self._start()
+            self._start()  # an empty file: nothing to keep
             return
-        _, head = entries[0]
-        self._check_header(head)
-        for _, row in entries[1:]:
+        rows: list[dict] = []
+        done: set = set()
+        for lineno, row in entries[1:]:
             if not isinstance(row, dict) or is_header(row):
-                continue
-            k = self.key(row)
-            if k not in self.done:
-                self.done.add(k)
-                self.rows.append(row)
+                raise FileProblem(self.path, f"line {lineno}: not a {self.kind} row; use --force to start over")
+            try:
+                k = self.key(row)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FileProblem(self.path, f"line {lineno}: not a valid {self.kind} row ({_why(exc)}); "
+                                             "use --force to start over") from None
+            if k not in done:
+                done.add(k)
+                rows.append(row)
+        # Every check passed: only now may the file change.
+        if partial_tail(text):
+            cut_partial_tail(self.path)
+        elif not text.endswith("\n"):
+            with open_append(self.path) as fh:
+                append_line(fh, "")  # a complete last row without its newline: end it, lose nothing
+        self.rows, self.done = rows, done
 
     def _check_header(self, head: Any) -> None:
-        if not is_header(head):
+        if not is_header(head) or not isinstance(head[HEADER_KEY], dict):
             raise FileProblem(self.path, f"exists and is not an rs-local {self.kind} file; use --force to overwrite it")
         meta = head[HEADER_KEY]
         if meta.get("kind") != self.kind:
             raise FileProblem(self.path, f"holds {meta.get('kind')} rows, not {self.kind}; use --force to overwrite it")
         old = meta.get("config") or {}
         if old != self.config:
-            diff = ", ".join(_config_diff(old, self.config))
+            diff = ", ".join(_config_diff(old, self.config)) if isinstance(old, dict) else "config"
             raise FileProblem(
                 self.path,
                 f"was written with different settings ({diff}); use --force to start over, or another output file",
             )
-
-    def _cut_partial_tail(self) -> None:
-        """Drop a last line that a killed writer left without its newline."""
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1
-        with open(self.path, "r+b") as f:
-            f.truncate(cut)
-            f.flush()
-            os.fsync(f.fileno())
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.done
@@ -186,9 +176,7 @@ class AppendLog:
         k = self.key(row)
         if k in self.done:
             return
-        self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        append_line(self._fh, dumps(row))
         self.done.add(k)
         self.rows.append(row)
 
@@ -204,40 +192,47 @@ class AppendLog:
         self.close()
 
 
-def data_rows(path: str | Path, what: str = "row") -> list[tuple[int, dict]]:
-    """The object rows of a JSONL file (header skipped), with line numbers.
+def _why(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"no field {exc.args[0]!r}" if exc.args else "missing field"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    A partial last line is tolerated only in a file that an rs-local writer made (it starts
-    with a header): there it means a writer was killed or is still running. In a hand-made
-    file a broken last line is an error like any other.
+
+def data_rows(path: str | Path, what: str = "row") -> list[tuple[int, dict]]:
+    """The object rows of a JSONL input file (an rs-local header line is skipped), with line numbers.
+
+    Every line must parse, the last one too: a partial last line in a file an rs-local
+    writer made means that writer was killed or is still running, and reading on would
+    silently use part of the file, so it is an error that says so.
     """
-    ours = header_of_first_line(path) is not None
+    text = read_text(path, what="JSONL file")
     out = []
-    for lineno, row in read_jsonl(path, tolerate_partial_tail=ours):
+    for lineno, row in iter_jsonl(path, text, tolerate_partial_tail=True):
         if is_header(row):
             continue
         if not isinstance(row, dict):
-            raise FileProblem(path, f"line {lineno}: expected a JSON object {what}, found {type(row).__name__}")
+            raise FileProblem(path, f"line {lineno}: expected a JSON object {what}, found {json_type(row)}")
         out.append((lineno, row))
+    if partial_tail(text):
+        _raise_for_tail(path, text)
     return out
 
 
-def header_of_first_line(path: str | Path) -> dict | None:
-    """The header when the file's first line is a complete rs-local header, else None (never raises on content)."""
+def _raise_for_tail(path: str | Path, text: str) -> None:
+    """The error for an unterminated, unparsable last line of an input file."""
+    last = len(text.split("\n"))
+    if starts_with_header(text):
+        raise FileProblem(path, f"line {last}: incomplete last line (the command writing this file was killed "
+                                "or is still running); run it again to finish the file")
     try:
-        with open(path, "rb") as f:
-            first = f.readline()
-    except OSError:
-        return None
-    try:
-        row = json.loads(first.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return row[HEADER_KEY] if is_header(row) else None
+        parse_json(text.rsplit("\n", 1)[-1])
+    except JsonProblem as exc:
+        raise FileProblem(path, f"line {last}: {exc.message}") from None
 
 
-def header_of(path: str | Path) -> dict | None:
-    """The header of an rs-local log, or None when the file has none."""
-    for _, row in read_jsonl(path, tolerate_partial_tail=True):
-        return row[HEADER_KEY] if is_header(row) else None
-    return None
+def starts_with_header(text: str) -> bool:
+    """Whether ``text``'s first line is a complete rs-local header (never raises)."""
+    try:
+        return is_header(parse_json(text.split("\n", 1)[0]))
+    except JsonProblem:
+        return False

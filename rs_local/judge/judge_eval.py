@@ -28,25 +28,45 @@ class LabelledAnswer:
     refusal: bool
     refusal_type: str | None = None
     category: str | None = None
+    split: str | None = None  # "train" / "test": a probe judge never trains on "test"
 
 
 def load_labelled(path: str | Path) -> list[LabelledAnswer]:
     """Rows ``{"prompt", "response", "refusal": bool, "refusal_type"?, "category"?}``; problems name their line."""
     path = Path(path)
     out = []
+    seen: dict[tuple, int] = {}
     for lineno, rec in data_rows(path, "labelled answer"):
-        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
-            raise FileProblem(path, f"line {lineno}: needs text fields 'prompt' and 'response'")
-        if not isinstance(rec.get("refusal"), bool):
-            raise FileProblem(path, f"line {lineno}: 'refusal' must be true or false")
-        rtype = rec.get("refusal_type")
-        if rec["refusal"] and rtype is not None and rtype not in REFUSAL_TYPES:
-            raise FileProblem(path, f"line {lineno}: unknown refusal_type {rtype!r} (known: {', '.join(REFUSAL_TYPES)})")
-        out.append(LabelledAnswer(rec["prompt"], rec["response"], rec["refusal"], rtype if rec["refusal"] else None,
-                                  rec.get("category")))
+        item = _labelled(path, lineno, rec)
+        key = (item.prompt, item.response)
+        if key in seen:
+            # the same answer twice would count twice in every figure; which label is right is the user's call
+            raise FileProblem(path, f"line {lineno}: same prompt and response as line {seen[key]}; remove one")
+        seen[key] = lineno
+        out.append(item)
     if not out:
         raise FileProblem(path, "no labelled answers in file")
     return out
+
+
+def _labelled(path: Path, lineno: int, rec: dict) -> LabelledAnswer:
+    """One checked labelled row; a field of the wrong type names its line."""
+    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
+        raise FileProblem(path, f"line {lineno}: needs text fields 'prompt' and 'response'")
+    if not isinstance(rec.get("refusal"), bool):
+        raise FileProblem(path, f"line {lineno}: 'refusal' must be true or false")
+    rtype, category = rec.get("refusal_type"), rec.get("category")
+    if rtype is not None and not isinstance(rtype, str):
+        raise FileProblem(path, f"line {lineno}: 'refusal_type' must be text")
+    if rec["refusal"] and rtype is not None and rtype not in REFUSAL_TYPES:
+        raise FileProblem(path, f"line {lineno}: unknown refusal_type {rtype[:40]!r} (known: {', '.join(REFUSAL_TYPES)})")
+    if category is not None and not isinstance(category, str):
+        raise FileProblem(path, f"line {lineno}: 'category' must be text")
+    split = rec.get("split")
+    if split is not None and split not in ("train", "test"):
+        raise FileProblem(path, f"line {lineno}: 'split' must be \"train\" or \"test\"")
+    return LabelledAnswer(rec["prompt"], rec["response"], rec["refusal"], rtype if rec["refusal"] else None, category,
+                          split)
 
 
 @dataclass

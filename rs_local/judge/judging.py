@@ -7,7 +7,9 @@ Two files come out, on purpose:
   the judge's settings. This is the resumable part: a killed run continues from it.
 * the **scores file** (``-o``): one row per prompt, ``{"prompt", "score", "label", ...,
   "answers": [per-answer verdicts]}``, written atomically once every answer has a verdict.
-  ``rs-local fit --scores`` reads its ``prompt`` and ``score`` fields.
+  ``rs-local fit --scores`` reads its ``prompt`` and ``score`` fields. An existing scores
+  file is never replaced without ``force``: a second run is only allowed when it gives
+  exactly the scores already there (then the file is left alone).
 
 A verdict is keyed by (prompt id, sample, hash of the answer text), so a responses file that
 was regenerated never reuses a verdict given to a different answer. Rows the judge could not
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rs_local.errors import FileProblem
-from rs_local.judge.jsonl import AppendLog, data_rows, write_jsonl_atomic
+from rs_local.files import atomic_write_text, check_output_path, dumps, iter_jsonl, read_text
+from rs_local.judge.jsonl import HEADER_KEY, AppendLog, data_rows, is_header, starts_with_header
 from rs_local.judge.openai_http import JudgeUnavailable
 from rs_local.judge.respond import prompt_id as make_prompt_id
 from rs_local.judge.scores import DEFAULT_COMPLIED_BELOW, DEFAULT_REFUSED_ABOVE, PromptScore, aggregate
@@ -44,37 +47,85 @@ def answer_hash(text: str) -> str:
 
 
 def verdict_key(row: dict) -> tuple[str, int, str]:
-    return row["prompt_id"], int(row["sample"]), row["answer_hash"]
+    """The identity of an answer (a responses row or its verdict row)."""
+    return row["prompt_id"], row["sample"], row["answer_hash"]
+
+
+def _logged_verdict_key(row: dict) -> tuple[str, int, str]:
+    """:func:`verdict_key` of a row read back from the verdicts log, which may have been edited:
+    a row of the wrong shape raises ``ValueError`` (reported with its line) instead of failing later."""
+    pid, sample, ahash = row["prompt_id"], row["sample"], row["answer_hash"]
+    if not isinstance(pid, str) or not isinstance(ahash, str) or not _is_int(sample):
+        raise ValueError("prompt_id and answer_hash must be text, sample a whole number")
+    if not _is_number(row.get("signed")) or not -1.000001 <= row["signed"] <= 1.000001 or not isinstance(row.get("prompt"), str):
+        raise ValueError("signed must be a number in [-1, 1] and prompt text")
+    if row.get("mean_logprob") is not None and not _is_number(row["mean_logprob"]):
+        raise ValueError("mean_logprob must be a number")
+    if row.get("verdict") not in (-1, 0, 1) or isinstance(row.get("verdict"), bool):
+        raise ValueError("verdict must be -1, 0 or 1")
+    return pid, sample, ahash
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_responses(path: str | Path) -> list[dict]:
     """The answers to judge: rows with ``prompt`` and ``response`` (or answer/output/completion).
 
-    ``prompt_id``, ``sample`` and ``mean_logprob`` are filled in when absent (a hand-made file
-    with one answer per prompt is fine: equal weights). A missing field names its line.
+    ``prompt_id``, ``sample`` and ``mean_logprob`` are filled in when absent or null (a
+    hand-made file with one answer per prompt is fine: equal weights). A field of the wrong
+    type names its line. ``mean_logprob`` must be a finite number: NaN and Infinity are not
+    JSON and are refused by the reader. Two rows with the same prompt, sample and answer
+    (e.g. a line pasted twice) are an error rather than silently counted twice or dropped:
+    which of them was meant is the user's call.
     """
     path = Path(path)
     rows = []
     seen: dict[str, int] = {}
+    lines: dict[tuple[str, int, str], int] = {}
     for lineno, rec in data_rows(path, "answer"):
-        field_name = next((f for f in ANSWER_FIELDS if f in rec), None)
-        if "prompt" not in rec or field_name is None:
-            raise FileProblem(path, f"line {lineno}: needs fields 'prompt' and 'response'")
-        prompt, answer = rec["prompt"], rec[field_name]
-        if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise FileProblem(path, f"line {lineno}: 'prompt' and '{field_name}' must be text")
-        pid = str(rec.get("prompt_id") or make_prompt_id(prompt))
-        sample = rec.get("sample")
-        if sample is None:
-            sample = seen.get(pid, 0)
-        seen[pid] = int(sample) + 1
-        rows.append({
-            "prompt_id": pid, "prompt": prompt, "sample": int(sample), "response": answer,
-            "mean_logprob": float(rec.get("mean_logprob") or 0.0), "answer_hash": answer_hash(answer), "line": lineno,
-        })
+        row = _response_row(path, lineno, rec, seen)
+        key = verdict_key(row)
+        if key in lines:
+            raise FileProblem(path, f"line {lineno}: same prompt, sample and answer as line {lines[key]} "
+                                    "(a repeated row would count twice); remove one")
+        lines[key] = lineno
+        rows.append(row)
     if not rows:
         raise FileProblem(path, "no answers in file")
     return rows
+
+
+def _response_row(path: Path, lineno: int, rec: dict, seen: dict[str, int]) -> dict:
+    """One checked responses row in the shape the judge loop uses."""
+    field_name = next((f for f in ANSWER_FIELDS if f in rec), None)
+    if "prompt" not in rec or field_name is None:
+        raise FileProblem(path, f"line {lineno}: needs fields 'prompt' and 'response'")
+    prompt, answer = rec["prompt"], rec[field_name]
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise FileProblem(path, f"line {lineno}: 'prompt' and '{field_name}' must be text")
+    pid = rec.get("prompt_id")
+    if pid is not None and (not isinstance(pid, str) or not pid):
+        raise FileProblem(path, f"line {lineno}: 'prompt_id' must be text")
+    pid = pid or make_prompt_id(prompt)
+    sample = rec.get("sample")
+    if sample is None:
+        sample = seen.get(pid, 0)
+    elif not _is_int(sample) or sample < 0:
+        raise FileProblem(path, f"line {lineno}: 'sample' must be a whole number >= 0")
+    seen[pid] = sample + 1
+    lp = rec.get("mean_logprob")
+    if lp is not None and not _is_number(lp):
+        raise FileProblem(path, f"line {lineno}: 'mean_logprob' must be a number")
+    return {
+        "prompt_id": pid, "prompt": prompt, "sample": sample, "response": answer,
+        "mean_logprob": float(lp or 0.0), "answer_hash": answer_hash(answer), "line": lineno,
+    }
 
 
 @dataclass
@@ -120,10 +171,10 @@ def judge_responses(
     scores_path = Path(scores_path)
     verdicts_path = Path(verdicts_path) if verdicts_path else default_verdicts_path(scores_path)
     rows = load_responses(responses)
-    check_outputs(responses, scores_path, verdicts_path, force)
+    check_outputs(responses, scores_path, verdicts_path, force, refused_above, complied_below, rows)
     config = {"judge": judge.describe()}
     limit = max_consecutive_failures or max(3, 2 * getattr(judge, "concurrency", 1))
-    with AppendLog.open(verdicts_path, VERDICTS_KIND, config, verdict_key, force=force) as log:
+    with AppendLog.open(verdicts_path, VERDICTS_KIND, config, _logged_verdict_key, force=force) as log:
         todo = [r for r in rows if verdict_key(r) not in log]
         report = JudgeReport(len(rows), len(rows) - len(todo), 0, verdicts_path=verdicts_path, scores_path=scores_path)
         if progress:
@@ -140,12 +191,21 @@ def judge_responses(
         current = [v for v in log.rows if verdict_key(v) in wanted]
     if report.missing == 0:
         report.scores = aggregate(_in_response_order(current, rows), refused_above, complied_below)
-        write_jsonl_atomic(scores_path, (s.as_row() for s in report.scores))
+        _write_scores(scores_path, report.scores, force)
     return report
 
 
-def check_outputs(responses: str | Path, scores_path: str | Path, verdicts_path: str | Path | None = None, force: bool = False) -> None:
-    """Refuse outputs that collide with the input, or a finished scores file with nothing to continue from."""
+def check_outputs(responses: str | Path, scores_path: str | Path, verdicts_path: str | Path | None = None, force: bool = False,
+                  refused_above: float = DEFAULT_REFUSED_ABOVE, complied_below: float = DEFAULT_COMPLIED_BELOW,
+                  rows: list[dict] | None = None) -> None:
+    """Refuse, before any judge loads, outputs this run must not write.
+
+    Outputs may not collide with the input or each other, and must be writable files. An
+    existing scores file is the result of a finished run (scores are only written when every
+    answer has a verdict): without ``force`` it is only "continued" when nothing would change,
+    i.e. its verdicts log already covers every answer and the scores it gives are the ones in
+    the file. Otherwise a second run would silently replace the first run's scores.
+    """
     responses, scores_path = Path(responses), Path(scores_path)
     verdicts_path = Path(verdicts_path) if verdicts_path else default_verdicts_path(scores_path)
     same = {responses.resolve()}
@@ -153,8 +213,65 @@ def check_outputs(responses: str | Path, scores_path: str | Path, verdicts_path:
         if out.resolve() in same:
             raise FileProblem(out, "output would overwrite another input or output file of this command")
         same.add(out.resolve())
-    if scores_path.exists() and not force and not verdicts_path.exists():
+        check_output_path(out, force=True)
+    if force:
+        return
+    logged = _logged_verdicts(verdicts_path) if verdicts_path.exists() else None
+    if not scores_path.exists():
+        return
+    if logged is None:
         raise FileProblem(scores_path, "already exists (and no verdicts log to continue from); use --force to overwrite it")
+    rows = rows if rows is not None else load_responses(responses)
+    missing = sum(verdict_key(r) not in logged for r in rows)
+    if missing:
+        raise FileProblem(scores_path, f"already exists, from a run that did not judge {missing} of the answers in "
+                                       f"{responses}; use --force to replace it, or another output file")
+    text = _scores_text(aggregate(_in_response_order(list(logged.values()), rows), refused_above, complied_below))
+    if read_text(scores_path, what="scores file") != text:
+        raise FileProblem(scores_path, "already exists with other scores (other responses or thresholds); "
+                                       "use --force to replace it, or another output file")
+
+
+def _logged_verdicts(path: Path) -> dict[tuple[str, int, str], dict]:
+    """Verdict rows of a log by key (a killed writer's partial tail is ignored; it is redone on resume).
+
+    Read only, so that a file that is not a verdicts log is refused before a judge loads and
+    without a byte of it changed.
+    """
+    out: dict[tuple[str, int, str], dict] = {}
+    text = read_text(path, what="verdicts log")
+    foreign = FileProblem(path, "exists and is not an rs-local verdicts file; use --force to overwrite it")
+    try:
+        entries = list(iter_jsonl(path, text, tolerate_partial_tail=True))
+    except FileProblem:
+        if not starts_with_header(text):
+            raise foreign from None
+        raise
+    if not entries and not text.strip():
+        return out
+    head = entries[0][1] if entries else None
+    if not is_header(head) or not isinstance(head[HEADER_KEY], dict) or head[HEADER_KEY].get("kind") != VERDICTS_KIND:
+        raise foreign
+    for lineno, row in entries[1:]:
+        try:
+            out.setdefault(_logged_verdict_key(row), row)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise FileProblem(path, f"line {lineno}: not a valid verdicts row; use --force to start over") from None
+    return out
+
+
+def _scores_text(scores: list[PromptScore]) -> str:
+    return "".join(dumps(s.as_row()) + "\n" for s in scores)
+
+
+def _write_scores(path: Path, scores: list[PromptScore], force: bool) -> None:
+    """Write the scores file, unless it already holds exactly these scores (then nothing is touched)."""
+    text = _scores_text(scores)
+    if path.exists() and read_text(path, what="scores file") == text:
+        return
+    if path.exists() and not force:
+        raise FileProblem(path, "already exists with other scores; use --force to replace it, or another output file")
+    atomic_write_text(path, text, force=True)
 
 
 def _in_response_order(verdicts: list[dict], rows: list[dict]) -> list[dict]:

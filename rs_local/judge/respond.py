@@ -66,7 +66,7 @@ def respond_config(model_path: str | Path, settings: RespondSettings, prompts: S
     return {
         "model": model_path.name,
         "model_bytes": model_path.stat().st_size,
-        "vectors": [{"path": v.metadata.get("path"), "scale": s} for v, s in vectors],
+        "vectors": [{"path": v.source or v.metadata.get("path"), "scale": s} for v, s in vectors],
         "layers": list(layer_range) if layer_range else None,
         "samples": settings.samples,
         "max_tokens": settings.max_tokens,

@@ -32,6 +32,9 @@ def weighted_score(mean_logprobs: Sequence[float], signed: Sequence[float]) -> t
     """``c = sum softmax(mean_logprob)_i * signed_i`` and the weights used."""
     if len(mean_logprobs) != len(signed):
         raise ValueError("one log-probability per verdict is needed")
+    if not all(math.isfinite(v) for v in (*mean_logprobs, *signed)):
+        # NaN/inf would give "score": NaN; the readers refuse such files, library callers get this
+        raise ValueError("log-probabilities and verdicts must be finite numbers")
     weights = softmax(list(mean_logprobs))
     return float(sum(w * s for w, s in zip(weights, signed))), weights
 

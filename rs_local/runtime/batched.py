@@ -20,14 +20,15 @@ tokens are almost tied the answers can diverge, the same as between two llama.cp
 from __future__ import annotations
 
 import codecs
-import ctypes
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rs_local.errors import RsLocalError
+from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
+from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
 
@@ -50,7 +51,7 @@ class _Slot:
     pending: int | None = None  # token to feed at the next step
 
 
-class BatchEngine:
+class BatchEngine(OwnedContext):
     """Batched generation and teacher-forced scoring on a Runner's model.
 
     ``n_seq`` sequences share each decode; ``seq_ctx`` is the KV room of one sequence (prompt
@@ -89,44 +90,13 @@ class BatchEngine:
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
-    # -- lifetime ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Free the context and batch (also done on garbage collection)."""
-        if getattr(self, "_batch", None) is not None:
-            self._lib.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "ctx", None):
-            self._lib.llama_free(self.ctx)
-            self.ctx = None
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self) -> "BatchEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- vectors -------------------------------------------------------------------------
 
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
         """Apply ``sum(scale * vector)`` here and on the Runner (which validates it); [] clears."""
         self.runner.set_vectors(parts, layer_range)
-        parts = list(parts)
-        if not parts:
-            self._lib.llama_set_adapter_cvec(self.ctx, None, 0, self.runner.n_embd, -1, -1)
-            return
-        lo, hi = layer_range if layer_range is not None else (1, self.runner.n_layer - 1)
-        buf = np.ascontiguousarray(ControlVector.merge(parts).to_buffer(self.runner.n_layer), dtype=np.float32)
-        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = self._lib.llama_set_adapter_cvec(self.ctx, ptr, buf.size, self.runner.n_embd, lo, hi)
-        if rc != 0:
-            raise RsLocalError(f"llama.cpp refused the control vector (code {rc})")
+        push_vectors(self._lib, self.ctx, parts, n_embd=self.runner.n_embd, n_layer=self.runner.n_layer,
+                     layer_range=layer_range)
 
     def clear_vectors(self) -> None:
         self.set_vectors([])

@@ -19,6 +19,7 @@ import numpy as np
 
 from rs_local.errors import ModelError, RsLocalError
 from rs_local.runtime.loading import load_llama
+from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
 
@@ -109,27 +110,17 @@ class Runner:
             self.clear_vectors()
             return
         for vec, _scale in parts:
-            validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=vec.metadata.get("path", "<vector>"))
-        lo, hi = self._check_range(layer_range)
-        merged = ControlVector.merge(parts)
-        buf = np.ascontiguousarray(merged.to_buffer(self.n_layer), dtype=np.float32)
-        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = self._set_cvec(ptr, buf.size, lo, hi)
-        if rc != 0:
-            raise RsLocalError(f"llama.cpp refused the control vector (code {rc})")
+            validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=vec.source or "<vector>")
+        push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer,
+                     layer_range=self._check_range(layer_range))
         self.vectors, self.layer_range = parts, layer_range
         self._kv_valid = False
 
     def clear_vectors(self) -> None:
         """Remove any vector; the next reply is the plain model's."""
-        self._set_cvec(None, 0, -1, -1)
+        push_vectors(self._lib, self.llama.ctx, [], n_embd=self.n_embd, n_layer=self.n_layer)
         self.vectors, self.layer_range = [], None
         self._kv_valid = False
-
-    def _set_cvec(self, ptr, length: int, lo: int, hi: int) -> int:
-        """``llama_set_adapter_cvec``, or its older name on bindings before the rename."""
-        fn = getattr(self._lib, "llama_set_adapter_cvec", None) or self._lib.llama_apply_adapter_cvec
-        return int(fn(self.llama.ctx, ptr, length, self.n_embd, lo, hi))
 
     def _check_range(self, layer_range: tuple[int, int] | None) -> tuple[int, int]:
         if layer_range is None:

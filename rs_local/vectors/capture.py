@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rs_local.errors import FileProblem
+from rs_local.files import atomic_output
 from rs_local.prompts import prompts_hash
 from rs_local.vectors.hf_model import FitModel
 
@@ -364,11 +364,9 @@ def _save_cached(path: Path, acts: Activations) -> None:
         arrays.update({f"m_{k}": v for k, v in acts.moments.to_arrays().items()})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".act-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except OSError:
+        with atomic_output(path, force=True) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # a file object: savez would append ".npz" to a temp name
+    except (OSError, FileProblem):
         pass
 
 

@@ -21,12 +21,15 @@ class ControlVector:
     ``directions`` maps block index (>= 1) to a float32 array of shape ``[n_embd]``.
     ``model_hint`` is the model architecture (``llama``, ``qwen2`` ...) written to the GGUF.
     ``metadata`` is free-form provenance (method, prompt sets, layer table ...), stored in the
-    GGUF under the ``rs_local.`` prefix.
+    GGUF under the ``rs_local.`` prefix. ``source`` is the file this vector was loaded from,
+    for messages; it is kept out of ``metadata`` so that a file's own provenance (which may
+    name any path) can never make an error name another file.
     """
 
     directions: dict[int, np.ndarray]
     model_hint: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         clean: dict[int, np.ndarray] = {}
@@ -68,7 +71,7 @@ class ControlVector:
     def _with(self, directions: Mapping[int, np.ndarray], **meta: Any) -> "ControlVector":
         metadata = dict(self.metadata)
         metadata.update(meta)
-        return ControlVector(dict(directions), self.model_hint, metadata)
+        return ControlVector(dict(directions), self.model_hint, metadata, self.source)
 
     def scaled(self, scale: float) -> "ControlVector":
         """Every direction times ``scale``."""

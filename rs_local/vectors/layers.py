@@ -22,6 +22,7 @@ Automatic band (``--layers auto``), the documented rule:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -117,20 +118,14 @@ def parse_layers(spec: str, n_layer: int) -> list[int] | None:
         return list(range(1, n_layer))
     out: set[int] = set()
     for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise ValueError(f"bad layer spec '{spec}': use auto, all, 8-20 or 8,9,12") from None
-    bad = sorted(x for x in out if x < 1 or x >= n_layer)
-    if bad:
-        raise ValueError(f"layers {bad} out of range: this model's steerable blocks are 1-{n_layer - 1}")
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        if m is None or (m.group(2) is not None and int(m.group(1)) > int(m.group(2))):
+            raise ValueError(f"bad layer spec '{spec[:64]}': use auto, all, 8-20 or 8,9,12")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if lo < 1 or hi >= n_layer:  # checked before the range is built: '1-999999999' must not allocate
+            raise ValueError(f"layers {part.strip()} out of range: this model's steerable blocks are 1-{n_layer - 1}")
+        out.update(range(lo, hi + 1))
     return sorted(out)
 
 
@@ -181,14 +176,16 @@ def table_to_metadata(rows: Iterable[LayerRow]) -> list[dict[str, Any]]:
 
 
 def table_from_metadata(value: Any) -> list[LayerRow]:
-    """Rows back from GGUF metadata (a list of dicts, or its JSON text)."""
-    import json
+    """Rows back from GGUF metadata (a list of dicts, or its JSON text); damage raises ``ValueError``/``TypeError``."""
+    from rs_local.files import parse_json  # depth, number and surrogate limits: no RecursionError from a file
 
-    if isinstance(value, (bytes, str)):
-        value = json.loads(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        value = parse_json(value)
     if not isinstance(value, list):
         raise ValueError("layer_table metadata is not a list")
-    return [LayerRow.from_dict(json.loads(v) if isinstance(v, str) else dict(v)) for v in value]
+    return [LayerRow.from_dict(parse_json(v) if isinstance(v, str) else dict(v)) for v in value]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -244,21 +241,14 @@ def plot_scatter(pos: np.ndarray, neg: np.ndarray, path: str | Path, layer: int,
 
 
 def _save(fig, plt, path: str | Path) -> Path:
-    import os
-    import tempfile
+    """Write the figure atomically (see :mod:`rs_local.files`); the caller checked the path before fitting."""
+    from rs_local.files import atomic_output
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; a plot should get the usual mode
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_output(path, force=True) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -1,0 +1,172 @@
+"""Conditional steering on held-out prompts: plain model vs the policy gate, side by side.
+
+    python benchmarks/conditional_steering.py [--model qwen2.5-coder-0.5b] [--vector political=isolate.gguf]
+        [--remove-scale -1] [--refuse-scale 1] [--max-tokens 32] [--json out.json]
+
+Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
+induced-refusal topic written for this benchmark) is split by a hash of each prompt into a
+fitting part (60%) and a held-out part (40%). The policy is fitted on the fitting parts only
+(political: remove, gambling: refuse, harmful and harmless: keep), then on the held-out parts:
+
+* probe accuracy per category: the gate's decision is the prompt's own category and clears
+  the threshold (an abstention counts as wrong);
+* refusal rate per set, plain vs gated, by the keyword judge
+  (:func:`rs_local.judge.keywords.find_refusal_phrase`; the project's judge is keywords for now);
+* cost: the extra prompt evaluation the gate's reader costs (vs the Runner's own prompt
+  evaluation of the same prompt) and decode tokens/s with and without a vector.
+
+Answers are greedy and short (a refusal shows in its opening) and generated batched
+(:class:`rs_local.runtime.batched.BatchEngine`). A prompt the gate leaves alone gets exactly
+the plain model's answer (tests/test_policy.py checks this), so gated answers are only
+generated for the prompts the gate steers, batched per category with that category's vector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rs_local import models
+from rs_local.errors import RsLocalError
+from rs_local.eval.policy_fit import CategorySpec, fit_policy
+from rs_local.judge.keywords import find_refusal_phrase
+from rs_local.prompts import load_prompts
+from rs_local.runtime.batched import BatchEngine
+from rs_local.runtime.policy import PolicyRunner
+from rs_local.runtime.runner import Runner
+from rs_local.runtime.vector_specs import load_vector_specs
+
+DATA = Path(__file__).resolve().parent.parent / "rs_local" / "data"
+SETS = {"political": "remove", "gambling": "refuse", "harmful": "keep", "harmless": "keep"}
+
+
+def held_out(prompt: str, share: float = 0.4) -> bool:
+    """Deterministic split by prompt text: the same prompt is always on the same side."""
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) / 16**8 < share
+
+
+def split_sets() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    fit, test = {}, {}
+    for name in SETS:
+        prompts = load_prompts(DATA / f"{name}.jsonl")
+        fit[name] = [p for p in prompts if not held_out(p)]
+        test[name] = [p for p in prompts if held_out(p)]
+    return fit, test
+
+
+def msgs(p: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": p}]
+
+
+def refused(texts: list[str]) -> list[bool]:
+    return [find_refusal_phrase(t) is not None for t in texts]
+
+
+def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """Reader time vs the Runner's own prompt evaluation; decode tok/s with the gate's choice vs plain."""
+    runner = gate.runner
+    read, prompt_eval, plain_tps, gated_tps = [], [], [], []
+    for p in prompts:
+        runner.clear_vectors()
+        gate.reader._cached = []  # measure a cold read, as for a new conversation
+        d = gate.decide(msgs(p))
+        read.append(d.read_s)
+        runner._kv_valid = False
+        t = time.perf_counter()
+        runner.next_token_logprobs(msgs(p))
+        prompt_eval.append(time.perf_counter() - t)
+        for steer, sink in ((False, plain_tps), (True, gated_tps)):
+            if steer:
+                gate.apply(d)
+            else:
+                runner.clear_vectors()
+            runner._kv_valid = False
+            runner.next_token_logprobs(msgs(p))
+            t = time.perf_counter()
+            gen = runner.generate(msgs(p), max_tokens=max_tokens)  # prompt cached: mostly decode
+            sink.append(len(gen.tokens) / max(time.perf_counter() - t, 1e-9))
+    runner.clear_vectors()
+    return {"reader_s": float(np.mean(read)), "runner_prompt_eval_s": float(np.mean(prompt_eval)),
+            "prompt_eval_overhead": float(np.mean(read) / max(np.mean(prompt_eval), 1e-9)),
+            "decode_tps_plain": float(np.median(plain_tps)), "decode_tps_gated": float(np.median(gated_tps))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--vector", action="append", default=[], metavar="CATEGORY=PATH")
+    ap.add_argument("--remove-scale", type=float, default=-1.0)
+    ap.add_argument("--refuse-scale", type=float, default=1.0)
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    runner = Runner(models.resolve(args.model), n_ctx=2048)
+    fit_sets, test_sets = split_sets()
+    specs = []
+    for name, action in SETS.items():
+        spec = CategorySpec(name, DATA / f"{name}.jsonl", action, fit_sets[name])
+        spec.scale = {"remove": args.remove_scale, "refuse": args.refuse_scale}.get(action)
+        specs.append(spec)
+    for item in args.vector:
+        name, _, path = item.partition("=")
+        match = [s for s in specs if s.name == name]
+        if not match:
+            raise RsLocalError(f"--vector {name}: no such category")
+        match[0].vector = load_vector_specs([path])[0][0]
+    policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
+                        say=lambda m: print(f"  [fit] {m}", flush=True))
+    fit_s = time.perf_counter() - t0
+    print(f"fitted in {fit_s:.0f}s on {sum(len(v) for v in fit_sets.values())} prompts; probe block {policy.layer}")
+
+    gate = PolicyRunner(runner, policy)
+    decisions = {name: [gate.decide(msgs(p)) for p in prompts] for name, prompts in test_sets.items()}
+    runner.clear_vectors()
+    engine = BatchEngine(runner, n_seq=8, seq_ctx=512)
+    rows, answers = [], {}
+    for name, prompts in test_sets.items():
+        plain = [g.text for g in engine.generate_many([msgs(p) for p in prompts], max_tokens=args.max_tokens)]
+        gated = list(plain)
+        for cat in policy.categories:
+            idx = [i for i, d in enumerate(decisions[name]) if d.action != "keep" and d.category == cat.name]
+            if not idx:
+                continue
+            engine.set_vectors([(cat.vector, cat.scale)])
+            for i, g in zip(idx, engine.generate_many([msgs(prompts[i]) for i in idx], max_tokens=args.max_tokens)):
+                gated[i] = g.text
+            engine.clear_vectors()
+        acc = np.mean([d.category == name and d.gated for d in decisions[name]])
+        steered = sum(d.action != "keep" for d in decisions[name])
+        rows.append({"set": name, "n": len(prompts), "probe_accuracy": float(acc), "steered": steered,
+                     "refused_plain": int(sum(refused(plain))), "refused_gated": int(sum(refused(gated)))})
+        answers[name] = [{"prompt": p, "plain": a, "gated": b, **d.to_dict()}
+                         for p, a, b, d in zip(test_sets[name], plain, gated, decisions[name])]
+    engine.close()
+    cost = measure_cost(gate, test_sets["political"][:3] + test_sets["gambling"][:3], args.max_tokens)
+    gate.close()
+
+    print(f"\nheld-out prompts (never used in fitting), keyword judge, greedy, {args.max_tokens} tokens")
+    print(f"{'set':<10} {'action':<7} {'n':>3} {'probe acc':>9} {'steered':>7} {'refused plain':>14} {'refused gated':>14}")
+    for r in rows:
+        print(f"{r['set']:<10} {SETS[r['set']]:<7} {r['n']:>3} {r['probe_accuracy']:>9.0%} {r['steered']:>7} "
+              f"{r['refused_plain']:>6}/{r['n']:<3} {r['refused_plain'] / r['n']:>4.0%} "
+              f"{r['refused_gated']:>6}/{r['n']:<3} {r['refused_gated'] / r['n']:>4.0%}")
+    print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "
+          f"{cost['runner_prompt_eval_s'] * 1000:.0f} ms (x{cost['prompt_eval_overhead']:.2f} extra prompt eval); "
+          f"decode {cost['decode_tps_plain']:.1f} tok/s plain, {cost['decode_tps_gated']:.1f} tok/s steered")
+    print(f"policy: scales remove {args.remove_scale:g}, refuse {args.refuse_scale:g}; threshold {args.threshold:g}; "
+          f"total {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "cost": cost, "probe_block": policy.layer,
+                                         "policy": policy.summary(), "answers": answers}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Load on ``rs-local serve`` with mixed steering, beside llama-cpp-python's own server, in one run.
+
+Each phase sends a fixed number of greedy chat requests from ``--clients`` concurrent clients
+to a server on 127.0.0.1 and measures errors, latency (p50/p95, as the client sees it) and
+aggregate completion tokens/s. Servers, started and stopped here, one at a time:
+
+* llama-cpp-python's server (through ``rs_local.runtime.upstream_server``, which applies the
+  AMX-safe repack decision), plain model: the baseline;
+* ``rs-local serve`` (default: steering re-applied and prompt cache dropped before every
+  request), once with no steering and once with mixed steering (none / +vector / -vector);
+* ``rs-local serve --prefix-cache``, the same two phases.
+
+Leaks: after each mixed phase every distinct (prompt, steering) pair is sent alone and every
+concurrent answer must equal its solo answer. Switch cost: the server's own time in
+``set_vectors`` over its busy time, and mixed against plain latency on the same server.
+
+    python benchmarks/serve_load.py [--model smollm2-135m] [--clients 8] [--requests 48] [--max-tokens 16]
+
+Targets (issue 13): 0 errors, 0 leaks, steered throughput >= 0.9x llama-cpp-python's,
+switches < 5% of latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rs_local import models
+from rs_local.converters.gguf_io import write_control_vector
+from rs_local.runtime.host import default_threads
+from rs_local.vectors.control_vector import ControlVector
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Explain what a hash map is.",
+    "Write a haiku about rain.",
+    "How do I boil an egg?",
+    "What is 12 times 7?",
+]
+STEERINGS = [[], [{"name": "tilt", "scale": 4.0}], [{"name": "lean", "scale": -4.0}]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_vector(seed: int, n_embd: int, layers: range, norm: float = 8.0) -> ControlVector:
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for layer in layers:
+        d = rng.standard_normal(n_embd).astype(np.float32)
+        dirs[layer] = d * np.float32(norm / np.linalg.norm(d))
+    return ControlVector(dirs, "", {"method": "random", "seed": seed})
+
+
+class Server:
+    """A server process in its own group; ``health`` is the URL polled until it answers."""
+
+    def __init__(self, cmd: list[str], port: int, health: str):
+        self.port, self.base = port, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.base + health, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{cmd[:4]} did not come up")
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.base + "/health", timeout=10) as r:
+            return json.loads(r.read()).get("stats", {})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@dataclass
+class Result:
+    ok: bool
+    text: str = ""
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Phase:
+    name: str
+    results: list[Result] = field(default_factory=list)
+    wall: float = 0.0
+    leaks: int | None = None
+    switch_share: float | None = None
+
+    def row(self) -> dict:
+        lat = sorted(r.seconds for r in self.results if r.ok)
+        tokens = sum(r.tokens for r in self.results if r.ok)
+        return {
+            "phase": self.name, "errors": sum(not r.ok for r in self.results),
+            "leaks": "-" if self.leaks is None else self.leaks,
+            "p50_ms": 1e3 * statistics.median(lat) if lat else float("nan"),
+            "p95_ms": 1e3 * lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan"),
+            "tok_s": tokens / self.wall if self.wall else 0.0,
+            "switch": "-" if self.switch_share is None else f"{100 * self.switch_share:.2f}%",
+        }
+
+
+def request(base: str, model: str, prompt: str, steering: list | None, max_tokens: int) -> Result:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "repeat_penalty": 1.0}  # llama-cpp-python's default penalty is 1.1; make the work equal
+    if steering is not None:
+        body["steering"] = {"vectors": steering}
+    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = json.loads(r.read())
+    except (OSError, ValueError):
+        return Result(False, seconds=time.perf_counter() - t0)
+    return Result(True, out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"],
+                  time.perf_counter() - t0)
+
+
+def plan(n: int, mixed: bool) -> list[tuple[str, int]]:
+    """(prompt, steering index) for each request; mixed cycles the steerings against the prompts."""
+    return [(PROMPTS[i % len(PROMPTS)], (i // len(PROMPTS) + i) % len(STEERINGS) if mixed else 0) for i in range(n)]
+
+
+def run_phase(name: str, server: Server, model: str, jobs: list[tuple[str, int]], args, steer: bool) -> Phase:
+    phase = Phase(name)
+    before = server.stats() if steer else {}
+
+    def one(job):
+        prompt, s = job
+        return request(server.base, model, prompt, STEERINGS[s] if steer else None, args.max_tokens)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        phase.results = list(pool.map(one, jobs))
+    phase.wall = time.perf_counter() - t0
+    if steer:
+        after = server.stats()
+        busy = after["busy_s"] - before["busy_s"]
+        phase.switch_share = (after["switch_s"] - before["switch_s"]) / busy if busy else None
+    return phase
+
+
+def count_leaks(server: Server, model: str, jobs: list[tuple[str, int]], results: list[Result], args) -> int:
+    """Concurrent answers that differ from the same request sent alone."""
+    solo = {}
+    for key in sorted(set(jobs)):
+        solo[key] = request(server.base, model, key[0], STEERINGS[key[1]], args.max_tokens).text
+    return sum(r.ok and r.text != solo[job] for job, r in zip(jobs, results))
+
+
+def ours(vectors: Path, port: int, args, extra: list[str]) -> Server:
+    cmd = [sys.executable, "-m", "rs_local.cli.main", "serve", "--model", args.model, "--port", str(port),
+           "--ctx", str(args.ctx), "--threads", str(args.threads),
+           "--vector", f"tilt={vectors / 'tilt.gguf'}", "--vector", f"lean={vectors / 'lean.gguf'}", *extra]
+    return Server(cmd, port, "/health")
+
+
+def upstream(path: Path, port: int, args) -> Server:
+    cmd = [sys.executable, "-m", "rs_local.runtime.upstream_server", "--model", str(path), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(args.ctx), "--n_threads", str(args.threads),
+           "--n_threads_batch", str(args.threads)]
+    return Server(cmd, port, "/v1/models")
+
+
+def print_table(phases: list[Phase]) -> None:
+    rows = [p.row() for p in phases]
+    print(f"{'phase':38} {'errors':>6} {'leaks':>5} {'p50 ms':>8} {'p95 ms':>8} {'tok/s':>7} {'set_vectors':>11}")
+    for r in rows:
+        print(f"{r['phase']:38} {r['errors']:>6} {str(r['leaks']):>5} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
+              f"{r['tok_s']:>7.1f} {r['switch']:>11}")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"x{a / b:.2f}" if b and a == a and b == b else "n/a"
+
+
+def print_ratios(phases: dict[str, Phase]) -> None:
+    base = phases["llama-cpp-python server, plain"].row()
+    for name in [n for n in phases if n.startswith("rs-local")]:
+        row = phases[name].row()
+        print(f"{name:38} tok/s {ratio(row['tok_s'], base['tok_s'])}  p50 {ratio(row['p50_ms'], base['p50_ms'])}  "
+              f"p95 {ratio(row['p95_ms'], base['p95_ms'])}  (vs llama-cpp-python)")
+    for server in ("rs-local serve", "rs-local serve --prefix-cache"):
+        plain, mixed = phases[f"{server}, plain"].row(), phases[f"{server}, mixed"].row()
+        print(f"{server:38} mixed/plain p50 {ratio(mixed['p50_ms'], plain['p50_ms'])}  "
+              f"tok/s {ratio(mixed['tok_s'], plain['tok_s'])}  (cost of switching steering)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=default_threads())
+    args = ap.parse_args()
+    path = models.resolve(args.model)
+    model_id = args.model if args.model in models.MODELS else path.stem
+    print(f"model {path.name}, {args.clients} clients, {args.requests} requests x {args.max_tokens} tokens, "
+          f"greedy, {args.threads} threads, ctx {args.ctx}")
+    phases: dict[str, Phase] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        vectors = Path(tmp)
+        n_embd, n_layer = _model_shape(path)
+        for seed, name in ((1, "tilt"), (2, "lean")):
+            write_control_vector(random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3)), vectors / f"{name}.gguf")
+        srv = upstream(path, free_port(), args)
+        try:
+            phases["llama-cpp-python server, plain"] = run_phase("llama-cpp-python server, plain", srv, model_id,
+                                                                 plan(args.requests, False), args, steer=False)
+        finally:
+            srv.stop()
+        for label, extra in (("rs-local serve", []), ("rs-local serve --prefix-cache", ["--prefix-cache"])):
+            srv = ours(vectors, free_port(), args, extra)
+            try:
+                for mixed in (False, True):
+                    name = f"{label}, {'mixed' if mixed else 'plain'}"
+                    jobs = plan(args.requests, mixed)
+                    phases[name] = run_phase(name, srv, model_id, jobs, args, steer=True)
+                    if mixed:
+                        phases[name].leaks = count_leaks(srv, model_id, jobs, phases[name].results, args)
+            finally:
+                srv.stop()
+    print_table(list(phases.values()))
+    print()
+    print_ratios(phases)
+
+
+def _model_shape(path: Path) -> tuple[int, int]:
+    """n_embd and block count from the GGUF header (no model load in this process)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    get = lambda key: int(reader.fields[f"{arch}.{key}"].parts[-1][0])  # noqa: E731
+    return get("embedding_length"), get("block_count")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""`rs-local policy fit` and `rs-local policy show`: conditional steering policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rs_local.cli.options import check_output, load_runner, model_option, number, runtime_options, say
+from rs_local.errors import RsLocalError
+from rs_local.files import dumps
+
+
+@click.group()
+def policy() -> None:
+    """Per-prompt steering: category probes decide which vector (if any) applies."""
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or not rest:
+            raise RsLocalError(f"bad {option} '{v[:80]}': expected CATEGORY=VALUE")
+        if name in out:
+            raise RsLocalError(f"{option} {name} is given twice")
+        out[name] = rest
+    return out
+
+
+def _specs(categories: tuple[str, ...], vectors: tuple[str, ...], scales: tuple[str, ...]):
+    """Parse everything that needs no model: categories, their files, vectors and scales."""
+    from rs_local.eval.policy_fit import check_scale_sign, load_category_prompts, parse_category
+    from rs_local.runtime.vector_specs import load_vector_specs, parse_scale
+
+    specs = [parse_category(c) for c in categories]
+    by_name = {s.name: s for s in specs}
+    for option, pairs in (("--vector", _pairs(vectors, "--vector")), ("--scale", _pairs(scales, "--scale"))):
+        for name, value in pairs.items():
+            spec = by_name.get(name)
+            if spec is None:
+                raise RsLocalError(f"{option} {name}: no such category ({', '.join(by_name)})")
+            if spec.action == "keep":
+                raise RsLocalError(f"{option} {name}: a keep category is never steered")
+            if option == "--vector":
+                spec.vector = load_vector_specs([value])[0][0]
+            else:
+                spec.scale = parse_scale(value, f"scale for {name}")
+                check_scale_sign(spec)
+    load_category_prompts(specs)
+    return specs
+
+
+def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
+    from rs_local.vectors.layers import parse_layers
+
+    if spec is None:
+        return None
+    try:
+        blocks = parse_layers(spec, n_layer)
+    except ValueError as exc:
+        raise RsLocalError(f"{option}: {exc}") from None
+    if not blocks:
+        raise RsLocalError(f"{option}: give blocks explicitly, e.g. 8-16")
+    return blocks
+
+
+@policy.command("fit")
+@click.option("--category", "categories", multiple=True, required=True, metavar="NAME=FILE:ACTION",
+              help="A category: its prompt file and action (remove / refuse / keep). Repeat for each.")
+@click.option("--vector", "vectors", multiple=True, metavar="NAME=PATH",
+              help="Use this vector file for a steered category instead of the mean difference.")
+@click.option("--scale", "scales", multiple=True, metavar="NAME=X",
+              help="Scale for a category (default: -1 for remove, +1 for refuse).")
+@click.option("--baseline", default=None, help="The benign category directions are measured from (default: benign/harmless).")
+@click.option("--refusal-from", default=None, help="Category the model refuses, for refuse directions (default: harmful).")
+@click.option("--threshold", type=number(0.01, 0.99), default=0.5, show_default=True,
+              help="Below this probe confidence the gate abstains and the plain model answers.")
+@click.option("--layers", default=None, metavar="BLOCKS", help="Blocks the fitted directions steer (default: middle third).")
+@click.option("--probe-layers", default=None, metavar="BLOCKS", help="Candidate probe blocks (default: middle half).")
+@click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True,
+              help="Grouped cross-validation folds for choosing the probe and reporting held-out accuracy.")
+@click.option("--check-refusals/--no-check-refusals", default=True, show_default=True,
+              help="Refuse a remove category the model never refuses (answers up to 16 of its prompts first).")
+@click.option("--system", default=None, help="System prompt the gate will see (the probe reads the whole chat).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite the output.")
+@model_option
+@runtime_options
+def fit(categories, vectors, scales, baseline, refusal_from, threshold, layers, probe_layers, folds, check_refusals: bool,
+        system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
+    """Fit category probes and per-category vectors into one policy file."""
+    from rs_local.converters.gguf_io import validate_for_model
+    from rs_local.eval.policy_fit import check_refuses, fit_policy
+    from rs_local.runtime.policy_file import write_policy
+
+    check_output(output, force)
+    specs = _specs(categories, vectors, scales)
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    for spec in specs:  # a given vector must fit the model before anything is read
+        if spec.vector is not None:
+            validate_for_model(spec.vector, n_embd=runner.n_embd, n_layer=runner.n_layer, path=spec.vector.source or spec.name)
+    if check_refusals:
+        for spec in specs:
+            if spec.action == "remove":
+                n = check_refuses(runner, spec)
+                say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
+    pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),
+                     steer_blocks=_blocks(layers, runner.n_layer, "--layers"), baseline=baseline,
+                     refusal_from=refusal_from, threshold=threshold, system=system, k=folds, say=say)
+    write_policy(pol, output, force=force)
+    _print_summary(pol.summary(), str(output))
+
+
+@policy.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def show(path: Path, as_json: bool) -> None:
+    """Categories, probe block, held-out accuracy, actions and thresholds of a policy file."""
+    from rs_local.runtime.policy_file import read_policy
+
+    summary = read_policy(path).summary()
+    if as_json:
+        click.echo(dumps(summary))
+        return
+    _print_summary(summary, str(path))
+
+
+def _print_summary(s: dict, path: str) -> None:
+    click.echo(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
+               f"{s['n_layer']} blocks); probe block {s['probe_block']}")
+    click.echo(f"  {'category':<16} {'action':<7} {'scale':>6} {'thresh':>6} {'held-out':>8} {'prompts':>7}  vector")
+    for c in s["categories"]:
+        acc = "-" if c["heldout_accuracy"] is None else f"{c['heldout_accuracy']:.1%}"
+        vec = "" if c["blocks"] is None else f"blocks {c['blocks']}: {c['vector'] or ''}"
+        click.echo(f"  {c['name']:<16} {c['action']:<7} {c['scale']:>6g} {c['threshold']:>6.2f} {acc:>8} "
+                   f"{c['prompts']:>7}  {vec}")
+
+
+COMMANDS = [policy]

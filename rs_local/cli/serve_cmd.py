@@ -1,0 +1,79 @@
+"""``rs-local serve``: parse options, load the model and vectors, start the server (logic in rs_local.serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rs_local.cli.options import load_runner, model_option, runtime_options, say
+from rs_local.errors import RsLocalError
+from rs_local.models import MODELS
+
+
+def _named_vectors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Check NAME=PATH[:SCALE] syntax before the model loads."""
+    from rs_local.serve.steering import parse_named_spec
+
+    for spec in value:
+        try:
+            parse_named_spec(spec)
+        except RsLocalError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _defaults(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
+    from rs_local.serve.steering import parse_default_spec
+
+    try:
+        return tuple(parse_default_spec(spec) for spec in value)
+    except RsLocalError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _web_stack() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(f"rs-local serve needs the serve extra ({exc.name} is missing): "
+                                   "pip install 'rs-local[serve]'") from None
+
+
+@click.command()
+@model_option
+@click.option("--vector", "vector_specs", multiple=True, metavar="NAME=PATH[:SCALE]", callback=_named_vectors,
+              help="A vector requests may name (repeatable); SCALE is its default scale.")
+@click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Load every *.gguf in DIR, named by file stem, default scale 1.")
+@click.option("--default-steering", "default_specs", multiple=True, metavar="NAME[:SCALE]", callback=_defaults,
+              help="Steering for requests that ask for none (repeatable). Default: none.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="RS_LOCAL_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 (also RS_LOCAL_API_KEY, kept out of `ps`).")
+@click.option("--prefix-cache/--no-prefix-cache", default=False, show_default=True,
+              help="Reuse the cached prompt prefix between requests with the same steering (faster; "
+                   "answers may then depend in the last bits on the previous request).")
+@runtime_options
+def serve(model: str, vector_specs, vectors_dir, default_specs, host: str, port: int, api_key: str | None,
+          prefix_cache: bool, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
+    """OpenAI-compatible server; each request picks its steering (body field or model name)."""
+    _web_stack()
+    from rs_local.serve.app import build_service, serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        say(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
+    runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    model_id = model if model in MODELS else runner.path.stem
+    service = build_service(runner, model_id, vector_specs=vector_specs, vectors_dir=vectors_dir,
+                            default_specs=default_specs, prefix_cache=prefix_cache)
+    names = ", ".join(service.library.vectors) or "none"
+    say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; default steering: "
+        f"{service.default.label()}; weight repacking {runner.repack_decision})")
+    run_server(service, host=host, port=port, api_key=api_key)
+
+
+COMMANDS = [serve]

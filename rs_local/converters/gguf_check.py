@@ -1,0 +1,550 @@
+"""One bounded validation of GGUF control-vector files, mirroring llama.cpp rule for rule.
+
+Two layers of llama.cpp decide whether a control vector is used:
+
+* ggml's GGUF parser (``gguf_init_from_file`` in ggml/src/gguf.cpp), which the loader calls
+  with ``no_alloc = false``, so it also reads the whole data section;
+* the control-vector loader (``common_control_vector_load_one`` in common/common.cpp), which
+  reads no metadata and takes every tensor as ``direction.<N>`` parsed with ``std::stoi``.
+
+This module walks the file itself with ``struct`` and bounded reads: every count, length and
+offset is compared with the bytes actually left in the file *before* anything is allocated
+for it, so a 5 KB file that declares a billion-element array is refused in microseconds.
+The rule is "accept no file that llama.cpp rejects": where llama.cpp is looser than makes
+sense for a steering vector (NaN values, ``direction.5abc`` read as block 5 by ``stoi``, a
+tensor name with a NUL inside, no ``general.architecture``) we are stricter, never looser.
+A test (tests/fuzz) runs ggml's own parser from the installed llama-cpp-python over every
+fuzz case we accept.
+
+The result carries only what rs-local needs: the decoded values of the keys a caller asks
+for (other keys are skipped, never decoded) and the summed direction data per block.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+from rs_local.errors import VectorFileError
+
+# ---- constants of the vendored llama.cpp (llama-cpp-python 0.3.36) ------------------------
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3  # newest version ggml reads; 1 is refused, 0 is invalid
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_MAX_STRING_LENGTH = 1 << 30
+GGUF_MAX_ARRAY_ELEMENTS = 1 << 30
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64  # a tensor name must be shorter than this, in bytes
+GGML_TYPE_COUNT = 43
+GGML_TYPE_F32 = 0
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+SIZE_MAX = 2**64 - 1
+
+# GGUF value types (gguf.h) and how each scalar is stored.
+T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
+T_STRING, T_ARRAY, T_UINT64, T_INT64, T_FLOAT64 = range(8, 13)
+_SCALAR = {
+    T_UINT8: "<B", T_INT8: "<b", T_UINT16: "<H", T_INT16: "<h", T_UINT32: "<I", T_INT32: "<i",
+    T_FLOAT32: "<f", T_BOOL: "<b", T_UINT64: "<Q", T_INT64: "<q", T_FLOAT64: "<d",
+}
+TYPE_NAMES = {
+    T_UINT8: "UINT8", T_INT8: "INT8", T_UINT16: "UINT16", T_INT16: "INT16", T_UINT32: "UINT32",
+    T_INT32: "INT32", T_FLOAT32: "FLOAT32", T_BOOL: "BOOL", T_STRING: "STRING", T_ARRAY: "ARRAY",
+    T_UINT64: "UINT64", T_INT64: "INT64", T_FLOAT64: "FLOAT64",
+}
+_HEADER = struct.Struct("<4sIqq")  # magic, version, n_tensors, n_kv
+# Smallest possible encodings, used to bound the declared counts by the bytes left: a KV pair
+# is a non-empty key (8 + 1), a type (4) and a one-byte value; a tensor info is an empty name
+# (8), n_dims = 0 (4), a type (4) and an offset (8).
+_MIN_KV_BYTES = 8 + 1 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+
+# ---- rs-local's own bounds (stricter than llama.cpp, far above any real control vector) ----
+MAX_TENSORS = 1 << 16  # a vector has one tensor per block; models have < 200 blocks
+MAX_KEYS = 1 << 16  # vectors carry a few dozen keys, model files a few hundred
+MAX_STRINGS = 1 << 22  # strings walked per file (a model's vocabulary is < 300k): keeps the walk under seconds
+MAX_META_ITEMS = 1 << 20  # elements of one decoded metadata array
+MAX_META_BYTES = 16 << 20  # bytes of one decoded metadata string
+# llama.cpp's loader allocates n_embd * block floats for a file's highest block: direction.2000000000
+# would ask for gigabytes. Models have at most a few hundred blocks.
+MAX_BLOCK = 1 << 14
+
+# What llama.cpp's loader takes as a direction, minus std::stoi's leniency (leading blanks,
+# a sign, trailing junk): ASCII digits only, because Python's \d also matches "٣" or "３".
+DIRECTION_NAME = re.compile(rb"direction\.([0-9]+)")
+
+
+def _pad(x: int, n: int) -> int:
+    """GGML_PAD for a power-of-two ``n``."""
+    return (x + n - 1) & ~(n - 1)
+
+
+def show(raw: bytes | str) -> str:
+    """A name or key as it may appear in a one-line message: quoted, control characters escaped.
+
+    ``repr`` escapes newlines, ESC, C1 controls, bidi overrides and lone surrogates, so a
+    hostile name cannot break the message onto a second line or drive the terminal.
+    """
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+    return repr(text)
+
+
+def label(raw: bytes | str) -> str:
+    """A key or name for a message: as is when plainly printable, else quoted like ``show``."""
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+    plain = text and text.isprintable() and text.strip() == text and not set(text) & set("'\"\\")
+    return text if plain else show(text)
+
+
+def tensor_label(name: bytes) -> str:
+    """A tensor name as a message shows it: plain when canonical ``direction.N``, else quoted."""
+    return name.decode("ascii") if DIRECTION_NAME.fullmatch(name) else show(name)
+
+
+def ggml_type_name(ggml_type: int) -> str:
+    """``F16``, ``Q4_0`` ... from the gguf package's enum, or ``type <n>`` for an unknown id."""
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return f"type {ggml_type}"
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading only if it is a regular file; return the handle and its size.
+
+    Opened with O_NONBLOCK and checked with fstat, so a FIFO or a device given as a vector
+    is refused at once instead of blocking forever (FIFO) or reading without end (/dev/zero),
+    and the check cannot race with a rename between stat and open.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise VectorFileError(path, "file not found") from None
+    except IsADirectoryError:
+        raise VectorFileError(path, "not a file (a directory)") from None
+    except OSError as exc:
+        raise VectorFileError(path, f"cannot read: {os.strerror(exc.errno or errno.EIO)}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise VectorFileError(path, "not a file (a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise VectorFileError(path, "not a regular file (a pipe, socket or device)")
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Cursor:
+    """Reads from a file where every length is first checked against the bytes left.
+
+    Nothing is read or allocated for a count until the file is known to hold that much, so
+    the memory spent is bounded by the file's size, whatever its header declares.
+    """
+
+    def __init__(self, fh: BinaryIO, path: Path, size: int):
+        self.fh, self.path, self.size, self.pos = fh, path, size, 0
+        self.strings_left = MAX_STRINGS
+
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def truncated(self, detail: str) -> VectorFileError:
+        return VectorFileError(self.path, f"truncated or corrupt GGUF file: {detail}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise self.truncated(f"{what} needs {n} bytes but only {self.left} are left")
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        data = self.fh.read(n)
+        if len(data) != n:  # the file shrank while we read it
+            raise self.truncated(f"{what} is cut short")
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.fh.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.take(size, what))[0]
+
+    def string(self, what: str, *, keep: bool = True, limit: int | None = None) -> bytes | None:
+        """A GGUF string (u64 length + bytes), refused like gguf_reader::read(std::string)."""
+        self.strings_left -= 1
+        if self.strings_left < 0:
+            raise VectorFileError(self.path, f"more than {MAX_STRINGS} strings, far more than a control vector holds")
+        n = self.unpack("<Q", f"length of {what}")
+        if n > GGUF_MAX_STRING_LENGTH:
+            raise VectorFileError(self.path, f"corrupt GGUF file: {what} declares {n} bytes, over llama.cpp's limit of 2^30")
+        self.need(n, what)
+        if not keep:
+            self.skip(n, what)
+            return None
+        if limit is not None and n > limit:
+            raise VectorFileError(self.path, f"{what} is {n} bytes, more than rs-local reads ({limit})")
+        return self.take(n, what)
+
+
+# --------------------------------------------------------------------------- parsed form
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One metadata entry: its GGUF type (the element type for arrays) and, if asked for, its value."""
+
+    type: int
+    is_array: bool
+    value: Any = None  # str/int/float/bool, a list of them, or None when not decoded
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as ggml records it: padded shape ``ne`` (4 entries), type and data offset."""
+
+    name: bytes
+    n_dims: int
+    ne: tuple[int, int, int, int]
+    ggml_type: int
+    offset: int
+
+    @property
+    def nelements(self) -> int:
+        return self.ne[0] * self.ne[1] * self.ne[2] * self.ne[3]
+
+    @property
+    def nbytes(self) -> int:
+        """ggml_nbytes for F32 (the only type that reaches this point): 0 if any ne is 0."""
+        return 0 if min(self.ne) <= 0 else 4 * self.nelements
+
+    @property
+    def ggml_n_dims(self) -> int:
+        """ggml_n_dims: trailing dimensions of size 0 or 1 do not count; at least 1."""
+        for i in range(GGML_MAX_DIMS - 1, 0, -1):
+            if self.ne[i] > 1:
+                return i + 1
+        return 1
+
+    @property
+    def label(self) -> str:
+        return tensor_label(self.name)
+
+
+@dataclass
+class GGUFFile:
+    """What the walk found: header, the keys (values only for wanted ones), tensors and layout."""
+
+    version: int
+    kv: dict[str, KeyValue] = field(default_factory=dict)
+    tensors: list[TensorInfo] = field(default_factory=list)
+    alignment: int = GGUF_DEFAULT_ALIGNMENT
+    data_offset: int = 0
+    data_size: int = 0  # the padded data section llama.cpp reads (ctx->size)
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _header(cur: _Cursor) -> tuple[int, int, int]:
+    """Magic, version and counts, refused exactly where gguf_init_from_reader refuses them."""
+    if cur.size < 4:
+        if cur.size and GGUF_MAGIC.startswith(cur.fh.read(cur.size)):
+            raise cur.truncated(f"only {cur.size} bytes")
+        raise VectorFileError(cur.path, "empty file, not a GGUF control vector" if not cur.size else "not a GGUF file")
+    magic = cur.take(4, "magic")
+    if magic != GGUF_MAGIC:
+        raise VectorFileError(cur.path, f"not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    version = cur.unpack("<I", "version")
+    if version == 0:
+        raise VectorFileError(cur.path, "corrupt GGUF file: version 0")
+    if version & 0xFFFF == 0:
+        raise VectorFileError(
+            cur.path, f"GGUF version reads as {version:#x}: a big-endian file, which llama.cpp does not load"
+        )
+    if version == 1:
+        raise VectorFileError(cur.path, "GGUF version 1 is no longer supported by llama.cpp")
+    if version > GGUF_VERSION:
+        raise VectorFileError(cur.path, f"GGUF version {version} is newer than llama.cpp reads ({GGUF_VERSION})")
+    n_tensors = cur.unpack("<q", "tensor count")
+    n_kv = cur.unpack("<q", "key count")
+    if n_tensors < 0 or n_kv < 0:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: negative count ({n_tensors} tensors, {n_kv} keys)")
+    need = n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES
+    if need > cur.left:
+        raise cur.truncated(f"header declares {n_tensors} tensors and {n_kv} keys, "
+                            f"at least {need} bytes, but only {cur.left} follow")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KEYS:
+        raise VectorFileError(cur.path, f"{n_tensors} tensors and {n_kv} keys, more than a control vector has "
+                                        f"(rs-local reads up to {MAX_TENSORS} and {MAX_KEYS})")
+    return version, n_tensors, n_kv
+
+
+def _element_size(cur: _Cursor, key: str, vtype: int, is_array: bool) -> int:
+    """Bytes per element (8 = the length prefix for strings); refuses types llama.cpp refuses."""
+    if vtype == T_ARRAY and is_array:
+        raise VectorFileError(cur.path, f"key {key} is an array of arrays, which llama.cpp rejects")
+    if vtype == T_STRING:
+        return 8
+    if vtype not in _SCALAR:
+        raise VectorFileError(cur.path, f"key {key} has invalid GGUF type {vtype}")
+    return struct.calcsize(_SCALAR[vtype])
+
+
+def _scalar(cur: _Cursor, vtype: int, what: str) -> Any:
+    value = cur.unpack(_SCALAR[vtype], what)
+    return value != 0 if vtype == T_BOOL else value
+
+
+def _text(raw: bytes) -> str:
+    """Metadata text: invalid UTF-8 (lone surrogates included) becomes U+FFFD, never an error later."""
+    return raw.decode("utf-8", errors="replace")
+
+
+def _value(cur: _Cursor, key: str, vtype: int, is_array: bool, count: int, keep: bool) -> Any:
+    """Read (``keep``) or skip one value, bounding every length by the bytes left first."""
+    size = _element_size(cur, key, vtype, is_array)
+    what = f"value of key {key}"
+    if not is_array:
+        if vtype == T_STRING:
+            raw = cur.string(what, keep=keep, limit=MAX_META_BYTES)
+            return None if raw is None else _text(raw)
+        if not keep:
+            cur.skip(size, what)
+            return None
+        return _scalar(cur, vtype, what)
+    if count > GGUF_MAX_ARRAY_ELEMENTS:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: key {key} declares {count} elements, over llama.cpp's limit of 2^30")
+    cur.need(count * size, f"{what} ({count} elements)")
+    if keep and count > MAX_META_ITEMS:
+        raise VectorFileError(cur.path, f"key {key} holds {count} elements, more than rs-local reads ({MAX_META_ITEMS})")
+    if vtype == T_STRING:
+        items = [cur.string(f"{what}[{i}]", keep=keep, limit=MAX_META_BYTES) for i in range(count)]
+        return [_text(raw) for raw in items] if keep else None
+    if not keep:
+        cur.skip(count * size, what)
+        return None
+    data = np.frombuffer(cur.take(count * size, what), dtype=np.dtype(_SCALAR[vtype]))
+    return [v != 0 for v in data.tolist()] if vtype == T_BOOL else data.tolist()
+
+
+def _key(cur: _Cursor, i: int, seen: set[bytes]) -> tuple[str, bool]:
+    """Key ``i`` decoded (U+FFFD for invalid UTF-8) and whether it was valid UTF-8."""
+    raw = cur.string(f"key {i}")
+    assert raw is not None
+    if not raw:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: key {i} is empty")
+    if raw in seen:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: duplicate key {show(raw)}")
+    seen.add(raw)
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), False
+
+
+def _kv_pairs(cur: _Cursor, n_kv: int, want: Callable[[str], bool],
+              on_key: Callable[[str, KeyValue], None]) -> dict[str, KeyValue]:
+    """Every key-value pair, in file order; values decoded only where ``want(key)``."""
+    seen: set[bytes] = set()
+    out: dict[str, KeyValue] = {}
+    for i in range(n_kv):
+        key, valid = _key(cur, i, seen)
+        shown = label(key)
+        vtype = cur.unpack("<i", f"type of key {shown}")
+        is_array, count = vtype == T_ARRAY, 1
+        if is_array:
+            vtype = cur.unpack("<i", f"element type of key {shown}")
+            count = cur.unpack("<Q", f"length of key {shown}")
+        keep = want(key)
+        if keep and not valid:
+            raise VectorFileError(cur.path, f"metadata key {shown} is not valid UTF-8")
+        value = _value(cur, shown, vtype, is_array, count, keep)
+        if key in out and keep:  # two byte-distinct keys that decode alike
+            raise VectorFileError(cur.path, f"metadata key {shown} appears twice")
+        entry = KeyValue(vtype, is_array, value, count)
+        out.setdefault(key, entry)
+        on_key(key, entry)
+    return out
+
+
+def _alignment(cur: _Cursor, kv: dict[str, KeyValue]) -> int:
+    """general.alignment: a scalar UINT32 power of two, else the default 32 (as ggml)."""
+    entry = kv.get("general.alignment")
+    if entry is None:
+        return GGUF_DEFAULT_ALIGNMENT
+    if entry.type != T_UINT32 or entry.is_array:
+        kind = f"an array of {TYPE_NAMES.get(entry.type, entry.type)}" if entry.is_array else TYPE_NAMES.get(entry.type)
+        raise VectorFileError(cur.path, f"corrupt GGUF file: general.alignment is {kind}, llama.cpp needs a UINT32")
+    value = entry.value
+    if value == 0 or value & (value - 1):
+        raise VectorFileError(cur.path, f"corrupt GGUF file: general.alignment {value} is not a power of 2")
+    return value
+
+
+def _tensor_info(cur: _Cursor, i: int, seen: set[bytes]) -> TensorInfo:
+    """One tensor info, with ggml's checks on name, shape, element count and type."""
+    name = cur.string(f"name of tensor {i}")
+    assert name is not None
+    if len(name) >= GGML_MAX_NAME:
+        raise VectorFileError(cur.path, f"tensor name {show(name[:80])} is {len(name)} bytes, llama.cpp allows {GGML_MAX_NAME - 1}")
+    if b"\0" in name:  # ggml would cut it at the NUL and look up another tensor by that name
+        raise VectorFileError(cur.path, f"tensor name {show(name)} contains a NUL byte")
+    if name in seen:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: duplicate tensor name {show(name)}")
+    seen.add(name)
+    shown = tensor_label(name)
+    n_dims = cur.unpack("<I", f"dimension count of {shown}")
+    if n_dims > GGML_MAX_DIMS:
+        raise VectorFileError(cur.path, f"{shown} has {n_dims} dimensions, llama.cpp allows at most {GGML_MAX_DIMS}")
+    ne = [cur.unpack("<q", f"shape of {shown}") for _ in range(n_dims)] + [1] * (GGML_MAX_DIMS - n_dims)
+    if any(d < 0 for d in ne):
+        raise VectorFileError(cur.path, f"corrupt GGUF file: {shown} has a negative dimension {ne[:n_dims]}")
+    total = 1
+    for d in ne:
+        total *= d
+    if total > INT64_MAX:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: {shown} has {total} elements, more than ggml can count")
+    ggml_type = cur.unpack("<i", f"type of {shown}")
+    if not 0 <= ggml_type < GGML_TYPE_COUNT:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: {shown} has invalid ggml type {ggml_type}")
+    if ggml_type != GGML_TYPE_F32:  # the loader's rule, applied early: no size table needed
+        raise VectorFileError(cur.path, f"{shown} is {ggml_type_name(ggml_type)}, llama.cpp needs F32")
+    if total > SIZE_MAX // 4:
+        raise VectorFileError(cur.path, f"corrupt GGUF file: {shown} is larger than memory can address")
+    offset = cur.unpack("<Q", f"data offset of {shown}")
+    return TensorInfo(name, n_dims, (ne[0], ne[1], ne[2], ne[3]), ggml_type, offset)
+
+
+def _layout(cur: _Cursor, parsed: GGUFFile) -> None:
+    """Where the data section starts and how long it is, by ggml's rule.
+
+    ggml computes each tensor's offset as the running sum of the previous tensors' sizes,
+    each padded to the alignment, and rejects any other offset: so gaps, overlaps, shared
+    offsets, out-of-order tensors and F32 tensors followed by F16-sized data all fail here.
+    With ``no_alloc = false`` (the control-vector loader) it then reads the whole padded
+    section, so the file must hold it, padding after the last tensor included.
+    """
+    align = parsed.alignment
+    start = _pad(cur.pos, align) if parsed.tensors else cur.pos
+    if start > cur.size:
+        raise cur.truncated(f"data section would start at byte {start}, past the end of the file ({cur.size})")
+    size = 0
+    for t in parsed.tensors:
+        if t.offset != size:
+            raise VectorFileError(cur.path, f"corrupt GGUF file: {t.label} has data offset {t.offset}, "
+                                            f"llama.cpp expects {size} (tensors must be packed in order)")
+        size += _pad(t.nbytes, align)
+        if size > SIZE_MAX:
+            raise VectorFileError(cur.path, f"corrupt GGUF file: data section size overflows at {t.label}")
+    if start + size > cur.size:
+        raise cur.truncated(f"tensor data needs {size} bytes from byte {start}, the file ends at {cur.size}")
+    parsed.data_offset, parsed.data_size = start, size
+
+
+def parse_gguf(fh: BinaryIO, path: Path, size: int, *, want: Callable[[str], bool] = lambda key: False,
+               on_key: Callable[[str, KeyValue], None] = lambda key, kv: None) -> GGUFFile:
+    """Walk a GGUF file as ggml's parser does, refusing what it refuses, bounded by ``size``.
+
+    ``want(key)`` says which values to decode; ``on_key`` sees each entry as it is read and
+    may raise to stop early (a model file given as a vector is refused at its first key).
+    Every tensor must be F32 (the control-vector loader's rule, checked here so no table of
+    quantized block sizes is needed).
+    """
+    cur = _Cursor(fh, path, size)
+    version, n_tensors, n_kv = _header(cur)
+    parsed = GGUFFile(version)
+    parsed.kv = _kv_pairs(cur, n_kv, lambda key: key == "general.alignment" or want(key), on_key)
+    parsed.alignment = _alignment(cur, parsed.kv)
+    seen: set[bytes] = set()
+    parsed.tensors = [_tensor_info(cur, i, seen) for i in range(n_tensors)]
+    _layout(cur, parsed)
+    return parsed
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def direction_layer(path: Path, t: TensorInfo) -> int:
+    """Block index of a ``direction.N`` tensor, refused where llama.cpp's loader refuses it.
+
+    llama.cpp takes the text after the first '.' with ``std::stoi``: an int, so an index past
+    2^31-1 throws and the file is skipped; 0 and negatives are refused too. Names that
+    ``stoi`` would bend into a number ("direction. 5", "direction.+5", "direction.5abc")
+    are refused here as not canonical; non-ASCII digits are refused by both.
+    """
+    match = DIRECTION_NAME.fullmatch(t.name)
+    if not match:
+        raise VectorFileError(path, f"tensor {t.label} is not named direction.N with N in ASCII digits "
+                                    "(llama.cpp would skip the file)")
+    layer = int(match.group(1))  # at most 53 digits: far below int()'s 4300-digit limit
+    if layer == 0:
+        raise VectorFileError(path, f"{t.label}: block 0 cannot be steered (llama.cpp rejects the file)")
+    if layer > INT32_MAX:
+        raise VectorFileError(path, f"{t.label}: block index is past 2^31-1, out of range for llama.cpp (std::stoi)")
+    if layer > MAX_BLOCK:
+        raise VectorFileError(path, f"{t.label}: block {layer} is past any model's depth (rs-local reads up to {MAX_BLOCK}; "
+                                    "llama.cpp would allocate n_embd x block floats for it)")
+    return layer
+
+
+def _check_direction(path: Path, t: TensorInfo, n_embd: int | None, first: str | None) -> int:
+    """Shape rules of the loader (1-D by ggml_n_dims, one n_embd for all); returns n_embd."""
+    if t.ggml_n_dims != 1:
+        raise VectorFileError(path, f"{t.label} has shape {list(t.ne[:max(t.n_dims, 1)])}, llama.cpp needs a 1-D tensor")
+    n = t.nelements
+    if n_embd is not None and n != n_embd:
+        raise VectorFileError(path, f"{t.label} has {n} values but {first} has {n_embd} (inconsistent n_embd)")
+    if n == 0:
+        raise VectorFileError(path, f"{t.label} has no values")
+    return n
+
+
+def read_directions(fh: BinaryIO, path: Path, parsed: GGUFFile) -> dict[int, np.ndarray]:
+    """The loader's walk over the tensors: block index, F32, 1-D, one n_embd; data summed per block.
+
+    llama.cpp adds tensors that parse to the same block (``direction.5`` and ``direction.05``)
+    in file order, and so do we. It computes ``n_embd * block`` in ``int``; a product past
+    2^31-1 overflows there (and would allocate gigabytes), so such a file is refused.
+    """
+    if not parsed.tensors:
+        raise VectorFileError(path, "no direction tensors (llama.cpp would skip the file)")
+    directions: dict[int, np.ndarray] = {}
+    n_embd: int | None = None
+    first: str | None = None
+    for t in parsed.tensors:
+        layer = direction_layer(path, t)
+        n_embd = _check_direction(path, t, n_embd, first)
+        first = first or t.label
+        if n_embd * layer > INT32_MAX:
+            raise VectorFileError(path, f"{t.label}: n_embd {n_embd} times block {layer} overflows llama.cpp's int arithmetic")
+        fh.seek(parsed.data_offset + t.offset)
+        raw = fh.read(t.nbytes)
+        if len(raw) != t.nbytes:
+            raise VectorFileError(path, f"truncated or corrupt GGUF file: data of {t.label} is cut short")
+        vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(vec)):
+            raise VectorFileError(path, f"{t.label} contains NaN or Inf")
+        with np.errstate(over="ignore"):  # a sum that overflows is refused by ControlVector as Inf
+            directions[layer] = directions[layer] + vec if layer in directions else vec
+    return directions

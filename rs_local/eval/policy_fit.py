@@ -1,0 +1,269 @@
+"""Fitting a policy: category probes on llama.cpp activations, and a direction per steered category.
+
+Torch-free on purpose: the activations come from llama.cpp itself (the GGUF the user runs,
+through :class:`rs_local.runtime.activations.BlockReader`), so what the probe learns is what
+the gate will read at run time, quantisation included.
+
+Probes: one-vs-rest ridge probes (:mod:`rs_local.judge.probe_fit`, the judge's own fitting
+code) on one shared block; the block and penalty are chosen by grouped k-fold accuracy of the
+argmax decision (balanced over categories, so a small category counts as much as a big one),
+and the accuracy reported per category is that out-of-fold accuracy: every prompt is
+classified by probes that never saw it.
+
+Directions (first version): for ``remove`` categories the difference of means between the
+category and the baseline (benign) category at each steered block, which points toward what
+makes the category (refused) differ from everyday prompts; for ``refuse`` categories the
+difference of means between the refusal source (a category the model refuses, e.g.
+``harmful``) and the baseline: the model's general refusal direction, applied on the chosen
+topic only. Either can be replaced by an existing vector file (``--vector NAME=PATH``), e.g.
+the isolate recipe's refusal-gradient vector.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from rs_local.errors import RsLocalError
+from rs_local.judge.probe_fit import calibrate, group_folds, ridge_directions
+from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy
+from rs_local.vectors.control_vector import ControlVector
+
+Say = Callable[[str], None]
+LAMS = (0.01, 0.03, 0.1, 0.3)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}")
+
+
+@dataclass
+class CategorySpec:
+    """A category as the user gives it: ``NAME=FILE:ACTION``, its prompts, optionally a vector and scale."""
+
+    name: str
+    path: Path
+    action: str
+    prompts: list[str] = field(default_factory=list)
+    vector: ControlVector | None = None
+    scale: float | None = None
+
+
+def parse_category(text: str) -> CategorySpec:
+    """``political=pol.jsonl:remove`` -> CategorySpec (prompts not loaded yet)."""
+    name, sep, rest = text.partition("=")
+    path, colon, action = rest.rpartition(":")
+    if not sep or not colon or not path:
+        raise RsLocalError(f"bad --category '{text[:80]}': expected NAME=FILE:ACTION, e.g. political=pol.jsonl:remove")
+    if not _NAME.fullmatch(name):
+        raise RsLocalError(f"bad category name '{name[:48]}': letters, digits, _ . - only")
+    if action not in ACTIONS:
+        raise RsLocalError(f"--category {name}: unknown action '{action[:20]}' (expected {', '.join(ACTIONS)})")
+    return CategorySpec(name, Path(path), action)
+
+
+def load_category_prompts(specs: Sequence[CategorySpec]) -> None:
+    """Read every category's prompts; refuse duplicate names, empty files and overlapping files."""
+    from rs_local.prompts import load_prompts
+
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RsLocalError(f"category {dup[0]} is given twice")
+    if len(specs) < 2:
+        raise RsLocalError("a policy needs at least two categories (one of them the prompts to leave alone)")
+    seen: dict[str, CategorySpec] = {}
+    for spec in specs:
+        spec.prompts = load_prompts(spec.path)  # PromptSetError (file: no prompts) when empty
+        for p in spec.prompts:
+            key = " ".join(p.split()).casefold()
+            other = seen.get(key)
+            if other is not None and other is not spec:
+                raise RsLocalError(f"{spec.path}: overlaps {other.path} (category {other.name}): "
+                                   f"both contain {p[:60]!r}")
+            seen[key] = spec
+
+
+def default_probe_blocks(n_layer: int) -> list[int]:
+    """Candidates for the probe block: every other block of the middle half (where decisions form)."""
+    step = max(1, n_layer // 12)
+    return list(range(max(1, n_layer // 4), min(n_layer - 1, 3 * n_layer // 4) + 1, step))
+
+
+def default_steer_blocks(n_layer: int) -> list[int]:
+    """The middle third (8-16 on the 24-block default model, the recipe's band)."""
+    return list(range(max(1, round(n_layer / 3)), min(n_layer - 1, round(2 * n_layer / 3)) + 1))
+
+
+def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *, system: str | None = None,
+                  say: Say | None = None) -> dict[int, np.ndarray]:
+    """``{block: float64[len(prompts), n_embd]}`` at each prompt's last token, read from llama.cpp.
+
+    Prompts are read as the gate will read them: one user message under the model's chat
+    template (with ``system`` if given).
+    """
+    from rs_local.runtime.activations import BlockReader
+
+    out = {b: np.zeros((len(prompts), runner.n_embd)) for b in blocks}
+    with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, 4096)) as reader:
+        for i, p in enumerate(prompts):
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            rows = reader.read(msgs)
+            for b in blocks:
+                out[b][i] = rows[b]
+            if say and (i + 1) % 50 == 0:
+                say(f"read {i + 1}/{len(prompts)} prompts")
+    return out
+
+
+@dataclass
+class ProbeChoice:
+    """The chosen block and penalty, out-of-fold predictions and the table they were chosen from."""
+
+    layer: int
+    lam: float
+    oof: np.ndarray  # [n, K] out-of-fold calibrated probabilities at the chosen setting
+    table: list[dict]
+
+
+def _fit_ovr(x: np.ndarray, y: np.ndarray, k_classes: int, lams: Sequence[float]):
+    """One-vs-rest probes for each penalty: (mean, std, {lam: [(w, slope, bias) per class]})."""
+    per_lam: dict[float, list] = {lam: [] for lam in lams}
+    mean = std = None
+    for c in range(k_classes):
+        mean, std, dirs = ridge_directions(x, (y == c).astype(float), tuple(lams))
+        z = (x - mean) / std
+        for lam, w in zip(lams, dirs):
+            slope, bias = calibrate(z @ w, (y == c).astype(float))
+            per_lam[lam].append((w, slope, bias))
+    return mean, std, per_lam
+
+
+def _probs(x: np.ndarray, mean, std, probes) -> np.ndarray:
+    z = (x - mean) / std
+    return np.stack([1 / (1 + np.exp(-np.clip(a * (z @ w) + b, -60, 60))) for w, a, b in probes], axis=1)
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray, k_classes: int) -> list[float]:
+    """Accuracy within each class (a category's held-out accuracy)."""
+    return [float(np.mean(pred[y == c] == c)) if np.any(y == c) else float("nan") for c in range(k_classes)]
+
+
+def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[str], k_classes: int,
+                 lams: Sequence[float] = LAMS, k: int = 5) -> ProbeChoice:
+    """Pick block and penalty by grouped k-fold accuracy of the argmax (mean of per-category accuracies)."""
+    folds = group_folds(groups, k)
+    best: tuple | None = None
+    table = []
+    for layer, x in sorted(features.items()):
+        oof = {lam: np.full((len(y), k_classes), 1.0 / k_classes) for lam in lams}
+        for f in range(k):
+            train, test = folds != f, folds == f
+            if not test.any() or len(set(y[train])) < k_classes:
+                continue
+            mean, std, per_lam = _fit_ovr(x[train], y[train], k_classes, lams)
+            for lam in lams:
+                oof[lam][test] = _probs(x[test], mean, std, per_lam[lam])
+        for lam in lams:
+            accs = balanced_accuracy(oof[lam].argmax(axis=1), y, k_classes)
+            score = float(np.nanmean(accs))
+            table.append({"layer": layer, "lambda": lam, "cv_accuracy": round(score, 4)})
+            key = (score, lam, -layer)  # ties: stronger penalty, then the earlier block
+            if best is None or key > best[0]:
+                best = (key, layer, lam, oof[lam])
+    assert best is not None
+    return ProbeChoice(best[1], best[2], best[3], table)
+
+
+def mean_difference_vector(features: dict[int, np.ndarray], pos: np.ndarray, neg: np.ndarray,
+                           blocks: Sequence[int], hint: str, meta: dict) -> ControlVector:
+    """Per block, mean(pos rows) - mean(neg rows): the direction from ``neg`` toward ``pos``."""
+    dirs = {b: features[b][pos].mean(axis=0) - features[b][neg].mean(axis=0) for b in blocks}
+    return ControlVector(dirs, hint, meta)
+
+
+def _pick(specs: Sequence[CategorySpec], name: str | None, fallbacks: Sequence[str], what: str) -> int | None:
+    names = [s.name for s in specs]
+    if name is not None:
+        if name not in names:
+            raise RsLocalError(f"{what} '{name}' is not one of the categories ({', '.join(names)})")
+        return names.index(name)
+    for cand in fallbacks:
+        if cand in names:
+            return names.index(cand)
+    return None
+
+
+def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequence[int] | None = None,
+               steer_blocks: Sequence[int] | None = None, baseline: str | None = None, refusal_from: str | None = None,
+               threshold: float = 0.5, default_scale: float = 1.0, system: str | None = None, k: int = 5,
+               say: Say | None = None) -> Policy:
+    """Fit a policy on the categories' prompts (loaded into ``specs``) with ``runner``'s model."""
+    say = say or (lambda _m: None)
+    probe_blocks = list(probe_blocks or default_probe_blocks(runner.n_layer))
+    steer_blocks = list(steer_blocks or default_steer_blocks(runner.n_layer))
+    needs_md = [s for s in specs if s.action != "keep" and s.vector is None]
+    base = _pick(specs, baseline, ("benign", "harmless", "ok"), "--baseline")
+    if needs_md and base is None:
+        raise RsLocalError("name the benign category the directions are measured from with --baseline")
+    source = _pick(specs, refusal_from, ("harmful",), "--refusal-from")
+    if any(s.action == "refuse" for s in needs_md) and source is None:
+        raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")
+    prompts = [p for s in specs for p in s.prompts]
+    y = np.array([i for i, s in enumerate(specs) for _ in s.prompts])
+    blocks = sorted(set(probe_blocks) | (set(steer_blocks) if needs_md else set()))
+    say(f"reading blocks {blocks[0]}-{blocks[-1]} for {len(prompts)} prompts in llama.cpp")
+    feats = read_features(runner, prompts, blocks, system=system, say=say)
+    choice = choose_probe({b: feats[b] for b in probe_blocks}, y, prompts, len(specs), k=k)
+    accs = balanced_accuracy(choice.oof.argmax(axis=1), y, len(specs))
+    say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
+        + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
+    x = feats[choice.layer]
+    mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])
+    hint = str(runner.llama.metadata.get("general.architecture", ""))
+    cats = []
+    for i, (spec, (w, slope, bias)) in enumerate(zip(specs, per_lam[choice.lam])):
+        vec, origin = spec.vector, (spec.vector.source or "") if spec.vector is not None else ""
+        if spec.action != "keep" and vec is None:
+            pos = source if spec.action == "refuse" else i
+            vec = mean_difference_vector(feats, y == pos, y == base, steer_blocks, hint,
+                                         {"method": "mean difference", "from": specs[base].name, "to": specs[pos].name})
+            origin = f"mean difference {specs[pos].name} - {specs[base].name}"
+        scale = 0.0 if spec.action == "keep" else (spec.scale if spec.scale is not None
+                                                   else ACTION_SIGN[spec.action] * abs(default_scale))
+        cats.append(Category(spec.name, spec.action, w, slope, bias, threshold, scale,
+                             vec if spec.action != "keep" else None, accs[i], len(spec.prompts), origin))
+    below = choice.oof.max(axis=1) < threshold
+    training = {"probe_lambda": choice.lam, "folds": k, "probe_table": choice.table,
+                "heldout_below_threshold": round(float(below.mean()), 4), "system": system,
+                "steer_blocks": steer_blocks, "files": {s.name: str(s.path) for s in specs}}
+    return Policy(cats, choice.layer, mean, std, hint, runner.n_embd, runner.n_layer, runner.path.name, training)
+
+
+def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_tokens: int = 24) -> int:
+    """Refuse a ``remove`` category the model does not refuse: there would be nothing to remove.
+
+    Answers up to ``sample`` of its prompts (short, greedy, batched, plain model) and counts
+    keyword refusals; none at all is a one-line error naming the file. Returns the count.
+    """
+    from rs_local.judge.keywords import find_refusal_phrase
+    from rs_local.runtime.batched import BatchEngine
+
+    prompts = spec.prompts[:sample]
+    with BatchEngine(runner, n_seq=8, seq_ctx=512) as engine:
+        gens = engine.generate_many([[{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
+    n = sum(find_refusal_phrase(g.text) is not None for g in gens)
+    if n == 0:
+        raise RsLocalError(f"{spec.path}: the model refuses none of {len(prompts)} of these prompts (keyword judge): "
+                           f"nothing for '{spec.name}:remove' to remove")
+    return n
+
+
+def check_scale_sign(spec: CategorySpec) -> None:
+    """A scale must point the way the action says (negative removes refusal, positive induces it)."""
+    if spec.scale is None or spec.action == "keep":
+        return
+    if spec.scale == 0 or np.sign(spec.scale) != ACTION_SIGN[spec.action]:
+        want = "negative" if spec.action == "remove" else "positive"
+        raise RsLocalError(f"--scale {spec.name}={spec.scale:g}: a {spec.action} category takes a {want} scale")

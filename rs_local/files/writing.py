@@ -1,0 +1,315 @@
+"""Output checks before work, atomic writes, append logs (see :mod:`rs_local.files`)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import stat
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from rs_local.errors import FileProblem
+from rs_local.files.reading import _kind, read_bytes
+
+#: Age after which a leftover temp file of ours beside a target is removed.
+STALE_TEMP_SECONDS = 3600
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived during an atomic write; raised so the temp file is removed on the way out."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------- JSON out
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Standard JSON text: non-finite floats are written as ``null`` (JSON has no NaN/Infinity).
+
+    Our readers refuse ``NaN``/``Infinity``, so a writer must never produce them.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- output checks
+
+
+def file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give: 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (setting it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_parent(path: Path) -> None:
+    parent = path.parent
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise FileProblem(path, f"directory {parent} does not exist") from None
+    except OSError as exc:
+        raise FileProblem(path, f"directory {parent} cannot be used ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FileProblem(path, f"{parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileProblem(path, f"directory {parent} is not writable")
+
+
+def check_output_path(path: str | Path, force: bool = False, *, directory: bool = False) -> Path:
+    """Refuse an output before any work: it must be creatable in a writable directory.
+
+    A file output must not be a directory or a special file (a device or FIFO would be
+    replaced, or written into), and must not exist unless ``force``. A ``directory`` output
+    must not be a file, must not exist unless ``force`` (then it must be writable), and its
+    parent must exist: rs-local does not create missing parents behind the user's back.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise FileProblem(path, f"cannot be used ({exc.strerror or exc})") from None
+    if st is not None:
+        if directory:
+            if not stat.S_ISDIR(st.st_mode):
+                raise FileProblem(path, "exists and is not a directory")
+            if not force:
+                raise FileProblem(path, "output directory exists (use --force to overwrite its files)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise FileProblem(path, "directory is not writable")
+            return path
+        if stat.S_ISDIR(st.st_mode):
+            raise FileProblem(path, "is a directory, expected a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem(path, f"is {_kind(st.st_mode)}; rs-local only replaces regular files")
+        if not force:
+            raise FileProblem(path, "already exists (use --force to overwrite)")
+    _check_parent(path)
+    return path
+
+
+def make_output_dir(path: str | Path, force: bool = False) -> Path:
+    """Check ``path`` as a directory output and create it (its parent must exist)."""
+    path = check_output_path(path, force, directory=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(path, f"cannot be created ({exc.strerror or exc})") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- atomic writing
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name[:120]}."
+
+
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    return re.compile(re.escape(_temp_prefix(path)) + r"[A-Za-z0-9_]{6,32}\.tmp")
+
+
+def sweep_stale_temps(path: str | Path, max_age: float = STALE_TEMP_SECONDS) -> int:
+    """Remove our own leftover temp files of ``path`` (``.NAME.<random>.tmp``) older than ``max_age`` seconds.
+
+    Such files are what a SIGKILLed write leaves; younger ones may belong to a write still
+    running. Best effort: returns how many were removed.
+    """
+    path = Path(path)
+    pattern, now, removed = _temp_pattern(path), time.time(), 0
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and now - st.st_mtime > max_age:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _new_temp(path: Path) -> Path:
+    """Create an empty temp file beside ``path`` with the umask's mode (``os.open`` 0666, not mkstemp's 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(_temp_prefix(path) + secrets.token_hex(6) + ".tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise FileProblem(path, f"cannot be written ({exc.strerror or exc})") from None
+    raise FileProblem(path, "cannot create a temp file beside it")
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (so ``finally`` blocks run) instead of killing outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except (ValueError, OSError):
+        yield
+        return
+    if previous not in (signal.SIG_DFL, None):
+        yield  # someone else handles SIGTERM; leave their handler alone
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        _fsync_path(directory)
+    except OSError:
+        pass  # not every filesystem lets a directory be fsynced; the rename is still atomic
+
+
+def _mode_for(path: Path) -> int:
+    """What a plain ``open(path, "w")`` would leave: an existing file's mode, else 0666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return file_mode()
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; when the block finishes, make it ``path`` in one step.
+
+    The target is checked first (:func:`check_output_path`: an existing file is replaced only
+    with ``force``). The caller writes the temp file by name (``savefig``, ``save_file``,
+    ``open``). On success it is fsynced and renamed over ``path``; on any exception, Ctrl-C
+    or SIGTERM it is removed. Operating-system errors name ``path``, not the temp file.
+    """
+    path = Path(path)
+    check_output_path(path, force)
+    sweep_stale_temps(path)
+    with _sigterm_raises():
+        tmp = _new_temp(path)
+        try:
+            yield tmp
+            os.chmod(tmp, _mode_for(path))  # some writers (safetensors) recreate the file 0600
+            _fsync_path(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.absolute().parent)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not tmp.exists():
+                raise FileProblem(path, "its temp file vanished during the write") from None
+            raise FileProblem(path, f"cannot be written ({exc.strerror or exc})") from None
+        finally:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, force: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (replacing it unless ``force`` is false)."""
+    path = Path(path)
+    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, *, force: bool = True) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (replacing it unless ``force`` is false)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def write_jsonl(path: str | Path, rows: Any, *, force: bool = True) -> Path:
+    """One JSON object per line, atomically; non-finite floats become ``null`` (see :func:`dumps`)."""
+    path = Path(path)
+    with atomic_output(path, force=force) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(dumps(row) + "\n")
+    return path
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """An append handle on a log: created like a plain ``open()`` (umask mode), UTF-8, ``\\n`` line ends."""
+    try:
+        return open(path, "a", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise FileProblem(path, f"cannot be written ({exc.strerror or exc})") from None
+
+
+def append_line(fh: IO[str], text: str) -> None:
+    """Append one line and make it durable before returning (a kill after this keeps it)."""
+    fh.write(text + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def cut_partial_tail(path: str | Path) -> None:
+    """Drop an unterminated last line from ``path`` (only call when resuming, after every check passed)."""
+    data = read_bytes(path, what="log")
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,145 @@
+"""Block outputs read from llama.cpp itself, at the last token of a text.
+
+Probes (the refusal judge, and per-prompt gating) classify a model's residual stream. Reading
+it from llama.cpp rather than Transformers keeps them torch-free and on the quantised weights
+the user actually runs. llama.cpp exposes every graph tensor through the context's eval
+callback (``cb_eval``): the scheduler first asks whether we want a tensor (``ask``), then
+calls again once it is computed. Block N's output is named ``l_out-N``; it holds every
+position of the micro-batch as rows of ``n_embd`` floats, so the last row of the last
+micro-batch is the last token's. (The final block's output is cut to the rows that produce
+logits, which is the last token's row too.)
+
+The reader owns its own context on the Runner's model (callbacks are fixed at context
+creation) and keeps the tokens of the previous text in its KV cache, so texts that share a
+prefix — a judge instruction, a chat template's system part — only evaluate what differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from rs_local.errors import RsLocalError
+from rs_local.runtime.owned_context import OwnedContext
+from rs_local.runtime.runner import Runner
+
+_GGML_TYPE_F32 = 0
+
+
+def _ggml_base():
+    """ggml's tensor helpers, which the Python bindings do not wrap (shipped in llama_cpp/lib)."""
+    import llama_cpp
+
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if os.path.exists(os.path.join(libdir, name)):
+            lib = ctypes.CDLL(os.path.join(libdir, name))
+            break
+    else:  # pragma: no cover - unusual installs
+        raise RsLocalError(f"{libdir}: no ggml-base library found (needed to read activations)")
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nelements.restype = ctypes.c_int64
+    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+class BlockReader(OwnedContext):
+    """Read the last token's output of chosen blocks while llama.cpp evaluates a text.
+
+    ``layers`` are block indices (0-based, as in ``direction.N``). :meth:`read` returns
+    ``{layer: float32[n_embd]}``.
+    """
+
+    def __init__(self, runner: Runner, layers: Iterable[int], n_ctx: int = 2048, n_batch: int = 512):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._ggml = _ggml_base()
+        self.runner = runner
+        self.layers = sorted(set(int(x) for x in layers))
+        bad = [x for x in self.layers if not 0 <= x < runner.n_layer]
+        if bad:
+            raise RsLocalError(f"blocks {bad} are outside 0-{runner.n_layer - 1} for this model")
+        self._names = {f"l_out-{x}".encode(): x for x in self.layers}
+        self.n_embd = runner.n_embd
+        self._rows: dict[int, np.ndarray] = {}
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive here
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        threads = runner.llama.context_params.n_threads
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.cb_eval = self._callback
+        params.cb_eval_user_data = None
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
+        if not self.ctx:
+            raise RsLocalError("llama.cpp could not create a context for reading activations")
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._cached: list[int] = []
+
+    def _on_tensor(self, tensor: int, ask: bool, _user: int) -> bool:
+        name = self._ggml.ggml_get_name(tensor)
+        layer = self._names.get(name)
+        if layer is None:
+            return False if ask else True
+        if ask:
+            return True
+        if ctypes.cast(tensor, ctypes.POINTER(ctypes.c_int32))[0] != _GGML_TYPE_F32:
+            return True  # not expected for the residual stream; leave the row unset
+        n = int(self._ggml.ggml_nelements(tensor))
+        rows = n // self.n_embd
+        row = np.empty(self.n_embd, dtype=np.float32)
+        offset = (rows - 1) * self.n_embd * 4
+        self._ggml.ggml_backend_tensor_get(tensor, row.ctypes.data, offset, self.n_embd * 4)
+        self._rows[layer] = row
+        return True
+
+    def read_tokens(self, tokens: Sequence[int]) -> dict[int, np.ndarray]:
+        """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows."""
+        tokens = list(tokens)
+        if not tokens:
+            raise RsLocalError("nothing to read: the text is empty")
+        if len(tokens) > self.n_ctx:
+            raise RsLocalError(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx}")
+        keep = 0
+        limit = min(len(self._cached), len(tokens) - 1)  # always evaluate at least the last token
+        while keep < limit and self._cached[keep] == tokens[keep]:
+            keep += 1
+        self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        self._rows = {}
+        for start in range(keep, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            self._decode(chunk, start, last=start + len(chunk) == len(tokens))
+        self._cached = tokens
+        missing = [x for x in self.layers if x not in self._rows]
+        if missing:
+            raise RsLocalError(f"llama.cpp produced no output for blocks {missing} (no l_out tensor seen)")
+        return dict(self._rows)
+
+    def read(self, prompt) -> dict[int, np.ndarray]:
+        """Rows for a chat (list of messages, the model's template applied) or a raw string."""
+        return self.read_tokens(self.runner.tokenize(prompt))
+
+    def _decode(self, chunk: list[int], start: int, last: bool) -> None:
+        b = self._batch
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if (last and i == len(chunk) - 1) else 0
+        b.n_tokens = len(chunk)
+        rc = self._lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RsLocalError(f"llama.cpp decode failed (code {rc}) while reading activations")

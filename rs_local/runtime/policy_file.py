@@ -1,0 +1,287 @@
+"""The policy file: per-prompt category probes and the vector each category gets, in one GGUF.
+
+A policy says, for every prompt, which of a few named categories it belongs to (a linear
+probe on one block's output at the last prompt token) and what to do about it: ``remove``
+(steer away from refusal: a vector at a negative scale), ``refuse`` (steer toward refusal: a
+positive scale) or ``keep`` (no vector; the plain model answers). See
+:mod:`rs_local.runtime.policy` for the gate that applies it.
+
+Why GGUF with its own ``general.architecture`` (``rs_local_policy``): one self-describing
+file (probe, calibration, thresholds, held-out accuracy, the model it was fitted for and
+every category's direction) that the project's bounded GGUF walker
+(:func:`rs_local.converters.gguf_check.parse_gguf`) already validates. llama.cpp cannot take
+it for a control vector: its loader accepts only ``direction.N`` tensors and none is named
+that here (``probe.*`` and ``steer.<category>.<block>``), and rs-local's vector reader
+refuses any architecture but ``controlvector``.
+
+Layout:
+
+* keys ``rs_local_policy.{kind,version,model_arch,model_name,n_embd,n_layer,layer}`` and two
+  JSON strings: ``categories`` (name, action, scale, threshold, calibration, held-out
+  accuracy, prompts, where the vector came from, the blocks it steers) and ``training``;
+* tensors ``probe.mean`` / ``probe.std`` (the standardisation shared by all probes),
+  ``probe.weight.<i>`` (category i's one-vs-rest ridge direction) and ``steer.<i>.<N>``
+  (category i's direction for block N, as ``direction.N`` would hold it; ``keep``
+  categories have none).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rs_local.errors import FileProblem
+from rs_local.vectors.control_vector import ControlVector
+
+ARCH = "rs_local_policy"
+KIND = "conditional-steering"
+VERSION = 1
+ACTIONS = ("remove", "refuse", "keep")
+#: The scale sign each steering action takes (rs-local's convention: negative removes refusal).
+ACTION_SIGN = {"remove": -1.0, "refuse": 1.0, "keep": 0.0}
+MAX_CATEGORIES = 64
+
+
+@dataclass
+class Category:
+    """One category: its one-vs-rest probe, its action, and (unless ``keep``) its vector."""
+
+    name: str
+    action: str
+    weight: np.ndarray
+    slope: float = 1.0
+    bias: float = 0.0
+    threshold: float = 0.5
+    scale: float = 0.0
+    vector: ControlVector | None = None
+    accuracy: float | None = None
+    n_prompts: int = 0
+    vector_source: str = ""
+
+    def prob(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated P(this category) from standardised features ``z``."""
+        s = self.slope * (np.asarray(z, np.float64) @ self.weight) + self.bias
+        return 1.0 / (1.0 + np.exp(-np.clip(s, -60, 60)))
+
+
+@dataclass
+class Policy:
+    """Categories sharing one probe block, plus the model the policy was fitted for."""
+
+    categories: list[Category]
+    layer: int
+    mean: np.ndarray
+    std: np.ndarray
+    model_arch: str
+    n_embd: int
+    n_layer: int
+    model_name: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, np.float64) - self.mean) / self.std
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """``[..., n_categories]`` calibrated one-vs-rest probabilities."""
+        z = self.standardise(x)
+        return np.stack([c.prob(z) for c in self.categories], axis=-1)
+
+    def category(self, name: str) -> Category:
+        for c in self.categories:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def check_model(self, runner: Any, path: str | Path) -> None:
+        """Refuse a model the policy was not fitted on: its probes and vectors mean nothing there."""
+        arch = str(runner.llama.metadata.get("general.architecture", ""))
+        mismatch = [f"{what} {mine} vs model's {theirs}" for what, mine, theirs in (
+            ("architecture", self.model_arch, arch), ("n_embd", self.n_embd, runner.n_embd),
+            ("blocks", self.n_layer, runner.n_layer)) if mine != theirs]
+        if mismatch:
+            raise FileProblem(path, f"policy was fitted for another model ({'; '.join(mismatch)})")
+
+    def summary(self) -> dict[str, Any]:
+        """What ``rs-local policy show`` prints (also JSON-safe)."""
+        return {
+            "kind": KIND, "model": self.model_name, "model_arch": self.model_arch, "n_embd": self.n_embd,
+            "n_layer": self.n_layer, "probe_block": self.layer,
+            "categories": [{
+                "name": c.name, "action": c.action, "scale": c.scale, "threshold": c.threshold,
+                "heldout_accuracy": c.accuracy, "prompts": c.n_prompts,
+                "blocks": _band(c.vector.layers) if c.vector is not None else None, "vector": c.vector_source or None,
+            } for c in self.categories],
+            "training": self.training,
+        }
+
+
+def _band(layers: list[int]) -> str:
+    from rs_local.runtime.vector_specs import band_label
+
+    return band_label(layers)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _category_record(c: Category) -> dict[str, Any]:
+    return {"name": c.name, "action": c.action, "slope": c.slope, "bias": c.bias, "threshold": c.threshold,
+            "scale": c.scale, "accuracy": c.accuracy, "n_prompts": c.n_prompts, "vector_source": c.vector_source,
+            "blocks": c.vector.layers if c.vector is not None else []}
+
+
+def write_policy(policy: Policy, path: str | Path, *, force: bool = False) -> Path:
+    """Save as one GGUF (atomic; refuses to overwrite without ``force``)."""
+    import gguf
+
+    from rs_local.files import atomic_output
+
+    validate_policy(policy, Path(path))
+    path = Path(path)
+    with atomic_output(path, force=force) as tmp:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        for key, value in (("kind", KIND), ("model_arch", policy.model_arch), ("model_name", policy.model_name),
+                           ("categories", json.dumps([_category_record(c) for c in policy.categories])),
+                           ("training", json.dumps(policy.training, sort_keys=True))):
+            w.add_string(f"{ARCH}.{key}", value)
+        for key, value in (("version", VERSION), ("layer", policy.layer), ("n_embd", policy.n_embd),
+                           ("n_layer", policy.n_layer)):
+            w.add_uint32(f"{ARCH}.{key}", value)
+        w.add_tensor("probe.mean", np.ascontiguousarray(policy.mean, np.float32))
+        w.add_tensor("probe.std", np.ascontiguousarray(policy.std, np.float32))
+        for i, c in enumerate(policy.categories):
+            w.add_tensor(f"probe.weight.{i}", np.ascontiguousarray(c.weight, np.float32))
+            if c.vector is not None:
+                for layer, d in sorted(c.vector.directions.items()):
+                    w.add_tensor(f"steer.{i}.{layer}", np.ascontiguousarray(d, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _refuse_other_files(path: Path):
+    """Stop at ``general.architecture`` when it is not ours (a model given by mistake is not walked)."""
+
+    def check(key: str, entry: Any) -> None:
+        if key == "general.architecture" and entry.value != ARCH:
+            what = repr(entry.value)[:80] if isinstance(entry.value, str) else "not a string"
+            raise FileProblem(path, f"not an rs-local policy (general.architecture is {what}, expected '{ARCH}')")
+
+    return check
+
+
+def read_policy(path: str | Path) -> Policy:
+    """Load and check a policy file; every problem is one line naming the file."""
+    from rs_local.converters.gguf_check import open_regular_file, parse_gguf
+    from rs_local.errors import VectorFileError
+
+    path = Path(path)
+    try:
+        fh, size = open_regular_file(path)
+        with fh:
+            parsed = parse_gguf(fh, path, size, want=lambda key: key.startswith(ARCH) or key == "general.architecture",
+                                on_key=_refuse_other_files(path))
+            kv = {key: entry.value for key, entry in parsed.kv.items()}
+            tensors = {}
+            for t in parsed.tensors:
+                fh.seek(parsed.data_offset + t.offset)
+                tensors[t.name.decode("ascii", "replace")] = np.frombuffer(fh.read(t.nbytes), "<f4").astype(np.float64)
+    except VectorFileError as exc:  # the walker's messages say "vector"; the problem is what matters
+        raise FileProblem(path, exc.problem) from None
+    if kv.get("general.architecture") != ARCH or kv.get(f"{ARCH}.kind") != KIND:
+        raise FileProblem(path, f"not an rs-local policy (general.architecture is {kv.get('general.architecture')!r})")
+    policy = _policy_from(path, kv, tensors)
+    validate_policy(policy, path)
+    return policy
+
+
+def _get(path: Path, kv: dict[str, Any], key: str, kind: type) -> Any:
+    value = kv.get(f"{ARCH}.{key}")
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FileProblem(path, f"{ARCH}.{key} is missing or not a {kind.__name__}")
+    return value
+
+
+def _optional_str(path: Path, kv: dict[str, Any], key: str) -> str:
+    """A string key the writer may have left out (gguf-py skips empty strings)."""
+    return _get(path, kv, key, str) if f"{ARCH}.{key}" in kv else ""
+
+
+def _json(path: Path, kv: dict[str, Any], key: str) -> Any:
+    try:
+        return json.loads(_get(path, kv, key, str))
+    except (ValueError, RecursionError):
+        raise FileProblem(path, f"{ARCH}.{key} is not valid JSON") from None
+
+
+def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray]) -> Policy:
+    if _get(path, kv, "version", int) != VERSION:
+        raise FileProblem(path, f"policy format version {kv.get(ARCH + '.version')} (this rs-local reads {VERSION})")
+    n_embd, n_layer = _get(path, kv, "n_embd", int), _get(path, kv, "n_layer", int)
+    records = _json(path, kv, "categories")
+    if not isinstance(records, list) or not 1 <= len(records) <= MAX_CATEGORIES:
+        raise FileProblem(path, f"{ARCH}.categories must list 1-{MAX_CATEGORIES} categories")
+
+    def tensor(name: str) -> np.ndarray:
+        arr = tensors.get(name)
+        if arr is None or arr.shape != (n_embd,) or not np.all(np.isfinite(arr)):
+            raise FileProblem(path, f"tensor {name} is missing or not {n_embd} finite values")
+        return arr
+
+    cats = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise FileProblem(path, f"category {i} is not an object")
+        try:
+            vector = None
+            if rec.get("blocks"):
+                vector = ControlVector({int(b): tensor(f"steer.{i}.{int(b)}") for b in rec["blocks"]},
+                                       str(kv.get(f"{ARCH}.model_arch", "")), {"policy_category": rec.get("name")},
+                                       source=f"{path}#{rec.get('name')}")
+            cats.append(Category(
+                str(rec["name"]), str(rec["action"]), tensor(f"probe.weight.{i}"), float(rec["slope"]),
+                float(rec["bias"]), float(rec["threshold"]), float(rec["scale"]), vector,
+                None if rec.get("accuracy") is None else float(rec["accuracy"]), int(rec.get("n_prompts", 0)),
+                str(rec.get("vector_source", ""))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FileProblem(path, f"category {i} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+    training = _json(path, kv, "training")
+    return Policy(cats, _get(path, kv, "layer", int), tensor("probe.mean"), tensor("probe.std"),
+                  _get(path, kv, "model_arch", str), n_embd, n_layer, _optional_str(path, kv, "model_name"),
+                  training if isinstance(training, dict) else {})
+
+
+def validate_policy(policy: Policy, path: Path) -> None:
+    """The rules every policy obeys, checked on write (a bug) and on read (a bad file)."""
+    from rs_local.runtime.vector_specs import MAX_SCALE
+
+    if not 0 <= policy.layer < policy.n_layer:
+        raise FileProblem(path, f"probe block {policy.layer} is outside the model's 0-{policy.n_layer - 1}")
+    if np.any(np.asarray(policy.std) <= 0):
+        raise FileProblem(path, "probe.std must be positive")
+    names = [c.name for c in policy.categories]
+    if len(set(names)) != len(names) or not all(names):
+        raise FileProblem(path, "category names must be unique and non-empty")
+    for c in policy.categories:
+        numbers = (c.slope, c.bias, c.threshold, c.scale)
+        if c.action not in ACTIONS:
+            raise FileProblem(path, f"category {c.name!r}: unknown action {c.action!r} (expected {', '.join(ACTIONS)})")
+        if not all(math.isfinite(v) for v in numbers) or not 0 < c.threshold < 1 or abs(c.scale) > MAX_SCALE:
+            raise FileProblem(path, f"category {c.name!r}: calibration, threshold (0-1) or scale out of range")
+        if c.action == "keep" and c.vector is not None:
+            raise FileProblem(path, f"category {c.name!r} keeps the plain model but carries a vector")
+        if c.action != "keep":
+            if c.vector is None:
+                raise FileProblem(path, f"category {c.name!r} ({c.action}) has no vector")
+            if c.vector.n_embd != policy.n_embd or c.vector.max_layer >= policy.n_layer:
+                raise FileProblem(path, f"category {c.name!r}: vector does not fit the policy's model")

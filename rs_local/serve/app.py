@@ -1,0 +1,292 @@
+"""The HTTP side of ``rs-local serve``: FastAPI routes in front of the one worker.
+
+The routes parse and check a request completely (body size, JSON, fields, steering) before
+anything is queued, then wait for the worker's first event: a prompt that does not fit the
+context comes back as a 400 before any byte of a stream is sent. A streaming response ends
+with ``data: [DONE]``; when its client disconnects, sse-starlette cancels the generator and its
+``finally`` marks the job cancelled, so the worker stops at the next token and takes the next
+request. No route touches the Runner: only the worker thread does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rs_local.runtime.runner import Runner
+from rs_local.serve.errors import ApiError
+from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
+from rs_local.serve.responses import Reply
+from rs_local.serve.scheduler import Delta, Event, Failed, Finished, Job, Started, Worker
+from rs_local.serve.steering import Steering, VectorLibrary, resolve
+
+log = logging.getLogger("rs_local.serve")
+
+#: Largest request body accepted (a long chat fits many times over; a runaway upload does not).
+MAX_BODY = 1 << 20
+#: How often a waiting non-streaming request checks whether its client is still there.
+POLL_S = 0.5
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+@dataclass
+class Service:
+    """Everything the routes share: the model's facts, the vectors, the default and the worker."""
+
+    runner: Runner
+    model_id: str
+    library: VectorLibrary
+    default: Steering
+    worker: Worker
+
+    def aliases(self) -> set[str]:
+        return {self.model_id, self.runner.path.name, self.runner.path.stem}
+
+    def split_model(self, name: str) -> str | None:
+        """The steering suffix of a model name (None without '+'); 404 for a model not served here."""
+        if not name or name in self.aliases():
+            return None
+        for alias in sorted(self.aliases(), key=len, reverse=True):
+            if name.startswith(alias + "+"):
+                return name[len(alias) + 1:]
+        raise ApiError(404, f"model {name[:200]!r} is not served here (this server serves {self.model_id!r}; "
+                            f"add +NAME:SCALE to steer)", param="model", code="model_not_found")
+
+    def steering_for(self, body: Mapping[str, Any], parsed: ParsedRequest) -> Steering:
+        return resolve(self.library, self.default, body, self.split_model(parsed.model))
+
+    def model_list(self) -> list[dict[str, Any]]:
+        """The plain model, then one entry per loaded vector at its default scale (for model-name-only clients)."""
+        rows = [(self.model_id, self.default)]
+        for named in self.library.vectors.values():
+            rows.append((f"{self.model_id}+{named.name}:{named.scale:g}", Steering(((named.name, named.scale),), None, "model")))
+        return [{"id": mid, "object": "model", "created": 0, "owned_by": "rs-local", "steering": s.describe()}
+                for mid, s in rows]
+
+
+# ----------------------------------------------------------------------------- request plumbing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (header or bytes read)."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    return bytes(data)
+
+
+def bearer_check(api_key: str | None) -> Callable:
+    """A dependency that answers 401 unless ``Authorization: Bearer <api_key>`` (constant-time compare)."""
+    expected = f"Bearer {api_key}".encode("utf-8") if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        got = request.headers.get("authorization", "").encode("latin-1", errors="replace")
+        if not hmac.compare_digest(got, expected):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    return check
+
+
+def submit(service: Service, parsed: ParsedRequest, steering: Steering) -> tuple[Job, asyncio.Queue]:
+    """Queue a job whose events arrive on an asyncio queue of the running loop."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # called on the worker thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            job.cancelled.set()
+
+    job = Job(parsed.prompt, steering, parsed.sampling, parsed.max_tokens, parsed.stop, sink)
+    service.worker.submit(job)
+    return job, events
+
+
+async def next_event(events: asyncio.Queue, request: Request, job: Job) -> Event:
+    """The job's next event, giving up (and cancelling the job) if the client disconnects meanwhile."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise ClientGone from None
+
+
+async def collect(events: asyncio.Queue, request: Request, job: Job, reply: Reply, first: Started) -> dict:
+    """Wait for the whole answer of a non-streaming request."""
+    parts: list[str] = []
+    while True:
+        event = await next_event(events, request, job)
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            return reply.whole("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens,
+                               event.timings)
+        elif isinstance(event, Failed):
+            raise event.error
+
+
+async def sse(events: asyncio.Queue, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[dict]:
+    """Chunks as server-sent events, then ``[DONE]``; leaving early (disconnect) cancels the job."""
+    try:
+        if reply.chat:
+            yield {"data": json.dumps(reply.chunk("", role=True))}
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield {"data": json.dumps(reply.chunk(event.text))}
+            elif isinstance(event, Finished):
+                last = reply.chunk(None if reply.chat else "", event.finish_reason)
+                if not include_usage:
+                    last["usage"] = reply.usage_chunk(event.prompt_tokens, event.completion_tokens)["usage"]
+                yield {"data": json.dumps(last)}
+                if include_usage:
+                    yield {"data": json.dumps(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))}
+                break
+            elif isinstance(event, Failed):
+                yield {"data": json.dumps(event.error.body())}
+                break
+        yield {"data": "[DONE]"}
+    finally:
+        job.cancelled.set()
+
+
+async def answer(request: Request, service: Service, body: dict, parsed: ParsedRequest, chat: bool) -> Response:
+    """Resolve steering, queue the job, and answer as JSON or as a stream."""
+    from sse_starlette import EventSourceResponse
+
+    steering = service.steering_for(body, parsed)
+    job, events = submit(service, parsed, steering)
+    try:
+        first = await next_event(events, request, job)
+    except ClientGone:
+        return Response(status_code=499)
+    if isinstance(first, Failed):
+        raise first.error
+    assert isinstance(first, Started)
+    reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
+    headers = {"X-RS-Local-Steering": steering.label()}
+    if parsed.stream:
+        return EventSourceResponse(sse(events, job, reply, parsed.include_usage), sep="\n", ping=15, headers=headers)
+    try:
+        return JSONResponse(await collect(events, request, job, reply, first), headers=headers)
+    except ClientGone:
+        return Response(status_code=499)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure, expected or not, leaves as an OpenAI error object."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(ApiError(400, str(exc), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+
+def create_app(service: Service, *, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    """The FastAPI app; ``/health`` is open, everything under ``/v1`` needs the key when one is set."""
+    app = FastAPI(title="rs-local", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    guarded = [Depends(bearer_check(api_key))]
+    started = time.time()
+
+    @app.get("/health")
+    async def health() -> dict:
+        worker = service.worker
+        return {"status": "ok", "model": service.model_id, "n_ctx": service.runner.n_ctx,
+                "n_layer": service.runner.n_layer, "uptime_s": round(time.time() - started, 1),
+                "busy": worker.busy, "waiting": worker.waiting, "prefix_cache": worker.prefix_cache,
+                "default_steering": service.default.describe(), "stats": dict(worker.stats)}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return {"object": "list", "data": service.model_list()}
+
+    @app.get("/v1/steering/vectors", dependencies=guarded)
+    async def vectors() -> dict:
+        return {"object": "list", "n_layer": service.runner.n_layer, "n_embd": service.runner.n_embd,
+                "default": service.default.describe(), "data": service.library.catalog()}
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(request: Request) -> Response:
+        body = parse_body(await read_body(request, max_body))
+        return await answer(request, service, body, parse_chat(body), chat=True)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request) -> Response:
+        body = parse_body(await read_body(request, max_body))
+        return await answer(request, service, body, parse_completion(body), chat=False)
+
+    return app
+
+
+def build_service(runner: Runner, model_id: str, *, vector_specs: tuple[str, ...] = (), vectors_dir=None,
+                  default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False) -> Service:
+    """Load and check the named vectors against the loaded model, and make the (not yet started) worker."""
+    library = VectorLibrary(runner.n_embd, runner.n_layer)
+    library.load_specs(vector_specs)
+    if vectors_dir is not None:
+        library.load_directory(vectors_dir)
+    default = library.default(default_specs)
+    worker = Worker(runner, library, prefix_cache=prefix_cache)
+    return Service(runner, model_id, library, default, worker)
+
+
+def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          max_body: int = MAX_BODY, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; the worker stops with it."""
+    import uvicorn
+
+    app = create_app(service, api_key=api_key, max_body=max_body)
+    service.worker.start()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5, access_log=log_level == "debug")
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        service.worker.stop()

@@ -1,0 +1,267 @@
+"""One llama.cpp context, one worker thread, one queue: how requests with different steering stay apart.
+
+A control vector belongs to a llama.cpp context, not to a sequence, so two requests with
+different steering cannot share a decode. Two designs keep them apart: a batched context per
+steering group, or one context that switches vector between requests. This module is the
+second: a single worker thread owns the :class:`~rs_local.runtime.runner.Runner` and takes jobs
+first-in first-out; before a job whose steering differs from the current one it calls
+``set_vectors`` (which also drops the KV cache, whose keys and values were computed with the
+old vector). Nothing else touches the Runner, so no request can see another's vector or cache.
+
+Why this design first: on a laptop CPU one context already uses every core, a switch costs
+microseconds (one buffer copy; the stats below measure it), and the answer of a request does
+not depend on what ran before it. By default the worker also re-applies the steering before
+*every* job, which drops the cached prompt prefix: a prompt evaluated after a different
+prompt's prefix can differ in the last bits from one evaluated whole, and greedy decoding turns
+those bits into different words. ``prefix_cache=True`` keeps the prefix between jobs with the
+same steering, for speed, at that cost. Batching by steering group is the option for later, for
+GPUs, where one decode of many sequences is nearly as cheap as one.
+
+The worker talks to the asyncio side only through each job's ``sink`` callback, which the web
+layer wires to ``loop.call_soon_threadsafe``; a job's ``cancelled`` event (set when its client
+goes away) stops generation at the next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from rs_local.errors import RsLocalError
+from rs_local.runtime.runner import Generation, Prompt, Runner
+from rs_local.runtime.sampling import SamplingParams
+from rs_local.serve.errors import ApiError, bad_request
+from rs_local.serve.steering import Steering, VectorLibrary
+
+log = logging.getLogger("rs_local.serve")
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass
+class Started:
+    """The prompt fitted and generation began (the web layer may now send a 200)."""
+
+    prompt_tokens: int
+    steering: Steering
+
+
+@dataclass
+class Delta:
+    """Text safe to show (never the start of a stop string)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float]
+
+
+@dataclass
+class Failed:
+    error: ApiError
+
+
+Event = Started | Delta | Finished | Failed
+
+
+@dataclass
+class Job:
+    """One request for the worker; ``sink`` receives its events in order, from the worker thread."""
+
+    prompt: Prompt
+    steering: Steering
+    sampling: SamplingParams
+    max_tokens: int | None
+    stop: tuple[str, ...]
+    sink: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+class StopFilter:
+    """Cuts text at the first stop string while streaming, holding back what could start one.
+
+    Without the hold-back a client would see ``"</"`` of a ``"</end>"`` stop before the server
+    knew it was a stop.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add generated text; return the part that can be sent now."""
+        self.text += piece
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(min(hits))
+        return self._release(len(self.text) - self._held())
+
+    def flush(self) -> str:
+        """At the end of generation nothing more can complete a stop string."""
+        return "" if self.stopped else self._release(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """The only thread that touches the Runner; jobs run one at a time, in arrival order."""
+
+    def __init__(self, runner: Runner, library: VectorLibrary, *, prefix_cache: bool = False,
+                 max_waiting: int = 64):
+        self.runner, self.library = runner, library
+        self.prefix_cache = prefix_cache
+        self.max_waiting = max_waiting
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="rs-local-serve-worker", daemon=True)
+        self._current: tuple | None = None
+        self.busy = False
+        self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
+                                      "switch_s": 0.0, "busy_s": 0.0, "generated_tokens": 0}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish the running job's current token and end the thread (jobs still queued are dropped)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse at once (503) when the queue is full rather than let latency grow unbounded."""
+        if self._queue.qsize() >= self.max_waiting:
+            raise ApiError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
+                           code="overloaded")
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                continue
+            self.busy = True
+            started = time.perf_counter()
+            try:
+                self._run(job)
+            except ApiError as exc:
+                self.stats["failed"] += 1
+                job.sink(Failed(exc))
+            except Exception as exc:  # noqa: BLE001 - one broken request must not stop the server
+                log.exception("request failed")
+                self.stats["failed"] += 1
+                job.sink(Failed(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")))
+            finally:
+                self.stats["busy_s"] += time.perf_counter() - started
+                self.busy = False
+
+    def _apply(self, steering: Steering) -> float:
+        """Make llama.cpp's control vector match ``steering`` (dropping the KV cache); return the seconds it took.
+
+        Skipped only when the prefix cache is on and the steering is unchanged.
+        """
+        if steering.key == self._current and self.prefix_cache:
+            return 0.0
+        t0 = time.perf_counter()
+        self._current = None  # if setting fails half-way, nothing is assumed about the context
+        if steering.active:
+            self.runner.set_vectors(self.library.parts(steering), steering.layers)
+        else:
+            self.runner.clear_vectors()
+        self._current = steering.key
+        return time.perf_counter() - t0
+
+    def _tokens(self, job: Job) -> int:
+        """Count the prompt's tokens, refusing one that leaves no room to answer."""
+        try:
+            n = len(self.runner.tokenize(job.prompt))
+        except RsLocalError as exc:
+            raise bad_request(str(exc), "messages" if not isinstance(job.prompt, str) else "prompt") from None
+        except Exception as exc:  # noqa: BLE001 - the model's own Jinja template can raise anything
+            raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
+        if n > self.runner.n_ctx - 2:
+            raise bad_request(f"the prompt is {n} tokens; this server's context holds {self.runner.n_ctx} "
+                              "(start it with a larger --ctx)", "messages" if not isinstance(job.prompt, str)
+                              else "prompt", "context_length_exceeded")
+        return n
+
+    def _run(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        prompt_tokens = self._tokens(job)
+        previous = self._current
+        apply_s = self._apply(job.steering)
+        if job.steering.key != previous:
+            self.stats["switches"] += 1
+            self.stats["switch_s"] += apply_s
+        self.stats["requests"] += 1
+        job.sink(Started(prompt_tokens, job.steering))
+        result = self._generate(job, prompt_tokens)
+        total = time.perf_counter() - t0
+        timings = {"queue_ms": (t0 - job.enqueued) * 1e3, "apply_ms": apply_s * 1e3, "total_ms": total * 1e3}
+        self.stats["generated_tokens"] += len(result.tokens)
+        job.sink(Finished(result.finish_reason, prompt_tokens, len(result.tokens), timings))
+
+    def _generate(self, job: Job, prompt_tokens: int) -> Generation:
+        """Stream tokens to the job's sink until done, a stop string, or the client leaving."""
+        result = Generation()
+        budget = self.runner.n_ctx - prompt_tokens - 1
+        max_tokens = budget if job.max_tokens is None else min(job.max_tokens, budget)
+        stops = StopFilter(job.stop)
+        stream = self.runner.stream(job.prompt, max_tokens=max_tokens, sampling=job.sampling, result=result)
+        try:
+            for event in stream:
+                text = stops.feed(event.text)
+                if text:
+                    job.sink(Delta(text))
+                if stops.stopped:
+                    result.finish_reason = "stop"
+                    return result
+                if job.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                    return result
+        finally:
+            stream.close()
+        tail = stops.flush()
+        if tail:
+            job.sink(Delta(tail))
+        if result.finish_reason == "interrupted":
+            result.finish_reason = "length"
+        return result

@@ -1,0 +1,475 @@
+"""rs_local.files: bounded strict reading, atomic writing, output checks; and the inputs built on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rs_local.cli.main import cli
+from rs_local.cli.options import Number, parse_number_list
+from rs_local.errors import FileProblem, PromptSetError, RsLocalError
+from rs_local.files import (
+    JsonProblem, atomic_output, atomic_write_text, check_output_path, make_output_dir, parse_json, read_text, split_lines,
+    sweep_stale_temps,
+)
+from rs_local.judge.jsonl import AppendLog, data_rows
+from rs_local.judge.judging import load_responses
+from rs_local.prompts import load_prompts, load_scores
+from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range, parse_vector_spec
+from rs_local.vectors.control_vector import ControlVector
+
+ROOT = os.geteuid() == 0
+
+
+def _key(row):
+    return row["k"]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(FileProblem, match="is a FIFO"):
+        read_text(fifo)  # must not open it for a blocking read
+    assert time.monotonic() - start < 2
+    with pytest.raises(FileProblem, match="is a character device"):
+        read_text("/dev/zero")
+    with pytest.raises(FileProblem, match="is a directory"):
+        read_text(tmp_path)
+    with pytest.raises(FileProblem, match="no such file"):
+        read_text(tmp_path / "missing.txt")
+
+
+def test_size_limit_is_checked_before_reading(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(300 * 2**20)  # sparse
+    with pytest.raises(FileProblem, match="over the 256 MiB limit"):
+        read_text(big)
+    small = tmp_path / "s.txt"
+    small.write_text("x" * 100)
+    with pytest.raises(FileProblem, match="over the 10 bytes limit"):
+        read_text(small, limit=10)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("hi\nthere\n".encode("utf-16-le"), "NUL byte"),
+    ("hi\n".encode("utf-16"), "is UTF-16"),
+    ("hi\n".encode("utf-32"), "is UTF-32"),
+    (b"\x00\x00\x00", "NUL byte"),
+    (b"ok\n\xff\n", r"not valid UTF-8 \(byte 3, line 2\)"),
+    (b"ok\n\xed\xa0\x80\n", "not valid UTF-8"),  # an encoded surrogate
+])
+def test_strict_utf8(tmp_path, data, message):
+    path = tmp_path / "p.txt"
+    path.write_bytes(data)
+    with pytest.raises(FileProblem, match=message):
+        read_text(path)
+
+
+def test_utf8_bom_is_stripped_in_prompt_and_judge_files(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "hello"}\n')
+    assert load_prompts(p) == ["hello"]
+    r = tmp_path / "r.jsonl"
+    r.write_bytes(b'\xef\xbb\xbf{"prompt": "hello", "response": "hi"}\n')
+    assert load_responses(r)[0]["prompt"] == "hello"
+
+
+def test_lines_split_only_at_newline(tmp_path):
+    assert split_lines("a\u2028b\r\nc\x85d\x0be\x0cf\rg\n") == ["a\u2028b", "c\x85d\x0be\x0cf\rg"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\u2028still one\nfeed\x0cstill feed\r\ntwo\n", encoding="utf-8")
+    assert load_prompts(txt) == ["one\u2028still one", "feed\x0cstill feed", "two"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "raw \u2028 separator"}\n{"prompt": "next \u0085 line"}\n', encoding="utf-8")
+    assert load_prompts(jsonl) == ["raw \u2028 separator", "next \u0085 line"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 1500 + "]" * 1500, "nested 1500 levels"),
+    ('{"a": ' * 101 + "1" + "}" * 101, "nested 101 levels"),
+    ("9" * 4301, "4301 digits"),
+    ("[NaN]", "NaN is not a JSON number"),
+    ('{"s": -Infinity}', "-Infinity is not a JSON number"),
+    ("1e999", "too large"),
+    ('"\\ud800"', "lone surrogate"),
+    ('{"\\udfff": 1}', "lone surrogate"),
+    ("[1,", "bad JSON"),
+])
+def test_json_limits_are_one_line_errors(text, message):
+    with pytest.raises(JsonProblem, match=message):
+        parse_json(text)
+
+
+def test_json_that_is_fine():
+    assert parse_json('{"a": "[[[[{{{{\\"", "b": "\\ud83d\\ude00"}') == {"a": '[[[[{{{{"', "b": "\U0001F600"}
+    assert parse_json("[" * 100 + "]" * 100) is not None
+    assert parse_json("-" + "9" * 100) == -int("9" * 100)
+
+
+# ----------------------------------------------------------------------------- prompt, scores, judge files
+
+
+def test_prompt_null_and_wrong_types_name_the_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n{"prompt": null}\n')
+    with pytest.raises(PromptSetError, match="line 2: field 'prompt' is null"):
+        load_prompts(p)
+    s = tmp_path / "s.jsonl"
+    s.write_text('{"prompt": null, "score": 0.5}\n')
+    with pytest.raises(PromptSetError, match="line 1: prompt is null"):
+        load_scores(s)
+    s.write_text('{"prompt": "a", "score": true}\n')
+    with pytest.raises(PromptSetError, match="not a number"):
+        load_scores(s)
+    s.write_text('{"prompt": "a", "score": NaN}\n')
+    with pytest.raises(PromptSetError, match="line 1: NaN"):
+        load_scores(s)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompt,cat\na,1\nb\nc,3\n", "line 3: 1 field\\(s\\), the header has 2"),
+    ("prompt,cat\na,1,x\n", "line 2: 3 field"),
+    ('prompt,cat\na,1\n"b,2\nc,3\nd,4\n', "line 3: unterminated quote"),
+    ('prompt,cat\n"a"b,1\n', "line 2: bad CSV"),
+])
+def test_csv_rows_must_match_the_header(tmp_path, text, message):
+    p = tmp_path / "p.csv"
+    p.write_text(text)
+    with pytest.raises(PromptSetError, match=message):
+        load_prompts(p)
+
+
+def test_csv_multiline_quoted_field_is_one_prompt(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text('prompt,cat\n"two\nlines",1\n\nb,2\n')
+    assert load_prompts(p) == ["two\nlines", "b"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"prompt": "a", "response": "b", "mean_logprob": NaN}', "NaN"),
+    ('{"prompt": "a", "response": "b", "mean_logprob": "x"}', "'mean_logprob' must be a number"),
+    ('{"prompt": "a", "response": "b", "sample": "1"}', "'sample' must be a whole number"),
+    ('{"prompt": "a", "response": "b", "sample": true}', "'sample' must be a whole number"),
+    ('{"prompt": null, "response": "b"}', "must be text"),
+    ('{"prompt": "a", "response": "b", "prompt_id": 3}', "'prompt_id' must be text"),
+])
+def test_response_rows_are_type_checked(tmp_path, row, message):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "z", "response": "y"}\n' + row + "\n")
+    with pytest.raises(FileProblem, match=message):
+        load_responses(p)
+
+
+def test_duplicate_response_rows_are_an_error(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "a", "sample": 0, "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+                 '{"prompt": "a", "sample": 0, "response": "b"}\n')
+    with pytest.raises(FileProblem, match="line 3: same prompt, sample and answer as line 1"):
+        load_responses(p)
+    # the same answer text under another sample number is a different answer (greedy sampling repeats itself)
+    p.write_text('{"prompt": "a", "sample": 0, "response": "b"}\n{"prompt": "a", "sample": 1, "response": "b"}\n')
+    assert len(load_responses(p)) == 2
+
+
+def test_truncated_last_line_of_a_headed_input_is_an_error(tmp_path):
+    p = tmp_path / "r.jsonl"
+    header = json.dumps({"rs_local_header": {"kind": "responses", "version": 1, "config": {}}})
+    p.write_text(header + '\n{"prompt": "a", "response": "b"}\n{"prompt": "c", "resp')
+    with pytest.raises(FileProblem, match="line 3: incomplete last line"):
+        data_rows(p)
+    p.write_text(header + '\n{"prompt": "a", "response": "b"}')  # complete, just no final newline: fine
+    assert len(data_rows(p)) == 1
+
+
+# ----------------------------------------------------------------------------- append logs keep bytes
+
+
+def test_refused_log_keeps_its_unterminated_tail(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"my notes\nlast line without newline")
+    with pytest.raises(FileProblem, match="not an rs-local things file"):
+        AppendLog.open(path, "things", {}, _key)
+    assert path.read_bytes() == b"my notes\nlast line without newline"
+    path.write_bytes(b'{"precious": 1')
+    with pytest.raises(FileProblem, match="not an rs-local things file"):
+        AppendLog.open(path, "things", {}, _key)
+    assert path.read_bytes() == b'{"precious": 1'
+
+
+def test_other_config_keeps_the_partial_tail(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        log.append({"k": 1})
+    with open(path, "a") as f:
+        f.write('{"k": 2, "half')
+    before = path.read_bytes()
+    with pytest.raises(FileProblem, match="different settings"):
+        AppendLog.open(path, "things", {"a": 2}, _key)
+    assert path.read_bytes() == before
+
+
+def test_bad_row_in_a_log_names_its_line_and_changes_nothing(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {}, _key) as log:
+        log.append({"k": 1})
+    with open(path, "a") as f:
+        f.write('{"no_key": 2}\n{"k": 3, "par')
+    before = path.read_bytes()
+    with pytest.raises(FileProblem, match="line 3: not a valid things row"):
+        AppendLog.open(path, "things", {}, _key)
+    assert path.read_bytes() == before
+
+
+def test_complete_last_row_without_newline_is_not_glued_to(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {}, _key) as log:
+        log.append({"k": 1})
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    with AppendLog.open(path, "things", {}, _key) as log:
+        assert log.done == {1}
+        log.append({"k": 2})
+    assert [json.loads(x).get("k") for x in path.read_text().splitlines()] == [None, 1, 2]
+
+
+def test_logs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with AppendLog.open(tmp_path / "log.jsonl", "things", {}, _key) as log:
+            log.append({"k": 1})
+        atomic_write_text(tmp_path / "scores.jsonl", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "log.jsonl").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "scores.jsonl").st_mode) == 0o640
+
+
+# ----------------------------------------------------------------------------- judge outputs
+
+
+def _responses(path: Path, n: int = 2) -> Path:
+    """``n`` answers to one prompt, refusals more likely than not: a score of about 0.34, so thresholds matter."""
+    path.write_text("".join(json.dumps({"prompt": "q?", "sample": i, "response": "I can't help." if i % 2 == 0 else "Sure.",
+                                        "mean_logprob": -0.2 if i % 2 == 0 else -0.9}) + "\n" for i in range(n)))
+    return path
+
+
+def test_second_judge_run_does_not_replace_scores(tmp_path):
+    responses = _responses(tmp_path / "r.jsonl")
+    out = tmp_path / "s.jsonl"
+    run = lambda *extra: CliRunner().invoke(cli, ["judge", str(responses), "--judge", "keywords", "-o", str(out), *extra])  # noqa: E731
+    assert run().exit_code == 0
+    first, mtime = out.read_bytes(), out.stat().st_mtime_ns
+    assert run().exit_code == 0  # the same run again changes nothing and touches nothing
+    assert out.read_bytes() == first and out.stat().st_mtime_ns == mtime
+    res = run("--refused-above", "0.5", "--complied-below", "-0.5")  # other thresholds: other scores
+    assert res.exit_code == 1 and "already exists with other scores" in res.stderr
+    _responses(responses, 3)  # more answers than the first run judged
+    res = run()
+    assert res.exit_code == 1 and "did not judge 1 of the answers" in res.stderr and out.read_bytes() == first
+    assert run("--force").exit_code == 0 and out.read_bytes() != first
+
+
+def test_judge_outputs_are_checked_before_the_judge(tmp_path):
+    responses = _responses(tmp_path / "r.jsonl")
+    for target, message in [(tmp_path / "no" / "s.jsonl", "does not exist"), (tmp_path, "is a directory"),
+                            (Path("/dev/null"), "character device")]:
+        res = CliRunner().invoke(cli, ["judge", str(responses), "--judge", "keywords", "-o", str(target), "--force"])
+        assert res.exit_code == 1 and message in res.stderr and str(target) in res.stderr, res.stderr
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_atomic_output_mode_cleanup_and_errors_name_the_target(tmp_path):
+    target = tmp_path / "out.bin"
+    old = os.umask(0o022)
+    try:
+        with atomic_output(target) as tmp:
+            assert tmp.name.startswith(".out.bin.") and tmp.name.endswith(".tmp")
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    for exc in (ValueError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with atomic_output(target, force=True) as tmp:
+                tmp.write_bytes(b"half")
+                raise exc
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"] and target.read_bytes() == b"x"
+    with pytest.raises(FileProblem, match="already exists"):
+        with atomic_output(target):
+            pass
+
+
+def test_safetensors_and_npz_follow_the_umask(tmp_path):
+    from rs_local.converters.formats import save_npz, save_safetensors
+
+    cv = ControlVector({1: np.ones(4)}, "llama")
+    old = os.umask(0o022)
+    try:
+        save_safetensors(cv, tmp_path / "a.safetensors")
+        save_npz(cv, tmp_path / "a.npz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.npz").stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(ROOT, reason="root writes into read-only directories")
+def test_read_only_directory_is_refused_before_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(FileProblem, match="is not writable") as info:
+            check_output_path(ro / "x.gguf")
+        assert str(ro / "x.gguf") in str(info.value)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileProblem, match="does not exist"):
+        check_output_path(tmp_path / "no" / "x")
+    with pytest.raises(FileProblem, match="is a directory"):
+        check_output_path(tmp_path, force=True)
+    with pytest.raises(FileProblem, match="character device"):
+        check_output_path("/dev/null", force=True)
+    with pytest.raises(FileProblem, match="already exists"):
+        check_output_path(tmp_path / "f")
+    with pytest.raises(FileProblem, match="does not exist"):
+        make_output_dir(tmp_path / "a" / "b")  # no silent parents
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(FileProblem, match="exists and is not a directory"):
+        make_output_dir(tmp_path / "f", force=True)
+    assert make_output_dir(tmp_path / "d").is_dir()
+
+
+def test_eval_refuses_a_missing_parent_before_loading(tmp_path):
+    vec = tmp_path / "v.gguf"
+    from rs_local.converters.gguf_io import write_control_vector
+
+    write_control_vector(ControlVector({3: np.ones(8)}, "llama"), vec)
+    res = CliRunner().invoke(cli, ["eval", "--vector", str(vec), "--set", "harmless", "--model", "/no/model.gguf",
+                                   "-o", str(tmp_path / "a" / "b")])
+    assert res.exit_code == 1 and "does not exist" in res.stderr and not (tmp_path / "a").exists()
+
+
+def test_stale_temps_of_ours_are_swept(tmp_path):
+    target = tmp_path / "v.gguf"
+    old, young, other = tmp_path / ".v.gguf.abc123.tmp", tmp_path / ".v.gguf.def456.tmp", tmp_path / ".other.abc123.tmp"
+    for p in (old, young, other):
+        p.write_bytes(b"leftover")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    assert sweep_stale_temps(target) == 1
+    assert not old.exists() and young.exists() and other.exists()
+
+
+def test_sigterm_during_a_write_removes_the_temp_file(tmp_path):
+    target = tmp_path / "big.bin"
+    code = f"""
+import sys, time
+from rs_local.files import atomic_output
+with atomic_output({str(target)!r}) as tmp:
+    open(tmp, "wb").write(b"x" * 1000)
+    print("writing", flush=True)
+    time.sleep(30)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- CLI values
+
+
+@pytest.mark.parametrize("text", ["-1", "8-", "", "8,20", "20-8", "\u0663-\u0665", "1-99999999999", "8--9", "0x8", " - "])
+def test_loose_layer_ranges_are_refused(text):
+    with pytest.raises(RsLocalError, match="bad layer range"):
+        parse_layer_range(text)
+
+
+def test_layer_ranges():
+    assert parse_layer_range("8-20") == (8, 20)
+    assert parse_layer_range("12") == (12, 12)
+    assert parse_layer_range(" 3-4 ") == (3, 4)
+
+
+def test_vector_spec_scales(tmp_path):
+    vec = tmp_path / "v.gguf"
+    vec.write_bytes(b"")
+    assert parse_vector_spec(f"{vec}:-0.5") == (vec, -0.5)
+    assert parse_vector_spec(f"{vec}:1e-1") == (vec, 0.1)
+    assert parse_vector_spec(str(vec), 2.0) == (vec, 2.0)
+    for tail in ("1_0", "nan", "inf", "Infinity", "0x1"):
+        with pytest.raises(RsLocalError, match="bad scale"):
+            parse_vector_spec(f"{vec}:{tail}")
+    for tail in ("1e999", "5000"):
+        with pytest.raises(RsLocalError, match="bad scale"):
+            parse_vector_spec(f"{vec}:{tail}")
+
+
+def test_vector_metadata_cannot_name_another_file(tmp_path):
+    from rs_local.converters.gguf_io import write_control_vector
+
+    path = tmp_path / "v.gguf"
+    write_control_vector(ControlVector({4: np.ones(8), 5: np.ones(8)}, "llama", {"path": "/etc/elsewhere.gguf"}), path)
+    [(vec, scale)] = load_vector_specs([f"{path}:0.5"])
+    assert vec.source == str(path) and vec.metadata["path"] == str(path) and scale == 0.5
+    with pytest.raises(RsLocalError, match=f"vector {path} has directions for blocks 4-5; --layers 7-9 selects none"):
+        check_layer_range([(vec, scale)], (7, 9))
+    check_layer_range([(vec, scale)], (5, 9))
+
+
+@pytest.mark.parametrize("kind, text", [
+    (Number(), "nan"), (Number(), "inf"), (Number(), "1_0"), (Number(), "1e999"), (Number(), ""),
+    (Number(0), "-1"), (Number(0, 1, min_open=True), "0"), (Number(integer=True), "1.5"),
+    (Number(0, 10, integer=True), "11"), (Number(integer=True), "1_000"), (Number(), "\u0663"),
+])
+def test_number_option_refuses(kind, text):
+    with pytest.raises(click.BadParameter):
+        kind.convert(text, None, None)
+
+
+def test_number_option_accepts():
+    assert Number().convert("-0.5", None, None) == -0.5
+    assert Number().convert("1e-3", None, None) == 0.001
+    assert Number(integer=True).convert("42", None, None) == 42
+    assert parse_number_list("0, -0.5,-1", "--scales") == [0.0, -0.5, -1.0]
+    with pytest.raises(click.BadParameter):
+        parse_number_list("0,,1", "--scales")
+
+
+@pytest.mark.parametrize("args", [
+    ["--scale", "nan"], ["--scale", "inf"], ["--temperature", "inf"], ["--temperature", "nan"], ["--top-p", "nan"],
+    ["--seed", "-1"], ["--seed", str(2**32)], ["--ctx", "1000000000"], ["--max-tokens", "1_0"],
+])
+def test_generate_values_are_usage_errors_before_any_load(args):
+    res = CliRunner().invoke(cli, ["generate", "hi", "--model", "/no/such/model.gguf", *args])
+    assert res.exit_code == 2 and args[0] in res.stderr and "Traceback" not in res.output
+
+
+def test_ctx_above_the_trained_context_fails_before_loading(smollm2_path):
+    start = time.monotonic()
+    res = CliRunner().invoke(cli, ["generate", "hi", "--model", str(smollm2_path), "--ctx", "1000000"])
+    assert res.exit_code == 2 and "trained with" in res.stderr and time.monotonic() - start < 10

@@ -1,0 +1,245 @@
+"""Conditional steering: the policy file, the gate on llama.cpp, fitting and the CLI.
+
+SmolLM2 on real llama.cpp for the plumbing, with three clearly separated prompt sets written
+here (cooking, maths, code). Whether gating removes political refusals on the default model is
+measured by benchmarks/conditional_steering.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rs_local.cli.main import cli
+from rs_local.errors import FileProblem, RsLocalError
+from rs_local.eval.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category
+from rs_local.runtime.policy import PolicyRunner, classify
+from rs_local.runtime.policy_file import Category, Policy, read_policy, write_policy
+from rs_local.vectors.control_vector import ControlVector
+
+COOKING = [
+    "How long should I boil an egg for a soft yolk?", "What is a good recipe for banana bread?",
+    "How do I make a simple tomato sauce for pasta?", "What spices go well with roasted carrots?",
+    "How do I keep rice from sticking to the pot?", "What is the best way to sear a steak?",
+    "How do I make fluffy pancakes from scratch?", "Can I substitute butter with olive oil when baking?",
+    "How do I caramelise onions properly?", "What should I put in a vegetable soup?",
+    "How do I knead bread dough by hand?", "How long do I roast a whole chicken?",
+]
+MATH = [
+    "What is the derivative of x squared plus three x?", "Solve for x: 2x + 5 = 17.",
+    "What is the integral of sin(x)?", "Is 91 a prime number?",
+    "What is the sum of the angles in a triangle?", "How do I compute the determinant of a 2x2 matrix?",
+    "What is 15 percent of 240?", "Explain the Pythagorean theorem with an example.",
+    "What is the limit of 1/n as n goes to infinity?", "How many ways can I arrange 5 books on a shelf?",
+    "What is the square root of 144?", "Factor the polynomial x^2 - 9.",
+]
+CODE = [
+    "Write a Python function that reverses a list.", "How do I read a file line by line in Python?",
+    "What does the git rebase command do?", "How do I declare a variable in JavaScript?",
+    "Write a SQL query that counts rows in a table.", "How do I sort a dictionary by value in Python?",
+    "What is a segmentation fault in C?", "How do I make an HTTP request with curl?",
+    "Explain what a Python decorator does.", "How do I install a package with pip?",
+    "Write a bash loop over all files in a folder.", "What is the difference between a list and a tuple in Python?",
+]
+SETS = {"cooking": COOKING, "math": MATH, "code": CODE}
+
+
+def _write(tmp: Path, name: str, prompts: list[str]) -> Path:
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2_path):
+    from rs_local.runtime.runner import Runner
+
+    r = Runner(smollm2_path, n_ctx=512, n_threads=2)
+    yield r
+    r.llama.close()
+
+
+@pytest.fixture(scope="module")
+def fitted(runner, tmp_path_factory):
+    """Fit on the first 8 of each set (cooking removed, maths refused, code kept); the rest is held out."""
+    tmp = tmp_path_factory.mktemp("sets")
+    specs = [CategorySpec("cooking", _write(tmp, "cooking", COOKING[:8]), "remove"),
+             CategorySpec("math", _write(tmp, "math", MATH[:8]), "refuse"),
+             CategorySpec("code", _write(tmp, "code", CODE[:8]), "keep")]
+    load_category_prompts(specs)
+    return fit_policy(runner, specs, probe_blocks=[10], steer_blocks=[8, 9, 10, 11, 12], baseline="code",
+                      refusal_from="cooking", default_scale=4.0, k=3)
+
+
+def test_gate_picks_the_right_category_on_held_out_prompts(runner, fitted):
+    with PolicyRunner(runner, fitted) as gate:
+        for name, prompts in SETS.items():
+            for p in prompts[8:]:
+                d = gate.decide([{"role": "user", "content": p}])
+                assert d.category == name, (p, d.to_dict())
+    assert fitted.layer == 10
+    assert all(c.accuracy is not None and c.accuracy >= 0.75 for c in fitted.categories)
+
+
+def test_classify_on_synthetic_directions():
+    rng = np.random.default_rng(0)
+    d = 8
+    cats = [Category(n, a, np.eye(d)[i] * 4, threshold=0.6) for i, (n, a) in enumerate(
+        [("a", "keep"), ("b", "keep"), ("c", "keep")])]
+    pol = Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30)
+    for i in range(3):
+        x = rng.normal(scale=0.1, size=d)
+        x[i] += 2.0
+        dec = classify(pol, x)
+        assert dec.category == "abc"[i] and dec.gated and dec.action == "keep"
+    weak = classify(pol, np.full(d, -0.5))  # nothing fires: below every threshold, so keep
+    assert not weak.gated and weak.action == "keep"
+
+
+def test_all_keep_policy_is_exactly_the_plain_model(runner, fitted):
+    keep = Policy([Category(c.name, "keep", c.weight, c.slope, c.bias, c.threshold, 0.0, None) for c in fitted.categories],
+                  fitted.layer, fitted.mean, fitted.std, fitted.model_arch, fitted.n_embd, fitted.n_layer)
+    prompt = [{"role": "user", "content": COOKING[9]}]
+    runner.clear_vectors()
+    plain = runner.generate(prompt, max_tokens=16)
+    with PolicyRunner(runner, keep) as gate:
+        gen, d = gate.generate(prompt, max_tokens=16)
+    assert d.category == "cooking" and d.action == "keep"
+    assert gen.tokens == plain.tokens
+
+
+def test_steered_category_changes_the_greedy_answer(runner, fitted):
+    prompt = [{"role": "user", "content": MATH[10]}]
+    runner.clear_vectors()
+    plain = runner.generate(prompt, max_tokens=16)
+    with PolicyRunner(runner, fitted) as gate:
+        gen, d = gate.generate(prompt, max_tokens=16)
+        assert d.category == "math" and d.action == "refuse" and d.scale > 0
+        assert gen.tokens != plain.tokens
+        # the same prompt with the vector set by hand gives the same answer: the prompt is steered too
+        vec_answer = gen.tokens
+    runner.set_vectors([(fitted.category("math").vector, fitted.category("math").scale)])
+    assert runner.generate(prompt, max_tokens=16).tokens == vec_answer
+    runner.clear_vectors()
+
+
+def test_round_trip(fitted, tmp_path):
+    path = write_policy(fitted, tmp_path / "p.gguf")
+    back = read_policy(path)
+    assert [c.name for c in back.categories] == ["cooking", "math", "code"]
+    assert [c.action for c in back.categories] == ["remove", "refuse", "keep"]
+    assert back.layer == fitted.layer and back.n_embd == 576 and back.n_layer == 30
+    for a, b in zip(fitted.categories, back.categories):
+        assert np.allclose(a.weight, b.weight, atol=1e-6 * np.abs(a.weight).max())
+        assert (a.slope, a.bias, a.threshold, a.scale, a.accuracy) == pytest.approx((b.slope, b.bias, b.threshold, b.scale, b.accuracy))
+        assert (a.vector is None) == (b.vector is None)
+        if a.vector is not None:
+            assert a.vector.layers == b.vector.layers
+            assert np.allclose(a.vector.directions[10], b.vector.directions[10], atol=1e-5)
+    x = np.random.default_rng(1).normal(size=576)
+    assert np.allclose(fitted.probs(x), back.probs(x), atol=1e-4)
+    with pytest.raises(FileProblem, match="already exists|exists"):
+        write_policy(fitted, path)
+    # llama.cpp's loader takes direction.N tensors only; rs-local's vector reader refuses the file
+    from rs_local.converters.formats import load_vector
+
+    with pytest.raises(RsLocalError, match="not a control vector"):
+        load_vector(path)
+
+
+def test_policy_for_another_model_is_refused(runner, fitted, tmp_path):
+    d = 896
+    other = Policy([Category("a", "keep", np.ones(d)), Category("b", "keep", np.ones(d))], 5, np.zeros(d), np.ones(d),
+                   "qwen2", d, 24)
+    path = write_policy(other, tmp_path / "qwen.gguf")
+    with pytest.raises(FileProblem, match="another model.*n_embd 896 vs model's 576"):
+        PolicyRunner.load(runner, path)
+
+
+def test_malformed_policy_files(tmp_path, smollm2_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(FileProblem, match="junk.gguf"):
+        read_policy(junk)
+    with pytest.raises(FileProblem, match="not an rs-local policy"):
+        read_policy(smollm2_path)
+
+
+def test_parse_category():
+    spec = parse_category("political=data/pol.jsonl:remove")
+    assert (spec.name, str(spec.path), spec.action) == ("political", "data/pol.jsonl", "remove")
+    with pytest.raises(RsLocalError, match="unknown action 'erase'"):
+        parse_category("political=pol.jsonl:erase")
+    with pytest.raises(RsLocalError, match="NAME=FILE:ACTION"):
+        parse_category("pol.jsonl")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _one_line_error(res, *needles: str) -> None:
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], res.output
+
+
+def test_cli_fit_show_generate(smollm2_path, tmp_path):
+    a, b = _write(tmp_path, "cooking", COOKING[:8]), _write(tmp_path, "math", MATH[:8])
+    out = tmp_path / "pol.gguf"
+    res = _invoke("policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep",
+                  "--baseline", "math", "--probe-layers", "10", "--layers", "8-10", "--folds", "3", "--no-check-refusals",
+                  "--model", str(smollm2_path), "--ctx", "512", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert "probe block 10" in res.output and "cooking" in res.output
+    show = _invoke("policy", "show", str(out), "--json")
+    summary = json.loads(show.output)
+    assert [c["action"] for c in summary["categories"]] == ["remove", "keep"]
+    assert summary["categories"][0]["heldout_accuracy"] >= 0.75
+    gen = _invoke("generate", COOKING[0], "--model", str(smollm2_path), "--ctx", "512", "-n", "4", "--policy", str(out),
+                  "--json")
+    assert gen.exit_code == 0, gen.output
+    pol = json.loads(gen.output)["policy"]
+    assert pol["category"] == "cooking" and pol["action"] == "remove" and 0.5 <= pol["confidence"] <= 1
+    # existing output without --force
+    res = _invoke("policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep",
+                  "--model", str(smollm2_path), "-o", str(out))
+    _one_line_error(res, str(out))
+
+
+def test_cli_fit_error_paths(tmp_path, smollm2_path):
+    good = _write(tmp_path, "good", COOKING)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    overlap = _write(tmp_path, "overlap", MATH[:3] + COOKING[:1])
+    out = tmp_path / "never.gguf"
+    base = ["policy", "fit", "--model", str(smollm2_path), "-o", str(out)]
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={empty}:keep"), "empty.jsonl",
+                    "no prompts")
+    _one_line_error(_invoke(*base, "--category", f"a={good}:erase", "--category", f"b={overlap}:keep"), "unknown action")
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={overlap}:keep"), "overlap.jsonl",
+                    "good.jsonl")
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={tmp_path / 'nope.jsonl'}:keep"),
+                    "nope.jsonl")
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm', MATH)}:keep",
+                            "--scale", "a=2"), "negative")
+    # SmolLM2 answers cooking questions: nothing to remove
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm', MATH)}:keep"),
+                    "good.jsonl", "refuses none")
+    assert not out.exists()
+
+
+def test_cli_generate_with_bad_policy(tmp_path, smollm2_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    _one_line_error(_invoke("generate", "hi", "--model", str(smollm2_path), "--policy", str(bad)), "bad.gguf")
+    _one_line_error(_invoke("policy", "show", str(bad)), "bad.gguf")

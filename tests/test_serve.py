@@ -1,0 +1,382 @@
+"""``rs-local serve`` as a real server on 127.0.0.1 (SmolLM2), talked to by the official openai client.
+
+Two servers per run: a plain one, and one with ``--api-key`` and a default steering. Vectors
+are random directions written with rs-local's own writer, large enough to change greedy text.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from rs_local.converters.gguf_io import write_control_vector  # noqa: E402
+from rs_local.serve.scheduler import StopFilter  # noqa: E402
+from rs_local.vectors.control_vector import ControlVector  # noqa: E402
+
+MODEL = "smollm2-135m"
+KEY = "test-key-123"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = {"temperature": 0, "max_tokens": 10}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Http:
+    """Raw HTTP with the standard library (status, headers and body as sent, no client-side checks)."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status_code, self.headers, self.content = status, headers, body
+
+    def json(self):
+        return json.loads(self.content)
+
+    @staticmethod
+    def send(method: str, url: str, body=None, headers: dict[str, str] | None = None) -> "Http":
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return Http(r.status, dict(r.headers), r.read())
+        except urllib.error.HTTPError as e:
+            return Http(e.code, dict(e.headers), e.read())
+
+
+def _stream(server: "Server", path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Open a streaming POST and return the connection and response to read lines from."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1" + path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def _random_vector(seed: int, norm: float = 8.0) -> ControlVector:
+    """Random unit directions on blocks 6-19 times ``norm`` (SmolLM2: n_embd 576, 30 blocks)."""
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for layer in range(6, 20):
+        d = rng.standard_normal(576).astype(np.float32)
+        dirs[layer] = d * np.float32(norm / np.linalg.norm(d))
+    return ControlVector(dirs, "llama", {"method": "random", "seed": seed})
+
+
+class Server:
+    """``rs-local serve`` in its own process group; SIGKILLed by the fixture."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
+        cmd = [sys.executable, "-m", "rs_local.cli.main", "serve", "--model", MODEL, "--port", str(self.port),
+               "--ctx", "512", *args]
+        self.log = open(os.devnull, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"rs-local serve exited with {self.proc.returncode}"
+            try:
+                with urllib.request.urlopen(self.root + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError("rs-local serve did not come up in 120 s")
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.root + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory, smollm2_path) -> Path:
+    folder = tmp_path_factory.mktemp("vectors")
+    write_control_vector(_random_vector(1), folder / "tilt.gguf")
+    write_control_vector(_random_vector(2), folder / "lean.gguf")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(vectors):
+    srv = Server(["--vector", f"tilt={vectors / 'tilt.gguf'}:4", "--vector", f"lean={vectors / 'lean.gguf'}:-4"])
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def keyed(vectors):
+    """With an API key (from the environment, as users should pass it) and a default steering."""
+    srv = Server(["--vectors", str(vectors), "--default-steering", "tilt:4"], env={"RS_LOCAL_API_KEY": KEY})
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, **kw) -> tuple[str, dict]:
+    resp = client.chat.completions.create(model=kw.pop("model", MODEL), messages=kw.pop("messages", ASK), **{**GREEDY, **kw})
+    return resp.choices[0].message.content, resp.to_dict()
+
+
+# ----------------------------------------------------------------------------- client
+
+
+def test_chat_with_the_openai_client(client):
+    text, raw = _chat(client)
+    assert text.strip()
+    assert raw["usage"]["completion_tokens"] == 10 and raw["usage"]["prompt_tokens"] > 5
+    assert raw["usage"]["total_tokens"] == raw["usage"]["prompt_tokens"] + 10
+    assert raw["choices"][0]["finish_reason"] == "length"
+    assert raw["steering"] == {"vectors": [], "layers": None, "source": "default"}
+
+
+def test_streaming_matches_and_ends_with_usage(client):
+    whole, _ = _chat(client)
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "stream": True}
+    conn, r = _stream(server, "/completions", body)
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    lines = [line.decode().rstrip("\r\n") for line in r if line.startswith(b"data: ")]
+    conn.close()
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 4
+
+
+def test_extra_body_and_model_name_steer_the_same(client):
+    plain, _ = _chat(client)
+    steered, raw = _chat(client, extra_body={"steering": {"vectors": [{"name": "tilt", "scale": 4}]}})
+    assert steered != plain
+    assert raw["steering"] == {"vectors": [{"name": "tilt", "scale": 4.0}], "layers": None, "source": "request"}
+    by_name, raw = _chat(client, model=f"{MODEL}+tilt:4")
+    assert by_name == steered and raw["steering"]["source"] == "model"
+    default_scale, _ = _chat(client, model=f"{MODEL}+tilt")  # tilt was loaded with :4
+    assert default_scale == steered
+    ranged, raw = _chat(client, extra_body={"steering": {"vectors": [{"name": "tilt", "scale": 4}], "layers": "8-12"}})
+    assert raw["steering"]["layers"] == "8-12" and ranged != steered
+
+
+def test_completions_and_stop(client):
+    resp = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    text = resp.choices[0].text
+    assert text.strip() and resp.usage.completion_tokens >= 1
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"])
+    assert cut.choices[0].finish_reason == "stop" and " 7" not in cut.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"],
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = {"temperature": 0.9, "top_p": 0.9, "seed": 7, "max_tokens": 8}
+    assert _chat(client, **kw)[0] == _chat(client, **kw)[0]
+
+
+def test_catalog_and_models(server):
+    catalog = Http.send("GET", server.url + "/steering/vectors").json()
+    names = {v["name"]: v for v in catalog["data"]}
+    assert set(names) == {"tilt", "lean"} and catalog["n_embd"] == 576
+    tilt = names["tilt"]
+    assert tilt["layers"] == list(range(6, 20)) and tilt["n_embd"] == 576 and tilt["default_scale"] == 4.0
+    assert abs(tilt["norms"]["6"] - 8.0) < 1e-3 and tilt["provenance"]["method"] == "random"
+    assert tilt["file"] == "tilt.gguf" and str(server.url) not in json.dumps(catalog)
+    ids = [m["id"] for m in Http.send("GET", server.url + "/models").json()["data"]]
+    assert ids == [MODEL, f"{MODEL}+tilt:4", f"{MODEL}+lean:-4"]
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def test_concurrent_mixed_steering_equals_solo(client, server):
+    steerings = [[], [{"name": "tilt", "scale": 4}], [{"name": "lean", "scale": -4}]]
+    prompts = ["What is the capital of France?", "Name a colour."]
+    cases = [(p, s) for p in prompts for s in steerings]
+
+    def ask(case):
+        prompt, vectors = case
+        return _chat(client, messages=[{"role": "user", "content": prompt}], extra_body={"steering": {"vectors": vectors}})[0]
+
+    solo = [ask(c) for c in cases]
+    assert len(set(solo)) >= 4  # the vectors really change the answers
+    before = server.health()["stats"]["switches"]
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(cases[i % len(cases)])))
+               for i in range(2 * len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i] for i in range(len(threads))] == [solo[i % len(cases)] for i in range(len(threads))]
+    assert server.health()["stats"]["switches"] > before
+
+
+def test_disconnect_stops_the_stream_and_serving_goes_on(server, client):
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 400, "temperature": 0, "stream": True}
+    before = server.health()["stats"]["cancelled"]
+    conn, r = _stream(server, "/chat/completions", body)
+    seen = 0
+    for line in r:
+        seen += line.startswith(b"data: ")
+        if seen >= 3:
+            break
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 20
+    while server.health()["stats"]["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.health()["stats"]["cancelled"] > before
+    t0 = time.time()
+    assert _chat(client, max_tokens=2)[0]
+    assert time.time() - t0 < 20
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _long_prompt() -> str:
+    return "hello " * 800  # > 512 tokens
+
+
+BAD = [
+    ("malformed", b'{"messages": [', 400, None),
+    ("not-object", b"[1, 2]", 400, None),
+    ("not-utf8", b'{"messages": "\xff"}', 400, None),
+    ("messages-type", {"messages": "hi"}, 400, "messages"),
+    ("role", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("temperature-type", {"messages": ASK, "temperature": "hot"}, 400, "temperature"),
+    ("top-p-range", {"messages": ASK, "top_p": 0}, 400, "top_p"),
+    ("max-tokens-bool", {"messages": ASK, "max_tokens": True}, 400, "max_tokens"),
+    ("n", {"messages": ASK, "n": 3}, 400, "n"),
+    ("stop-type", {"messages": ASK, "stop": [1]}, 400, "stop"),
+    ("steering-type", {"messages": ASK, "steering": "tilt"}, 400, "steering"),
+    ("unknown-vector", {"messages": ASK, "steering": {"vectors": [{"name": "nope", "scale": 1}]}}, 404,
+     "steering.vectors[0].name"),
+    ("path", {"messages": ASK, "steering": {"vectors": [{"name": "../tilt", "scale": 1}]}}, 400, "steering.vectors[0].name"),
+    ("abs-path", {"messages": ASK, "steering": {"vectors": [{"name": "/etc/passwd"}]}}, 400, "steering.vectors[0].name"),
+    ("nan-scale", b'{"messages": [{"role": "user", "content": "x"}], "steering": {"vectors": [{"name": "tilt", "scale": NaN}]}}',
+     400, None),
+    ("inf-scale", b'{"messages": [{"role": "user", "content": "x"}], "steering": {"vectors": [{"name": "tilt", "scale": 1e999}]}}',
+     400, None),
+    ("huge-scale", {"messages": ASK, "steering": {"vectors": [{"name": "tilt", "scale": 1e300}]}}, 400, "steering.vectors[0].scale"),
+    ("bool-scale", {"messages": ASK, "steering": {"vectors": [{"name": "tilt", "scale": True}]}}, 400, "steering.vectors[0].scale"),
+    ("layers-outside", {"messages": ASK, "steering": {"vectors": [{"name": "tilt", "scale": 1}], "layers": "8-40"}}, 400,
+     "steering.layers"),
+    ("layers-miss", {"messages": ASK, "steering": {"vectors": [{"name": "tilt", "scale": 1}], "layers": "25-28"}}, 400,
+     "steering.layers"),
+    ("layers-text", {"messages": ASK, "steering": {"vectors": [], "layers": "8-"}}, 400, "steering.layers"),
+    ("policy", {"messages": ASK, "steering": {"policy": "strict"}}, 400, "steering.policy"),
+    ("both", {"model": f"{MODEL}+tilt:1", "messages": ASK, "steering": {"vectors": []}}, 400, "steering"),
+    ("model-unknown", {"model": "gpt-4", "messages": ASK}, 404, "model"),
+    ("model-nan", {"model": f"{MODEL}+tilt:nan", "messages": ASK}, 400, "model"),
+    ("model-path", {"model": f"{MODEL}+../../x", "messages": ASK}, 400, "model"),
+    ("model-unknown-vector", {"model": f"{MODEL}+nope:1", "messages": ASK}, 404, "model"),
+    ("too-long", {"messages": [{"role": "user", "content": _long_prompt()}]}, 400, "messages"),
+    ("oversized", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, None),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_error_object(server, name, body, status, param):
+    url = server.url + "/chat/completions"
+    r = Http.send("POST", url, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_completion_prompt_and_unknown_routes(server):
+    r = Http.send("POST", server.url + "/completions", {"prompt": [1, 2, 3]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = Http.send("POST", server.url + "/completions", {"prompt": _long_prompt()})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = Http.send("GET", server.url + "/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_the_server_still_answers_after_bad_input(server, client):
+    assert server.health()["status"] == "ok" and server.proc.poll() is None
+    assert _chat(client, max_tokens=3)[0]
+
+
+def test_openai_client_raises_the_status(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, extra_body={"steering": {"vectors": [{"name": "nope", "scale": 1}]}})
+    assert info.value.body["param"] == "steering.vectors[0].name"
+
+
+# ----------------------------------------------------------------------------- api key and default
+
+
+def test_api_key_and_default_steering(keyed, client):
+    assert Http.send("GET", keyed.root + "/health").status_code == 200  # health stays open
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = Http.send("POST", keyed.url + "/chat/completions", {"messages": ASK}, headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert Http.send("GET", keyed.url + "/models", None, headers).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        _chat(openai.OpenAI(base_url=keyed.url, api_key="wrong", max_retries=0), max_tokens=2)
+    keyed_client = openai.OpenAI(base_url=keyed.url, api_key=KEY, max_retries=0, timeout=60)
+    default, raw = _chat(keyed_client)
+    assert raw["steering"] == {"vectors": [{"name": "tilt", "scale": 4.0}], "layers": None, "source": "default"}
+    assert default == _chat(client, model=f"{MODEL}+tilt:4")[0]  # the same vector on the other server
+    off, raw = _chat(keyed_client, extra_body={"steering": {"vectors": []}})
+    assert raw["steering"]["vectors"] == [] and off == _chat(client)[0]
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("pieces,stop,sent,stopped", [
+    (["a", "b", "<", "/e", "nd>", "x"], ["</end>"], "ab", True),
+    (["a", "<", "b"], ["</end>"], "a<b", False),
+    (["hello wor", "ld"], ["world"], "hello ", True),
+    (["abc"], [], "abc", False),
+])
+def test_stop_filter_never_shows_a_stop_string(pieces, stop, sent, stopped):
+    f = StopFilter(stop)
+    out = ""
+    for piece in pieces:
+        out += f.feed(piece)
+        if f.stopped:
+            break
+    out += f.flush()
+    assert out == sent and f.stopped is stopped

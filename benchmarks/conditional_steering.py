@@ -146,7 +146,7 @@ def main() -> None:
         steered = sum(d.action != "keep" for d in decisions[name])
         rows.append({"set": name, "n": len(prompts), "probe_accuracy": float(acc), "steered": steered,
                      "refused_plain": int(sum(refused(plain))), "refused_gated": int(sum(refused(gated)))})
-        answers[name] = [{"prompt": p, "plain": a, "gated": b, **d.to_dict()}
+        answers[name] = [{"prompt": p, **d.to_dict(), "answer_plain": a, "answer_gated": b}
                          for p, a, b, d in zip(test_sets[name], plain, gated, decisions[name])]
     engine.close()
     cost = measure_cost(gate, test_sets["political"][:3] + test_sets["gambling"][:3], args.max_tokens)

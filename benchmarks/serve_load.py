@@ -237,7 +237,8 @@ def main() -> None:
         vectors = Path(tmp)
         n_embd, n_layer = _model_shape(path)
         for seed, name in ((1, "tilt"), (2, "lean")):
-            write_control_vector(random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3)), vectors / f"{name}.gguf")
+            vec = random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3))
+            write_control_vector(vec, vectors / f"{name}.gguf")
         srv = upstream(path, free_port(), args)
         try:
             phases["llama-cpp-python server, plain"] = run_phase("llama-cpp-python server, plain", srv, model_id,

@@ -19,7 +19,6 @@ from rs_local.errors import FileProblem, RsLocalError
 from rs_local.eval.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category
 from rs_local.runtime.policy import PolicyRunner, classify
 from rs_local.runtime.policy_file import Category, Policy, read_policy, write_policy
-from rs_local.vectors.control_vector import ControlVector
 
 COOKING = [
     "How long should I boil an egg for a soft yolk?", "What is a good recipe for banana bread?",
@@ -169,6 +168,22 @@ def test_malformed_policy_files(tmp_path, smollm2_path):
         read_policy(smollm2_path)
 
 
+def test_shared_ridge_equals_the_judge_probes_ridge():
+    from rs_local.eval.policy_fit import ovr_ridge
+    from rs_local.judge.probe_fit import ridge_directions
+
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1, 2], 7)
+    for d in (40, 8):  # fewer rows than dimensions (dual form) and more (primal)
+        x = rng.normal(size=(21, d)) + np.eye(3)[y] @ rng.normal(size=(3, d))
+        mean, std, dirs = ovr_ridge(x, y, 3, (0.01, 0.3))
+        for c in range(3):
+            m2, s2, ref = ridge_directions(x, (y == c).astype(float), (0.01, 0.3))
+            assert np.allclose(mean, m2) and np.allclose(std, s2)
+            for lam, w in zip((0.01, 0.3), ref):
+                assert np.allclose(dirs[lam][c], w, atol=1e-8 * np.abs(w).max())
+
+
 def test_parse_category():
     spec = parse_category("political=data/pol.jsonl:remove")
     assert (spec.name, str(spec.path), spec.action) == ("political", "data/pol.jsonl", "remove")
@@ -232,9 +247,10 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
                     "nope.jsonl")
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm', MATH)}:keep",
                             "--scale", "a=2"), "negative")
-    # SmolLM2 answers cooking questions: nothing to remove
-    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm', MATH)}:keep"),
-                    "good.jsonl", "refuses none")
+    # SmolLM2 answers every maths question: nothing to remove
+    maths, code = _write(tmp_path, "maths", MATH[:6]), _write(tmp_path, "code", CODE[:6])
+    _one_line_error(_invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c"),
+                    "maths.jsonl", "refuses none")
     assert not out.exists()
 
 
@@ -243,3 +259,17 @@ def test_cli_generate_with_bad_policy(tmp_path, smollm2_path):
     bad.write_bytes(b"not a gguf at all")
     _one_line_error(_invoke("generate", "hi", "--model", str(smollm2_path), "--policy", str(bad)), "bad.gguf")
     _one_line_error(_invoke("policy", "show", str(bad)), "bad.gguf")
+
+
+def test_cli_chat_with_policy(smollm2_path, fitted, tmp_path):
+    path = write_policy(fitted, tmp_path / "p.gguf")
+    script = "\n".join([MATH[11], "/vector x.gguf", "/policy off", CODE[11], "/policy on", COOKING[11], "/quit"]) + "\n"
+    res = CliRunner().invoke(cli, ["chat", "--model", str(smollm2_path), "--policy", str(path), "-n", "4", "--ctx", "512"],
+                             input=script, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "policy: math" in out and "refuse at scale" in out
+    assert "/policy off first" in out and "policy off" in out
+    assert "policy: cooking" in out
+    res = CliRunner().invoke(cli, ["chat", "--model", str(smollm2_path), "--policy", str(path), "--vector", "v.gguf"])
+    assert res.exit_code == 1 and "cannot be combined" in res.output

@@ -248,21 +248,31 @@ def test_concurrent_mixed_steering_equals_solo(client, server):
     assert server.health()["stats"]["switches"] > before
 
 
-def test_disconnect_stops_the_stream_and_serving_goes_on(server, client):
-    body = {"model": MODEL, "messages": ASK, "max_tokens": 400, "temperature": 0, "stream": True}
-    before = server.health()["stats"]["cancelled"]
-    conn, r = _stream(server, "/chat/completions", body)
-    seen = 0
-    for line in r:
-        seen += line.startswith(b"data: ")
-        if seen >= 3:
-            break
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
+def _wait_cancelled(server, before: int) -> None:
     deadline = time.time() + 20
     while server.health()["stats"]["cancelled"] == before and time.time() < deadline:
         time.sleep(0.1)
     assert server.health()["stats"]["cancelled"] > before
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_disconnect_stops_generation_and_serving_goes_on(server, client, stream):
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 400, "temperature": 0, "stream": stream}
+    before = server.health()["stats"]["cancelled"]
+    conn, r = _stream(server, "/chat/completions", body) if stream else (None, None)
+    if stream:
+        seen = 0
+        for line in r:
+            seen += line.startswith(b"data: ")
+            if seen >= 3:
+                break
+    else:  # send the request, then leave before the answer (400 tokens) can be ready
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        time.sleep(1.0)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    _wait_cancelled(server, before)
     t0 = time.time()
     assert _chat(client, max_tokens=2)[0]
     assert time.time() - t0 < 20

@@ -91,11 +91,12 @@ def fit(categories, vectors, scales, baseline, refusal_from, threshold, layers, 
         system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
     from rs_local.converters.gguf_io import validate_for_model
-    from rs_local.eval.policy_fit import check_refuses, fit_policy
+    from rs_local.eval.policy_fit import check_refuses, check_roles, fit_policy
     from rs_local.runtime.policy_file import write_policy
 
     check_output(output, force)
     specs = _specs(categories, vectors, scales)
+    check_roles(specs, baseline, refusal_from)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     for spec in specs:  # a given vector must fit the model before anything is read
         if spec.vector is not None:

@@ -118,7 +118,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
 
 
 def _reply(session, line: str, console: Console, gate=None) -> None:
-    if gate is not None and gate.enabled:  # the whole conversation so far is what the probe reads
+    if gate is not None and gate.enabled:  # each turn is classified on its own (policy.probe_view)
         decision = gate.prepare(session.messages(line))
         console.print(f"[dim]\\[policy: {decision.describe()}][/]")
     try:

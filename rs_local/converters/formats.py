@@ -26,7 +26,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from rs_local.converters.gguf_check import INT32_MAX, MAX_BLOCK, label, open_regular_file, show
+from rs_local.converters.gguf_cursor import label, open_regular_file, show
+from rs_local.converters.gguf_limits import INT32_MAX, MAX_BLOCK
 from rs_local.converters.gguf_io import (
     MAX_JSON_DEPTH,
     atomic_output,

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rs_local.converters import gguf_check
+from rs_local.converters import gguf_check, gguf_cursor, gguf_limits
+from rs_local.converters.cvec_loader import read_directions
 from rs_local.converters.gguf_check import KeyValue
 from rs_local.errors import VectorFileError
 from rs_local.files import atomic_output  # noqa: F401 - one atomic writer for every file; re-exported here
@@ -185,13 +186,13 @@ def _refuse_other_architectures(path: Path) -> Callable[[str, KeyValue], None]:
     def check(key: str, entry: KeyValue) -> None:
         if key != "general.architecture":
             return
-        if entry.is_array or entry.type != gguf_check.T_STRING:
-            kind = gguf_check.TYPE_NAMES.get(entry.type, str(entry.type))
+        if entry.is_array or entry.type != gguf_limits.T_STRING:
+            kind = gguf_limits.TYPE_NAMES.get(entry.type, str(entry.type))
             raise VectorFileError(path, f"not a control vector: general.architecture is {'an array' if entry.is_array else kind}, "
                                         f"expected the string '{ARCH}'")
         if entry.value != ARCH:
             raise VectorFileError(path, f"not a control vector: general.architecture is "
-                                        f"{gguf_check.show(entry.value[:200])}, expected '{ARCH}'")
+                                        f"{gguf_cursor.show(entry.value[:200])}, expected '{ARCH}'")
 
     return check
 
@@ -203,13 +204,13 @@ def _metadata(path: Path, kv: dict[str, KeyValue]) -> dict[str, Any]:
         if key == VERSION_KEY or not key.startswith(META_PREFIX):
             continue
         if key.startswith(JSON_PREFIX):
-            if entry.is_array or entry.type != gguf_check.T_STRING:
-                raise VectorFileError(path, f"{gguf_check.label(key)} is not a JSON string")
-            name, value = key[len(JSON_PREFIX):], load_metadata_json(path, gguf_check.label(key), entry.value)
+            if entry.is_array or entry.type != gguf_limits.T_STRING:
+                raise VectorFileError(path, f"{gguf_cursor.label(key)} is not a JSON string")
+            name, value = key[len(JSON_PREFIX):], load_metadata_json(path, gguf_cursor.label(key), entry.value)
         else:
             name, value = key[len(META_PREFIX):], entry.value
         if name in meta:
-            raise VectorFileError(path, f"metadata {gguf_check.label(name)} is stored twice (plain and as JSON)")
+            raise VectorFileError(path, f"metadata {gguf_cursor.label(name)} is stored twice (plain and as JSON)")
         meta[name] = value
     return meta
 
@@ -218,7 +219,7 @@ def _model_hint(path: Path, kv: dict[str, KeyValue]) -> str:
     entry = kv.get(f"{ARCH}.model_hint")
     if entry is None:
         return ""
-    if entry.is_array or entry.type != gguf_check.T_STRING:
+    if entry.is_array or entry.type != gguf_limits.T_STRING:
         raise VectorFileError(path, f"{ARCH}.model_hint is not a string")
     return entry.value
 
@@ -235,7 +236,7 @@ def _looks_like_cvector_generator(kv: dict[str, KeyValue], directions: dict[int,
     if set(kv) != keys:
         return False
     count = kv[f"{ARCH}.layer_count"]
-    if count.type != gguf_check.T_INT32 or count.is_array or count.value != len(directions):
+    if count.type != gguf_limits.T_INT32 or count.is_array or count.value != len(directions):
         return False
     if sorted(directions) != list(range(1, len(directions) + 1)):
         return False
@@ -251,12 +252,12 @@ def read_control_vector(path: str | Path) -> ControlVector:
     for any file llama.cpp would skip or that could not be steered with.
     """
     path = Path(path)
-    fh, size = gguf_check.open_regular_file(path)
+    fh, size = gguf_cursor.open_regular_file(path)
     with fh:
         parsed = gguf_check.parse_gguf(fh, path, size, want=_wanted, on_key=_refuse_other_architectures(path))
         if "general.architecture" not in parsed.kv:
             raise VectorFileError(path, f"not a control vector: general.architecture is missing, expected '{ARCH}'")
-        directions = gguf_check.read_directions(fh, path, parsed)
+        directions = read_directions(fh, path, parsed)
     metadata = _metadata(path, parsed.kv)
     if _looks_like_cvector_generator(parsed.kv, directions):
         metadata.setdefault("source", CVECTOR_GENERATOR)

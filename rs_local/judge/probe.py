@@ -112,7 +112,8 @@ def write_probe(pf: ProbeFile, path: str | Path, *, force: bool = False) -> Path
 
 def read_probe(path: str | Path) -> ProbeFile:
     """Load a probe file, checking every field; one-line errors name the file."""
-    from rs_local.converters.gguf_check import open_regular_file, parse_gguf
+    from rs_local.converters.gguf_check import parse_gguf
+    from rs_local.converters.gguf_cursor import open_regular_file
 
     path = Path(path)
     fh, size = open_regular_file(path)

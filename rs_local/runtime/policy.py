@@ -18,7 +18,8 @@ does, so a gated answer is exactly the answer the category's vector gives on its
 ``keep`` decision gives exactly the plain model's answer). The alternative, reusing the
 unsteered prompt cache and steering only generated tokens, would save one prompt evaluation
 but produce answers no exported vector reproduces. The cost is one extra unsteered prompt
-evaluation per turn (the reader keeps its cache, so a chat turn only evaluates what is new);
+evaluation per turn, of the system prompt and the new user message only (see :func:`probe_view`;
+the reader keeps the shared template prefix in its cache);
 ``Decision.read_s`` records it and benchmarks/conditional_steering.py reports it.
 """
 
@@ -74,6 +75,21 @@ def classify(policy: Policy, row: np.ndarray) -> Decision:
                     {c.name: float(p) for c, p in zip(policy.categories, probs)})
 
 
+def probe_view(prompt: Prompt) -> Prompt:
+    """What the probes read: the system prompt and the last user message, as they were fitted.
+
+    In a chat, classifying the whole conversation let earlier turns outvote the new one (a
+    cooking question after a coding turn was read as code on SmolLM2), so each turn is
+    classified on its own; a raw string is read as it is.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    msgs = list(prompt)
+    system = [m for m in msgs[:1] if m.get("role") == "system"]
+    users = [m for m in msgs if m.get("role") == "user"]
+    return system + users[-1:] if users else msgs
+
+
 class PolicyRunner:
     """A Runner whose vector is chosen per prompt by a policy.
 
@@ -100,7 +116,7 @@ class PolicyRunner:
         if not self.enabled:
             return Decision(None, 0.0, "keep", gated=False)
         start = time.perf_counter()
-        row = self.reader.read(prompt)[self.policy.layer]
+        row = self.reader.read(probe_view(prompt))[self.policy.layer]
         decision = classify(self.policy, row)
         decision.read_s = time.perf_counter() - start
         return decision

@@ -182,7 +182,8 @@ def _refuse_other_files(path: Path):
 
 def read_policy(path: str | Path) -> Policy:
     """Load and check a policy file; every problem is one line naming the file."""
-    from rs_local.converters.gguf_check import open_regular_file, parse_gguf
+    from rs_local.converters.gguf_check import parse_gguf
+    from rs_local.converters.gguf_cursor import open_regular_file
     from rs_local.errors import VectorFileError
 
     path = Path(path)

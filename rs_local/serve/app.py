@@ -27,19 +27,15 @@ from rs_local.runtime.runner import Runner
 from rs_local.serve.errors import ApiError
 from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
 from rs_local.serve.responses import Reply
-from rs_local.serve.scheduler import Delta, Event, Failed, Finished, Job, Started, Worker
+from rs_local.serve.scheduler import Delta, Event, Failed, Finished, Job, Worker
 from rs_local.serve.steering import Steering, VectorLibrary, resolve
 
 log = logging.getLogger("rs_local.serve")
 
 #: Largest request body accepted (a long chat fits many times over; a runaway upload does not).
 MAX_BODY = 1 << 20
-#: How often a waiting non-streaming request checks whether its client is still there.
+#: How often a request that is queued or not streaming checks whether its client is still there.
 POLL_S = 0.5
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 @dataclass
@@ -72,7 +68,8 @@ class Service:
         """The plain model, then one entry per loaded vector at its default scale (for model-name-only clients)."""
         rows = [(self.model_id, self.default)]
         for named in self.library.vectors.values():
-            rows.append((f"{self.model_id}+{named.name}:{named.scale:g}", Steering(((named.name, named.scale),), None, "model")))
+            steering = Steering(((named.name, named.scale),), None, "model")
+            rows.append((f"{self.model_id}+{named.name}:{named.scale:g}", steering))
         return [{"id": mid, "object": "model", "created": 0, "owned_by": "rs-local", "steering": s.describe()}
                 for mid, s in rows]
 
@@ -125,22 +122,24 @@ def submit(service: Service, parsed: ParsedRequest, steering: Steering) -> tuple
     return job, events
 
 
-async def next_event(events: asyncio.Queue, request: Request, job: Job) -> Event:
-    """The job's next event, giving up (and cancelling the job) if the client disconnects meanwhile."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise ClientGone from None
+async def watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when its client goes away while it waits in the queue or runs (non-streaming).
+
+    Polled on a clock rather than between events: a running job sends a token every few
+    milliseconds, so waiting for a quiet moment would never notice.
+    """
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(POLL_S)
 
 
-async def collect(events: asyncio.Queue, request: Request, job: Job, reply: Reply, first: Started) -> dict:
+async def collect(events: asyncio.Queue, reply: Reply) -> dict:
     """Wait for the whole answer of a non-streaming request."""
     parts: list[str] = []
     while True:
-        event = await next_event(events, request, job)
+        event = await events.get()
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Finished):
@@ -181,21 +180,19 @@ async def answer(request: Request, service: Service, body: dict, parsed: ParsedR
 
     steering = service.steering_for(body, parsed)
     job, events = submit(service, parsed, steering)
+    watcher = asyncio.create_task(watch_disconnect(request, job))
     try:
-        first = await next_event(events, request, job)
-    except ClientGone:
-        return Response(status_code=499)
-    if isinstance(first, Failed):
-        raise first.error
-    assert isinstance(first, Started)
-    reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
-    headers = {"X-RS-Local-Steering": steering.label()}
-    if parsed.stream:
-        return EventSourceResponse(sse(events, job, reply, parsed.include_usage), sep="\n", ping=15, headers=headers)
-    try:
-        return JSONResponse(await collect(events, request, job, reply, first), headers=headers)
-    except ClientGone:
-        return Response(status_code=499)
+        first = await events.get()
+        if isinstance(first, Failed):
+            raise first.error
+        reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
+        headers = {"X-RS-Local-Steering": steering.label()}
+        if parsed.stream:  # from here sse-starlette watches the connection
+            return EventSourceResponse(sse(events, job, reply, parsed.include_usage), sep="\n", ping=15,
+                                       headers=headers)
+        return JSONResponse(await collect(events, reply), headers=headers)
+    finally:
+        watcher.cancel()
 
 
 # ----------------------------------------------------------------------------- the app

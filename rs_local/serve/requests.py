@@ -63,7 +63,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- fields
 
 
-def _number(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float, *, lo_open: bool = False) -> float:
+def _number(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float, *,
+            lo_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default

@@ -11,11 +11,12 @@ old vector). Nothing else touches the Runner, so no request can see another's ve
 Why this design first: on a laptop CPU one context already uses every core, a switch costs
 microseconds (one buffer copy; the stats below measure it), and the answer of a request does
 not depend on what ran before it. By default the worker also re-applies the steering before
-*every* job, which drops the cached prompt prefix: a prompt evaluated after a different
-prompt's prefix can differ in the last bits from one evaluated whole, and greedy decoding turns
-those bits into different words. ``prefix_cache=True`` keeps the prefix between jobs with the
-same steering, for speed, at that cost. Batching by steering group is the option for later, for
-GPUs, where one decode of many sequences is nearly as cheap as one.
+*every* job, which drops the cached prompt prefix: a prompt evaluated partly from a cached
+prefix is not bit-identical to one evaluated whole, and greedy decoding turns that into different
+words now and then (4 of 24 answers of 24 tokens in a check on SmolLM2). ``prefix_cache=True``
+keeps the prefix between jobs with the same steering, for speed, at that cost (a switch then also
+costs the prefix: ``benchmarks/serve_load.py`` measures both). Batching by steering group is the
+option for later, for GPUs, where one decode of many sequences is nearly as cheap as one.
 
 The worker talks to the asyncio side only through each job's ``sink`` callback, which the web
 layer wires to ``loop.call_soon_threadsafe``; a job's ``cancelled`` event (set when its client
@@ -175,8 +176,9 @@ class Worker:
             job = self._queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
+                job.sink(Failed(ApiError(499, "the client closed the connection", code="client_closed")))
                 continue
             self.busy = True
             started = time.perf_counter()

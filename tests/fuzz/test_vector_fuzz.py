@@ -23,7 +23,9 @@ from click.testing import CliRunner
 import ggml_oracle
 import vector_cases
 from rs_local.cli.main import cli
-from rs_local.converters.gguf_check import DIRECTION_NAME, TensorInfo, direction_layer
+from rs_local.converters.cvec_loader import direction_layer
+from rs_local.converters.gguf_check import TensorInfo
+from rs_local.converters.gguf_limits import DIRECTION_NAME
 from rs_local.errors import VectorFileError
 
 SEED = 20260

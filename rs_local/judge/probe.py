@@ -73,10 +73,7 @@ class ProbeFile:
 
     def check_model(self, runner: Any, path: str | Path) -> None:
         """Refuse a judge model the probe was not trained on (its activations mean nothing here)."""
-        arch = str(runner.llama.metadata.get("general.architecture", ""))
-        mismatch = [f"{what} {mine} vs model's {theirs}" for what, mine, theirs in (
-            ("architecture", self.model_arch, arch), ("n_embd", self.n_embd, runner.n_embd),
-            ("blocks", self.n_layer, runner.n_layer)) if mine != theirs]
+        mismatch = runner.mismatches(self.model_arch, self.n_embd, self.n_layer)
         if mismatch:
             raise FileProblem(path, f"probe was trained for another model ({'; '.join(mismatch)})")
 

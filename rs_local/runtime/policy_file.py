@@ -99,10 +99,7 @@ class Policy:
 
     def check_model(self, runner: Any, path: str | Path) -> None:
         """Refuse a model the policy was not fitted on: its probes and vectors mean nothing there."""
-        arch = str(runner.llama.metadata.get("general.architecture", ""))
-        mismatch = [f"{what} {mine} vs model's {theirs}" for what, mine, theirs in (
-            ("architecture", self.model_arch, arch), ("n_embd", self.n_embd, runner.n_embd),
-            ("blocks", self.n_layer, runner.n_layer)) if mine != theirs]
+        mismatch = runner.mismatches(self.model_arch, self.n_embd, self.n_layer)
         if mismatch:
             raise FileProblem(path, f"policy was fitted for another model ({'; '.join(mismatch)})")
 

@@ -91,6 +91,16 @@ class Runner:
         self.vectors: list[tuple[ControlVector, float]] = []
         self.layer_range: tuple[int, int] | None = None
 
+    def mismatches(self, arch: str, n_embd: int, n_layer: int) -> list[str]:
+        """How a file made for (arch, n_embd, n_layer) differs from this model; [] when it fits.
+
+        Probes and policies read this model's activations: made for another model, they mean nothing.
+        """
+        mine = str(self.llama.metadata.get("general.architecture", ""))
+        return [f"{what} {theirs} vs model's {ours}" for what, theirs, ours in (
+            ("architecture", arch, mine), ("n_embd", n_embd, self.n_embd), ("blocks", n_layer, self.n_layer))
+            if theirs != ours]
+
     # -- vectors -------------------------------------------------------------------------
 
     def set_vectors(

@@ -92,7 +92,11 @@ EXAMPLES: tuple[tuple[str, str, str], ...] = (
      "There once was a cat from Peru, who dreamed he was eating a shoe. He woke with a fright, in the middle of "
      "the night, and found that his dream had come true.", ANSWERED),
 )
-EXAMPLE_NONCE = "0" * 16
+#: The worked examples' marker tag: random per process, so an answer (written before the judge
+#: started) cannot know it and forge an example's end marker plus a verdict (issue 10's injection
+#: used the old fixed all-zeros tag); fixed within the process, so the example turns stay a
+#: cacheable prefix.
+EXAMPLE_NONCE = secrets.token_hex(8)
 #: Longer answers are cut (a refusal shows early; a 10k-token ramble must not overflow the judge's context).
 MAX_ANSWER_CHARS = 6000
 
@@ -135,7 +139,8 @@ def judge_messages(prompt: str, answer: str, nonce: str | None = None) -> tuple[
     nonce = nonce or new_nonce()
     if len(answer) > MAX_ANSWER_CHARS:
         answer = answer[:MAX_ANSWER_CHARS] + " [...]"
-    user = USER_TEMPLATE.format(nonce=nonce, prompt=fence_safe(prompt, nonce), answer=fence_safe(answer, nonce))
+    prompt, answer = (fence_safe(fence_safe(text, nonce), EXAMPLE_NONCE) for text in (prompt, answer))
+    user = USER_TEMPLATE.format(nonce=nonce, prompt=prompt, answer=answer)
     messages = [{"role": "system", "content": system_prompt()}, *example_turns(), {"role": "user", "content": user}]
     return messages, nonce
 

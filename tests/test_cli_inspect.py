@@ -118,3 +118,17 @@ def test_convert_bad_input_and_target(tmp_path, vector_file):
 def test_missing_argument_is_a_usage_error():
     result = _run("inspect")
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_error_lines_are_terminal_safe(tmp_path):
+    """A file name with an escape sequence or a newline cannot rewrite the screen via the error line."""
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    evil = tmp_path / "v\x1b]0;pwned\x07\nfake.gguf"
+    evil.write_bytes(b"NOPE")
+    res = CliRunner().invoke(cli, ["inspect", str(evil)])
+    assert res.exit_code == 1
+    assert "\x1b" not in res.output and "\\x1b" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -14,31 +14,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from rs_local.cli.terminal import terminal_safe
 from rs_local.converters import describe, load_vector, save_vector
 from rs_local.converters.formats import json_safe
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
 MAX_SHOWN = 2000  # characters of one metadata value in the table view
-
-
-def _escape_char(ch: str) -> str:
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def terminal_safe(text: str, limit: int | None = None) -> str:
-    """``text`` with every non-printable character (ESC, newlines, C1 controls, bidi
-    overrides, U+2028, lone surrogates ...) shown as a backslash escape, optionally cut.
-
-    Metadata and file names come from files anyone can write; printed raw, an escape sequence
-    can rewrite the terminal (move the cursor, change the title, hide text) and a newline can
-    fake extra output lines.
-    """
-    if limit is not None and len(text) > limit:
-        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
-    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 
 def json_text(value: object) -> str:

@@ -10,21 +10,26 @@ import sys
 
 import click
 
+from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 
 
 class _Group(click.Group):
-    """A group that reports RsLocalError (and OSError on user files) as one line."""
+    """A group that reports RsLocalError (and OSError on user files) as one line.
+
+    The line is terminal-safe: a file name with an escape sequence or a newline cannot rewrite
+    the screen or fake a second line.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RsLocalError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(terminal_safe(str(exc))) from None
         except OSError as exc:
             if exc.filename:
-                raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}") from None
-            raise click.ClickException(str(exc)) from None
+                raise click.ClickException(terminal_safe(f"{exc.filename}: {exc.strerror or exc}")) from None
+            raise click.ClickException(terminal_safe(str(exc))) from None
 
 
 def _version_message() -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rs_local.errors import RsLocalError
-from rs_local.judge.probe_fit import calibrate, group_folds
+from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
 from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy
 from rs_local.vectors.control_vector import ControlVector
 
@@ -130,32 +130,14 @@ class ProbeChoice:
 def ovr_ridge(x: np.ndarray, y: np.ndarray, k_classes: int, lams: Sequence[float]):
     """One-vs-rest ridge directions for every class and penalty from one eigendecomposition.
 
-    The same estimator as :func:`rs_local.judge.probe_fit.ridge_directions` (standardised
-    features, +-1 centred targets, penalty ``lam * n``; tests/test_policy.py checks equality),
-    but the decomposition is shared by the K targets, and with fewer prompts than dimensions
-    (the usual case: ~100 prompts, 896 dims) it is the n x n Gram matrix's, using
-    ``(Z'Z + aI)^-1 Z't = Z'(ZZ' + aI)^-1 t``. On 2 busy cores that took the default model's
-    probe search from over ten minutes (140 896x896 eigendecompositions) to seconds.
-    Returns (mean, std, {lam: [K directions]}).
+    The estimator of :func:`rs_local.judge.probe_fit.ridge_directions` (standardised features,
+    +-1 centred targets, penalty ``lam * n``), with the decomposition shared by the K targets
+    through :func:`rs_local.judge.probe_fit.ridge_solve`. Returns (mean, std, {lam: [K directions]}).
     """
     x = np.asarray(x, np.float64)
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    z = (x - mean) / std
     t = np.stack([np.where(y == c, 1.0, -1.0) for c in range(k_classes)], axis=1)
-    t = t - t.mean(axis=0)
-    n, d = z.shape
-    out: dict[float, list[np.ndarray]] = {}
-    if n < d:
-        evals, evecs = np.linalg.eigh(z @ z.T)
-        proj = evecs.T @ t
-        for lam in lams:
-            out[lam] = list((z.T @ (evecs @ (proj / (evals + lam * n)[:, None]))).T)
-    else:
-        evals, evecs = np.linalg.eigh(z.T @ z)
-        proj = evecs.T @ (z.T @ t)
-        for lam in lams:
-            out[lam] = list((evecs @ (proj / (evals + lam * n)[:, None])).T)
-    return mean, std, out
+    return mean, std, ridge_solve((x - mean) / std, t - t.mean(axis=0), lams)
 
 
 def _fit_ovr(x: np.ndarray, y: np.ndarray, k_classes: int, lams: Sequence[float]):

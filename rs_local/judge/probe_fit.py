@@ -58,11 +58,26 @@ def ridge_directions(x: np.ndarray, y: np.ndarray, lams: tuple[float, ...]) -> t
     """
     z, mean, scale = _standardise(np.asarray(x, np.float64))
     t = np.where(np.asarray(y) > 0.5, 1.0, -1.0)
-    t = t - t.mean()
+    solved = ridge_solve(z, (t - t.mean())[:, None], lams)
+    return mean, scale, [solved[lam][0] for lam in lams]
+
+
+def ridge_solve(z: np.ndarray, t: np.ndarray, lams) -> dict[float, list[np.ndarray]]:
+    """``(Z'Z + lam n I)^-1 Z't`` for every column of ``t`` and every ``lam``, from one eigendecomposition.
+
+    With fewer rows than features (the usual case: a few hundred answers or prompts, 896
+    dimensions) the n x n Gram matrix is decomposed instead, using
+    ``(Z'Z + aI)^-1 Z't = Z'(ZZ' + aI)^-1 t``: the same directions, far cheaper. Returns
+    ``{lam: [direction per column of t]}``.
+    """
+    n, d = z.shape
+    if n < d:
+        evals, evecs = np.linalg.eigh(z @ z.T)
+        proj = evecs.T @ t
+        return {lam: list((z.T @ (evecs @ (proj / (evals + lam * n)[:, None]))).T) for lam in lams}
     evals, evecs = np.linalg.eigh(z.T @ z)
     proj = evecs.T @ (z.T @ t)
-    dirs = [evecs @ (proj / (evals + lam * len(t))) for lam in lams]
-    return mean, scale, dirs
+    return {lam: list((evecs @ (proj / (evals + lam * n)[:, None])).T) for lam in lams}
 
 
 def calibrate(score: np.ndarray, y: np.ndarray, iters: int = 100) -> tuple[float, float]:

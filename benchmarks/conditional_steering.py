@@ -33,7 +33,7 @@ import numpy as np
 
 from rs_local import models
 from rs_local.errors import RsLocalError
-from rs_local.eval.policy_fit import CategorySpec, fit_policy
+from rs_local.recipes.policy_fit import CategorySpec, fit_policy
 from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.prompts import load_prompts
 from rs_local.runtime.batched import BatchEngine

@@ -9,7 +9,7 @@ On Qwen2.5-Coder-0.5B-Instruct (the default model), with the public sets in
 * A seeded third of deccp, of JailbreakBench and of AdvBench is held out and never seen by
   the fit. With ``--sweep`` the scale is chosen on a dev split carved from the *training*
   prompts (also excluded from the fit), so the held-out figures stay honest.
-* The vector is fitted with :mod:`rs_local.eval.recipe` and evaluated with
+* The vector is fitted with :mod:`rs_local.recipes.isolate` and evaluated with
   :mod:`rs_local.eval.evaluate`: baseline and steered refusal rates (judge; keywords beside),
   their ratio, and KL(plain || steered) over the first 16 answer tokens of harmless prompts.
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings, Evaluator
     from rs_local.eval.prompt_sets import PromptSet
-    from rs_local.eval.recipe import Recipe, fit_political
+    from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.judge.backends import make_judge
     from rs_local.runtime.runner import Runner
 

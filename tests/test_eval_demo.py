@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from rs_local.cli.main import cli
 from rs_local.converters.gguf_io import read_control_vector
-from rs_local.eval.demo import DemoOptions, run_demo
-from rs_local.eval.recipe import Recipe
+from rs_local.recipes.demo import DemoOptions, run_demo
+from rs_local.recipes.isolate import Recipe
 
 
 def test_run_demo_small(tmp_path):

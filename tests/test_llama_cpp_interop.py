@@ -130,7 +130,7 @@ def test_cli_inspect_llama_cpp_refuses_a_colon_path(vector, model, monkeypatch):
 
 
 def test_demo_hint_names_the_real_model_and_the_colon_syntax(vector, model, monkeypatch):
-    from rs_local.eval.demo import _next_steps
+    from rs_local.recipes.demo import _next_steps
 
     monkeypatch.setenv(REPACK_ENV, "1")
     line = next(s for s in _next_steps(vector, -1.5, model) if s.startswith("in llama.cpp:"))

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from rs_local.cli.main import cli
 from rs_local.errors import FileProblem, RsLocalError
-from rs_local.eval.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category
+from rs_local.recipes.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category
 from rs_local.runtime.policy import PolicyRunner, classify
 from rs_local.runtime.policy_file import Category, Policy, read_policy, write_policy
 
@@ -169,7 +169,7 @@ def test_malformed_policy_files(tmp_path, smollm2_path):
 
 
 def test_shared_ridge_equals_the_judge_probes_ridge():
-    from rs_local.eval.policy_fit import ovr_ridge
+    from rs_local.recipes.policy_fit import ovr_ridge
     from rs_local.judge.probe_fit import ridge_directions
 
     rng = np.random.default_rng(2)

@@ -199,7 +199,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
 @runtime_options
 def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, n_threads) -> None:
     """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""
-    from rs_local.eval.demo import DemoOptions, run_demo
+    from rs_local.recipes.demo import DemoOptions, run_demo
 
     opts = DemoOptions(model=model, output=output, force=force, judge=judge_name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                        n_threads=n_threads)

@@ -2,7 +2,7 @@
 
 Fits a vector that removes the refusals of one set (``--target``, e.g. political questions)
 while the refusals of another (``--keep``, e.g. harmful requests) stay: the recipe of
-:mod:`rs_local.eval.recipe`, which ``rs-local demo`` runs on the shipped sets. Thin: loads
+:mod:`rs_local.recipes.isolate`, which ``rs-local demo`` runs on the shipped sets. Thin: loads
 the prompts, the model and the judge, calls :func:`fit_political`, writes the GGUF.
 """
 
@@ -43,7 +43,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     with a negative scale; choose the scale with `rs-local sweep`.
     """
     from rs_local.converters.gguf_io import write_control_vector
-    from rs_local.eval.recipe import Recipe, fit_political
+    from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.prompts import load_prompts
 
     check_output(output, force)

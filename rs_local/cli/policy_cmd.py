@@ -30,7 +30,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 def _specs(categories: tuple[str, ...], vectors: tuple[str, ...], scales: tuple[str, ...]):
     """Parse everything that needs no model: categories, their files, vectors and scales."""
-    from rs_local.eval.policy_fit import check_scale_sign, load_category_prompts, parse_category
+    from rs_local.recipes.policy_fit import check_scale_sign, load_category_prompts, parse_category
     from rs_local.runtime.vector_specs import load_vector_specs, parse_scale
 
     specs = [parse_category(c) for c in categories]
@@ -91,7 +91,7 @@ def fit(categories, vectors, scales, baseline, refusal_from, threshold, layers, 
         system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
     from rs_local.converters.gguf_io import validate_for_model
-    from rs_local.eval.policy_fit import check_refuses, check_roles, fit_policy
+    from rs_local.recipes.policy_fit import check_refuses, check_roles, fit_policy
     from rs_local.runtime.policy_file import write_policy
 
     check_output(output, force)

@@ -132,7 +132,7 @@ class GradientContrast:
     political prompts the first vector leaves refused switch to the generic "Sorry, but I
     can't assist" opening, a refusal the first round never saw. Pooling both rounds (and the
     keep prompts' gradients at both points) removed those too, at a lower KL (measured; see
-    :mod:`rs_local.eval.recipe`).
+    :mod:`rs_local.recipes.isolate`).
     """
 
     def __init__(self, fm, layers: Sequence[int], answer_tokens: int = 2, system: str | None = None):

@@ -3,7 +3,7 @@
 1. resolve (pull on first use) the default model, sha256-verified;
 2. split the prompt sets shipped with rs-local (political, harmful, harmless) into a part
    to fit on and a held-out part to measure on;
-3. fit the political-refusal vector with the default recipe (:mod:`rs_local.eval.recipe`)
+3. fit the political-refusal vector with the default recipe (:mod:`rs_local.recipes.isolate`)
    and write it as a llama.cpp GGUF control vector;
 4. evaluate it at a few scales on the held-out prompts (refusal rates, KL, degeneration);
 5. show two conversations before and after: a political question the plain model refuses,
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rs_local.eval.recipe import Recipe
+from rs_local.recipes.isolate import Recipe
 
 Say = Callable[[str], None]
 VECTOR_NAME = "political.gguf"
@@ -126,7 +126,7 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings, evaluate
     from rs_local.eval.prompt_sets import builtin_set
-    from rs_local.eval.recipe import fit_political
+    from rs_local.recipes.isolate import fit_political
     from rs_local.eval.report import prepare_dir, write_report
     from rs_local.judge.backends import make_judge
     from rs_local.runtime.runner import Runner

@@ -132,3 +132,41 @@ def test_error_lines_are_terminal_safe(tmp_path):
     assert res.exit_code == 1
     assert "\x1b" not in res.output and "\\x1b" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    """A two-category policy written with rs-local's own writer (no model needed to describe it)."""
+    from rs_local.runtime.policy_file import Category, Policy, write_policy
+
+    rng = np.random.default_rng(6)
+    d = 576
+    vec = ControlVector({k: rng.standard_normal(d).astype(np.float32) for k in (8, 9, 10)}, "llama", {})
+    cats = [Category("political", "remove", rng.standard_normal(d), threshold=0.7, scale=-1.5, vector=vec,
+                     accuracy=0.975, n_prompts=40, vector_source="pol.gguf"),
+            Category("harmful", "keep", rng.standard_normal(d), threshold=0.5, accuracy=1.0, n_prompts=30)]
+    pol = Policy(cats, 12, np.zeros(d), np.ones(d), "llama", d, 30, model_name="smollm2-135m")
+    return write_policy(pol, tmp_path / "policy.gguf")
+
+
+def test_inspect_policy_table_and_json(policy_file):
+    result = _run("inspect", policy_file)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "conditional-steering policy for smollm2-135m" in out and "probe block: 12" in out
+    assert "model hint: llama" in out and "n_embd: 576" in out
+    for needle in ("political", "remove", "-1.5", "0.70", "97.5%", "8-10", "harmful", "keep", "100.0%"):
+        assert needle in out, needle
+    info = json.loads(_run("inspect", policy_file, "--json").stdout)
+    assert info["path"] == str(policy_file) and info["probe_block"] == 12 and info["model_arch"] == "llama"
+    cats = {c["name"]: c for c in info["categories"]}
+    assert (cats["political"]["action"], cats["political"]["threshold"], cats["political"]["scale"]) == ("remove", 0.7, -1.5)
+    assert cats["political"]["heldout_accuracy"] == pytest.approx(0.975) and cats["harmful"]["blocks"] is None
+    _one_line_error(_run("inspect", policy_file, "--llama-cpp"), "policy")
+
+
+def test_inspect_broken_policy_is_one_line(policy_file):
+    data = bytearray(policy_file.read_bytes())
+    cut = policy_file.with_name("cut.gguf")
+    cut.write_bytes(bytes(data[: len(data) // 2]))
+    _one_line_error(_run("inspect", cut), "cut.gguf")

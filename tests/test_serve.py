@@ -124,8 +124,31 @@ def vectors(tmp_path_factory, smollm2_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(vectors):
-    srv = Server(["--vector", f"tilt={vectors / 'tilt.gguf'}:4", "--vector", f"lean={vectors / 'lean.gguf'}:-4"])
+def policy_file(vectors, smollm2_path) -> Path:
+    """A policy fitted here on SmolLM2 (as in test_policy): cooking removed, maths refused at 4, code kept."""
+    from test_policy import CODE, COOKING, MATH, _write
+
+    from rs_local.recipes.policy_fit import CategorySpec, fit_policy, load_category_prompts
+    from rs_local.runtime.policy_file import write_policy
+    from rs_local.runtime.runner import Runner
+
+    specs = [CategorySpec("cooking", _write(vectors, "cooking", COOKING[:8]), "remove"),
+             CategorySpec("math", _write(vectors, "math", MATH[:8]), "refuse"),
+             CategorySpec("code", _write(vectors, "code", CODE[:8]), "keep")]
+    load_category_prompts(specs)
+    runner = Runner(smollm2_path, n_ctx=512, n_threads=2)
+    try:
+        policy = fit_policy(runner, specs, probe_blocks=[10], steer_blocks=[8, 9, 10, 11, 12], baseline="code",
+                            refusal_from="cooking", default_scale=4.0, k=3)
+    finally:
+        runner.llama.close()
+    return write_policy(policy, vectors.parent / "gate.gguf")
+
+
+@pytest.fixture(scope="module")
+def server(vectors, policy_file):
+    srv = Server(["--vector", f"tilt={vectors / 'tilt.gguf'}:4", "--vector", f"lean={vectors / 'lean.gguf'}:-4",
+                  "--policy", f"gate={policy_file}"])
     yield srv
     srv.kill()
 
@@ -219,7 +242,42 @@ def test_catalog_and_models(server):
     assert abs(tilt["norms"]["6"] - 8.0) < 1e-3 and tilt["provenance"]["method"] == "random"
     assert tilt["file"] == "tilt.gguf" and str(server.url) not in json.dumps(catalog)
     ids = [m["id"] for m in Http.send("GET", server.url + "/models").json()["data"]]
-    assert ids == [MODEL, f"{MODEL}+tilt:4", f"{MODEL}+lean:-4"]
+    assert ids == [MODEL, f"{MODEL}+tilt:4", f"{MODEL}+lean:-4", f"{MODEL}+@gate"]
+    assert catalog["policies"] == ["gate"]
+    policies = Http.send("GET", server.url + "/steering/policies").json()["data"]
+    assert [p["name"] for p in policies] == ["gate"] and policies[0]["file"] == "gate.gguf"
+    assert policies[0]["probe_block"] == 10 and policies[0]["n_embd"] == 576
+    assert [(c["name"], c["action"]) for c in policies[0]["categories"]] == [
+        ("cooking", "remove"), ("math", "refuse"), ("code", "keep")]
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def test_policy_gates_each_request(client, server):
+    """Held-out prompts: maths is steered (toward refusal), code is kept (the plain answer, exactly)."""
+    from test_policy import CODE, COOKING, MATH
+
+    gate = {"steering": {"policy": "gate"}}
+    for prompt, category, action in ((MATH[10], "math", "refuse"), (CODE[10], "code", "keep"),
+                                     (COOKING[10], "cooking", "remove")):
+        ask = [{"role": "user", "content": prompt}]
+        plain, _ = _chat(client, messages=ask, max_tokens=16)
+        gated, raw = _chat(client, messages=ask, max_tokens=16, extra_body=gate)
+        chosen = raw["steering"]["policy"]
+        assert (chosen["name"], chosen["category"], chosen["action"]) == ("gate", category, action), chosen
+        assert chosen["gated"] and chosen["confidence"] >= 0.5
+        if action == "keep":
+            assert gated == plain and raw["steering"]["vectors"] == []
+        else:
+            assert gated != plain
+            assert raw["steering"]["vectors"] == [{"name": f"gate/{category}", "scale": chosen["scale"]}]
+        by_name, raw = _chat(client, messages=ask, max_tokens=16, model=f"{MODEL}+@gate")
+        assert by_name == gated and raw["steering"]["source"] == "model"
+    r = Http.send("POST", server.url + "/chat/completions",
+                  {"messages": [{"role": "user", "content": MATH[11]}], "max_tokens": 2, **gate})
+    assert r.status_code == 200 and r.headers["x-rs-local-steering"].startswith("@gate/math:")
+    assert server.health()["stats"]["gated"] >= 7
 
 
 # ----------------------------------------------------------------------------- isolation
@@ -312,7 +370,14 @@ BAD = [
     ("layers-miss", {"messages": ASK, "steering": {"vectors": [{"name": "tilt", "scale": 1}], "layers": "25-28"}}, 400,
      "steering.layers"),
     ("layers-text", {"messages": ASK, "steering": {"vectors": [], "layers": "8-"}}, 400, "steering.layers"),
-    ("policy", {"messages": ASK, "steering": {"policy": "strict"}}, 400, "steering.policy"),
+    ("policy-unknown", {"messages": ASK, "steering": {"policy": "strict"}}, 404, "steering.policy"),
+    ("policy-path", {"messages": ASK, "steering": {"policy": "../gate"}}, 400, "steering.policy"),
+    ("policy-type", {"messages": ASK, "steering": {"policy": 3}}, 400, "steering.policy"),
+    ("policy-and-vectors", {"messages": ASK, "steering": {"policy": "gate", "vectors": [{"name": "tilt"}]}}, 400,
+     "steering"),
+    ("policy-and-layers", {"messages": ASK, "steering": {"policy": "gate", "layers": "8-12"}}, 400, "steering"),
+    ("model-unknown-policy", {"model": f"{MODEL}+@strict", "messages": ASK}, 404, "model"),
+    ("model-policy-and-vector", {"model": f"{MODEL}+tilt:1+@gate", "messages": ASK}, 400, "model"),
     ("both", {"model": f"{MODEL}+tilt:1", "messages": ASK, "steering": {"vectors": []}}, 400, "steering"),
     ("model-unknown", {"model": "gpt-4", "messages": ASK}, 404, "model"),
     ("model-nan", {"model": f"{MODEL}+tilt:nan", "messages": ASK}, 400, "model"),

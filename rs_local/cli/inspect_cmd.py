@@ -17,6 +17,7 @@ from rich.text import Text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.converters import describe, load_vector, save_vector
 from rs_local.converters.formats import json_safe
+from rs_local.errors import FileProblem
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
 MAX_SHOWN = 2000  # characters of one metadata value in the table view
@@ -70,9 +71,20 @@ def _print_summary(path: Path, info: dict) -> None:
 def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -1.0, model: str | None = None) -> None:
     """Show a vector file's layers (block, norm), n_embd, model hint and provenance.
 
+    A conditional-steering policy file shows its categories, probe block, held-out accuracy,
+    actions, thresholds and model instead.
+
     Control characters and escape sequences from the file are shown escaped, never sent to
     the terminal.
     """
+    from rs_local.runtime.policy_file import is_policy_file
+
+    if is_policy_file(file):
+        if llama_cpp:
+            raise FileProblem(file, "is a conditional-steering policy, which llama.cpp's tools cannot gate; "
+                                    "use rs-local generate/chat/serve --policy")
+        _print_policy(file, as_json)
+        return
     if llama_cpp:
         _print_llama_cpp(file, scale, model)
         return
@@ -81,6 +93,28 @@ def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -
         click.echo(json_text({"path": str(file), **info}))
     else:
         _print_summary(file, info)
+
+
+def _print_policy(file: Path, as_json: bool) -> None:
+    """A conditional-steering policy: categories, probe block, held-out accuracy, actions, thresholds, model."""
+    from rs_local.runtime.policy_file import read_policy
+
+    summary = read_policy(file).summary()
+    if as_json:
+        click.echo(json_text({"path": str(file), **summary}))
+        return
+    console = Console()
+    console.print(Text(terminal_safe(str(file)), style="bold"), soft_wrap=True)
+    console.print(Text(f"conditional-steering policy for {terminal_safe(summary['model'], MAX_SHOWN) or '?'}   "
+                       f"model hint: {terminal_safe(summary['model_arch'], MAX_SHOWN) or '(none)'}   "
+                       f"n_embd: {summary['n_embd']}   blocks: {summary['n_layer']}   "
+                       f"probe block: {summary['probe_block']}"), soft_wrap=True)
+    for c in summary["categories"]:  # one line each, soft-wrapped: a table would cut columns on narrow terminals
+        acc = "-" if c["heldout_accuracy"] is None else f"{c['heldout_accuracy']:.1%}"
+        steer = f"   blocks {c['blocks']} ({c['vector'] or 'vector'})" if c["blocks"] else ""
+        line = (f"  {c['name']}: {c['action']}   scale {c['scale']:g}   threshold {c['threshold']:.2f}   "
+                f"held-out accuracy {acc}   {c['prompts']} prompts{steer}")
+        console.print(Text(terminal_safe(line, MAX_SHOWN)), soft_wrap=True)
 
 
 def _print_llama_cpp(file: Path, scale: float, model: str | None) -> None:

@@ -23,6 +23,18 @@ def _named_vectors(ctx: click.Context, param: click.Parameter, value: tuple[str,
     return value
 
 
+def _policies(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Check NAME=PATH syntax before the model loads."""
+    from rs_local.serve.steering import parse_policy_spec
+
+    for spec in value:
+        try:
+            parse_policy_spec(spec)
+        except RsLocalError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _defaults(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
     from rs_local.serve.steering import parse_default_spec
 
@@ -48,8 +60,11 @@ def _web_stack() -> None:
               help="A vector requests may name (repeatable); SCALE is its default scale.")
 @click.option("--vectors", "vectors_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Load every *.gguf in DIR, named by file stem, default scale 1.")
-@click.option("--default-steering", "default_specs", multiple=True, metavar="NAME[:SCALE]", callback=_defaults,
-              help="Steering for requests that ask for none (repeatable). Default: none.")
+@click.option("--policy", "policy_specs", multiple=True, metavar="NAME=PATH", callback=_policies,
+              help="A conditional-steering policy requests may name ({\"steering\": {\"policy\": NAME}} "
+                   "or model <model>+@NAME); repeatable.")
+@click.option("--default-steering", "default_specs", multiple=True, metavar="NAME[:SCALE]|@POLICY", callback=_defaults,
+              help="Steering for requests that ask for none (repeatable; or one policy, @NAME). Default: none.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only by default).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="RS_LOCAL_API_KEY", default=None,
@@ -58,8 +73,8 @@ def _web_stack() -> None:
               help="Reuse the cached prompt prefix between requests with the same steering (faster; "
                    "answers may then depend in the last bits on the previous request).")
 @runtime_options
-def serve(model: str, vector_specs, vectors_dir, default_specs, host: str, port: int, api_key: str | None,
-          prefix_cache: bool, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
+def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, host: str, port: int,
+          api_key: str | None, prefix_cache: bool, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
     """OpenAI-compatible server; each request picks its steering (body field or model name)."""
     _web_stack()
     from rs_local.serve.app import build_service, serve as run_server
@@ -69,9 +84,10 @@ def serve(model: str, vector_specs, vectors_dir, default_specs, host: str, port:
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     model_id = model if model in MODELS else runner.path.stem
     service = build_service(runner, model_id, vector_specs=vector_specs, vectors_dir=vectors_dir,
-                            default_specs=default_specs, prefix_cache=prefix_cache)
+                            default_specs=default_specs, prefix_cache=prefix_cache, policy_specs=policy_specs)
     names = ", ".join(service.library.vectors) or "none"
-    say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; default steering: "
+    policies = ", ".join(service.library.policies) or "none"
+    say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; policies: {policies}; default steering: "
         f"{service.default.label()}; weight repacking {runner.repack_decision})")
     run_server(service, host=host, port=port, api_key=api_key)
 

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Runner
 from rs_local.serve.errors import ApiError
 from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
@@ -70,6 +71,8 @@ class Service:
         for named in self.library.vectors.values():
             steering = Steering(((named.name, named.scale),), None, "model")
             rows.append((f"{self.model_id}+{named.name}:{named.scale:g}", steering))
+        for name in self.library.policies:
+            rows.append((f"{self.model_id}+@{name}", Steering((), None, "model", name)))
         return [{"id": mid, "object": "model", "created": 0, "owned_by": "rs-local", "steering": s.describe()}
                 for mid, s in rows]
 
@@ -185,6 +188,7 @@ async def answer(request: Request, service: Service, body: dict, parsed: ParsedR
         first = await events.get()
         if isinstance(first, Failed):
             raise first.error
+        steering = first.steering  # as applied: a policy's gate has chosen by now
         reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
         headers = {"X-RS-Local-Steering": steering.label()}
         if parsed.stream:  # from here sse-starlette watches the connection
@@ -247,7 +251,12 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
     @app.get("/v1/steering/vectors", dependencies=guarded)
     async def vectors() -> dict:
         return {"object": "list", "n_layer": service.runner.n_layer, "n_embd": service.runner.n_embd,
-                "default": service.default.describe(), "data": service.library.catalog()}
+                "default": service.default.describe(), "data": service.library.catalog(),
+                "policies": sorted(service.library.policies)}
+
+    @app.get("/v1/steering/policies", dependencies=guarded)
+    async def policies() -> dict:
+        return {"object": "list", "data": service.library.policy_catalog()}
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request) -> Response:
@@ -263,15 +272,33 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
 
 def build_service(runner: Runner, model_id: str, *, vector_specs: tuple[str, ...] = (), vectors_dir=None,
-                  default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False) -> Service:
-    """Load and check the named vectors against the loaded model, and make the (not yet started) worker."""
+                  default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False,
+                  policy_specs: tuple[str, ...] = ()) -> Service:
+    """Load and check the named vectors and policies against the loaded model, and make the (not yet started) worker."""
     library = VectorLibrary(runner.n_embd, runner.n_layer)
     library.load_specs(vector_specs)
     if vectors_dir is not None:
         library.load_directory(vectors_dir)
+    gates = load_policies(runner, library, policy_specs)
     default = library.default(default_specs)
-    worker = Worker(runner, library, prefix_cache=prefix_cache)
+    worker = Worker(runner, library, prefix_cache=prefix_cache, gates=gates)
     return Service(runner, model_id, library, default, worker)
+
+
+def load_policies(runner: Runner, library: VectorLibrary, specs: tuple[str, ...]) -> dict[str, Any]:
+    """One gate per ``NAME=PATH``: the file is read and checked against the model here, at start."""
+    from rs_local.runtime.policy import PolicyRunner
+    from rs_local.serve.steering import parse_policy_spec
+
+    gates: dict[str, Any] = {}
+    for spec in specs:
+        name, path = parse_policy_spec(spec)
+        if name in gates:
+            raise RsLocalError(f"two policies are named '{name}'")
+        gate = PolicyRunner.load(runner, path)
+        library.add_policy(name, gate.policy, str(path))
+        gates[name] = gate
+    return gates
 
 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,

@@ -18,6 +18,12 @@ keeps the prefix between jobs with the same steering, for speed, at that cost (a
 costs the prefix: ``benchmarks/serve_load.py`` measures both). Batching by steering group is the
 option for later, for GPUs, where one decode of many sequences is nearly as cheap as one.
 
+A request that names a policy is gated here, on the worker thread: the policy's gate
+(:class:`~rs_local.runtime.policy.PolicyRunner`, whose reader has its own llama.cpp context
+without a vector) reads the probe block at the prompt's last token, the decision becomes an
+ordinary :class:`Steering` (the category's vector, or none), and the job runs as if it had asked
+for that. The extra unsteered prompt evaluation is in ``timings.gate_ms`` and ``stats.gate_s``.
+
 The worker talks to the asyncio side only through each job's ``sink`` callback, which the web
 layer wires to ``loop.call_soon_threadsafe``; a job's ``cancelled`` event (set when its client
 goes away) stops generation at the next token.
@@ -141,8 +147,9 @@ class Worker:
     """The only thread that touches the Runner; jobs run one at a time, in arrival order."""
 
     def __init__(self, runner: Runner, library: VectorLibrary, *, prefix_cache: bool = False,
-                 max_waiting: int = 64):
+                 max_waiting: int = 64, gates: dict[str, Any] | None = None):
         self.runner, self.library = runner, library
+        self.gates = dict(gates or {})  # policy name -> PolicyRunner (its own reader context)
         self.prefix_cache = prefix_cache
         self.max_waiting = max_waiting
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -150,7 +157,8 @@ class Worker:
         self._current: tuple | None = None
         self.busy = False
         self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
-                                      "switch_s": 0.0, "busy_s": 0.0, "generated_tokens": 0}
+                                      "switch_s": 0.0, "busy_s": 0.0, "generated_tokens": 0, "gated": 0,
+                                      "gate_s": 0.0}
 
     def start(self) -> None:
         self._thread.start()
@@ -159,6 +167,9 @@ class Worker:
         """Finish the running job's current token and end the thread (jobs still queued are dropped)."""
         self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            for gate in self.gates.values():
+                gate.reader.close()
 
     @property
     def waiting(self) -> int:
@@ -225,19 +236,30 @@ class Worker:
                               else "prompt", "context_length_exceeded")
         return n
 
+    def _decide(self, steering: Steering, prompt: Prompt) -> tuple[Steering, float]:
+        """A policy's steering for this prompt (its gate reads the prompt in its own context); others as they are."""
+        if steering.policy is None:
+            return steering, 0.0
+        decision = self.gates[steering.policy].decide(prompt)
+        self.stats["gated"] += 1
+        self.stats["gate_s"] += decision.read_s
+        return steering.decided(decision), decision.read_s
+
     def _run(self, job: Job) -> None:
         t0 = time.perf_counter()
         prompt_tokens = self._tokens(job)
+        steering, gate_s = self._decide(job.steering, job.prompt)
         previous = self._current
-        apply_s = self._apply(job.steering)
-        if job.steering.key != previous:
+        apply_s = self._apply(steering)
+        if steering.key != previous:
             self.stats["switches"] += 1
             self.stats["switch_s"] += apply_s
         self.stats["requests"] += 1
-        job.sink(Started(prompt_tokens, job.steering))
+        job.sink(Started(prompt_tokens, steering))
         result = self._generate(job, prompt_tokens)
         total = time.perf_counter() - t0
-        timings = {"queue_ms": (t0 - job.enqueued) * 1e3, "apply_ms": apply_s * 1e3, "total_ms": total * 1e3}
+        timings = {"queue_ms": (t0 - job.enqueued) * 1e3, "gate_ms": gate_s * 1e3, "apply_ms": apply_s * 1e3,
+                   "total_ms": total * 1e3}
         self.stats["generated_tokens"] += len(result.tokens)
         job.sink(Finished(result.finish_reason, prompt_tokens, len(result.tokens), timings))
 

@@ -10,6 +10,14 @@ read a path. Steering comes from three places, most specific first:
   choose a model (Open WebUI, editors);
 * the server default (``--default-steering NAME:SCALE``).
 
+A request may instead name a conditional-steering policy loaded at start (``--policy
+NAME=policy.gguf``): ``"steering": {"policy": "NAME"}`` or the model name ``"<model>+@NAME"``.
+The worker then lets the policy's probes choose, per prompt, one category's vector or none
+(:mod:`rs_local.runtime.policy`), and the response names the category it chose. A policy brings
+its own vectors and blocks, so a policy together with ``vectors`` or ``layers`` is refused (400):
+summing a fixed vector onto a gated one would give answers neither the policy nor the vector
+was measured for.
+
 Giving both of the first two is refused rather than silently preferring one.
 Everything resolves to a :class:`Steering`, a hashable value the scheduler compares to decide
 when llama.cpp's control vector must change.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -41,6 +49,10 @@ class Steering:
     parts: tuple[tuple[str, float], ...] = ()
     layers: tuple[int, int] | None = None
     source: str = "default"
+    #: a policy's name: its gate picks the parts per prompt (``parts`` stays empty until it has)
+    policy: str | None = None
+    #: the gate's :class:`~rs_local.runtime.policy.Decision`, once made (not part of the key)
+    decision: Any = field(default=None, compare=False, hash=False)
 
     @property
     def key(self) -> tuple:
@@ -51,20 +63,35 @@ class Steering:
     def active(self) -> bool:
         return bool(self.parts)
 
+    @property
+    def undecided(self) -> bool:
+        """A policy whose gate has not yet read the prompt."""
+        return self.policy is not None and self.decision is None
+
     def describe(self) -> dict[str, Any]:
-        """The ``steering`` field of a response: what was actually applied."""
-        return {
+        """The ``steering`` field of a response: what was actually applied (and, for a policy, why)."""
+        out: dict[str, Any] = {
             "vectors": [{"name": n, "scale": s} for n, s in self.parts],
             "layers": band_label(self.layers) if self.parts and self.layers else None,
             "source": self.source,
         }
+        if self.policy is not None:
+            out["policy"] = {"name": self.policy, **(self.decision.to_dict() if self.decision is not None else {})}
+        return out
 
     def label(self) -> str:
-        """A short header value, e.g. ``political:-1@8-16`` or ``none``."""
+        """A short header value, e.g. ``political:-1@8-16``, ``@strict/political:-1`` or ``none``."""
         if not self.parts:
-            return "none"
+            return f"@{self.policy}:keep" if self.policy else "none"
         text = "+".join(f"{n}:{s:g}" for n, s in self.parts)
+        text = f"@{text}" if self.policy else text
         return f"{text}@{band_label(self.layers)}" if self.layers else text
+
+    def decided(self, decision: Any) -> "Steering":
+        """This policy steering once the gate has chosen: the category's vector (``POLICY/CATEGORY``) or none."""
+        steered = decision.action != "keep" and decision.category is not None
+        parts = ((f"{self.policy}/{decision.category}", decision.scale),) if steered else ()
+        return Steering(parts, None, self.source, self.policy, decision)
 
 
 @dataclass
@@ -89,6 +116,19 @@ class NamedVector:
             "file": self.file,
             "provenance": _json_safe(provenance),
         }
+
+
+@dataclass
+class NamedPolicy:
+    """A conditional-steering policy loaded at start (``--policy NAME=PATH``)."""
+
+    name: str
+    policy: Any  # rs_local.runtime.policy_file.Policy
+    file: str
+
+    def catalog_entry(self) -> dict[str, Any]:
+        """``GET /v1/steering/policies`` row: what ``rs-local inspect`` shows of the file."""
+        return {"name": self.name, "file": self.file, **_json_safe(self.policy.summary())}
 
 
 def _json_safe(value: Any) -> Any:
@@ -121,8 +161,18 @@ def parse_named_spec(spec: str) -> tuple[str, Path, float]:
     return check_name(name.strip()), path, scale
 
 
+def parse_policy_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=PATH`` (the ``--policy`` option of ``rs-local serve``)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not path:
+        raise RsLocalError(f"bad --policy '{spec[:120]}': expected NAME=PATH, e.g. strict=policy.gguf")
+    return check_name(name.strip(), "policy name"), Path(path)
+
+
 def parse_default_spec(spec: str) -> tuple[str, float | None]:
-    """``NAME[:SCALE]`` (``--default-steering``); a missing scale takes the vector's own."""
+    """``NAME[:SCALE]`` (``--default-steering``); a missing scale takes the vector's own; ``@NAME`` a policy."""
+    if spec.startswith("@"):
+        return "@" + check_name(spec[1:].strip(), "policy name"), None
     name, sep, scale = spec.partition(":")
     return check_name(name.strip()), (parse_scale(scale, f"scale in '{spec}'") if sep else None)
 
@@ -133,6 +183,14 @@ class VectorLibrary:
     def __init__(self, n_embd: int, n_layer: int):
         self.n_embd, self.n_layer = n_embd, n_layer
         self.vectors: dict[str, NamedVector] = {}
+        self.policies: dict[str, NamedPolicy] = {}
+
+    def add_policy(self, name: str, policy: Any, file: str) -> None:
+        """Register a policy (already checked against the model by its gate)."""
+        check_name(name, "policy name")
+        if name in self.policies:
+            raise RsLocalError(f"two policies are named '{name}'")
+        self.policies[name] = NamedPolicy(name, policy, Path(file).name)
 
     def add(self, name: str, vector: ControlVector, scale: float, file: str) -> None:
         """Register a vector; a wrong width or block count fails here, before serving."""
@@ -162,11 +220,32 @@ class VectorLibrary:
             self.add(check_name(path.stem, f"vector name (from {path.name})"), load_vector(path), 1.0, str(path))
 
     def parts(self, steering: Steering) -> list[tuple[ControlVector, float]]:
-        """``(vector, scale)`` pairs for :meth:`Runner.set_vectors`."""
-        return [(self.vectors[name].vector, scale) for name, scale in steering.parts]
+        """``(vector, scale)`` pairs for :meth:`Runner.set_vectors` (``POLICY/CATEGORY`` names a policy's vector)."""
+        return [(self._vector(name), scale) for name, scale in steering.parts]
+
+    def _vector(self, name: str) -> ControlVector:
+        policy, sep, category = name.partition("/")
+        if sep:
+            return self.policies[policy].policy.category(category).vector
+        return self.vectors[name].vector
 
     def catalog(self) -> list[dict[str, Any]]:
         return [v.catalog_entry() for v in self.vectors.values()]
+
+    def policy_catalog(self) -> list[dict[str, Any]]:
+        return [p.catalog_entry() for p in self.policies.values()]
+
+    def lookup_policy(self, name: Any, param: str) -> NamedPolicy:
+        """A loaded policy by name: 400 for a malformed name, 404 for an unknown one."""
+        if not isinstance(name, str):
+            raise bad_request(f"{param} must be a string", param, "invalid_type")
+        if not NAME_RE.fullmatch(name):
+            raise bad_request(f"{param} {name[:80]!r} is not a policy name (names only, never paths)", param)
+        if name not in self.policies:
+            known = ", ".join(sorted(self.policies)) or "none"
+            raise ApiError(404, f"no policy named {name!r} is loaded (loaded: {known})", param=param,
+                           code="policy_not_found")
+        return self.policies[name]
 
     # -- resolving requests -------------------------------------------------------------
 
@@ -205,16 +284,26 @@ class VectorLibrary:
         if not isinstance(value, Mapping):
             raise bad_request("steering must be an object like {\"vectors\": [{\"name\": ..., \"scale\": ...}]}",
                               "steering", "invalid_type")
-        unknown = set(value) - {"vectors", "layers"}
-        if "policy" in unknown:
-            raise bad_request("steering policies are not available in this server", "steering.policy", "unsupported")
+        unknown = set(value) - {"vectors", "layers", "policy"}
         if unknown:
-            raise bad_request(f"unknown steering field {sorted(unknown)[0]!r} (expected vectors, layers)", "steering")
+            raise bad_request(f"unknown steering field {sorted(unknown)[0]!r} (expected vectors, layers or policy)",
+                              "steering")
+        if value.get("policy") is not None:
+            return self._policy_field(value)
         vectors = value.get("vectors", [])
         if not isinstance(vectors, list):
             raise bad_request("steering.vectors must be a list", "steering.vectors", "invalid_type")
         parts = [self._part(item, f"steering.vectors[{i}]") for i, item in enumerate(vectors[: MAX_PARTS + 1])]
         return self.steering(parts, _layers(value.get("layers")), "request", "steering")
+
+    def _policy_field(self, value: Mapping[str, Any]) -> Steering:
+        """``{"policy": NAME}``: alone, since a policy brings its own vectors and blocks."""
+        named = self.lookup_policy(value["policy"], "steering.policy")
+        others = [k for k in ("vectors", "layers") if value.get(k) is not None]
+        if others:
+            raise bad_request(f"steering.policy cannot be combined with steering.{others[0]}: the policy's gate "
+                              "chooses the vector and its blocks per prompt", "steering", "conflicting_steering")
+        return Steering((), None, "request", named.name)
 
     def _part(self, item: Any, param: str) -> tuple[str, float]:
         if not isinstance(item, Mapping):
@@ -226,7 +315,12 @@ class VectorLibrary:
         return named.name, _scale(item.get("scale", named.scale), f"{param}.scale")
 
     def from_suffix(self, suffix: str) -> Steering:
-        """``political:-1+other`` from a model name ``<model>+political:-1+other``."""
+        """``political:-1+other`` from a model name ``<model>+political:-1+other``; ``@NAME`` names a policy."""
+        if suffix.startswith("@"):
+            return Steering((), None, "model", self.lookup_policy(suffix[1:], "model").name)
+        if "+@" in suffix:
+            raise bad_request("a policy cannot be combined with vectors in the model name", "model",
+                              "conflicting_steering")
         parts = []
         for i, piece in enumerate(suffix.split("+")[: MAX_PARTS + 1]):
             name, sep, scale_text = piece.partition(":")
@@ -240,6 +334,14 @@ class VectorLibrary:
 
     def default(self, specs: Iterable[tuple[str, float | None]]) -> Steering:
         """The server default from ``--default-steering``; errors are start-up errors."""
+        specs = list(specs)
+        policies = [name[1:] for name, _ in specs if name.startswith("@")]
+        if policies:
+            if len(specs) > 1:
+                raise RsLocalError("--default-steering: a policy (@NAME) cannot be combined with other steering")
+            if policies[0] not in self.policies:
+                raise RsLocalError(f"--default-steering names policy '{policies[0]}', which no --policy loaded")
+            return Steering((), None, "default", policies[0])
         parts = []
         for name, scale in specs:
             if name not in self.vectors:

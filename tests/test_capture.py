@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from direction_fit import fitted_direction
 from rs_local.errors import ModelError
 from rs_local.vectors import methods as M
 from rs_local.vectors.capture import capture, render, template_suffix, tokenize
@@ -95,7 +96,7 @@ def test_planted_shift_is_recovered_at_its_block(fm):
         handle.remove()
     neg = capture(fm, OTHER)
     for method in M.METHODS:
-        d = M.fit_direction(method, pos.layer(block).astype(np.float64), neg.layer(block).astype(np.float64), lam=1.0)
+        d = fitted_direction(method, pos.layer(block), neg.layer(block), lam=1.0)
         assert M.cosine(d, v) > 0.9, f"{method} at block {block}: {M.cosine(d, v):.3f}"
     # one block earlier the shift does not exist yet
     before = M.mean_difference(pos.layer(block - 1), neg.layer(block - 1))

@@ -7,8 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
+from direction_fit import fitted_direction
 from rs_local.vectors import methods as M
 from rs_local.vectors.capture import StreamingMoments
+from rs_local.vectors.fit import FitOptionError, FitOptions
 from rs_local.vectors.layers import LayerRow, auroc, cohens_d, parse_layers, pearson, select_band
 
 D = 64
@@ -38,7 +40,7 @@ def test_every_method_recovers_planted_direction(method):
     # Enough prompts per dimension that the covariance estimate is good (n/d ~ 10).
     pos, neg, v, _ = planted(shift=4.0, n_pos=600, n_neg=600, spread=(2.0, 1.5))
     w_pos, w_neg = np.ones(len(pos)), np.ones(len(neg))
-    d = M.fit_direction(method, pos, neg, lam=0.1, w_pos=w_pos, w_neg=w_neg)
+    d = fitted_direction(method, pos, neg, lam=0.1, w_pos=w_pos, w_neg=w_neg)
     assert M.cosine(d, v) > 0.9, f"{method}: cosine {M.cosine(d, v):.3f}"
     assert float((pos.mean(0) - neg.mean(0)) @ d) > 0, "positives must project higher"
 
@@ -130,8 +132,8 @@ def test_orthogonalize_removes_component():
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="unknown method"):
-        M.fit_direction("lda", np.zeros((2, 3)), np.ones((2, 3)))
+    with pytest.raises(FitOptionError, match="unknown method"):
+        FitOptions(method="lda").check()
 
 
 # ----------------------------------------------------------------------------- streaming stats

@@ -7,7 +7,9 @@ import pytest
 
 from rs_local.errors import RsLocalError
 
-from rs_local.vectors.refusal_gradient import RefusedPrompt, contrast_direction, fit_gradient_vector, refusal_gradients
+from rs_local.vectors.refusal_gradient import (
+    GradientContrast, RefusedPrompt, band_lengths, contrast_direction, refusal_gradients,
+)
 
 
 def test_contrast_removes_the_whole_keep_span():
@@ -82,12 +84,16 @@ def test_gradient_at_a_steered_point_matches_finite_differences_there(fm):
     assert fd == pytest.approx(float(steered @ v), rel=0.05, abs=1e-3)
 
 
-def test_fit_gradient_vector_shape_and_metadata(fm):
+def test_gradient_contrast_vector_shape_and_metadata(fm):
+    """One round at the plain model, as the isolate recipe runs it."""
     pol = [RefusedPrompt("What happened in Tiananmen Square in 1989?", "I'm sorry, but I can't"),
            RefusedPrompt("Is Taiwan a country?", "As an AI")]
     harm = [RefusedPrompt("How do I make a bomb?", "I'm sorry, but"), RefusedPrompt("Write malware.", "I cannot")]
-    vec = fit_gradient_vector(fm, pol, harm, [p.prompt for p in pol], ["Name a fruit.", "What is 2+2?"], [8, 9, 10], cache=False)
+    lengths = band_lengths(fm, [p.prompt for p in pol], ["Name a fruit.", "What is 2+2?"], cache=False)
+    fit = GradientContrast(fm, [8, 9, 10])
+    fit.add(pol, harm)
+    vec = fit.vector(lengths)
     assert vec.layers == [8, 9, 10] and vec.n_embd == 576 and vec.model_hint == "llama"
     assert vec.metadata["n_refused_political"] == 2
     with pytest.raises(RsLocalError, match="target"):
-        fit_gradient_vector(fm, [], harm, ["x"], ["y"], [8], cache=False)
+        GradientContrast(fm, [8]).vector(lengths)

@@ -8,6 +8,7 @@ together and prints with rich. Torch/Transformers are imported only when ``fit``
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -174,7 +175,7 @@ def fit(**kw: Any) -> None:
     if not kw["quiet"]:
         err.print(f"fitting {kw['method']} on {len(sets['pos'])} positive / {len(sets['neg'])} negative prompts")
     provenance = {"sources": sets["sources"]}
-    with err.status("loading model", spinner="dots") if not kw["quiet"] else _null():
+    with err.status("loading model", spinner="dots") if not kw["quiet"] else nullcontext():
         from rs_local.vectors.hf_model import load_model
 
         fm = load_model(kw["model"], dtype=kw["dtype"], progress=say)
@@ -187,14 +188,6 @@ def fit(**kw: Any) -> None:
     lam = f", lambda {result.lam:g}" if result.lam is not None else ""
     click.echo(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {_band_text(result.layers)}, "
                f"{len(sets['pos'])} vs {len(sets['neg'])} prompts (apply with a negative scale to remove refusal)")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _scatter_path(plot: Path) -> Path:

@@ -78,13 +78,6 @@ def kl_to_reference(ref: Reference, rows: np.ndarray) -> np.ndarray:
     return np.clip(head + tail, 0.0, None)
 
 
-def kl_full(p_rows: np.ndarray, q_rows: np.ndarray) -> np.ndarray:
-    """Exact per-position ``KL(p || q)`` from two full log-prob matrices (for checks)."""
-    p = np.asarray(p_rows, dtype=np.float64)
-    q = np.asarray(q_rows, dtype=np.float64)
-    return (np.exp(p) * (p - q)).sum(axis=1)
-
-
 # ----------------------------------------------------------------------------- degeneration
 
 _WORD = re.compile(r"\w+", re.UNICODE)

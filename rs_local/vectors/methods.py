@@ -174,14 +174,6 @@ def ridge_mean_difference(
     return RidgeSolver.from_data(neg, w_neg).solve(mp.mean - mn.mean, lam)
 
 
-def ridge_from_moments(pos: Moments, neg: Moments, lam: float, solver: RidgeSolver | None = None) -> np.ndarray:
-    """RMD on precomputed moments (streaming statistics or :func:`moments`)."""
-    if neg.cov is None:
-        raise ValueError("ridge methods need the complied covariance")
-    solver = solver or RidgeSolver(neg.cov)
-    return solver.solve(pos.mean - neg.mean, lam)
-
-
 def rmd(pos: np.ndarray, neg: np.ndarray, lam: float = 0.1) -> np.ndarray:
     """Ridge mean difference with equal weights."""
     return ridge_mean_difference(pos, neg, lam)
@@ -190,27 +182,6 @@ def rmd(pos: np.ndarray, neg: np.ndarray, lam: float = 0.1) -> np.ndarray:
 def wrmd(pos: np.ndarray, neg: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray, lam: float = 0.1) -> np.ndarray:
     """Weighted ridge mean difference (the paper's method); weights are ``|c_i|``."""
     return ridge_mean_difference(pos, neg, lam, w_pos, w_neg)
-
-
-def fit_direction(
-    method: str,
-    pos: np.ndarray,
-    neg: np.ndarray,
-    lam: float = 0.1,
-    w_pos: np.ndarray | None = None,
-    w_neg: np.ndarray | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-    """Dispatch by method name; weights are used by ``wrmd`` (and ignored by ``md``/``pca``/``rmd``)."""
-    if method == "md":
-        return mean_difference(pos, neg)
-    if method == "pca":
-        return pca_direction(pos, neg, seed=seed)
-    if method == "rmd":
-        return rmd(pos, neg, lam)
-    if method == "wrmd":
-        return ridge_mean_difference(pos, neg, lam, w_pos, w_neg)
-    raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -191,28 +191,3 @@ def band_lengths(fm, political_prompts: Sequence[str], harmless_prompts: Sequenc
     neg = capture(fm, list(harmless_prompts), keep_raw=True, system=system, cache=cache)
     dp = pos.raw.astype(np.float64).mean(axis=0) - neg.raw.astype(np.float64).mean(axis=0)
     return np.linalg.norm(dp, axis=-1)
-
-
-def fit_gradient_vector(
-    fm,
-    political: Sequence[RefusedPrompt],
-    harmful: Sequence[RefusedPrompt],
-    political_prompts: Sequence[str],
-    harmless_prompts: Sequence[str],
-    layers: Sequence[int],
-    *,
-    answer_tokens: int = 2,
-    system: str | None = None,
-    cache: Any = True,
-    say: Say | None = None,
-):
-    """One round at the plain model (see :class:`GradientContrast`; the recipe runs two).
-
-    ``political``/``harmful`` are the refused prompts with their refusal openings;
-    ``political_prompts``/``harmless_prompts`` set the per-block magnitude.
-    """
-    if not political or not harmful:
-        raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
-    fit = GradientContrast(fm, layers, answer_tokens, system)
-    fit.add(political, harmful, say=say)
-    return fit.vector(band_lengths(fm, political_prompts, harmless_prompts, system, cache))

@@ -1,0 +1,208 @@
+"""Where the seconds of ``isolate`` and ``eval`` go (issue 16), with peak RSS.
+
+    python benchmarks/speed_profile.py                      # small settings, a few minutes on 2 cores
+    python benchmarks/speed_profile.py --n 0 --rounds 2     # the shipped sets whole (isolate target)
+    python benchmarks/speed_profile.py --json out.json      # also write the profile as JSON
+
+Settings (printed with the result): Qwen2.5-Coder-0.5B (the default model, the one that
+refuses), the shipped political/harmful/harmless sets cut to ``--n`` prompts each (0 = whole
+sets), the default recipe (blocks 8-16, 2-token openings, 32-token labelling answers, two
+rounds), the keyword judge, then an evaluation of the fitted vector at ``--scales`` on the
+same prompts (48-token answers, 16 KL tokens). Every cache is off, so this is a cold run.
+
+Phases are measured by wrapping the library's own functions with timers (model loads,
+labelling generation, judging, activation capture, gradient passes, KL teacher forcing);
+nothing is replaced. ``other`` is the wall time no phase accounts for. The machine is shared:
+absolute seconds are upper bounds, the split between phases is what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+class Profile:
+    """Seconds and calls per phase; phases may nest (an outer phase includes its inner ones)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, attr: str, phase: str) -> None:
+        """Time every call of ``owner.attr`` under ``phase`` (the original still runs)."""
+        original = getattr(owner, attr)
+        prof = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                prof.seconds[phase] += time.perf_counter() - start
+                prof.calls[phase] += 1
+
+        setattr(owner, attr, timed)
+        self._undo.append(lambda: setattr(owner, attr, original))
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _instrument(prof: Profile) -> None:
+    """Timers on the functions the two commands spend their time in."""
+    import rs_local.eval.engines as engines
+    import rs_local.eval.evaluate as evaluate
+    import rs_local.runtime.batched as batched
+    import rs_local.runtime.runner as runner
+    import rs_local.vectors.capture as capture
+    import rs_local.vectors.hf_model as hf_model
+    import rs_local.vectors.refusal_gradient as rg
+
+    prof.wrap(runner.Runner, "__init__", "llama.cpp model load")
+    prof.wrap(hf_model, "load_model", "transformers model load")
+    prof.wrap(batched.BatchEngine, "generate_many", "generation (llama.cpp)")
+    prof.wrap(batched.BatchEngine, "forced_logprobs", "teacher forcing: KL refs + KL (llama.cpp)")
+    prof.wrap(engines.SequentialEngine, "generate_many", "generation (llama.cpp)")
+    prof.wrap(engines.SequentialEngine, "forced_logprobs", "teacher forcing: KL refs + KL (llama.cpp)")
+    prof.wrap(evaluate.Evaluator, "_verdict", "judge")
+    prof.wrap(evaluate.Evaluator, "__init__", "batch context setup")
+    prof.wrap(capture, "capture", "activation capture (band lengths)")
+    for where in ("rs_local.recipes.isolate", "rs_local.eval.recipe"):
+        try:
+            mod = __import__(where, fromlist=["label_refusals"])
+        except ImportError:
+            continue
+        if hasattr(mod, "label_refusals"):
+            prof.wrap(mod, "label_refusals", "labelling: generation + judge")
+            break
+    for name in ("refusal_gradients", "batched_refusal_gradients"):
+        if hasattr(rg, name):
+            prof.wrap(rg, name, "gradient passes (transformers)")
+
+
+def _sets(n: int) -> dict[str, list[str]]:
+    from rs_local.eval.prompt_sets import builtin_set
+
+    return {name: builtin_set(name).subset(n or None, seed=0).prompts for name in ("political", "harmful", "harmless")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from rs_local import models
+    from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.eval.evaluate import EvalSettings, evaluate
+    from rs_local.eval.prompt_sets import PromptSet
+    from rs_local.runtime.runner import Runner
+
+    try:
+        from rs_local.recipes.isolate import Recipe, fit_political
+    except ImportError:  # before the recipe's move
+        from rs_local.eval.recipe import Recipe, fit_political
+
+    prof = Profile()
+    _instrument(prof)
+    sets = _sets(args.n)
+    recipe = Recipe(rounds=args.rounds, max_prompts=args.max_prompts)
+    path = models.resolve(args.model)
+    out: dict[str, Any] = {"settings": {"model": path.name, "prompts_per_set": {k: len(v) for k, v in sets.items()},
+                                        "rounds": recipe.rounds, "layers": recipe.layers, "label_tokens": recipe.label_tokens,
+                                        "max_prompts": recipe.max_prompts, "eval_scales": args.scales,
+                                        "eval_max_tokens": args.max_tokens, "batch": args.batch, "judge": "keywords",
+                                        "caches": "off"}}
+    t0 = time.perf_counter()
+    with prof.phase("TOTAL isolate"):
+        runner = Runner(path, n_ctx=2048)
+        fitted = fit_political(args.model, sets["political"], sets["harmful"], sets["harmless"], recipe,
+                               say=print if args.verbose else None, runner=runner, cache=False)
+    isolate = dict(prof.seconds), dict(prof.calls)
+    out["isolate"] = _table(prof, "TOTAL isolate")
+    out["isolate"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["isolate"]["refused"] = fitted.info.get("refused")
+    prof.seconds.clear()
+    prof.calls.clear()
+    with prof.phase("TOTAL eval"):
+        settings = EvalSettings(max_tokens=args.max_tokens, batch=args.batch)
+        report = evaluate(runner, [PromptSet(k, v) for k, v in sets.items()], args.scales, vector=fitted.vector,
+                          settings=settings, cache=EvalCache(None))
+    out["eval"] = _table(prof, "TOTAL eval")
+    out["eval"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["eval"]["answers"] = sum(len(p.answers) for p in report.points)
+    out["eval"]["answer_tokens"] = sum(a.n_tokens for p in report.points for a in p.answers)
+    out["eval"]["rates"] = {f"{p.scale:g}": {n: round(s.refusal_rate, 3) for n, s in p.sets.items()} | {"kl": p.kl}
+                            for p in report.points}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    prof.restore()
+    del isolate
+    return out
+
+
+def _table(prof: Profile, total: str) -> dict[str, Any]:
+    total_s = prof.seconds.get(total, 0.0)
+    phases = {k: {"s": round(v, 2), "calls": prof.calls[k], "share": round(v / total_s, 3) if total_s else None}
+              for k, v in sorted(prof.seconds.items(), key=lambda kv: -kv[1]) if k != total}
+    return {"total_s": round(total_s, 2), "phases": phases}
+
+
+def _print(result: dict[str, Any]) -> None:
+    print("settings:", json.dumps(result["settings"]))
+    for cmd in ("isolate", "eval"):
+        r = result[cmd]
+        print(f"\n{cmd}: {r['total_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB (process so far)")
+        for name, p in r["phases"].items():
+            share = f"{p['share']:.0%}" if p["share"] is not None else "-"
+            print(f"  {name:48s} {p['s']:8.2f} s  {share:>5s}  ({p['calls']} calls)")
+    print(f"\neval answers: {result['eval']['answers']} ({result['eval']['answer_tokens']} tokens); "
+          f"rates: {json.dumps(result['eval']['rates'])}")
+    print(f"isolate refused (political/harmful): {result['isolate']['refused']}")
+    print("(nested phases overlap: judge and generation sit inside labelling; shares need not sum to 100%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--n", type=int, default=16, help="prompts per shipped set (0: all)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-prompts", type=int, default=40)
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.0, -1.0])
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    result = run(args)
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

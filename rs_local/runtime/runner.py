@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rs_local.errors import ModelError, RsLocalError
+from rs_local.converters.moe_arch import expert_count, vector_arch_problem
+from rs_local.errors import ModelError, RsLocalError, VectorFileError
 from rs_local.runtime.loading import load_llama
 from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
@@ -85,6 +86,7 @@ class Runner:
         self.n_vocab = int(self.llama.n_vocab())
         self.n_ctx = int(self.llama.n_ctx())
         self.model_hint = str(self.llama.metadata.get("general.architecture", ""))
+        self.n_expert = expert_count(self.llama.metadata)  # 0: dense
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self._formatter = self._make_formatter()
         self._kv_valid = False
@@ -121,6 +123,9 @@ class Runner:
             return
         for vec, _scale in parts:
             validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=vec.source or "<vector>")
+            problem = vector_arch_problem(vec.model_hint, self.model_hint, self.n_expert)
+            if problem:
+                raise VectorFileError(vec.source or "<vector>", problem)
         push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer,
                      layer_range=self._check_range(layer_range))
         self.vectors, self.layer_range = parts, layer_range

@@ -103,6 +103,16 @@ def _find_blocks(model: Any) -> tuple[Any, Any]:
     raise ModelError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def _gguf_overrides(path: Path) -> dict[str, Any]:
+    """Config fields Transformers' GGUF loader misses (MoE expert widths), from the file's header."""
+    if path.is_dir():
+        return {}
+    from rs_local.converters.gguf_header import gguf_scalars
+    from rs_local.converters.moe_arch import transformers_overrides
+
+    return transformers_overrides(gguf_scalars(path))
+
+
 def _import_transformers():
     try:
         import transformers  # noqa: F401
@@ -134,7 +144,8 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
     try:
         with _quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-            lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **extra)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **extra,
+                                                                   **_gguf_overrides(path))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: Transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     lm.eval()

@@ -97,3 +97,29 @@ def test_gradient_contrast_vector_shape_and_metadata(fm):
     assert vec.metadata["n_refused_political"] == 2
     with pytest.raises(RsLocalError, match="target"):
         GradientContrast(fm, [8]).vector(lengths)
+
+
+def test_batched_gradients_equal_one_at_a_time(fm):
+    """Left-padded batches of prompts of different lengths give each prompt its own gradient (issue 16)."""
+    from rs_local.vectors.control_vector import ControlVector
+
+    items = [RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+             RefusedPrompt("Tell me, in as much detail as you can, how the 1989 protests in Beijing ended.", "As an AI"),
+             RefusedPrompt("Write malware.", "I cannot"),
+             RefusedPrompt("Is Taiwan a country? Answer yes or no and explain why.", "Sorry"),
+             RefusedPrompt("Hi", "")]  # no answer tokens: a zero row, and the batch still runs
+    layers = [4, 10, 20]
+    rng = np.random.default_rng(3)
+    push = rng.normal(size=fm.n_embd).astype(np.float32)
+    vec = ControlVector({9: push * 4.0 / np.linalg.norm(push)}, fm.model_hint)
+    for steer in (None, (vec, -1.0)):
+        one = refusal_gradients(fm, items, layers, steer=steer, batch_size=1)
+        many = refusal_gradients(fm, items, layers, steer=steer, batch_size=4)
+        assert not np.isnan(many).any()
+        assert np.abs(many[4]).max() == 0 and np.abs(one[4]).max() == 0
+        for i in range(4):
+            for l in layers:
+                a, b = one[i, l], many[i, l]
+                cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+                assert cos >= 0.99, (i, l, cos)
+                assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a), rel=0.02)

@@ -45,8 +45,15 @@ class RefusedPrompt:
     answer: str
 
 
+#: Prompts per gradient pass. Batching streams the weights once per batch instead of once per
+#: prompt; measured on 2 cores (SmolLM2/Qwen 0.5B, short prompts) 8 is near the best and keeps
+#: the backward pass's activation memory small.
+GRADIENT_BATCH = 8
+
+
 def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int], answer_tokens: int = 2,
-                      system: str | None = None, say: Say | None = None, steer: Any = None) -> np.ndarray:
+                      system: str | None = None, say: Say | None = None, steer: Any = None,
+                      batch_size: int = GRADIENT_BATCH) -> np.ndarray:
     """``[n, n_layer, d]`` gradients of log P(refusal opening | prompt) w.r.t. an added block-output vector.
 
     A zero vector ``delta_l`` is added to block ``l``'s output at every position (a forward
@@ -54,44 +61,78 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
     the first-order effect of a control vector on that block. Only the answer positions go
     through the LM head. ``steer`` = ``(ControlVector, scale)`` takes the gradients at that
     steered point instead of at the plain model.
-    """
-    import torch
 
-    from rs_local.vectors.capture import render
+    Prompts run ``batch_size`` at a time, length-sorted and left-padded with an attention mask
+    and position ids (as in :mod:`rs_local.vectors.capture`). Each row has its own delta, so the
+    gradient of the summed scores w.r.t. row b's delta is prompt b's gradient alone: masked
+    padding never reaches a real token, and rows never see each other.
+    """
+    from rs_local.vectors.capture import _batches, render
 
     say = say or (lambda _m: None)
     tok = fm.tokenizer
     out = np.zeros((len(items), fm.n_layer, fm.n_embd), dtype=np.float32)
-    head = fm.model.get_output_embeddings()
-    dtype = next(fm.model.parameters()).dtype
-    fixed = {}
-    if steer is not None:
-        vec, scale = steer
-        fixed = {l: torch.tensor(d * scale, dtype=dtype) for l, d in vec.directions.items() if l < fm.n_layer}
-    for i, item in enumerate(items):
+    seqs: list[tuple[list[int], list[int]]] = []
+    for item in items:
         prompt_ids = tok(render(fm, item.prompt, system), add_special_tokens=False)["input_ids"]
-        answer_ids = tok(item.answer, add_special_tokens=False)["input_ids"][:answer_tokens]
-        if not answer_ids:
-            continue
-        deltas = {l: torch.zeros(fm.n_embd, dtype=dtype, requires_grad=True) for l in layers}
-        handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l])) for l in layers]
-        handles += [fm.blocks[l].register_forward_hook(_adder(v)) for l, v in fixed.items()]
-        try:
-            ids = torch.tensor([prompt_ids + answer_ids])
-            hidden = fm.base(input_ids=ids, use_cache=False).last_hidden_state[0]
-            n = len(prompt_ids)
-            pos = torch.arange(n - 1, n - 1 + len(answer_ids))
-            logp = torch.log_softmax(head(hidden[pos]).float(), dim=-1)
-            score = logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].sum()
-            grads = torch.autograd.grad(score, [deltas[l] for l in layers])
-        finally:
-            for h in handles:
-                h.remove()
+        seqs.append((list(prompt_ids), list(tok(item.answer, add_special_tokens=False)["input_ids"][:answer_tokens])))
+    todo = [i for i, (_p, a) in enumerate(seqs) if a]
+    fixed = _steer_tensors(fm, steer)
+    done = 0
+    for group in _batches([len(seqs[i][0]) + len(seqs[i][1]) for i in todo], max(1, batch_size)):
+        idx = [todo[g] for g in group]
+        grads = _batch_gradients(fm, [seqs[i] for i in idx], layers, fixed)
         for l, g in zip(layers, grads):
-            out[i, l] = g.detach().float().numpy()
-        if (i + 1) % 8 == 0:
-            say(f"  gradients: {i + 1}/{len(items)}")
+            out[idx, l] = g
+        done += len(idx)
+        say(f"  gradients: {done}/{len(todo)}")
     return out
+
+
+def _steer_tensors(fm, steer: Any) -> dict:
+    """``{block: tensor}`` of a fixed ``(ControlVector, scale)`` steering point ({} for none)."""
+    if steer is None:
+        return {}
+    import torch
+
+    dtype = next(fm.model.parameters()).dtype
+    vec, scale = steer
+    return {l: torch.tensor(d * scale, dtype=dtype) for l, d in vec.directions.items() if l < fm.n_layer}
+
+
+def _batch_gradients(fm, seqs: list[tuple[list[int], list[int]]], layers: Sequence[int], fixed: dict) -> list[np.ndarray]:
+    """Per layer ``[b, d]``: each row's gradient of its answer's log-prob w.r.t. its own added vector."""
+    import torch
+
+    from rs_local.vectors.capture import _pad_id
+
+    dtype = next(fm.model.parameters()).dtype
+    b, t = len(seqs), max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((b, t), _pad_id(fm), dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for r, (p, a) in enumerate(seqs):
+        start = t - len(p) - len(a)  # left padding: the sequence ends at the last column
+        ids[r, start:] = torch.tensor(p + a, dtype=torch.long)
+        mask[r, start:] = 1
+        for k, token in enumerate(a):  # logits at position j predict token j + 1
+            rows.append(r)
+            cols.append(start + len(p) - 1 + k)
+            targets.append(token)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    deltas = {l: torch.zeros((b, fm.n_embd), dtype=dtype, requires_grad=True) for l in layers}
+    handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l][:, None, :])) for l in layers]
+    handles += [fm.blocks[l].register_forward_hook(_adder(v)) for l, v in fixed.items()]
+    try:
+        hidden = fm.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        picked = hidden[torch.tensor(rows), torch.tensor(cols)]
+        logp = torch.log_softmax(fm.model.get_output_embeddings()(picked).float(), dim=-1)
+        score = logp[torch.arange(len(targets)), torch.tensor(targets)].sum()
+        grads = torch.autograd.grad(score, [deltas[l] for l in layers])
+    finally:
+        for h in handles:
+            h.remove()
+    return [g.detach().float().numpy() for g in grads]
 
 
 def _adder(delta):

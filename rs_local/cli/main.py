@@ -50,11 +50,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from rs_local.cli import (doctor_cmd, eval_cmd, fit_cmd, inspect_cmd, isolate_cmd, judge_cmd, models_cmd,
-                              policy_cmd, run_cmd, serve_cmd)
+    from rs_local.cli import (doctor_cmd, eval_cmd, experts_cmd, fit_cmd, inspect_cmd, isolate_cmd, judge_cmd,
+                              models_cmd, policy_cmd, run_cmd, serve_cmd)
 
-    modules = (models_cmd, inspect_cmd, run_cmd, fit_cmd, isolate_cmd, judge_cmd, eval_cmd, policy_cmd, serve_cmd,
-               doctor_cmd)
+    modules = (models_cmd, inspect_cmd, run_cmd, fit_cmd, experts_cmd, isolate_cmd, judge_cmd, eval_cmd, policy_cmd,
+               serve_cmd, doctor_cmd)
     for module in modules:
         for command in module.COMMANDS:
             cli.add_command(command)

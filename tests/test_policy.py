@@ -273,3 +273,30 @@ def test_cli_chat_with_policy(smollm2_path, fitted, tmp_path):
     assert "policy: cooking" in out
     res = CliRunner().invoke(cli, ["chat", "--model", str(smollm2_path), "--policy", str(path), "--vector", "v.gguf"])
     assert res.exit_code == 1 and "cannot be combined" in res.output
+
+
+def test_cli_eval_with_policy(smollm2_path, fitted, tmp_path):
+    """Held-out prompts: maths routed to its refuse vector (KL > 0, answers change), code kept (answers identical)."""
+    path = write_policy(fitted, tmp_path / "p.gguf")
+    sets = [f"{n}={_write(tmp_path, 'held-' + n, p[8:])}" for n, p in SETS.items()]
+    out = tmp_path / "report"
+    args = ["eval", "--model", str(smollm2_path), "--ctx", "512", "--policy", str(path), "--judge", "keywords",
+            "-n", "8", "--kl-tokens", "4", "--no-cache", "--kl-set", "math", "-o", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    res = _invoke(*args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["routing"] == {"cooking": {"cooking:remove": 4}, "math": {"math:refuse": 4}, "code": {"code:keep": 4}}
+    assert report["gated"]["kl"] > 0.01 and abs(report["plain"]["kl"]) < 1e-3
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    answers = {(r["gate"], r["set"], r["prompt"]): r["answer"] for r in rows}
+    for p in CODE[8:]:
+        assert answers[("on", "code", p)] == answers[("plain", "code", p)]
+    assert any(answers[("on", "math", p)] != answers[("plain", "math", p)] for p in MATH[8:])
+    assert all(r["decision"]["category"] == r["set"] for r in rows if r["gate"] == "on")
+    assert "gated refusal" in res.output
+    both = CliRunner().invoke(cli, [*args[:-2], "-o", str(tmp_path / "x"), "--vector", str(path)])
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = CliRunner().invoke(cli, ["eval", "-o", str(tmp_path / "y")])
+    assert neither.exit_code == 2 and "--vector" in neither.output

@@ -27,8 +27,9 @@ def _scales(text: str) -> list[float]:
 def eval_options(f: Callable) -> Callable:
     """Prompt sets, generation and metric settings shared by `eval` and `sweep`."""
     for opt in reversed([
-        click.option("--vector", "--control-vector", "vectors", multiple=True, required=True, metavar="PATH[:WEIGHT]",
-                     help="Control vector (repeatable; several are summed, each times its WEIGHT)."),
+        click.option("--vector", "--control-vector", "vectors", multiple=True, metavar="PATH[:WEIGHT]",
+                     help="Control vector (repeatable; several are summed, each times its WEIGHT). Required "
+                          "unless eval is given --policy."),
         click.option("--set", "sets", multiple=True, metavar="NAME=PATH",
                      help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless) "
                           "uses the set shipped with rs-local. Default: the three built-in sets."),
@@ -56,17 +57,26 @@ def _setup(kw: dict[str, Any]):
     from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range
     from rs_local.vectors.control_vector import ControlVector
 
+    policy = kw.get("policy")
+    if policy is not None and kw["vectors"]:
+        raise click.UsageError("--policy brings its own vectors: give --policy or --vector, not both")
+    if policy is None and not kw["vectors"]:
+        raise click.UsageError("Missing option '--vector'" + (" (or --policy)" if "policy" in kw else ""))
     check_output(Path(kw["output"]), kw["force"], directory=True)  # before any model loads; parents are not created
     sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"])
+    settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
+                            system=kw["system"], batch=kw["batch"])
+    cache = EvalCache(None if kw["no_cache"] else "default")
+    if policy is not None:
+        from rs_local.runtime.policy_file import read_policy
+
+        return sets, read_policy(policy), None, settings, cache
     parts = load_vector_specs(kw["vectors"], default_scale=1.0)
     vector = ControlVector.merge(parts) if len(parts) > 1 or parts[0][1] != 1.0 else parts[0][0]
     vector.source = vector.source or ", ".join(kw["vectors"])
     vector.metadata.setdefault("path", vector.source)
     layers = parse_layer_range(kw["layers"]) if kw.get("layers") is not None else None
     check_layer_range([(vector, 1.0)], layers)
-    settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
-                            system=kw["system"], batch=kw["batch"])
-    cache = EvalCache(None if kw["no_cache"] else "default")
     return sets, vector, layers, settings, cache
 
 
@@ -80,18 +90,25 @@ def _setup(kw: dict[str, Any]):
 @click.option("--layers", default=None, metavar="START-END", callback=layer_range_callback,
               help="Apply the vector only to these blocks.")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot.")
+@click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Evaluate a conditional-steering policy instead of a vector: plain vs gated refusal per set, "
+                   "where the gate routed each set, KL on the KL set.")
 @judge_options
 @runtime_options
 def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     """Refusal rate per prompt set and scale (judge and keywords), KL and degeneration on the KL set.
 
     Writes report.json, answers.jsonl and refusal_vs_scale.png into --output and prints the table.
+    With --policy: the plain model and the gated one side by side (report.json, answers.jsonl).
     """
     from rs_local.eval.evaluate import evaluate
     from rs_local.eval.report import summary_table, write_report
 
     scale_list = _scales(scales)
     sets, vector, layers, settings, cache = _setup(kw)
+    if kw["policy"] is not None:
+        _eval_policy(model, kw, sets, vector, settings, cache, (n_ctx, n_gpu_layers, n_threads))
+        return
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
@@ -101,6 +118,25 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
         judge.close()
     paths = write_report(report, kw["output"], force=kw["force"], plot=not no_plot)
     Console().print(summary_table(report, title=f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} judge (keywords)"))
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _eval_policy(model, kw: dict[str, Any], sets, policy, settings, cache, runtime: tuple) -> None:
+    """``eval --policy``: the gate on llama.cpp decides per prompt; plain and gated side by side."""
+    from rs_local.eval.policy_eval import evaluate_policy, policy_table, write_policy_report
+    from rs_local.runtime.policy import PolicyRunner
+
+    runner = load_runner(model, *runtime)
+    gate = PolicyRunner(runner, policy, kw["policy"])
+    judge = make_judge_from(kw, *runtime)
+    try:
+        report = evaluate_policy(runner, sets, gate, judge=judge, settings=settings, cache=cache, say=say)
+    finally:
+        judge.close()
+        gate.close()
+    paths = write_policy_report(report, kw["output"], force=kw["force"])
+    Console().print(policy_table(report, title=f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} "
+                                               f"judge (keywords), plain vs gated by {Path(kw['policy']).name}"))
     err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -179,6 +179,11 @@ class Evaluator:
 
     # -- steering state ------------------------------------------------------------------
 
+    def use_vector(self, vector: ControlVector | None) -> None:
+        """Evaluate another vector from now on (a policy's categories each bring their own)."""
+        self.vector = vector
+        self._applied = _UNSET
+
     def _apply(self, scale: float, layers: tuple[int, int] | None) -> None:
         state = (scale, layers) if (scale != 0 and self.vector is not None) else None
         if self._applied is not _UNSET and state == self._applied:

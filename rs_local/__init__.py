@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "BlockReader": "rs_local.runtime.activations",
     "ProbeJudge": "rs_local.judge.probe",
     "train_probe": "rs_local.judge.probe_train",
+    "capture_routing": "rs_local.vectors.experts",
+    "expert_report": "rs_local.vectors.experts",
 }
 
 

@@ -12,6 +12,13 @@ fitting part (60%) and a held-out part (40%). The policy is fitted on the fittin
   the threshold (an abstention counts as wrong);
 * refusal rate per set, plain vs gated, by the keyword judge
   (:func:`rs_local.judge.keywords.find_refusal_phrase`; the project's judge is keywords for now);
+* over-refusal: a borderline set of 60 benign prompts that sound harmful (the first 60 of
+  JailbreakBench's topic-matched benign behaviours, read in place from ../shared/data, never
+  copied) is a fifth category, ``borderline: remove``, fitted and measured on its own split;
+* KL(plain || gated) on the held-out harmless prompts over the plain answer's first 16 tokens
+  (exact, full vocabulary): 0 for every prompt the gate leaves alone, the category vector's KL
+  for a prompt it steers by mistake; beside it the KL of the political vector switched on for
+  every prompt (what an ungated vector costs everyday prompts);
 * cost: the extra prompt evaluation the gate's reader costs (vs the Runner's own prompt
   evaluation of the same prompt) and decode tokens/s with and without a vector.
 
@@ -42,7 +49,20 @@ from rs_local.runtime.runner import Runner
 from rs_local.runtime.vector_specs import load_vector_specs
 
 DATA = Path(__file__).resolve().parent.parent / "rs_local" / "data"
-SETS = {"political": "remove", "gambling": "refuse", "harmful": "keep", "harmless": "keep"}
+BORDERLINE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "jbb_behaviors" / "benign-behaviors.csv"
+SETS = {"political": "remove", "gambling": "refuse", "harmful": "keep", "harmless": "keep", "borderline": "remove"}
+N_BORDERLINE = 60
+KL_TOKENS = 16
+
+
+def set_path(name: str) -> Path:
+    return BORDERLINE if name == "borderline" else DATA / f"{name}.jsonl"
+
+
+def set_prompts(name: str) -> list[str]:
+    if name == "borderline":
+        return load_prompts(BORDERLINE, "goal")[:N_BORDERLINE]
+    return load_prompts(set_path(name))
 
 
 def held_out(prompt: str, share: float = 0.4) -> bool:
@@ -53,7 +73,7 @@ def held_out(prompt: str, share: float = 0.4) -> bool:
 def split_sets() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     fit, test = {}, {}
     for name in SETS:
-        prompts = load_prompts(DATA / f"{name}.jsonl")
+        prompts = set_prompts(name)
         fit[name] = [p for p in prompts if not held_out(p)]
         test[name] = [p for p in prompts if held_out(p)]
     return fit, test
@@ -65,6 +85,34 @@ def msgs(p: str) -> list[dict[str, str]]:
 
 def refused(texts: list[str]) -> list[bool]:
     return [find_refusal_phrase(t) is not None for t in texts]
+
+
+def kl_along(runner: Runner, prompt: str, cont: list[int], parts: list) -> np.ndarray:
+    """Per-position KL(plain || steered) along the plain answer ``cont`` (full vocabulary, nats)."""
+    runner.clear_vectors()
+    ref = runner.forced_logprobs(msgs(prompt), cont)
+    runner.set_vectors(parts)
+    steered = runner.forced_logprobs(msgs(prompt), cont)
+    runner.clear_vectors()
+    return (np.exp(ref) * (ref - steered)).sum(axis=1)
+
+
+def harmless_kl(runner: Runner, policy, prompts: list[str], conts: list[list[int]], decisions) -> dict[str, float]:
+    """Mean KL on harmless prompts: gated (0 where the gate keeps) and with the political vector always on."""
+    gated, always = [], []
+    political = policy.category("political")
+    for p, cont, d in zip(prompts, conts, decisions):
+        if not cont:
+            continue
+        steered = d.action != "keep" and d.category is not None
+        if steered:
+            cat = policy.category(d.category)
+            gated.append(float(kl_along(runner, p, cont, [(cat.vector, cat.scale)]).mean()))
+        else:
+            gated.append(0.0)
+        always.append(float(kl_along(runner, p, cont, [(political.vector, political.scale)]).mean()))
+    return {"kl_gated": float(np.mean(gated)), "kl_political_always_on": float(np.mean(always)),
+            "kl_prompts": len(gated), "kl_tokens": KL_TOKENS}
 
 
 def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dict[str, float]:
@@ -112,7 +160,7 @@ def main() -> None:
     fit_sets, test_sets = split_sets()
     specs = []
     for name, action in SETS.items():
-        spec = CategorySpec(name, DATA / f"{name}.jsonl", action, fit_sets[name])
+        spec = CategorySpec(name, set_path(name), action, fit_sets[name])
         spec.scale = {"remove": args.remove_scale, "refuse": args.refuse_scale}.get(action)
         specs.append(spec)
     for item in args.vector:
@@ -130,9 +178,11 @@ def main() -> None:
     decisions = {name: [gate.decide(msgs(p)) for p in prompts] for name, prompts in test_sets.items()}
     runner.clear_vectors()
     engine = BatchEngine(runner, n_seq=8, seq_ctx=512)
-    rows, answers = [], {}
+    rows, answers, conts = [], {}, {}
     for name, prompts in test_sets.items():
-        plain = [g.text for g in engine.generate_many([msgs(p) for p in prompts], max_tokens=args.max_tokens)]
+        plain_gens = engine.generate_many([msgs(p) for p in prompts], max_tokens=args.max_tokens)
+        conts[name] = [g.tokens[:KL_TOKENS] for g in plain_gens]
+        plain = [g.text for g in plain_gens]
         gated = list(plain)
         for cat in policy.categories:
             idx = [i for i, d in enumerate(decisions[name]) if d.action != "keep" and d.category == cat.name]
@@ -149,6 +199,7 @@ def main() -> None:
         answers[name] = [{"prompt": p, **d.to_dict(), "answer_plain": a, "answer_gated": b}
                          for p, a, b, d in zip(test_sets[name], plain, gated, decisions[name])]
     engine.close()
+    kl = harmless_kl(runner, policy, test_sets["harmless"], conts["harmless"], decisions["harmless"])
     cost = measure_cost(gate, test_sets["political"][:3] + test_sets["gambling"][:3], args.max_tokens)
     gate.close()
 
@@ -158,13 +209,15 @@ def main() -> None:
         print(f"{r['set']:<10} {SETS[r['set']]:<7} {r['n']:>3} {r['probe_accuracy']:>9.0%} {r['steered']:>7} "
               f"{r['refused_plain']:>6}/{r['n']:<3} {r['refused_plain'] / r['n']:>4.0%} "
               f"{r['refused_gated']:>6}/{r['n']:<3} {r['refused_gated'] / r['n']:>4.0%}")
+    print(f"KL(plain || gated) on {kl['kl_prompts']} held-out harmless prompts, first {KL_TOKENS} tokens: "
+          f"{kl['kl_gated']:.4f} nats; political vector always on: {kl['kl_political_always_on']:.4f} nats")
     print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "
           f"{cost['runner_prompt_eval_s'] * 1000:.0f} ms (x{cost['prompt_eval_overhead']:.2f} extra prompt eval); "
           f"decode {cost['decode_tps_plain']:.1f} tok/s plain, {cost['decode_tps_gated']:.1f} tok/s steered")
     print(f"policy: scales remove {args.remove_scale:g}, refuse {args.refuse_scale:g}; threshold {args.threshold:g}; "
           f"total {time.perf_counter() - t0:.0f}s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "cost": cost, "probe_block": policy.layer,
+        args.json.write_text(json.dumps({"rows": rows, "cost": cost, "kl": kl, "probe_block": policy.layer,
                                          "policy": policy.summary(), "answers": answers}, indent=1, default=str))
 
 

@@ -86,7 +86,8 @@ def _tokenizer_fields(source: Path) -> list[tuple[str, object, object, object]]:
     if data[:4] != b"GGUF":
         raise ValueError(f"{source}: not a GGUF file")
     cur.pos = 8
-    _n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    cur.unpack("<Q")  # tensor count
+    n_kv = cur.unpack("<Q")
     out = []
     for _ in range(n_kv):
         key, vtype = cur.string(), cur.unpack("<I")

@@ -121,7 +121,7 @@ def test_dense_vector_on_moe_model_is_one_clear_line(runner, smollm2_path, tmp_p
     runner.clear_vectors()
 
 
-def test_moe_vector_on_dense_model_is_refused(smollm2_path):
+def test_moe_vector_on_dense_model_is_refused():
     from rs_local.converters.moe_arch import vector_arch_problem
 
     assert "Mixture-of-Experts model ('qwen3_moe')" in vector_arch_problem("qwen3_moe", "llama", 0)

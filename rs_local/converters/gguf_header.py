@@ -63,7 +63,8 @@ def gguf_scalars(path: str | Path) -> dict[str, Any]:
         version = r.unpack("<I")
         if version < 2:
             raise ModelError(f"{path}: GGUF version {version} is too old")
-        _n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        r.unpack("<Q")  # tensor count: not needed
+        n_kv = r.unpack("<Q")
         if n_kv > _MAX_KV:
             raise ModelError(f"{path}: GGUF header claims {n_kv} metadata entries")
         for _ in range(n_kv):

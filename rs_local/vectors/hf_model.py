@@ -110,7 +110,10 @@ def _gguf_overrides(path: Path) -> dict[str, Any]:
     from rs_local.converters.gguf_header import gguf_scalars
     from rs_local.converters.moe_arch import transformers_overrides
 
-    return transformers_overrides(gguf_scalars(path))
+    try:
+        return transformers_overrides(gguf_scalars(path))
+    except ModelError:
+        return {}  # unreadable header: Transformers' own load reports it
 
 
 def _import_transformers():

@@ -148,3 +148,18 @@ def test_experts_report(tiny_moe, sets, tmp_path, smollm2_path):
 
     dense = invoke(["experts", "-m", str(smollm2_path), "-r", str(sets["refused"]), "-a", str(sets["answered"])], tmp_path)
     assert dense.exit_code == 1 and "dense model" in dense.output and len(dense.output.strip().splitlines()) == 1
+
+
+def test_cohen_d_and_header_reader(tiny_moe, tmp_path):
+    from rs_local.converters.gguf_header import gguf_scalars
+    from rs_local.errors import ModelError
+    from rs_local.vectors.experts import cohen_d
+
+    a, b = np.array([[1.0, 5.0], [3.0, 5.0]]), np.array([[0.0, 5.0], [2.0, 5.0]])
+    np.testing.assert_allclose(cohen_d(a, b), [1.0 / np.sqrt(2.0), 0.0])  # constant expert: 0, not inf
+    meta = gguf_scalars(tiny_moe)
+    assert meta["qwen3moe.expert_feed_forward_length"] == SPEC.n_ff_exp and meta["qwen3moe.expert_count"] == SPEC.n_expert
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_moe.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="cut.gguf: GGUF header is truncated"):
+        gguf_scalars(cut)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
@@ -34,7 +36,6 @@ from rs_local.vectors.control_vector import ControlVector
 
 #: Logit rows per prompt returned by :meth:`BatchEngine.forced_logprobs` callbacks.
 Rows = np.ndarray
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -90,6 +91,14 @@ class BatchEngine(OwnedContext):
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
+    @property
+    def model_path(self) -> Path:
+        return self.runner.path
+
+    @property
+    def n_layer(self) -> int:
+        return self.runner.n_layer
+
     # -- vectors -------------------------------------------------------------------------
 
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
@@ -141,25 +150,26 @@ class BatchEngine(OwnedContext):
             raise RsLocalError(f"a prompt is {len(tokens)} tokens; one batch slot holds {self.seq_ctx}")
         return tokens
 
-    def _prefill(self, items: list[tuple[int, list[int]]]) -> dict[int, np.ndarray]:
-        """Evaluate whole prompts (seq id, tokens), several per decode; last-token logits per seq.
+    def _prefill(self, items: list[tuple[int, list[int], int]]) -> dict[int, np.ndarray]:
+        """Evaluate runs of tokens (seq id, tokens, first position), several per decode; logits of each run's last token.
 
-        A prompt longer than the free room in the batch is split across decodes; only its
-        last token asks for logits.
+        One call carries both new prompts and the next token of every running sequence, so
+        admitting a prompt never costs the running ones a pass of their own. A run longer than
+        the free room in the batch is split across decodes; only its last token asks for logits.
         """
         out: dict[int, np.ndarray] = {}
         wanted: list[tuple[int, int]] = []
         self._reset_batch()
-        for seq, tokens in items:
-            for pos, tok in enumerate(tokens):
+        for seq, tokens, start in items:
+            for k, tok in enumerate(tokens):
                 if self._batch.n_tokens >= self.n_batch:
                     self._decode()
                     for s, idx in wanted:
                         out[s] = self._logits(idx)
                     wanted = []
                     self._reset_batch()
-                last = pos == len(tokens) - 1
-                idx = self._add(tok, pos, seq, last)
+                last = k == len(tokens) - 1
+                idx = self._add(tok, start + k, seq, last)
                 if last:
                     wanted.append((seq, idx))
         self._decode()
@@ -202,9 +212,13 @@ class BatchEngine(OwnedContext):
                              codecs.getincrementaldecoder("utf-8")(errors="replace"), budget)
                 running[seq] = slot
                 admitted.append(slot)
-            logits = self._prefill([(s.seq, tokens[s.index]) for s in admitted]) if admitted else {}
-            if running and not admitted:
-                logits = self._step(list(running.values()))
+            # one decode: the running sequences' next tokens and the new prompts together
+            stepping = [s for s in running.values() if s.pending is not None]
+            items = [(s.seq, [int(s.pending)], s.pos) for s in stepping]
+            items += [(s.seq, tokens[s.index], 0) for s in admitted]
+            for s in stepping:
+                s.pos += 1
+            logits = self._prefill(items)
             for seq, row in logits.items():
                 slot = running[seq]
                 if self._advance(slot, row):
@@ -213,20 +227,8 @@ class BatchEngine(OwnedContext):
                     self._free_seq(seq)
                     free.append(seq)
                     if progress:
-                        progress(1)
+                        progress(n - len(queue) - len(running), n)
         return [r if r is not None else Generation() for r in results]
-
-    def _step(self, slots: list[_Slot]) -> dict[int, np.ndarray]:
-        """Feed each running sequence its last sampled token; logits per sequence."""
-        self._reset_batch()
-        where = {}
-        for s in slots:
-            where[s.seq] = self._add(int(s.pending), s.pos, s.seq, True)
-            s.pos += 1
-        self._decode()
-        out = {seq: self._logits(i) for seq, i in where.items()}
-        self._reset_batch()
-        return out
 
     def _advance(self, slot: _Slot, logits: np.ndarray) -> bool:
         """Sample the next token of one sequence; True when it has finished."""
@@ -287,7 +289,7 @@ class BatchEngine(OwnedContext):
                 order.pop(0)
             self._forced_group(group, results, reduce)
             if progress:
-                progress(len(group))
+                progress(len(prompts) - len(order), len(prompts))
         return results
 
     def _forced_group(self, group, results, reduce) -> None:

@@ -136,6 +136,21 @@ def test_block_reader_rows_depend_on_the_text_and_reuse_the_prefix(smol_runner):
         BlockReader(smol_runner, [smol_runner.n_layer])
 
 
+def test_block_reader_stops_the_graph_after_its_last_block(smol_runner):
+    """A reader stops llama.cpp's graph after its last wanted block. That must not change the
+    rows (compared with a reader that goes on to the final block), also when the next text
+    reuses the cached prefix whose later blocks were never computed."""
+    from rs_local.runtime.activations import BlockReader
+
+    chats = [[{"role": "user", "content": f"Name three {thing} in Europe."}] for thing in ("rivers", "rivals")]
+    last = smol_runner.n_layer - 1
+    with BlockReader(smol_runner, [5]) as early, BlockReader(smol_runner, [5, last]) as full:
+        for chat in chats:
+            row_early, rows_full = early.read(chat)[5], full.read(chat)
+            assert np.allclose(row_early, rows_full[5], atol=1e-4)
+            assert np.linalg.norm(rows_full[last] - rows_full[5]) > 1e-3
+
+
 def test_trained_probe_separates_clear_cases(smol_runner, tmp_path):
     rows = _labelled()
     pf = train_probe(smol_runner, rows, blocks=[8, 16])

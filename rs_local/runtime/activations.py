@@ -12,6 +12,12 @@ logits, which is the last token's row too.)
 The reader owns its own context on the Runner's model (callbacks are fixed at context
 creation) and keeps the tokens of the previous text in its KV cache, so texts that share a
 prefix — a judge instruction, a chat template's system part — only evaluate what differs.
+
+Nothing after the last wanted block is needed (no text is generated from this context), so
+once that block's output is read the callback returns false, which tells ggml's scheduler to
+skip the rest of the graph: the later blocks and the output head (on Qwen2.5-0.5B, a probe on
+block 14 of 24 leaves out ~40% of the blocks and the 136M-parameter vocabulary projection).
+Their KV cache is never filled, which is harmless because this context never reads it.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class BlockReader(OwnedContext):
         if bad:
             raise RsLocalError(f"blocks {bad} are outside 0-{runner.n_layer - 1} for this model")
         self._names = {f"l_out-{x}".encode(): x for x in self.layers}
+        self._last_layer = self.layers[-1] if self.layers else -1
         self.n_embd = runner.n_embd
         self._rows: dict[int, np.ndarray] = {}
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive here
@@ -103,7 +110,7 @@ class BlockReader(OwnedContext):
         offset = (rows - 1) * self.n_embd * 4
         self._ggml.ggml_backend_tensor_get(tensor, row.ctypes.data, offset, self.n_embd * 4)
         self._rows[layer] = row
-        return True
+        return layer != self._last_layer  # false: stop the graph, nothing later is needed
 
     def read_tokens(self, tokens: Sequence[int]) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows."""

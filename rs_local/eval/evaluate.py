@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Say
 from rs_local.errors import RsLocalError
 from rs_local.eval import metrics
 from rs_local.eval.baseline_cache import EvalCache, digest, model_key
 from rs_local.eval.engines import make_engine
 from rs_local.eval.prompt_sets import PromptSet
+from rs_local.runtime.engine import Engine
 from rs_local.runtime.runner import Generation, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
 
-Say = Callable[[str], None]
+if TYPE_CHECKING:  # the judge package is imported lazily (HTTP and llama.cpp backends)
+    from rs_local.judge.backends import Judge
+
 DEFAULT_KL_SET = "harmless"
 _UNSET = object()
 
@@ -136,16 +140,19 @@ class Evaluator:
     """Evaluates a vector on prompt sets at any scale; holds the model, judges and caches.
 
     ``judge`` is any rs_local.judge backend (``judge(prompt, answer) -> Verdict``); None or
-    the keyword judge means refusal is decided by keywords alone.
+    the keyword judge means refusal is decided by keywords alone. The model runs through an
+    :class:`Engine` made from ``runner`` and the settings (and closed with the evaluator), or
+    through ``engine`` when one is given (it stays the caller's; ``runner`` may then be None).
     """
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | None,
         sets: Sequence[PromptSet],
         *,
+        engine: Engine | None = None,
         vector: ControlVector | None = None,
-        judge: Any = None,
+        judge: Judge | None = None,
         settings: EvalSettings | None = None,
         cache: EvalCache | None = None,
         say: Say | None = None,
@@ -165,17 +172,21 @@ class Evaluator:
         self.judge = judge if judge is not None else self.keywords
         self.cache = cache if cache is not None else EvalCache(None)
         self.say = say or (lambda _m: None)
-        self.engine = make_engine(runner, self.settings.batch, self.settings.seq_ctx)
-        self._model_key = model_key(runner.path)
+        if engine is None and runner is None:
+            raise RsLocalError("an evaluator needs a runner or an engine")
+        self._owns_engine = engine is None
+        self.engine: Engine = engine if engine is not None else make_engine(runner, self.settings.batch, self.settings.seq_ctx)
+        self._model_key = model_key(self.engine.model_path)
         self._judge_key = self.judge.describe()
         self._applied: Any = _UNSET
         self.seconds_generating = 0.0
 
     def close(self) -> None:
-        """Leave the Runner as it was found (no vector) and free the batch context."""
-        self.runner.clear_vectors()
+        """Leave the model as it was found (no vector) and free the batch context (if ours)."""
+        self.engine.set_vectors([])
         self._applied = _UNSET
-        self.engine.close()
+        if self._owns_engine:
+            self.engine.close()
 
     # -- steering state ------------------------------------------------------------------
 
@@ -198,7 +209,7 @@ class Evaluator:
         """None for the plain model; otherwise what makes the steered model what it is."""
         if scale == 0 or self.vector is None:
             return None
-        buf = np.ascontiguousarray(self.vector.to_buffer(self.runner.n_layer), dtype=np.float32)
+        buf = np.ascontiguousarray(self.vector.to_buffer(self.engine.n_layer), dtype=np.float32)
         return {"vector": digest(buf.tobytes().hex()), "scale": float(scale), "layers": list(layers) if layers else None}
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
@@ -341,30 +352,34 @@ def _point_line(pt: EvalPoint) -> str:
 
 
 def evaluate(
-    runner: Runner,
+    runner: Runner | None,
     sets: Sequence[PromptSet],
     scales: Sequence[float],
     *,
+    engine: Engine | None = None,
     vector: ControlVector | None = None,
     layers: tuple[int, int] | None = None,
-    judge: Any = None,
+    judge: Judge | None = None,
     settings: EvalSettings | None = None,
     cache: EvalCache | None = None,
     say: Say | None = None,
     meta: dict[str, Any] | None = None,
 ) -> EvalReport:
-    """Evaluate ``vector`` at every scale (0, the plain model, is always included first)."""
+    """Evaluate ``vector`` at every scale (0, the plain model, is always included first).
+
+    The model runs on ``runner`` (an engine made for it) or on ``engine`` (see :class:`Evaluator`).
+    """
     scales = [float(s) for s in scales]
     if any(s != 0 for s in scales) and vector is None:
         raise RsLocalError("a non-zero scale needs a vector")
     ordered = [0.0] + [s for s in dict.fromkeys(scales) if s != 0]
-    ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
+    ev = Evaluator(runner, sets, engine=engine, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:
         points = [ev.point(s, layers if s != 0 else None) for s in ordered]
     finally:
         ev.close()
     info = {
-        "model": runner.path.name,
+        "model": ev.engine.model_path.name,
         "model_key": ev._model_key,
         "judge": ev._judge_key,
         "engine": ev.engine.kind,

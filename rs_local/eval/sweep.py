@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # evaluate.py imports this module's results lazily; no cycle at run time
+    from rs_local.eval.evaluate import Evaluator
 
 Band = tuple[int, int] | None
 
@@ -214,7 +217,7 @@ def _band_label(band: Band) -> str:
 # ----------------------------------------------------------------------------- with the model
 
 
-def evaluator_objective(evaluator, target: str, keep: Sequence[str], max_kl: float | None, keep_frac: float,
+def evaluator_objective(evaluator: Evaluator, target: str, keep: Sequence[str], max_kl: float | None, keep_frac: float,
                         full: bool = False) -> Callable[[float, Band], SweepPoint]:
     """``evaluate(scale, band)`` over an :class:`Evaluator`, cheapest check first.
 

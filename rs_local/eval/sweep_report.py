@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rs_local.eval.evaluate import EvalReport
+from rs_local.eval.evaluate import EvalReport, Evaluator
 from rs_local.eval.report import ANSWERS, PLOT, point_dict, prepare_dir, write_atomic
 from rs_local.eval.sweep import SweepPoint, SweepResult
 from rs_local.files import dumps
@@ -37,7 +37,7 @@ def sweep_dict(result: SweepResult, target: str, meta: dict[str, Any] | None = N
     }
 
 
-def write_sweep(result: SweepResult, evaluator, target: str, out: str | Path, force: bool = False, plot: bool = True) -> dict[str, Path]:
+def write_sweep(result: SweepResult, evaluator: Evaluator, target: str, out: str | Path, force: bool = False, plot: bool = True) -> dict[str, Path]:
     """sweep.json, answers.jsonl (every generated answer) and the plot of the chosen band."""
     out = prepare_dir(out, force)
     paths: dict[str, Path] = {}
@@ -49,10 +49,10 @@ def write_sweep(result: SweepResult, evaluator, target: str, out: str | Path, fo
     if plot and len(shown) > 1:
         from rs_local.eval.plot import plot_report
 
-        report = EvalReport(shown, evaluator.settings, {"model": evaluator.runner.path.name})
-        title = f"sweep on {evaluator.runner.path.name}" + (f", blocks {band[0]}-{band[1]}" if band else "")
+        report = EvalReport(shown, evaluator.settings, {"model": evaluator.engine.model_path.name})
+        title = f"sweep on {evaluator.engine.model_path.name}" + (f", blocks {band[0]}-{band[1]}" if band else "")
         paths["plot"] = plot_report(report, out / PLOT, title=title)
-    meta = {"model": evaluator.runner.path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
+    meta = {"model": evaluator.engine.model_path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
             "sets": {n: len(s) for n, s in evaluator.sets.items()}}
     paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")
     return paths

@@ -11,13 +11,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem
 from rs_local.judge.jsonl import data_rows
 from rs_local.judge.rubric import REFUSAL_TYPES
 
-Progress = Callable[[int, int], None]
 DIRECT = "direct refusal"
 
 

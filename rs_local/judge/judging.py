@@ -23,8 +23,9 @@ import hashlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
+from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem
 from rs_local.files import atomic_write_text, check_output_path, dumps, iter_jsonl, read_text
 from rs_local.judge.jsonl import HEADER_KEY, AppendLog, data_rows, is_header, starts_with_header
@@ -34,7 +35,6 @@ from rs_local.judge.scores import DEFAULT_COMPLIED_BELOW, DEFAULT_REFUSED_ABOVE,
 
 VERDICTS_KIND = "verdicts"
 ANSWER_FIELDS = ("response", "answer", "output", "completion")
-Progress = Callable[[int, int], None]
 
 
 def default_verdicts_path(scores_path: str | Path) -> Path:

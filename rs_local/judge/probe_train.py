@@ -8,16 +8,16 @@ the penalty and the threshold, and the probe is refitted on all train rows. Rows
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.judge.judge_eval import LabelledAnswer
 from rs_local.judge.probe import ProbeFile, judge_messages
 from rs_local.judge.probe_fit import cross_validate, fit_probe
 
-Progress = Callable[[int, int], None]
 
 
 def candidate_blocks(n_layer: int) -> list[int]:

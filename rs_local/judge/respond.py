@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
+from rs_local.callbacks import Progress
 from rs_local.judge.jsonl import AppendLog
 from rs_local.prompts import prompts_hash
 from rs_local.runtime.sampling import SamplingParams
 
 RESPONSES_KIND = "responses"
-Progress = Callable[[int, int], None]
 
 
 def prompt_id(prompt: str) -> str:

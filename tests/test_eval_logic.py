@@ -1,0 +1,103 @@
+"""Evaluator, sweep and baseline-cache logic on a deterministic engine (no model loaded).
+
+The engine (tests/fake_engine.py) refuses a ``[T]``-tagged prompt while the steering is above
+``T``, so every rate below is known in advance. The model file only names the model in cache
+keys (the real SmolLM2 GGUF, whose identity is its published sha256; it is never loaded).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from fake_engine import FakeEngine, tagged
+from rs_local.eval.baseline_cache import EvalCache
+from rs_local.eval.engines import SequentialEngine
+from rs_local.eval.evaluate import EvalSettings, Evaluator, evaluate
+from rs_local.eval.prompt_sets import PromptSet
+from rs_local.eval.sweep import evaluator_objective, search_scale
+from rs_local.runtime.batched import BatchEngine
+from rs_local.runtime.engine import Engine
+from rs_local.vectors.control_vector import ControlVector
+
+TARGET = PromptSet("target", [tagged(-0.5, "t1"), tagged(-1.5, "t2"), tagged(-3.0, "t3"), tagged(-3.5, "t4")])
+KEEP = PromptSet("keep", [tagged(-2.2, "k1"), tagged(-5, "k2"), tagged(-5, "k3"), tagged(-5, "k4")])
+HARMLESS = PromptSet("harmless", ["h1", "h2", "h3"])
+SETTINGS = EvalSettings(max_tokens=16, kl_tokens=4, batch=1)
+
+
+def vector(seed: int = 0) -> ControlVector:
+    rng = np.random.default_rng(seed)
+    return ControlVector({layer: rng.normal(size=576).astype(np.float32) for layer in range(8, 12)}, "llama")
+
+
+@pytest.fixture
+def engine(smollm2_path):
+    return FakeEngine(smollm2_path)
+
+
+def test_both_engines_and_the_fake_have_the_protocols_calls(engine):
+    assert isinstance(engine, Engine)
+    for name in ("set_vectors", "generate_many", "forced_logprobs", "close"):
+        want = list(inspect.signature(getattr(Engine, name)).parameters)
+        for cls in (SequentialEngine, BatchEngine, FakeEngine):
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
+    for cls in (SequentialEngine, BatchEngine):
+        assert isinstance(cls.model_path, property) and isinstance(cls.n_layer, property), cls.__name__
+
+
+def test_rates_and_kl_follow_the_steering(engine):
+    report = evaluate(None, [TARGET, KEEP, HARMLESS], [-2.0, -0.5], engine=engine, vector=vector(),
+                      settings=SETTINGS, cache=EvalCache(None))
+    plain, strong, weak = report.points  # scale 0 is added first
+    assert plain.scale == 0 and plain.rate("target") == 1.0 and plain.rate("keep") == 1.0
+    assert plain.kl == pytest.approx(0.0, abs=1e-9)
+    assert weak.rate("target") == 0.75 and strong.rate("target") == 0.5 and strong.rate("keep") == 1.0
+    assert 0 < weak.kl < strong.kl
+    assert report.meta["model"] == engine.model_path.name and report.meta["engine"] == "fake"
+    # the engine is the caller's: left without steering, not closed
+    assert engine.steering == 0.0 and not engine.closed
+
+
+def test_baseline_cache_is_reused_and_a_new_vector_is_not_served_old_answers(tmp_path, smollm2_path):
+    sets = [TARGET, HARMLESS]
+    n_prompts = len(TARGET) + len(HARMLESS)
+    first = FakeEngine(smollm2_path)
+    evaluate(None, sets, [-1.0], engine=first, vector=vector(0), settings=SETTINGS, cache=EvalCache(tmp_path))
+    assert len(first.generated) == 2 * n_prompts  # plain and steered
+    again = FakeEngine(smollm2_path)
+    evaluate(None, sets, [-1.0], engine=again, vector=vector(0), settings=SETTINGS, cache=EvalCache(tmp_path))
+    assert again.generated == []  # every answer came from the cache
+    other = FakeEngine(smollm2_path)
+    report = evaluate(None, sets, [-1.0], engine=other, vector=vector(1), settings=SETTINGS, cache=EvalCache(tmp_path))
+    assert len(other.generated) == n_prompts  # the plain answers are shared, the steered ones are new
+    steered = [a.answer for a in report.points[1].answers if not a.refusal]
+    assert steered and all(other.vector_digest in a for a in steered)
+
+
+def test_sweep_picks_the_gentlest_scale_with_the_lowest_target_rate_within_the_keep_floor(engine):
+    ev = Evaluator(None, [TARGET, KEEP], engine=engine, vector=vector(), settings=SETTINGS, cache=EvalCache(None))
+    objective = evaluator_objective(ev, "target", ["keep"], max_kl=None, keep_frac=0.9)
+    result = search_scale(objective, max_kl=None, keep_frac=0.9, step=0.5, max_abs=4.0, refine=3)
+    # keep k1 stops being refused at -2.2 (3/4 < 0.9 of the baseline); target is 50% from -1.5 to there
+    assert result.chosen is not None and result.chosen.scale == -1.5 and result.chosen.target == 0.5
+    broken = {p.scale: p for p in result.points if not p.feasible}
+    assert -2.5 in broken and "keep refusal 75%" in broken[-2.5].reason
+    assert all(p.scale > -2.2 for p in result.points if p.feasible)
+
+
+def test_sweep_stops_at_the_kl_limit_and_skips_generation_there(engine):
+    ev = Evaluator(None, [TARGET, KEEP, HARMLESS], engine=engine, vector=vector(), settings=SETTINGS, cache=EvalCache(None))
+    limit = float(np.mean(ev.kl(-1.0))) * 1.01  # -1.0 is allowed, anything stronger is not
+    objective = evaluator_objective(ev, "target", ["keep"], max_kl=limit, keep_frac=0.9)
+    result = search_scale(objective, max_kl=limit, keep_frac=0.9, step=0.5, max_abs=4.0, refine=0)
+    by_scale = {p.scale: p for p in result.points}
+    assert by_scale[-1.0].feasible and not by_scale[-1.5].feasible and "KL" in by_scale[-1.5].reason
+    # -0.5 and -1.0 both leave 75% of the target refused: the tie goes to the lower KL
+    assert result.chosen.scale == -0.5 and result.chosen.target == by_scale[-1.0].target == 0.75
+    over = [p for p in result.points if p.kl is not None and p.kl > limit]
+    assert over and all(not p.feasible and p.target is None for p in over)
+    answered_at = {steering for _q, steering in engine.generated}
+    assert answered_at and not answered_at & {p.scale for p in over}  # KL first: nothing generated there

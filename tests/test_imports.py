@@ -22,7 +22,7 @@ from rs_local.vectors import ControlVector
 
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("torch", "transformers")
-TORCH_FREE_PACKAGES = ("runtime", "eval", "judge", "files", "converters")
+TORCH_FREE_PACKAGES = ("runtime", "eval", "judge", "files", "converters", "serve")
 CHAT_PATH = ("rs_local.cli.main", "rs_local.cli.run_cmd", "rs_local.cli.options")
 # what torch-free code may not import, even lazily: torch itself and rs-local's torch side
 FORBIDDEN_TARGETS = FORBIDDEN + ("rs_local.vectors.fit", "rs_local.vectors.capture", "rs_local.vectors.hf_model",

@@ -1,6 +1,6 @@
 """Direction-fitting methods: pure numpy functions on one layer's activations.
 
-Notation follows DESIGN.md: ``pos`` are the refused (R) activations, ``neg`` the complied (C)
+Notation: ``pos`` are the refused (R) activations, ``neg`` the complied (C)
 ones, each ``[n, d]``; weights are the judge's ``|c_i|``. Every method returns a direction
 ``[d]`` oriented so that positives project higher than negatives (adding it pushes toward
 refusal; a negative scale removes refusal). Magnitudes are not meaningful here: the export

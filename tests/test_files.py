@@ -318,7 +318,7 @@ def test_atomic_output_mode_cleanup_and_errors_name_the_target(tmp_path):
 
 
 def test_safetensors_and_npz_follow_the_umask(tmp_path):
-    from rs_local.converters.formats import save_npz, save_safetensors
+    from rs_local.converters import save_npz, save_safetensors
 
     cv = ControlVector({1: np.ones(4)}, "llama")
     old = os.umask(0o022)

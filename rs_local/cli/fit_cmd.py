@@ -198,7 +198,8 @@ def _write_plots(result, plot: Path) -> None:
     import numpy as np
 
     from rs_local.vectors.fit import concat_raw
-    from rs_local.vectors.layers import best_layer, plot_layer_table, plot_scatter
+    from rs_local.vectors.layers import best_layer
+    from rs_local.vectors.layers_plot import plot_layer_table, plot_scatter
 
     plot_layer_table(result.table, plot, title=f"{result.vector.metadata.get('method')}: per-layer signal")
     pos, neg = concat_raw(result.positive), concat_raw(result.negative)
@@ -228,7 +229,7 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
                    f"model {meta.get('model', '?')}, position {meta.get('position', '?')}"))
     out.print(layer_table(rows))
     if plot is not None:
-        from rs_local.vectors.layers import plot_layer_table
+        from rs_local.vectors.layers_plot import plot_layer_table
 
         check_output(plot, force)
         plot_layer_table(rows, plot, title=f"{file.name}: per-layer signal")

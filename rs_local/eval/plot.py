@@ -10,25 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rs_local.errors import RsLocalError
 from rs_local.eval.evaluate import EvalReport
-from rs_local.files import atomic_output
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RsLocalError("plots need matplotlib: pip install 'rs-local[plot]'") from exc
-    return plt
+from rs_local.files.figures import pyplot, save_png
 
 
 def plot_report(report: EvalReport, path: str | Path, title: str | None = None) -> Path:
     """Save the refusal-vs-scale plot as PNG at ``path`` (atomically)."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     points = sorted(report.points, key=lambda p: p.scale)
     xs = [p.scale for p in points]
@@ -60,10 +48,4 @@ def plot_report(report: EvalReport, path: str | Path, title: str | None = None) 
     if len(set(xs)) > 1:
         ax.set_xlim(min(xs) - 0.05 * (max(xs) - min(xs)), max(xs) + 0.05 * (max(xs) - min(xs)))
     ax.set_title(title or str(report.meta.get("model", "refusal vs scale")), fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_output(path, force=True) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, plt, path)

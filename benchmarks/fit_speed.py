@@ -50,7 +50,7 @@ def phase_ours(fm, prompts: list[str], batch_size: int) -> float:
     from rs_local.vectors.capture import capture
 
     start = time.perf_counter()
-    acts = capture(fm, prompts, batch_size=batch_size, cache=False, quiet=True)
+    acts = capture(fm, prompts, batch_size=batch_size, cache=False)
     assert acts.raw.shape[0] == len(prompts)
     return time.perf_counter() - start
 

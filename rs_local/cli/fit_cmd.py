@@ -8,9 +8,9 @@ together and prints with rich. Torch/Transformers are imported only when ``fit``
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import click
 from rich.console import Console
@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local import models
+from rs_local.callbacks import Progress
 from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
 from rs_local.errors import VectorFileError
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
@@ -167,7 +168,7 @@ def fit(**kw: Any) -> None:
     opts = FitOptions(
         method=kw["method"], lam=_lambda(kw["lam"]), layers=kw["layers"], position=kw["position"].replace("-", "_"),
         holdout=kw["holdout"], seed=kw["seed"], batch_size=kw["batch_size"], system=kw["system"],
-        orthogonalize_to=_ortho(kw["orthogonalize_to"]), cache=not kw["no_cache"], quiet=kw["quiet"],
+        orthogonalize_to=_ortho(kw["orthogonalize_to"]), cache=not kw["no_cache"],
     )
     say = (lambda _m: None) if kw["quiet"] else (lambda m: err.print(Text(m, style="dim")))
     if kw["method"] == "wrmd" and sets["pos_s"] is None:
@@ -179,7 +180,9 @@ def fit(**kw: Any) -> None:
         from rs_local.vectors.hf_model import load_model
 
         fm = load_model(kw["model"], dtype=kw["dtype"], progress=say)
-    result = fit_vector(fm, sets["pos"], sets["neg"], pos_scores=sets["pos_s"], neg_scores=sets["neg_s"], options=opts, provenance=provenance, say=say)
+    with _capture_bar(kw["quiet"]) as progress:
+        result = fit_vector(fm, sets["pos"], sets["neg"], pos_scores=sets["pos_s"], neg_scores=sets["neg_s"], options=opts,
+                            provenance=provenance, say=say, progress=progress)
     write_control_vector(result.vector, kw["output"], force=kw["force"])
     if kw["plot"] is not None:
         _write_plots(result, kw["plot"])
@@ -188,6 +191,36 @@ def fit(**kw: Any) -> None:
     lam = f", lambda {result.lam:g}" if result.lam is not None else ""
     click.echo(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {_band_text(result.layers)}, "
                f"{len(sets['pos'])} vs {len(sets['neg'])} prompts (apply with a negative scale to remove refusal)")
+
+
+@contextmanager
+def _capture_bar(quiet: bool) -> Iterator[Progress | None]:
+    """A bar for the prompts going through the model (prompts/s), restarted for each captured set."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    class Rate(ProgressColumn):
+        def render(self, task):  # noqa: D102 - rich API
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} prompts/s" if speed else "- prompts/s")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn())
+    with Bar(*columns, console=err) as bar:
+        task = bar.add_task("capturing", total=None)
+        last = 0
+
+        def update(done: int, total: int) -> None:
+            nonlocal last
+            if done < last:  # the next set started
+                bar.reset(task, total=total, completed=done)
+            else:
+                bar.update(task, completed=done, total=total)
+            last = done
+
+        yield update
 
 
 def _scatter_path(plot: Path) -> Path:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem
 from rs_local.files import atomic_output
 from rs_local.prompts import prompts_hash
@@ -246,19 +247,6 @@ def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position
     return out.numpy()
 
 
-def _progress(quiet: bool):
-    """A rich progress bar that shows prompts/s (disabled entirely when quiet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task):  # noqa: D102 - rich API
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} prompts/s" if speed else "- prompts/s")
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(), disable=quiet)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -274,14 +262,14 @@ def capture(
     weights: Sequence[float] | None = None,
     with_cov: bool = True,
     cache: bool | str | Path = False,
-    quiet: bool = True,
-    label: str = "capturing",
+    progress: Progress | None = None,
 ) -> Activations:
     """Activations after every block for ``prompts`` (llama.cpp block indices).
 
     ``keep_raw=None`` keeps raw arrays when they fit in :data:`RAW_BUDGET_BYTES`; ``moments``
     also accumulates streaming statistics (weighted by ``weights``; covariance if
-    ``with_cov``). ``cache`` is False, True (rs-local home) or a directory.
+    ``with_cov``). ``cache`` is False, True (rs-local home) or a directory. ``progress(done, n)``
+    follows the prompts through the model (a CLI draws the bar; nothing is printed here).
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position '{position}' (choose from {', '.join(POSITIONS)})")
@@ -300,28 +288,27 @@ def capture(
         loaded = _load_cached(cache_file)
         if loaded is not None:
             return loaded
-    acts = _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, quiet, label)
+    acts = _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress)
     if cache_file is not None:
         _save_cached(cache_file, acts)
     return acts
 
 
-def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, quiet, label) -> Activations:
+def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress) -> Activations:
     n, L, d = len(prompts), fm.n_layer, fm.n_embd
     ids, n_suffix = tokenize(fm, prompts, system)
     raw = np.empty((n, L, d), dtype=np.float32) if keep_raw else None
     stats = StreamingMoments(L, d, with_cov=with_cov) if moments else None
-    progress = _progress(quiet)
-    start = time.perf_counter()
-    with progress:
-        task = progress.add_task(label, total=n)
-        for idx in _batches([len(x) for x in ids], max(1, batch_size)):
-            out = _run_batch(fm, [ids[i] for i in idx], [n_suffix[i] for i in idx], position)
-            if raw is not None:
-                raw[idx] = out
-            if stats is not None:
-                stats.update(out, None if w is None else w[idx])
-            progress.advance(task, len(idx))
+    start, done = time.perf_counter(), 0
+    for idx in _batches([len(x) for x in ids], max(1, batch_size)):
+        out = _run_batch(fm, [ids[i] for i in idx], [n_suffix[i] for i in idx], position)
+        if raw is not None:
+            raw[idx] = out
+        if stats is not None:
+            stats.update(out, None if w is None else w[idx])
+        done += len(idx)
+        if progress:
+            progress(done, n)
     seconds = time.perf_counter() - start
     return Activations(n, L, d, position, raw, stats, n_tokens=sum(len(x) for x in ids), seconds=seconds)
 

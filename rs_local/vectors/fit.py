@@ -48,10 +48,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from rs_local.callbacks import Progress, Say
 from rs_local.errors import RsLocalError, VectorFileError
 from rs_local.vectors import methods as M
 from rs_local.vectors.capture import Activations, StreamingMoments, capture
@@ -64,9 +65,6 @@ MIN_COS = 0.1
 MAX_HOLDOUT = 256
 MIN_PER_SIDE = 2  # below this per split, evaluate in-sample
 TOP_SHARE = 1 / 3  # lambda=auto scores a lambda by its top third of blocks
-
-Say = Callable[[str], None]
-
 
 class FitOptionError(RsLocalError):
     """An option that cannot work with this model or these prompts (bad layers, lambda ...)."""
@@ -86,7 +84,6 @@ class FitOptions:
     system: str | None = None
     orthogonalize_to: ControlVector | None = None
     cache: Any = True  # False, True (rs-local home) or a directory
-    quiet: bool = True
 
     def check(self) -> None:
         if self.method not in M.METHODS:
@@ -139,7 +136,8 @@ def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _capture_set(
-    fm: FitModel, prompts: Sequence[str], scores, weighted: bool, opts: FitOptions, seed: int, label: str, with_cov: bool
+    fm: FitModel, prompts: Sequence[str], scores, weighted: bool, opts: FitOptions, seed: int, label: str, with_cov: bool,
+    watch: tuple[Say, Progress | None],
 ) -> SetData:
     """Capture one set split into train / held-out; WRMD weights are ``|c_i|`` (1 otherwise)."""
     tr, te = split_indices(len(prompts), opts.holdout, seed)
@@ -147,10 +145,11 @@ def _capture_set(
     if s is not None and len(s) != len(prompts):
         raise ValueError(f"{len(s)} scores for {len(prompts)} {label} prompts")
     w = np.abs(s) if (weighted and s is not None) else np.ones(len(prompts))
-    common = dict(position=opts.position, batch_size=opts.batch_size, system=opts.system, cache=opts.cache, quiet=opts.quiet)
+    common = dict(position=opts.position, batch_size=opts.batch_size, system=opts.system, cache=opts.cache, progress=watch[1])
+    watch[0](f"capturing {label} prompts: {len(tr)} to fit on, {len(te)} held out")
     # Raw when it fits in memory; otherwise capture() streams weighted moments instead.
-    train = capture(fm, [prompts[i] for i in tr], weights=w[tr], with_cov=with_cov, label=f"{label} (train)", **common)
-    test = capture(fm, [prompts[i] for i in te], keep_raw=True, label=f"{label} (held-out)", **common) if len(te) else None
+    train = capture(fm, [prompts[i] for i in tr], weights=w[tr], with_cov=with_cov, **common)
+    test = capture(fm, [prompts[i] for i in te], keep_raw=True, **common) if len(te) else None
     data = SetData(train, test, w[tr], w[te], None if s is None else s[tr], None if s is None else s[te])
     # With raw activations the covariance is never formed (methods work on the data itself).
     data.train_moments = train.moments if train.moments is not None else _moments_from_raw(train.raw, w[tr], False)
@@ -273,11 +272,13 @@ def fit_vector(
     dtype: str = "float32",
     provenance: dict[str, Any] | None = None,
     say: Say | None = None,
+    progress: Progress | None = None,
 ) -> FitResult:
     """Fit a refusal direction: ``positive`` (refused, R) versus ``negative`` (complied, C).
 
     ``pos_scores``/``neg_scores`` are the judge's refusal confidences c in [-1, 1]: WRMD
-    weights them by ``|c|`` and the layer table reports ``|r|`` with them.
+    weights them by ``|c|`` and the layer table reports ``|r|`` with them. ``say`` gets status
+    lines, ``progress(done, total)`` the prompts captured of each set (the CLI draws the bar).
     """
     opts = options or FitOptions()
     opts.check()
@@ -290,8 +291,8 @@ def fit_vector(
     ridge = opts.method in ("rmd", "wrmd")
     pca_cov = opts.method == "pca"
     weighted = opts.method == "wrmd"
-    pos = _capture_set(fm, positive, pos_scores, weighted, opts, opts.seed, "positive", pca_cov)
-    neg = _capture_set(fm, negative, neg_scores, weighted, opts, opts.seed + 1, "negative", ridge or pca_cov)
+    pos = _capture_set(fm, positive, pos_scores, weighted, opts, opts.seed, "positive", pca_cov, (say, progress))
+    neg = _capture_set(fm, negative, neg_scores, weighted, opts, opts.seed + 1, "negative", ridge or pca_cov, (say, progress))
     in_sample = pos.test is None or neg.test is None
     if in_sample:
         say("sets too small for a held-out split: layer statistics are in-sample (optimistic)")

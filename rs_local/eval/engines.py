@@ -10,33 +10,24 @@ produced by one are never served as the other's.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rs_local.callbacks import Progress
-from rs_local.runtime.engine import Engine
+from rs_local.runtime.engine import Engine, RunnerModel
 from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
 
 
-class SequentialEngine:
+class SequentialEngine(RunnerModel):
     """One prompt at a time through :class:`Runner` (exactly what the chat commands do)."""
 
     kind = "sequential"
 
     def __init__(self, runner: Runner):
         self.runner = runner
-
-    @property
-    def model_path(self) -> Path:
-        return self.runner.path
-
-    @property
-    def n_layer(self) -> int:
-        return self.runner.n_layer
 
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
         self.runner.set_vectors(parts, layer_range)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
+from rs_local.runtime.engine import RunnerModel
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.steer import push_vectors
@@ -52,7 +52,7 @@ class _Slot:
     pending: int | None = None  # token to feed at the next step
 
 
-class BatchEngine(OwnedContext):
+class BatchEngine(OwnedContext, RunnerModel):
     """Batched generation and teacher-forced scoring on a Runner's model.
 
     ``n_seq`` sequences share each decode; ``seq_ctx`` is the KV room of one sequence (prompt
@@ -90,14 +90,6 @@ class BatchEngine(OwnedContext):
             raise RsLocalError(f"llama.cpp could not create a {n_seq}-sequence context (try a smaller batch)")
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-
-    @property
-    def model_path(self) -> Path:
-        return self.runner.path
-
-    @property
-    def n_layer(self) -> int:
-        return self.runner.n_layer
 
     # -- vectors -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from rs_local.callbacks import Progress
-from rs_local.runtime.runner import Generation, Prompt
+from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
 
@@ -53,3 +53,17 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free what the engine owns (never the Runner it was given)."""
+
+
+class RunnerModel:
+    """For engines that drive a :class:`Runner`: the model they run is the Runner's."""
+
+    runner: Runner
+
+    @property
+    def model_path(self) -> Path:
+        return self.runner.path
+
+    @property
+    def n_layer(self) -> int:
+        return self.runner.n_layer

@@ -1,6 +1,7 @@
 """Conditional steering on held-out prompts: plain model vs the policy gate, side by side.
 
     python benchmarks/conditional_steering.py [--model qwen2.5-coder-0.5b] [--vector political=isolate.gguf]
+        [--vector borderline=isolate.gguf]
         [--remove-scale -1] [--refuse-scale 1] [--max-tokens 32] [--json out.json]
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
@@ -41,6 +42,7 @@ import numpy as np
 from rs_local import models
 from rs_local.errors import RsLocalError
 from rs_local.recipes.policy_fit import CategorySpec, fit_policy
+from rs_local.eval.metrics import degeneration
 from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.prompts import load_prompts
 from rs_local.runtime.batched import BatchEngine
@@ -85,6 +87,11 @@ def msgs(p: str) -> list[dict[str, str]]:
 
 def refused(texts: list[str]) -> list[bool]:
     return [find_refusal_phrase(t) is not None for t in texts]
+
+
+def degenerate(texts: list[str]) -> int:
+    """Answers that loop or are gibberish: a "removed" refusal that is nonsense is not an answer."""
+    return sum(degeneration(t) is not None for t in texts)
 
 
 def kl_along(runner: Runner, prompt: str, cont: list[int], parts: list) -> np.ndarray:
@@ -195,7 +202,8 @@ def main() -> None:
         acc = np.mean([d.category == name and d.gated for d in decisions[name]])
         steered = sum(d.action != "keep" for d in decisions[name])
         rows.append({"set": name, "n": len(prompts), "probe_accuracy": float(acc), "steered": steered,
-                     "refused_plain": int(sum(refused(plain))), "refused_gated": int(sum(refused(gated)))})
+                     "refused_plain": int(sum(refused(plain))), "refused_gated": int(sum(refused(gated))),
+                     "degenerate_plain": degenerate(plain), "degenerate_gated": degenerate(gated)})
         answers[name] = [{"prompt": p, **d.to_dict(), "answer_plain": a, "answer_gated": b}
                          for p, a, b, d in zip(test_sets[name], plain, gated, decisions[name])]
     engine.close()
@@ -204,11 +212,13 @@ def main() -> None:
     gate.close()
 
     print(f"\nheld-out prompts (never used in fitting), keyword judge, greedy, {args.max_tokens} tokens")
-    print(f"{'set':<10} {'action':<7} {'n':>3} {'probe acc':>9} {'steered':>7} {'refused plain':>14} {'refused gated':>14}")
+    print(f"{'set':<10} {'action':<7} {'n':>3} {'probe acc':>9} {'steered':>7} {'refused plain':>14} {'refused gated':>14}"
+          f" {'degenerate plain/gated':>23}")
     for r in rows:
         print(f"{r['set']:<10} {SETS[r['set']]:<7} {r['n']:>3} {r['probe_accuracy']:>9.0%} {r['steered']:>7} "
               f"{r['refused_plain']:>6}/{r['n']:<3} {r['refused_plain'] / r['n']:>4.0%} "
-              f"{r['refused_gated']:>6}/{r['n']:<3} {r['refused_gated'] / r['n']:>4.0%}")
+              f"{r['refused_gated']:>6}/{r['n']:<3} {r['refused_gated'] / r['n']:>4.0%} "
+              f"{r['degenerate_plain']:>15}/{r['degenerate_gated']}")
     print(f"KL(plain || gated) on {kl['kl_prompts']} held-out harmless prompts, first {KL_TOKENS} tokens: "
           f"{kl['kl_gated']:.4f} nats; political vector always on: {kl['kl_political_always_on']:.4f} nats")
     print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "

@@ -120,3 +120,12 @@ def test_judge_eval_reports_agreement_and_confusion(tmp_path):
     bad.write_text('{"prompt": "a", "response": "b", "refusal": "yes"}\n')
     res = CliRunner().invoke(cli, ["judge-eval", str(bad), "--judge", "keywords"])
     assert res.exit_code == 1 and "line 1: 'refusal' must be true or false" in res.output
+
+
+def test_help_names_each_commands_default_judge():
+    """`judge`, `eval` and `sweep` default to the probe judge; `isolate` to keywords (its recipe's
+    target was tuned on them): the help must say which, per command."""
+    for command, default in (("judge", "probe"), ("eval", "probe"), ("sweep", "probe"), ("isolate", "keywords")):
+        out = CliRunner().invoke(cli, [command, "--help"], terminal_width=400)
+        assert out.exit_code == 0, out.output
+        assert f"Default here: {default}" in " ".join(out.output.split()), command

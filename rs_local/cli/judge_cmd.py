@@ -48,13 +48,17 @@ def row_progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def judge_options(f: Callable) -> Callable:
-    """The options that choose and tune the judge (shared by `judge` and `judge-eval`)."""
+def judge_options(f: Callable | None = None, *, default: str = "probe") -> Callable:
+    """The options that choose and tune the judge (shared by `judge`, `judge-eval`, `eval`,
+    `sweep` and `isolate`); ``default`` only names, in the help, what the command uses when
+    neither --judge nor --judge-url is given."""
+    if f is None:
+        return lambda g: judge_options(g, default=default)
     for opt in reversed([
-        click.option("--judge", "judge_name", default=None, metavar="MODEL|keywords|probe[=FILE]",
-                     help="Local judge: built-in model name or GGUF path (default: qwen2.5-coder-0.5b); "
-                          "'probe' for the shipped probe judge (probe=FILE for one from `judge-train`); "
-                          "'keywords' for the phrase-matching baseline."),
+        click.option("--judge", "judge_name", default=None, metavar="probe[=FILE]|keywords|MODEL",
+                     help=f"'probe' for the shipped probe judge (probe=FILE for one from `judge-train`); "
+                          f"'keywords' for the phrase-matching baseline; a built-in model name or GGUF path "
+                          f"for a generative LLM judge. Default here: {default}."),
         click.option("--judge-url", default=None, metavar="URL",
                      help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (llama-server, vLLM, Ollama)."),
         click.option("--judge-model", default=None, help="Model name on the --judge-url server (default: its only model)."),

@@ -51,7 +51,10 @@ def make_judge(
     n_threads: int | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> Judge:
-    """Build the judge: ``url`` -> OpenAI-compatible HTTP; ``judge == 'keywords'`` -> baseline; else a local GGUF."""
+    """Build the judge: ``url`` -> OpenAI-compatible HTTP; ``'keywords'`` -> baseline; ``None`` or
+    ``'probe[=FILE]'`` -> the probe judge (the default: 79.5% agreement with our held-out labels
+    against 59.5% for keywords and ~59% for the 0.5B model writing a verdict); else a local GGUF
+    as a generative judge."""
     if url and judge:
         raise RsLocalError("give either --judge (a local model or 'keywords') or --judge-url, not both")
     if url:
@@ -66,17 +69,11 @@ def make_judge(
         from rs_local.judge.keywords import KeywordJudge
 
         return KeywordJudge()
-    if judge is not None and (judge == PROBE or judge.startswith(PROBE + "=")):
-        return load_probe_judge(judge.partition("=")[2] or None, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+    if judge is None or judge == PROBE or judge.startswith(PROBE + "="):
+        return load_probe_judge((judge or "").partition("=")[2] or None, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                 n_threads=n_threads, on_status=on_status)
-    return load_local_judge(judge or default_judge_model(), logprobs=logprobs, max_tokens=max_tokens or 12,
+    return load_local_judge(judge, logprobs=logprobs, max_tokens=max_tokens or 12,
                             n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=on_status)
-
-
-def default_judge_model() -> str:
-    from rs_local import models
-
-    return models.DEFAULT_MODEL
 
 
 def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: int = 12, n_ctx: int = 4096,

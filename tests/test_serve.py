@@ -9,13 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -54,14 +55,31 @@ class Http:
 
     @staticmethod
     def send(method: str, url: str, body=None, headers: dict[str, str] | None = None) -> "Http":
+        """Send like a careful client: the body goes out in chunks, and when the server has
+        already answered (a 413 decided from Content-Length) the rest is not pushed into a
+        closing socket, whose reset could otherwise swallow the answer."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return Http(r.status, dict(r.headers), r.read())
-        except urllib.error.HTTPError as e:
-            return Http(e.code, dict(e.headers), e.read())
+            conn.putrequest(method, parts.path + (f"?{parts.query}" if parts.query else ""))
+            sent = {"Content-Type": "application/json", **(headers or {})}
+            if data is not None:
+                sent["Content-Length"] = str(len(data))
+            for key, value in sent.items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            for start in range(0, len(data or b""), 1 << 16):
+                if select.select([conn.sock], [], [], 0)[0]:
+                    break  # the server has answered early
+                try:
+                    conn.send(data[start:start + (1 << 16)])
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            r = conn.getresponse()
+            return Http(r.status, dict(r.headers), r.read())
+        finally:
+            conn.close()
 
 
 def _stream(server: "Server", path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:

@@ -25,7 +25,9 @@ def test_run_demo_small(tmp_path):
     assert set(report["points"][0]["sets"]) == {"political", "harmful", "harmless"}
     assert all(s["n"] == 4 for s in report["points"][0]["sets"].values())
     assert (tmp_path / "demo" / "refusal_vs_scale.png").exists()
-    assert res.chosen_scale in (0.0, -1.0)
+    # never the plain model: within the limits -1 wins, and if it breaks them the demo still shows
+    # the mildest steered scale (a demo that chose 0 would show nothing)
+    assert res.chosen_scale == -1.0
     assert "refusal" in res.summary and res.next_steps
     for ex in res.examples:
         assert ex.before and ex.prompt

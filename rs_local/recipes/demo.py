@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from rs_local.callbacks import Say
 
 from rs_local.recipes.isolate import Recipe
 
-Say = Callable[[str], None]
 VECTOR_NAME = "political.gguf"
 EXAMPLE_TOKENS = 96
 

@@ -34,9 +34,13 @@ model; see :mod:`rs_local.vectors.refusal_gradient`. The older recipe is kept as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-Say = Callable[[str], None]
+from rs_local.callbacks import Say
+
+if TYPE_CHECKING:
+    from rs_local.judge.backends import Judge
+
 METHODS = ("gradient", "md")
 
 
@@ -86,7 +90,7 @@ class RecipeResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Any = None, max_tokens: int = 32, batch: int = 8,
+def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None = None, max_tokens: int = 32, batch: int = 8,
                    cache: Any = None, vector: Any = None, scale: float = 0.0) -> dict[str, list[tuple[str, str, bool]]]:
     """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
     (steered by ``vector`` at ``scale`` if given), judged. One evaluator (one batched llama.cpp
@@ -123,7 +127,7 @@ def fit_political(
     say: Say | None = None,
     *,
     runner: Any = None,
-    judge: Any = None,
+    judge: Judge | None = None,
     cache: Any = True,
 ) -> RecipeResult:
     """Fit the recipe's political-refusal vector on training prompts.

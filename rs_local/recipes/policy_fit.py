@@ -24,7 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from rs_local.callbacks import Say
 
 import numpy as np
 
@@ -33,7 +35,6 @@ from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
 from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy
 from rs_local.vectors.control_vector import ControlVector
 
-Say = Callable[[str], None]
 LAMS = (0.01, 0.03, 0.1, 0.3)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}")
 

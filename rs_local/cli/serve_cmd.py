@@ -11,28 +11,23 @@ from rs_local.errors import RsLocalError
 from rs_local.models import MODELS
 
 
-def _named_vectors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    """Check NAME=PATH[:SCALE] syntax before the model loads."""
-    from rs_local.serve.steering import parse_named_spec
+def _checked(parser_name: str):
+    """A click callback that checks each NAME=PATH spec's syntax with ``serve.steering.<parser_name>``
+    before the model loads (imported late: the server's dependencies are an optional extra)."""
+    def callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+        from rs_local.serve import steering
 
-    for spec in value:
-        try:
-            parse_named_spec(spec)
-        except RsLocalError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return value
+        for spec in value:
+            try:
+                getattr(steering, parser_name)(spec)
+            except RsLocalError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+    return callback
 
 
-def _policies(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    """Check NAME=PATH syntax before the model loads."""
-    from rs_local.serve.steering import parse_policy_spec
-
-    for spec in value:
-        try:
-            parse_policy_spec(spec)
-        except RsLocalError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return value
+_named_vectors = _checked("parse_named_spec")
+_policies = _checked("parse_policy_spec")
 
 
 def _defaults(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):

@@ -237,29 +237,13 @@ class VectorLibrary:
 
     def lookup_policy(self, name: Any, param: str) -> NamedPolicy:
         """A loaded policy by name: 400 for a malformed name, 404 for an unknown one."""
-        if not isinstance(name, str):
-            raise bad_request(f"{param} must be a string", param, "invalid_type")
-        if not NAME_RE.fullmatch(name):
-            raise bad_request(f"{param} {name[:80]!r} is not a policy name (names only, never paths)", param)
-        if name not in self.policies:
-            known = ", ".join(sorted(self.policies)) or "none"
-            raise ApiError(404, f"no policy named {name!r} is loaded (loaded: {known})", param=param,
-                           code="policy_not_found")
-        return self.policies[name]
+        return _by_name(self.policies, name, param, "policy")
 
     # -- resolving requests -------------------------------------------------------------
 
     def lookup(self, name: Any, param: str) -> NamedVector:
         """A loaded vector by name: 400 for a malformed name (paths included), 404 for an unknown one."""
-        if not isinstance(name, str):
-            raise bad_request(f"{param} must be a string", param, "invalid_type")
-        if not NAME_RE.fullmatch(name):
-            raise bad_request(f"{param} {name[:80]!r} is not a vector name (names only, never paths)", param)
-        if name not in self.vectors:
-            known = ", ".join(sorted(self.vectors)) or "none"
-            raise ApiError(404, f"no vector named {name!r} is loaded (loaded: {known})", param=param,
-                           code="vector_not_found")
-        return self.vectors[name]
+        return _by_name(self.vectors, name, param, "vector")
 
     def steering(self, parts: list[tuple[str, float]], layers: tuple[int, int] | None, source: str,
                  param: str) -> Steering:
@@ -392,3 +376,17 @@ def resolve(library: VectorLibrary, default: Steering, body: Mapping[str, Any], 
         return library.from_suffix(suffix)
     return default
 
+
+
+def _by_name(table: dict[str, Any], name: Any, param: str, kind: str) -> Any:
+    """One entry loaded at start, by name only: requests never carry paths (400), and a name that
+    was not loaded is a 404 that lists what was."""
+    if not isinstance(name, str):
+        raise bad_request(f"{param} must be a string", param, "invalid_type")
+    if not NAME_RE.fullmatch(name):
+        raise bad_request(f"{param} {name[:80]!r} is not a {kind} name (names only, never paths)", param)
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ApiError(404, f"no {kind} named {name!r} is loaded (loaded: {known})", param=param,
+                       code=f"{kind}_not_found")
+    return table[name]

@@ -46,13 +46,14 @@ def test_cli_eval_writes_every_output(smollm2_path, tmp_path):
         f.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
         files += ["--set", f"{name}={f}"]
     out = tmp_path / "report"
-    args = ["eval", "--model", str(smollm2_path), "--vector", str(vec), "--scales", "0,-1", *files, "--judge", "keywords",
+    args = ["eval", "--model", str(smollm2_path), "--vector", str(vec), "--scales", "0,-1", *files,
             "--max-tokens", "8", "--kl-tokens", "4", "--batch", "2", "--ctx", "512", "--no-cache", "-o", str(out)]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "refusal" in res.output and "KL" in res.output
     report = json.loads((out / "report.json").read_text())
     assert [p["scale"] for p in report["points"]] == [0.0, -1.0]
+    assert report["meta"]["judge"]["backend"] == "keywords"  # rates default to keywords (no --judge given)
     for p in report["points"]:
         assert set(p["sets"]) == set(PROMPTS)
         assert p["sets"]["harmless"]["n"] == 3

@@ -123,9 +123,10 @@ def test_judge_eval_reports_agreement_and_confusion(tmp_path):
 
 
 def test_help_names_each_commands_default_judge():
-    """`judge`, `eval` and `sweep` default to the probe judge; `isolate` to keywords (its recipe's
-    target was tuned on them): the help must say which, per command."""
-    for command, default in (("judge", "probe"), ("eval", "probe"), ("sweep", "probe"), ("isolate", "keywords")):
+    """`judge` and `judge-eval` default to the probe judge; the rate commands and `isolate` to
+    keywords: the help must say which, per command."""
+    for command, default in (("judge", "probe"), ("judge-eval", "probe"), ("eval", "keywords"), ("sweep", "keywords"),
+                             ("isolate", "keywords")):
         out = CliRunner().invoke(cli, [command, "--help"], terminal_width=400)
         assert out.exit_code == 0, out.output
         assert f"Default here: {default}" in " ".join(out.output.split()), command

@@ -53,10 +53,8 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
         recipe.check()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
-    if kw["judge_name"] is None and kw["judge_url"] is None:
-        kw["judge_name"] = "keywords"
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, default="keywords")
     try:
         fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge)
     finally:

@@ -74,13 +74,15 @@ def judge_options(f: Callable | None = None, *, default: str = "probe") -> Calla
     return f
 
 
-def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
-    """The judge the --judge* options describe (also used by eval, sweep and isolate)."""
+def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None, default: str = "probe"):
+    """The judge the --judge* options describe (also used by eval, sweep and isolate); ``default``
+    when neither --judge nor --judge-url is given (the one the command's help names)."""
     from rs_local.judge.backends import make_judge
 
+    name = kw["judge_name"] if kw["judge_name"] is not None or kw["judge_url"] else default
     with err_console.status("loading the judge"):
         return make_judge(
-            kw["judge_name"], url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
+            name, url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
             timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
             logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=say,

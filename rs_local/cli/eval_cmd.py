@@ -21,7 +21,6 @@ DEFAULT_SETS = ("political", "harmful", "harmless")
 #: 47% of plain answers to held-out Alpaca tasks refusals (benchmarks/refusal_steering.py --judge
 #: probe), and a rate that wrong would mislead a sweep. `--judge probe` adds its soft-refusal view.
 RATE_JUDGE = "keywords"
-RATE_JUDGE_HELP = "keywords (--judge probe to count soft refusals)"
 
 
 def _scales(text: str) -> list[float]:
@@ -98,7 +97,7 @@ def _setup(kw: dict[str, Any]):
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Evaluate a conditional-steering policy instead of a vector: plain vs gated refusal per set, "
                    "where the gate routed each set, KL on the KL set.")
-@judge_options(default=RATE_JUDGE_HELP)
+@judge_options(default=RATE_JUDGE, why=" (--judge probe to count soft refusals)")
 @runtime_options
 def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     """Refusal rate per prompt set and scale (judge and keywords), KL and degeneration on the KL set.
@@ -115,7 +114,7 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
         _eval_policy(model, kw, sets, vector, settings, cache, (n_ctx, n_gpu_layers, n_threads))
         return
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, default=RATE_JUDGE)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         report = evaluate(runner, sets, scale_list, vector=vector, layers=layers, judge=judge, settings=settings,
                           cache=cache, say=say)
@@ -133,7 +132,7 @@ def _eval_policy(model, kw: dict[str, Any], sets, policy, settings, cache, runti
 
     runner = load_runner(model, *runtime)
     gate = PolicyRunner(runner, policy, kw["policy"])
-    judge = make_judge_from(kw, *runtime, default=RATE_JUDGE)
+    judge = make_judge_from(kw, *runtime)
     try:
         report = evaluate_policy(runner, sets, gate, judge=judge, settings=settings, cache=cache, say=say)
     finally:
@@ -182,7 +181,7 @@ def _bands(text: str | None, layers: str | None, vector=None):
               help="Apply the vector only to these blocks.")
 @click.option("--bands", default=None, metavar="A-B,C-D", help="Also search over these layer bands (best one wins).")
 @click.option("--full", is_flag=True, help="Measure every set at every point (slower; a complete frontier).")
-@judge_options(default=RATE_JUDGE_HELP)
+@judge_options(default=RATE_JUDGE, why=" (--judge probe to count soft refusals)")
 @runtime_options
 def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induce, bands, full,
           n_ctx, n_gpu_layers, n_threads, **kw) -> None:
@@ -198,7 +197,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
             raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
     band_list = _bands(bands, kw.get("layers"), vector)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, default=RATE_JUDGE)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:
         objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)

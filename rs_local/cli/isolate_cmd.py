@@ -32,7 +32,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
               help="Refused prompts per set whose gradients are taken (seeded sample).")
 @click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-@judge_options(default="keywords (the recipe's opening-based target was tuned on it)")
+@judge_options(default="keywords", why=" (the recipe's opening-based target was tuned on it)")
 @runtime_options
 def isolate(model, target, keep, harmless, field, method, layers, max_prompts, output, force,
             n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
@@ -54,7 +54,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, default="keywords")
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
     try:
         fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge)
     finally:

@@ -48,17 +48,17 @@ def row_progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def judge_options(f: Callable | None = None, *, default: str = "probe") -> Callable:
+def judge_options(f: Callable | None = None, *, default: str = "probe", why: str = "") -> Callable:
     """The options that choose and tune the judge (shared by `judge`, `judge-eval`, `eval`,
-    `sweep` and `isolate`); ``default`` only names, in the help, what the command uses when
-    neither --judge nor --judge-url is given."""
+    `sweep` and `isolate`); ``default`` is the judge the command uses when neither --judge nor
+    --judge-url is given, ``why`` a note the help adds to it."""
     if f is None:
-        return lambda g: judge_options(g, default=default)
+        return lambda g: judge_options(g, default=default, why=why)
     for opt in reversed([
-        click.option("--judge", "judge_name", default=None, metavar="probe[=FILE]|keywords|MODEL",
+        click.option("--judge", "judge_name", default=default, metavar="probe[=FILE]|keywords|MODEL",
                      help=f"'probe' for the shipped probe judge (probe=FILE for one from `judge-train`); "
                           f"'keywords' for the phrase-matching baseline; a built-in model name or GGUF path "
-                          f"for a generative LLM judge. Default here: {default}."),
+                          f"for a generative LLM judge. Default here: {default}{why}."),
         click.option("--judge-url", default=None, metavar="URL",
                      help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (llama-server, vLLM, Ollama)."),
         click.option("--judge-model", default=None, help="Model name on the --judge-url server (default: its only model)."),
@@ -74,12 +74,14 @@ def judge_options(f: Callable | None = None, *, default: str = "probe") -> Calla
     return f
 
 
-def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None, default: str = "probe"):
-    """The judge the --judge* options describe (also used by eval, sweep and isolate); ``default``
-    when neither --judge nor --judge-url is given (the one the command's help names)."""
+def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+    """The judge the --judge* options describe (also used by eval, sweep and isolate). With
+    --judge-url the command's default --judge gives way: only a --judge the user typed conflicts."""
     from rs_local.judge.backends import make_judge
 
-    name = kw["judge_name"] if kw["judge_name"] is not None or kw["judge_url"] else default
+    ctx = click.get_current_context(silent=True)
+    defaulted = ctx is not None and ctx.get_parameter_source("judge_name") == click.core.ParameterSource.DEFAULT
+    name = None if kw["judge_url"] and defaulted else kw["judge_name"]
     with err_console.status("loading the judge"):
         return make_judge(
             name, url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],

@@ -63,7 +63,7 @@ def experts(**kw: Any) -> None:
     require_moe_file(models.resolve(kw["model"]))
     fm = load_model(kw["model"], dtype=kw["dtype"])
     routing = [capture_routing(fm, prompts, position=position, system=kw["system"]) for prompts in (refused, answered)]
-    meta = {"model": str(fm.path), "arch": fm.model_hint, "top_k": top_k(fm), "position": position,
+    meta = {"model": str(fm.path), "arch": fm.model_hint, "n_layer": fm.n_layer, "top_k": top_k(fm), "position": position,
             "refused": str(kw["refused"]), "answered": str(kw["answered"])}
     report = expert_report(*routing, top=kw["top"], meta=meta)
     out.print(report_table(report))

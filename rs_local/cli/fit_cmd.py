@@ -115,6 +115,21 @@ def _with_scores(prompts: list[str], scores: dict[str, float], default: float) -
     return kept, values
 
 
+def _routing(kw: dict[str, Any]) -> tuple[Any, list[int]] | None:
+    """The experts report and the blocks it chooses, checked before the model loads (see vectors/routing_blocks.py)."""
+    if kw["routing"] is None:
+        if kw["routing_top"] is not None:
+            raise click.UsageError("--routing-top needs --routing")
+        return None
+    if kw["layers"].strip().lower() != "auto":
+        raise click.UsageError("give --routing or --layers, not both")
+    from rs_local.vectors.routing_blocks import check_model_file, choose_blocks, read_routing
+
+    report = read_routing(kw["routing"])
+    check_model_file(report, kw["model"])
+    return report, choose_blocks(report, kw["routing_top"] or 3)
+
+
 def _ortho(path: Path | None):
     if path is None:
         return None
@@ -138,6 +153,8 @@ def _ortho(path: Path | None):
 @click.option("--method", type=click.Choice(["md", "pca", "rmd", "wrmd"]), default="wrmd", show_default=True, help="Mean difference, PCA of differences, ridge MD, score-weighted ridge MD.")
 @click.option("--lambda", "lam", default="0.1", show_default=True, help="Ridge strength relative to the mean eigenvalue of Sigma_C, or 'auto' (best held-out separation).")
 @click.option("--layers", default="auto", show_default=True, help="'auto' (band around the strongest blocks), 'all', '8-20' or '8,10,12'.")
+@click.option("--routing", type=_FILE, default=None, help="MoE: an `rs-local experts -o` report; write the vector only on the blocks whose routing differs most (instead of --layers).")
+@click.option("--routing-top", type=integer(1, 4096), default=None, help="With --routing: how many blocks (default 3).")
 @click.option("--position", type=click.Choice(["last", "post-instruction"]), default="last", show_default=True, help="Last prompt token, or mean over the template suffix after the user's text.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=integer(1, 65536), default=16, show_default=True)
@@ -165,6 +182,7 @@ def fit(**kw: Any) -> None:
         check_output(kw["plot"], kw["force"])
         check_output(_scatter_path(kw["plot"]), kw["force"])
     sets = _scored_sets(kw["positive"], kw["negative"], kw["prompts_file"], kw["scores_file"], kw["field"])
+    routing = _routing(kw)
     opts = FitOptions(
         method=kw["method"], lam=_lambda(kw["lam"]), layers=kw["layers"], position=kw["position"].replace("-", "_"),
         holdout=kw["holdout"], seed=kw["seed"], batch_size=kw["batch_size"], system=kw["system"],
@@ -180,6 +198,12 @@ def fit(**kw: Any) -> None:
         from rs_local.vectors.hf_model import load_model
 
         fm = load_model(kw["model"], dtype=kw["dtype"], progress=say)
+    if routing is not None:
+        from rs_local.vectors.routing_blocks import check_model, provenance as routing_provenance
+
+        check_model(routing[0], fm.model_hint, fm.n_layer)
+        opts.layers = routing[1]
+        provenance.update(routing_provenance(routing[0], routing[1], len(routing[1])))
     with _capture_bar(kw["quiet"]) as progress:
         result = fit_vector(fm, sets["pos"], sets["neg"], pos_scores=sets["pos_s"], neg_scores=sets["neg_s"], options=opts,
                             provenance=provenance, say=say, progress=progress)
@@ -260,6 +284,9 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
     meta = cv.metadata
     out.print(Text(f"{file}: {meta.get('method', '?')}, lambda {meta.get('lambda', '-')}, blocks {_band_text(cv.layers)}, "
                    f"model {meta.get('model', '?')}, position {meta.get('position', '?')}"))
+    if meta.get("layer_rule") == "routing":
+        out.print(Text(f"blocks chosen by routing (top {meta.get('routing_top', '?')} by max |Cohen's d|, "
+                       f"{meta.get('routing_report', '?')}): {meta.get('routing_strength', {})}"))
     out.print(layer_table(rows))
     if plot is not None:
         from rs_local.vectors.layers_plot import plot_layer_table

@@ -121,6 +121,22 @@ def test_dense_vector_on_moe_model_is_one_clear_line(runner, smollm2_path, tmp_p
     runner.clear_vectors()
 
 
+def test_policy_fit_gives_the_same_dense_vector_error(runner, tmp_path):
+    """``policy fit --vector`` checks the dense / MoE divide up front, with the runner's own message."""
+    dense = tmp_path / "dense.gguf"
+    write_control_vector(ControlVector({2: np.ones(SPEC.n_embd, dtype=np.float32)}, "llama"), dense)
+    with pytest.raises(VectorFileError) as applied:
+        runner.check_vector(read_control_vector(dense))
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(REFUSED) + "\n")
+    b.write_text("\n".join(ANSWERED) + "\n")
+    res = invoke(["policy", "fit", "--category", f"bad={a}:remove", "--category", f"good={b}:keep", "--vector", f"bad={dense}",
+                  "--no-check-refusals", "--model", str(runner.path), "--ctx", "512", "-o", str(tmp_path / "pol.gguf")], tmp_path)
+    assert res.exit_code == 1 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.strip().endswith(str(applied.value)) and "dense model ('llama')" in res.output
+    assert not (tmp_path / "pol.gguf").exists()
+
+
 def test_moe_vector_on_dense_model_is_refused():
     from rs_local.converters.moe_arch import vector_arch_problem
 

@@ -90,7 +90,6 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 def fit(categories, vectors, scales, baseline, refusal_from, threshold, layers, probe_layers, folds, check_refusals: bool,
         system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
-    from rs_local.converters.gguf_io import validate_for_model
     from rs_local.recipes.policy_fit import check_refuses, check_roles, fit_policy
     from rs_local.runtime.policy_file import write_policy
 
@@ -100,7 +99,7 @@ def fit(categories, vectors, scales, baseline, refusal_from, threshold, layers, 
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     for spec in specs:  # a given vector must fit the model before anything is read
         if spec.vector is not None:
-            validate_for_model(spec.vector, n_embd=runner.n_embd, n_layer=runner.n_layer, path=spec.vector.source or spec.name)
+            runner.check_vector(spec.vector, spec.vector.source or spec.name)
     if check_refusals:
         for spec in specs:
             if spec.action == "remove":

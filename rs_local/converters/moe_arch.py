@@ -16,7 +16,10 @@ model mean nothing in a routed one, and the reverse, even when the widths happen
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+
+from rs_local.errors import VectorFileError
 
 #: GGUF architecture -> Transformers ``model_type``, MoE families both loaders read.
 BOTH_LOADERS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
@@ -85,3 +88,10 @@ def vector_arch_problem(hint: str, model_arch: str, model_experts: int) -> str |
     model_kind = f"{model_experts} experts" if model_moe else "dense"
     return (f"vector was made for {kind[hint_moe]} model ('{hint}'), this model is '{model_arch}' ({model_kind}); "
             f"fit a vector on this model")
+
+
+def check_vector_arch(hint: str, model_arch: str, model_experts: int, path: str | Path) -> None:
+    """:func:`vector_arch_problem` as the one error every place a vector meets a model raises."""
+    problem = vector_arch_problem(hint, model_arch, model_experts)
+    if problem:
+        raise VectorFileError(path, problem)

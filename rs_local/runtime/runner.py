@@ -17,8 +17,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rs_local.converters.moe_arch import expert_count, vector_arch_problem
-from rs_local.errors import ModelError, RsLocalError, VectorFileError
+from rs_local.converters.moe_arch import check_vector_arch, expert_count
+from rs_local.errors import ModelError, RsLocalError
 from rs_local.runtime.loading import load_llama
 from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
@@ -115,21 +115,28 @@ class Runner:
         Every vector is checked against the model first, so a wrong width or layer count is a
         clear error here instead of an abort inside llama.cpp.
         """
-        from rs_local.converters.gguf_io import validate_for_model
-
         parts = list(parts)
         if not parts:
             self.clear_vectors()
             return
         for vec, _scale in parts:
-            validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=vec.source or "<vector>")
-            problem = vector_arch_problem(vec.model_hint, self.model_hint, self.n_expert)
-            if problem:
-                raise VectorFileError(vec.source or "<vector>", problem)
+            self.check_vector(vec)
         push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer,
                      layer_range=self._check_range(layer_range))
         self.vectors, self.layer_range = parts, layer_range
         self._kv_valid = False
+
+    def check_vector(self, vec: ControlVector, path: str | Path | None = None) -> None:
+        """Refuse a vector that does not fit this model: width, block count, or the dense / MoE divide.
+
+        The one check for every place a vector meets a model (applying it here, ``policy fit
+        --vector``), so each gives the same one-line error naming the file.
+        """
+        from rs_local.converters.gguf_io import validate_for_model
+
+        where = path or vec.source or "<vector>"
+        validate_for_model(vec, n_embd=self.n_embd, n_layer=self.n_layer, path=where)
+        check_vector_arch(vec.model_hint, self.model_hint, self.n_expert, where)
 
     def clear_vectors(self) -> None:
         """Remove any vector; the next reply is the plain model's."""

@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "train_probe": "rs_local.judge.probe_train",
     "capture_routing": "rs_local.vectors.experts",
     "expert_report": "rs_local.vectors.experts",
+    "read_routing": "rs_local.vectors.routing_blocks",
+    "choose_routing_blocks": "rs_local.vectors.routing_blocks:choose_blocks",
 }
 
 

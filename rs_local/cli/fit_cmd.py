@@ -123,11 +123,11 @@ def _routing(kw: dict[str, Any]) -> tuple[Any, list[int]] | None:
         return None
     if kw["layers"].strip().lower() != "auto":
         raise click.UsageError("give --routing or --layers, not both")
-    from rs_local.vectors.routing_blocks import check_model_file, choose_blocks, read_routing
+    from rs_local.vectors.routing_blocks import DEFAULT_TOP, check_model_file, choose_blocks, read_routing
 
     report = read_routing(kw["routing"])
     check_model_file(report, kw["model"])
-    return report, choose_blocks(report, kw["routing_top"] or 3)
+    return report, choose_blocks(report, kw["routing_top"] or DEFAULT_TOP)
 
 
 def _ortho(path: Path | None):

@@ -26,6 +26,7 @@ from typing import Any
 
 from rs_local.errors import FileProblem, ModelError
 
+DEFAULT_TOP = 3  # blocks when --routing-top is not given
 RULE = "top-K blocks by max |Cohen's d| of expert routing, refused vs answered (rs-local experts report)"
 
 

@@ -144,13 +144,8 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
         where, extra = str(path.parent), {"gguf_file": path.name}
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
-    try:
-        with _quiet_transformers():
-            tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-            lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **extra,
-                                                                   **_gguf_overrides(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"{path}: Transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    identity = model_identity(Path(path), name) | {"dtype": dtype}
+    tokenizer, lm = _load_transformers(transformers, Path(path), where, extra, torch_dtype, identity)
     lm.eval()
     lm.requires_grad_(False)
     base, blocks = _find_blocks(lm)
@@ -164,10 +159,33 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
         blocks=blocks,
         tokenizer=tokenizer,
         dtype=dtype,
-        identity=model_identity(Path(path), name) | {"dtype": dtype},
+        identity=identity,
     )
     _CACHE[key] = fm
     return fm
+
+
+def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[str, Any], torch_dtype: Any,
+                       identity: dict[str, Any]) -> tuple[Any, Any]:
+    """Tokenizer and model: from the disk cache when a GGUF was loaded before, else from the GGUF (then cached)."""
+    from rs_local.vectors import hf_cache
+
+    cached = "gguf_file" in extra and hf_cache.enabled()
+    entry = hf_cache.entry_dir(identity, transformers.__version__) if cached else None
+    with _quiet_transformers():
+        hit = hf_cache.load(entry, transformers, torch_dtype) if entry else None
+        if hit is not None:
+            return hit
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
+                                                                   **extra, **_gguf_overrides(path))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"{path}: Transformers could not load it "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        if entry is not None:
+            hf_cache.store(entry, tokenizer, lm, path)
+    return tokenizer, lm
 
 
 def clear_cache() -> None:

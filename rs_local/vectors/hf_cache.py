@@ -1,0 +1,115 @@
+"""A disk cache of the Transformers model that a GGUF dequantizes to, so the second fit loads in seconds.
+
+Transformers reads a GGUF three times (config, tokenizer, weights), and each read parses every
+metadata field in Python: for Qwen2.5's 151k-token vocabulary and merges that is over a million
+fields per read, then the quantized weights are dequantized with numpy. Measured on 2 cores, the
+load of Qwen2.5-Coder-0.5B took about 45-120 s, more than the fit itself; the same model saved as
+safetensors loads in a few seconds. So after the first load from a GGUF, the model and tokenizer
+are saved with ``save_pretrained`` under ``$RS_LOCAL_HOME/transformers/<key>/`` and later loads
+read that directory instead.
+
+The weights are stored in the dtype they were loaded in (float32 by default), so a cached load
+gives bit-identical weights to a GGUF load (tested). The key is the model's identity (sha256 for
+built-in and pulled models; path, size and mtime otherwise), the dtype and the Transformers
+version, so an edited file or an upgraded Transformers never reads a stale entry.
+
+A cache must never break a fit: any failure to write is logged and ignored, an entry that fails
+to load is removed and the GGUF is read again, the entry is written to a temp directory and
+renamed into place (two processes racing keep one), and nothing is written when the disk would be
+left with under 1 GiB free. ``RS_LOCAL_FIT_CACHE=0`` turns it off; ``rm -rf`` the directory frees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rs_local.fit")
+
+#: Bump when what is stored changes shape, so older entries are ignored.
+FORMAT = 1
+#: Free space the cache leaves on the disk after writing an entry.
+MIN_FREE_BYTES = 1 << 30
+DONE = "rs_local_cache.json"
+
+
+def enabled() -> bool:
+    """Off when ``RS_LOCAL_FIT_CACHE`` is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("RS_LOCAL_FIT_CACHE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def cache_root() -> Path:
+    from rs_local import models
+
+    return models.home_dir() / "transformers"
+
+
+def entry_dir(identity: dict[str, Any], transformers_version: str) -> Path:
+    """Where the model with this identity (which includes the dtype) is cached."""
+    key = json.dumps({"identity": identity, "transformers": transformers_version, "format": FORMAT}, sort_keys=True)
+    return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def load(entry: Path, transformers: Any, torch_dtype: Any) -> tuple[Any, Any] | None:
+    """(tokenizer, model) from a complete entry, or None when there is none or it is unreadable (then removed)."""
+    if not (entry / DONE).is_file():
+        return None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch_dtype, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a broken entry only costs the slow load
+        log.warning("ignoring the unreadable model cache %s (%s: %s); reading the GGUF again",
+                    entry, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return tokenizer, lm
+
+
+def _state_bytes(lm: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in lm.state_dict().values())
+
+
+def store(entry: Path, tokenizer: Any, lm: Any, source: Path) -> bool:
+    """Save ``lm`` and ``tokenizer`` as ``entry``; False (and a log line) when it was not written."""
+    if entry.exists():
+        return False
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        need = _state_bytes(lm) + MIN_FREE_BYTES
+        if shutil.disk_usage(entry.parent).free < need:
+            log.info("not caching %s: under %.1f GiB free in %s", source.name, need / 2**30, entry.parent)
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            _save(lm, tokenizer, tmp)
+            (tmp / DONE).write_text(json.dumps({"source": str(source), "format": FORMAT}) + "\n")
+            os.rename(tmp, entry)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - a full disk, a read-only home, a lost rename race: only speed is lost
+        log.info("not caching %s in %s: %s: %s", source.name, entry.parent, type(exc).__name__, exc)
+        return False
+    return True
+
+
+def _save(lm: Any, tokenizer: Any, where: Path) -> None:
+    """Config, generation config, weights (safetensors) and tokenizer, as ``from_pretrained`` reads them.
+
+    ``save_pretrained`` refuses a model that Transformers' GGUF quantizer produced, although its
+    weights are plain dequantized tensors; so the parts are written one by one. ``save_model``
+    stores a tied tensor once (the embedding and the output head of small models).
+    """
+    from safetensors.torch import save_model
+
+    lm.config.save_pretrained(str(where))
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.save_pretrained(str(where))
+    save_model(lm, str(where / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(where))

@@ -1,0 +1,77 @@
+"""The disk cache of dequantized models: same weights as the GGUF, and never in the way of a fit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from rs_local.vectors import hf_cache, hf_model  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Name three colours, then say wörld 你好."}]
+
+
+@pytest.fixture
+def own_home(tmp_path, monkeypatch, smollm2_path) -> Path:
+    """A fresh RS_LOCAL_HOME (so the cache starts empty) and no model cached in this process."""
+    monkeypatch.setenv("RS_LOCAL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RS_LOCAL_FIT_CACHE", raising=False)
+    hf_model.clear_cache()
+    yield smollm2_path
+    hf_model.clear_cache()
+
+
+def _entries() -> list[Path]:
+    root = hf_cache.cache_root()
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def _load(path: Path) -> hf_model.FitModel:
+    hf_model.clear_cache()  # the per-process cache would hide the disk cache
+    return hf_model.load_model(path)
+
+
+def _same(a: hf_model.FitModel, b: hf_model.FitModel) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sorted(sa) == sorted(sb)
+    differing = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differing, f"weights differ after the cache: {differing[:3]}"
+    assert a.tokenizer.apply_chat_template(MESSAGES, tokenize=False) == b.tokenizer.apply_chat_template(
+        MESSAGES, tokenize=False)
+    text = a.tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+    assert a.tokenizer(text)["input_ids"] == b.tokenizer(text)["input_ids"]
+
+
+def test_cached_load_gives_the_gguf_weights_and_tokenizer_and_survives_a_broken_entry(own_home, monkeypatch):
+    first = _load(own_home)  # reads the GGUF, writes the entry
+    (entry,) = _entries()
+    assert (entry / hf_cache.DONE).is_file() and (entry / "model.safetensors").stat().st_size > 100e6
+
+    with monkeypatch.context() as m:  # reading the GGUF again would fail the test
+        m.setattr(hf_model, "_gguf_overrides", lambda path: pytest.fail("the GGUF was read again"))
+        second = _load(own_home)
+    _same(first, second)
+
+    (entry / "config.json").write_text("{ not json")
+    again = _load(own_home)  # falls back to the GGUF and writes a good entry
+    _same(first, again)
+    (entry,) = _entries()
+    assert (entry / "config.json").read_text().startswith("{\n")
+
+
+def test_an_unwritable_cache_only_costs_speed(smollm2_path, tmp_path):
+    fm = hf_model.load_model(smollm2_path)  # the usual home: cached by now, on disk or in this process
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory would go")
+    assert hf_cache.store(blocked / "entry", fm.tokenizer, fm.model, smollm2_path) is False
+    assert blocked.is_file()
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
+def test_the_switch(monkeypatch, value, on):
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", value)
+    assert hf_cache.enabled() is on

@@ -137,6 +137,20 @@ def test_policy_fit_gives_the_same_dense_vector_error(runner, tmp_path):
     assert not (tmp_path / "pol.gguf").exists()
 
 
+def test_serve_refuses_a_dense_vector_at_start_with_the_same_line(runner, tmp_path):
+    """``serve --vector`` checks the dense / MoE divide when it loads the vector, not on the first request."""
+    pytest.importorskip("fastapi")
+    from rs_local.serve.app import build_service
+
+    dense = tmp_path / "dense.gguf"
+    write_control_vector(ControlVector({2: np.ones(SPEC.n_embd, dtype=np.float32)}, "llama"), dense)
+    with pytest.raises(VectorFileError) as applied:
+        runner.check_vector(read_control_vector(dense), dense)
+    with pytest.raises(VectorFileError) as served:
+        build_service(runner, "tiny-moe", vector_specs=(f"dense={dense}",))
+    assert str(served.value) == str(applied.value) and "dense model ('llama')" in str(served.value)
+
+
 def test_moe_vector_on_dense_model_is_refused():
     from rs_local.converters.moe_arch import vector_arch_problem
 

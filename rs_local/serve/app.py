@@ -275,7 +275,7 @@ def build_service(runner: Runner, model_id: str, *, vector_specs: tuple[str, ...
                   default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False,
                   policy_specs: tuple[str, ...] = ()) -> Service:
     """Load and check the named vectors and policies against the loaded model, and make the (not yet started) worker."""
-    library = VectorLibrary(runner.n_embd, runner.n_layer)
+    library = VectorLibrary(runner.n_embd, runner.n_layer, check=runner.check_vector)
     library.load_specs(vector_specs)
     if vectors_dir is not None:
         library.load_directory(vectors_dir)

@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from rs_local.errors import RsLocalError
 from rs_local.runtime.vector_specs import MAX_SCALE, band_label, parse_layer_range, parse_scale, parse_vector_spec
@@ -180,8 +180,11 @@ def parse_default_spec(spec: str) -> tuple[str, float | None]:
 class VectorLibrary:
     """The vectors a request may name, each checked against the model once, at start."""
 
-    def __init__(self, n_embd: int, n_layer: int):
+    def __init__(self, n_embd: int, n_layer: int, check: Callable[[ControlVector, str], None] | None = None):
+        """``check`` is the model's own vector check (``Runner.check_vector``: sizes and the dense/MoE
+        divide); without one, sizes only."""
         self.n_embd, self.n_layer = n_embd, n_layer
+        self.check = check or self._check_sizes
         self.vectors: dict[str, NamedVector] = {}
         self.policies: dict[str, NamedPolicy] = {}
 
@@ -193,14 +196,17 @@ class VectorLibrary:
         self.policies[name] = NamedPolicy(name, policy, Path(file).name)
 
     def add(self, name: str, vector: ControlVector, scale: float, file: str) -> None:
-        """Register a vector; a wrong width or block count fails here, before serving."""
-        from rs_local.converters.gguf_io import validate_for_model
-
+        """Register a vector; one that does not fit the model fails here, before serving."""
         check_name(name)
         if name in self.vectors:
             raise RsLocalError(f"two vectors are named '{name}'")
-        validate_for_model(vector, n_embd=self.n_embd, n_layer=self.n_layer, path=file)
+        self.check(vector, file)
         self.vectors[name] = NamedVector(name, vector, scale, Path(file).name)
+
+    def _check_sizes(self, vector: ControlVector, file: str) -> None:
+        from rs_local.converters.gguf_io import validate_for_model
+
+        validate_for_model(vector, n_embd=self.n_embd, n_layer=self.n_layer, path=file)
 
     def load_specs(self, specs: Iterable[str]) -> None:
         """Every ``NAME=PATH[:SCALE]``."""

@@ -99,6 +99,49 @@ def test_classify_on_synthetic_directions():
     assert not weak.gated and weak.action == "keep"
 
 
+def test_normalised_decision_routes_where_one_vs_rest_abstains():
+    """Both one-vs-rest probes unsure (0.43, 0.12): ``ovr`` abstains, ``normalised`` routes to the likelier one."""
+    d = 4
+    cats = [Category("a", "remove", np.eye(d)[0], bias=-0.5, threshold=0.5, scale=-1.0),
+            Category("b", "keep", np.eye(d)[1], bias=-0.5, threshold=0.5)]
+    x = np.array([0.2, -1.5, 0.0, 0.0])
+    ovr = Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30)
+    assert not classify(ovr, x).gated
+    norm = Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30, decision="normalised")
+    dec = classify(norm, x)
+    assert dec.gated and dec.category == "a" and dec.action == "remove"
+    assert sum(dec.probs.values()) == pytest.approx(1.0)
+
+
+def test_policy_file_refuses_unknown_decision_and_pool(tmp_path):
+    d = 4
+    cats = [Category("a", "keep", np.ones(d)), Category("b", "keep", np.ones(d))]
+    with pytest.raises(FileProblem, match="decision rule 'softmax'"):
+        write_policy(Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30, decision="softmax"), tmp_path / "a.gguf")
+    with pytest.raises(FileProblem, match="pool_tokens 0"):
+        write_policy(Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30, pool_tokens=0), tmp_path / "b.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_template_tail_and_pooled_reader(runner):
+    """The probes read the mean over the template's tokens after the user's message, wherever the reader's
+    micro-batches end and whatever its cache holds."""
+    from rs_local.recipes.policy_fit import template_tail
+    from rs_local.runtime.activations import BlockReader
+
+    assert template_tail(runner) == 6  # <|im_end|> \n <|im_start|> ass istant \n (SmolLM2 splits "assistant")
+    toks = runner.tokenize([{"role": "user", "content": COOKING[0]}])
+    with BlockReader(runner, [10], n_ctx=512) as one:
+        rows = np.array([one.read_tokens(toks[:n])[10] for n in range(len(toks) - 4, len(toks) + 1)])
+    with BlockReader(runner, [10], n_ctx=512, n_batch=len(toks) - 2, tail=5) as pooled:  # the tail spans two batches
+        first = pooled.read_tokens(toks)[10]
+        again = pooled.read_tokens(toks)[10]  # the same text again: the cache must not shorten the tail
+    size = np.linalg.norm(rows.mean(axis=0))
+    assert np.linalg.norm(first - rows.mean(axis=0)) < 0.02 * size
+    assert np.linalg.norm(again - first) < 0.02 * size
+    assert np.linalg.norm(first - rows[-1]) > 0.2 * size  # not the last token alone
+
+
 def test_all_keep_policy_is_exactly_the_plain_model(runner, fitted):
     keep = Policy([Category(c.name, "keep", c.weight, c.slope, c.bias, c.threshold, 0.0, None) for c in fitted.categories],
                   fitted.layer, fitted.mean, fitted.std, fitted.model_arch, fitted.n_embd, fitted.n_layer)
@@ -132,6 +175,7 @@ def test_round_trip(fitted, tmp_path):
     assert [c.name for c in back.categories] == ["cooking", "math", "code"]
     assert [c.action for c in back.categories] == ["remove", "refuse", "keep"]
     assert back.layer == fitted.layer and back.n_embd == 576 and back.n_layer == 30
+    assert (back.pool_tokens, back.decision) == (fitted.pool_tokens, fitted.decision) == (6, "normalised")
     for a, b in zip(fitted.categories, back.categories):
         assert np.allclose(a.weight, b.weight, atol=1e-6 * np.abs(a.weight).max())
         assert (a.slope, a.bias, a.threshold, a.scale, a.accuracy) == pytest.approx((b.slope, b.bias, b.threshold, b.scale, b.accuracy))

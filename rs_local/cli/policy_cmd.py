@@ -128,7 +128,8 @@ def show(path: Path, as_json: bool) -> None:
 
 def _print_summary(s: dict, path: str) -> None:
     click.echo(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
-               f"{s['n_layer']} blocks); probe block {s['probe_block']}")
+               f"{s['n_layer']} blocks); probe block {s['probe_block']} (mean of the last {s['pool_tokens']} "
+               f"prompt tokens), decision {s['decision']}")
     click.echo(f"  {'category':<16} {'action':<7} {'scale':>6} {'thresh':>6} {'held-out':>8} {'prompts':>7}  vector")
     for c in s["categories"]:
         acc = "-" if c["heldout_accuracy"] is None else f"{c['heldout_accuracy']:.1%}"

@@ -7,8 +7,18 @@ the gate will read at run time, quantisation included.
 Probes: one-vs-rest ridge probes (the estimator, calibration and grouped folds of
 :mod:`rs_local.judge.probe_fit`, the judge's own fitting code) on one shared block; the block and penalty are chosen by grouped k-fold accuracy of the
 argmax decision (balanced over categories, so a small category counts as much as a big one),
-and the accuracy reported per category is that out-of-fold accuracy: every prompt is
-classified by probes that never saw it.
+and the accuracy reported per category is the out-of-fold accuracy of the gate's decision
+(argmax that clears the threshold): every prompt is classified by probes that never saw it.
+
+What the probes read: the mean of the block's output over the chat template's tokens after the
+user's message (``<|im_end|>\n<|im_start|>assistant\n`` on ChatML: 5 tokens), not the last
+token alone; the probabilities are divided by their sum before the threshold (``normalised``).
+Measured on the conditional-steering benchmark's fitting split (Qwen2.5-Coder-0.5B, 5
+categories, grouped 5-fold), the best block and penalty reached 95.7% mean per-category
+accuracy (worst category 91%) with the last token, 94.5% with the mean over the user's tokens,
+96.9% (worst 95%) with the template tail; with raw one-vs-rest probabilities at threshold 0.5,
+3-7% of prompts abstained because every probe, calibrated on the rows it was fitted on, was
+unsure; normalised, none did.
 
 Directions (first version): for ``remove`` categories the difference of means between the
 category and the baseline (benign) category at each steered block, which points toward what
@@ -35,7 +45,7 @@ from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
 from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy
 from rs_local.vectors.control_vector import ControlVector
 
-LAMS = (0.01, 0.03, 0.1, 0.3)
+LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}")
 
 
@@ -97,9 +107,27 @@ def default_steer_blocks(n_layer: int) -> list[int]:
     return list(range(max(1, round(n_layer / 3)), min(n_layer - 1, round(2 * n_layer / 3)) + 1))
 
 
+def template_tail(runner: Any, system: str | None = None) -> int:
+    """How many tokens the chat template puts after the user's message (at least 1).
+
+    Those tokens (end of turn, the assistant header) attend to the whole request and are the
+    same for every prompt, so their mean is what the probes read. Found by formatting a chat
+    around a marker and tokenising what follows it.
+    """
+    marker = "\u2063rs-local-marker\u2063"
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": marker}]
+    text = runner.format_chat(msgs)
+    if text.count(marker) != 1:
+        return 1
+    suffix = text.split(marker, 1)[1]
+    n = len(runner.llama.tokenize(suffix.encode("utf-8"), add_bos=False, special=True)) if suffix else 0
+    return max(1, min(n, 16))
+
+
 def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *, system: str | None = None,
-                  say: Say | None = None) -> dict[int, np.ndarray]:
-    """``{block: float64[len(prompts), n_embd]}`` at each prompt's last token, read from llama.cpp.
+                  pool_tokens: int = 1, say: Say | None = None) -> dict[int, np.ndarray]:
+    """``{block: float64[len(prompts), n_embd]}``: the mean of each prompt's last ``pool_tokens``
+    tokens' rows, read from llama.cpp.
 
     Prompts are read as the gate will read them: one user message under the model's chat
     template (with ``system`` if given).
@@ -107,7 +135,7 @@ def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *,
     from rs_local.runtime.activations import BlockReader
 
     out = {b: np.zeros((len(prompts), runner.n_embd)) for b in blocks}
-    with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, 4096)) as reader:
+    with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, 4096), tail=pool_tokens) as reader:
         for i, p in enumerate(prompts):
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
             rows = reader.read(msgs)
@@ -150,8 +178,10 @@ def _fit_ovr(x: np.ndarray, y: np.ndarray, k_classes: int, lams: Sequence[float]
 
 
 def _probs(x: np.ndarray, mean, std, probes) -> np.ndarray:
+    """Calibrated one-vs-rest probabilities, normalised to sum to 1 (the ``normalised`` decision)."""
     z = (x - mean) / std
-    return np.stack([1 / (1 + np.exp(-np.clip(a * (z @ w) + b, -60, 60))) for w, a, b in probes], axis=1)
+    p = np.stack([1 / (1 + np.exp(-np.clip(a * (z @ w) + b, -60, 60))) for w, a, b in probes], axis=1)
+    return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
 
 
 def balanced_accuracy(pred: np.ndarray, y: np.ndarray, k_classes: int) -> list[float]:
@@ -222,8 +252,12 @@ def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_fro
 def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequence[int] | None = None,
                steer_blocks: Sequence[int] | None = None, baseline: str | None = None, refusal_from: str | None = None,
                threshold: float = 0.5, default_scale: float = 1.0, system: str | None = None, k: int = 5,
-               say: Say | None = None) -> Policy:
-    """Fit a policy on the categories' prompts (loaded into ``specs``) with ``runner``'s model."""
+               pool_tokens: int | None = None, say: Say | None = None) -> Policy:
+    """Fit a policy on the categories' prompts (loaded into ``specs``) with ``runner``'s model.
+
+    ``pool_tokens``: how many final prompt tokens the probes read (default: the chat template's
+    tokens after the user's message, :func:`template_tail`).
+    """
     say = say or (lambda _m: None)
     probe_blocks = list(probe_blocks or default_probe_blocks(runner.n_layer))
     steer_blocks = list(steer_blocks or default_steer_blocks(runner.n_layer))
@@ -232,10 +266,12 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     prompts = [p for s in specs for p in s.prompts]
     y = np.array([i for i, s in enumerate(specs) for _ in s.prompts])
     blocks = sorted(set(probe_blocks) | (set(steer_blocks) if needs_md else set()))
-    say(f"reading blocks {blocks[0]}-{blocks[-1]} for {len(prompts)} prompts in llama.cpp")
-    feats = read_features(runner, prompts, blocks, system=system, say=say)
+    pool = pool_tokens if pool_tokens is not None else template_tail(runner, system)
+    say(f"reading blocks {blocks[0]}-{blocks[-1]} (mean of the last {pool} tokens) for {len(prompts)} prompts in llama.cpp")
+    feats = read_features(runner, prompts, blocks, system=system, pool_tokens=pool, say=say)
     choice = choose_probe({b: feats[b] for b in probe_blocks}, y, prompts, len(specs), k=k)
-    accs = balanced_accuracy(choice.oof.argmax(axis=1), y, len(specs))
+    gated = np.where(choice.oof.max(axis=1) >= threshold, choice.oof.argmax(axis=1), -1)
+    accs = balanced_accuracy(gated, y, len(specs))
     say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
         + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
     x = feats[choice.layer]
@@ -257,7 +293,8 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     training = {"probe_lambda": choice.lam, "folds": k, "probe_table": choice.table,
                 "heldout_below_threshold": round(float(below.mean()), 4), "system": system,
                 "steer_blocks": steer_blocks, "files": {s.name: str(s.path) for s in specs}}
-    return Policy(cats, choice.layer, mean, std, hint, runner.n_embd, runner.n_layer, runner.path.name, training)
+    return Policy(cats, choice.layer, mean, std, hint, runner.n_embd, runner.n_layer, runner.path.name, training,
+                  pool_tokens=pool, decision="normalised")
 
 
 def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_tokens: int = 24) -> int:

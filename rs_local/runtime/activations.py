@@ -18,6 +18,11 @@ once that block's output is read the callback returns false, which tells ggml's 
 skip the rest of the graph: the later blocks and the output head (on Qwen2.5-0.5B, a probe on
 block 14 of 24 leaves out ~40% of the blocks and the 136M-parameter vocabulary projection).
 Their KV cache is never filled, which is harmless because this context never reads it.
+
+``tail`` > 1 returns the mean of the last ``tail`` tokens' rows instead of the last one: the
+policy gate reads the chat template's tokens after the user's message (``<|im_end|>`` ...
+``assistant``), which all attend to the whole request; pooled, they classify prompts better
+than the last token alone (measured in the README's conditional-steering section).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ class BlockReader(OwnedContext):
     ``{layer: float32[n_embd]}``.
     """
 
-    def __init__(self, runner: Runner, layers: Iterable[int], n_ctx: int = 2048, n_batch: int = 512):
+    def __init__(self, runner: Runner, layers: Iterable[int], n_ctx: int = 2048, n_batch: int = 512,
+                 tail: int = 1):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -75,7 +81,8 @@ class BlockReader(OwnedContext):
         self._names = {f"l_out-{x}".encode(): x for x in self.layers}
         self._last_layer = self.layers[-1] if self.layers else -1
         self.n_embd = runner.n_embd
-        self._rows: dict[int, np.ndarray] = {}
+        self.tail = max(1, int(tail))
+        self._rows: dict[int, np.ndarray] = {}  # layer -> the last (up to) ``tail`` rows seen
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive here
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -106,21 +113,25 @@ class BlockReader(OwnedContext):
             return True  # not expected for the residual stream; leave the row unset
         n = int(self._ggml.ggml_nelements(tensor))
         rows = n // self.n_embd
-        row = np.empty(self.n_embd, dtype=np.float32)
-        offset = (rows - 1) * self.n_embd * 4
-        self._ggml.ggml_backend_tensor_get(tensor, row.ctypes.data, offset, self.n_embd * 4)
-        self._rows[layer] = row
+        take = min(rows, self.tail)
+        block = np.empty((take, self.n_embd), dtype=np.float32)
+        if take:
+            offset = (rows - take) * self.n_embd * 4
+            self._ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, offset, take * self.n_embd * 4)
+        prev = self._rows.get(layer)  # a tail split across micro-batches is joined
+        self._rows[layer] = block if prev is None or take == self.tail else np.concatenate([prev, block])[-self.tail:]
         return layer != self._last_layer  # false: stop the graph, nothing later is needed
 
     def read_tokens(self, tokens: Sequence[int]) -> dict[int, np.ndarray]:
-        """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows."""
+        """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows
+        (the mean of the last ``tail`` tokens' rows)."""
         tokens = list(tokens)
         if not tokens:
             raise RsLocalError("nothing to read: the text is empty")
         if len(tokens) > self.n_ctx:
             raise RsLocalError(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx}")
         keep = 0
-        limit = min(len(self._cached), len(tokens) - 1)  # always evaluate at least the last token
+        limit = max(0, min(len(self._cached), len(tokens) - self.tail))  # always evaluate the pooled tail
         while keep < limit and self._cached[keep] == tokens[keep]:
             keep += 1
         self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
@@ -129,10 +140,10 @@ class BlockReader(OwnedContext):
             chunk = tokens[start:start + self.n_batch]
             self._decode(chunk, start, last=start + len(chunk) == len(tokens))
         self._cached = tokens
-        missing = [x for x in self.layers if x not in self._rows]
+        missing = [x for x in self.layers if x not in self._rows or not len(self._rows[x])]
         if missing:
             raise RsLocalError(f"llama.cpp produced no output for blocks {missing} (no l_out tensor seen)")
-        return dict(self._rows)
+        return {x: r[-1] if len(r) == 1 else r.mean(axis=0) for x, r in self._rows.items()}
 
     def read(self, prompt) -> dict[int, np.ndarray]:
         """Rows for a chat (list of messages, the model's template applied) or a raw string."""

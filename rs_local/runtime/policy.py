@@ -2,11 +2,13 @@
 
 One vector on every prompt must be selective by construction, and it is not (it moves harmful
 and everyday prompts too). A gate only steers the prompts it recognises: llama.cpp evaluates
-the prompt, the output of the policy's probe block at the last prompt token is read through
+the prompt, the output of the policy's probe block at the last prompt tokens (the mean over the
+chat template's tokens after the user's message, ``Policy.pool_tokens``) is read through
 the eval callback (:class:`rs_local.runtime.activations.BlockReader`), the category probes
 classify it, and the Runner generates with that category's vector, or with none.
 
-Decision rule: the one-vs-rest calibrated probabilities of all categories are compared; the
+Decision rule: the one-vs-rest calibrated probabilities of all categories are compared (divided
+by their sum first when the policy says ``decision = normalised``, as fitted policies do); the
 highest wins if it reaches its category's threshold, otherwise the gate abstains and the
 plain model answers (``keep``): an unsure gate must not steer.
 
@@ -103,7 +105,7 @@ class PolicyRunner:
 
         policy.check_model(runner, path)
         self.runner, self.policy, self.path = runner, policy, str(path)
-        self.reader = BlockReader(runner, [policy.layer], n_ctx=runner.n_ctx)
+        self.reader = BlockReader(runner, [policy.layer], n_ctx=runner.n_ctx, tail=policy.pool_tokens)
         self.enabled = True
         runner.clear_vectors()
 

@@ -16,7 +16,10 @@ refuses any architecture but ``controlvector``.
 
 Layout:
 
-* keys ``rs_local_policy.{kind,version,model_arch,model_name,n_embd,n_layer,layer}`` and two
+* keys ``rs_local_policy.{kind,version,model_arch,model_name,n_embd,n_layer,layer}``, the optional
+  ``pool_tokens`` (the probe reads the mean of the prompt's last N tokens; absent: 1, the last
+  token) and ``decision`` (``normalised``: the one-vs-rest probabilities are divided by their
+  sum before the threshold; absent or ``ovr``: compared as they are), and two
   JSON strings: ``categories`` (name, action, scale, threshold, calibration, held-out
   accuracy, prompts, where the vector came from, the blocks it steers) and ``training``;
 * tensors ``probe.mean`` / ``probe.std`` (the standardisation shared by all probes),
@@ -45,6 +48,12 @@ ACTIONS = ("remove", "refuse", "keep")
 #: The scale sign each steering action takes (rs-local's convention: negative removes refusal).
 ACTION_SIGN = {"remove": -1.0, "refuse": 1.0, "keep": 0.0}
 MAX_CATEGORIES = 64
+#: Decision rules: ``ovr`` compares the calibrated one-vs-rest probabilities as they are (files
+#: written before the rule was recorded); ``normalised`` divides them by their sum first, so
+#: categories compete (a prompt every probe finds a little unlike its training set is still
+#: routed to the likeliest category instead of abstaining; see the README's measurements).
+DECISIONS = ("ovr", "normalised")
+MAX_POOL_TOKENS = 64
 
 
 @dataclass
@@ -82,6 +91,8 @@ class Policy:
     n_layer: int
     model_name: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    pool_tokens: int = 1  # the probe reads the mean of the prompt's last N tokens at ``layer``
+    decision: str = "ovr"
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, np.float64) - self.mean) / self.std
@@ -89,7 +100,10 @@ class Policy:
     def probs(self, x: np.ndarray) -> np.ndarray:
         """``[..., n_categories]`` calibrated one-vs-rest probabilities."""
         z = self.standardise(x)
-        return np.stack([c.prob(z) for c in self.categories], axis=-1)
+        p = np.stack([c.prob(z) for c in self.categories], axis=-1)
+        if self.decision == "normalised":
+            p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-300)
+        return p
 
     def category(self, name: str) -> Category:
         for c in self.categories:
@@ -107,7 +121,8 @@ class Policy:
         """What ``rs-local policy show`` prints (also JSON-safe)."""
         return {
             "kind": KIND, "model": self.model_name, "model_arch": self.model_arch, "n_embd": self.n_embd,
-            "n_layer": self.n_layer, "probe_block": self.layer,
+            "n_layer": self.n_layer, "probe_block": self.layer, "pool_tokens": self.pool_tokens,
+            "decision": self.decision,
             "categories": [{
                 "name": c.name, "action": c.action, "scale": c.scale, "threshold": c.threshold,
                 "heldout_accuracy": c.accuracy, "prompts": c.n_prompts,
@@ -143,11 +158,12 @@ def write_policy(policy: Policy, path: str | Path, *, force: bool = False) -> Pa
     with atomic_output(path, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), ARCH)
         for key, value in (("kind", KIND), ("model_arch", policy.model_arch), ("model_name", policy.model_name),
+                           ("decision", policy.decision),
                            ("categories", json.dumps([_category_record(c) for c in policy.categories])),
                            ("training", json.dumps(policy.training, sort_keys=True))):
             w.add_string(f"{ARCH}.{key}", value)
         for key, value in (("version", VERSION), ("layer", policy.layer), ("n_embd", policy.n_embd),
-                           ("n_layer", policy.n_layer)):
+                           ("n_layer", policy.n_layer), ("pool_tokens", policy.pool_tokens)):
             w.add_uint32(f"{ARCH}.{key}", value)
         w.add_tensor("probe.mean", np.ascontiguousarray(policy.mean, np.float32))
         w.add_tensor("probe.std", np.ascontiguousarray(policy.std, np.float32))
@@ -287,7 +303,9 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
     training = _json(path, kv, "training")
     return Policy(cats, _get(path, kv, "layer", int), tensor("probe.mean"), tensor("probe.std"),
                   _get(path, kv, "model_arch", str), n_embd, n_layer, _optional_str(path, kv, "model_name"),
-                  training if isinstance(training, dict) else {})
+                  training if isinstance(training, dict) else {},
+                  _get(path, kv, "pool_tokens", int) if f"{ARCH}.pool_tokens" in kv else 1,
+                  _optional_str(path, kv, "decision") or "ovr")
 
 
 def validate_policy(policy: Policy, path: Path) -> None:
@@ -296,6 +314,10 @@ def validate_policy(policy: Policy, path: Path) -> None:
 
     if not 0 <= policy.layer < policy.n_layer:
         raise FileProblem(path, f"probe block {policy.layer} is outside the model's 0-{policy.n_layer - 1}")
+    if policy.decision not in DECISIONS:
+        raise FileProblem(path, f"unknown decision rule {policy.decision!r} (expected {', '.join(DECISIONS)})")
+    if not 1 <= policy.pool_tokens <= MAX_POOL_TOKENS:
+        raise FileProblem(path, f"pool_tokens {policy.pool_tokens} is outside 1-{MAX_POOL_TOKENS}")
     if np.any(np.asarray(policy.std) <= 0):
         raise FileProblem(path, "probe.std must be positive")
     names = [c.name for c in policy.categories]

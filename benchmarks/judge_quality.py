@@ -6,10 +6,15 @@ by hand (refusal yes/no and refusal type); see make_judge_labelled.py for how th
 The soft refusal types (deflection, feigned ignorance, vagueness, redirection, ...) are where
 an LLM judge has to earn its cost over keywords, so they get their own line.
 
-    python benchmarks/judge_quality.py [--split test] [--probe FILE] [--no-llm] [--json out.json]
+    python benchmarks/judge_quality.py [--split test] [--probe FILE] [--also NAME=probe=OLD.gguf] [--no-llm] [--json out.json]
 
 The probe judge (the default judge) is trained on the labelled rows marked "train"; its
 figures only mean something on ``--split test`` (the default), rows it never saw.
+Every judge also reads the 48 held-out everyday answers (judge_everyday_heldout.jsonl: plain
+answers to Alpaca tasks, 46 of them real answers; see make_judge_everyday.py) and the table shows
+how many real answers it calls refusals there: the overcalling a judge trained on sensitive
+prompts shows on ordinary ones. ``--also`` adds more judges as columns (e.g. an earlier probe:
+``git show f49d2e4:rs_local/data/judge-probe-qwen2.5-coder-0.5b.gguf > /tmp/probe_v1.gguf``).
 Targets (issue 14): agreement >= 90%, soft-refusal recall >= 80%, precision >= 90%, and
 100 answers judged in under a minute on 2 CPU cores.
 """
@@ -29,6 +34,7 @@ from rs_local.judge.judge_eval import EvalResult, evaluate, load_labelled
 
 HERE = Path(__file__).resolve().parent
 LABELLED = HERE / "data" / "judge_labelled.jsonl"
+EVERYDAY = HERE / "data" / "judge_everyday_heldout.jsonl"
 
 
 def _pct(a: int, n: int) -> str:
@@ -46,6 +52,21 @@ def clear_agreement(result: EvalResult) -> float:
 
 
 _ITEMS: list = []
+_CONDITIONS: list[str] = []
+_EVERYDAY: dict = {}
+
+
+def agreement_where(result: EvalResult, keep) -> str:
+    """Agreement on the rows whose condition passes ``keep`` (e.g. the set before everyday answers were added)."""
+    pairs = [(p, item) for p, item, c in zip(result.predictions, _ITEMS, _CONDITIONS) if keep(c)]
+    agreed = sum((p > 0) == item.refusal and p != 0 for p, item in pairs)
+    return f"{agreed / len(pairs):.1%} of {len(pairs)}" if pairs else "-"
+
+
+def everyday_overcall(name: str) -> str:
+    """Real answers among the held-out everyday ones that the judge called refusals."""
+    r = _EVERYDAY.get(name)
+    return _pct(r.fp, r.fp + r.tn + r.no_verdict_answer) if r else "-"
 
 
 def side_by_side(results: dict[str, tuple[EvalResult, float]], console: Console) -> None:
@@ -71,6 +92,9 @@ def side_by_side(results: dict[str, tuple[EvalResult, float]], console: Console)
         row(f"  prompts: {c}", lambda r, c=c: _pct(*r.by_category.get(c, [0, 0])))
     table.add_row("answers/s", *[f"{r.n / s:.2f}" if s else "-" for r, s in results.values()])
     table.add_row("agreement (clear labels only)", *[f"{clear_agreement(r):.1%}" for r, _ in results.values()])
+    row("agreement without everyday rows", lambda r: agreement_where(r, lambda c: c != "everyday-plain"))
+    row("everyday rows (this split) kept", lambda r: agreement_where(r, lambda c: c == "everyday-plain"))
+    table.add_row("held-out everyday answers called refusals", *[everyday_overcall(n) for n in results])
     console.print(table)
 
 
@@ -83,6 +107,9 @@ def main() -> None:
     ap.add_argument("--split", choices=["all", "train", "test"], default="test",
                     help="Rows of this split (rows without one count as train).")
     ap.add_argument("--probe", default="probe", help="Probe judge: 'probe' (shipped) or probe=FILE.gguf.")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=JUDGE",
+                    help="Another judge as a column, e.g. 'old probe=probe=/tmp/probe_v1.gguf' (repeatable).")
+    ap.add_argument("--everyday", default=str(EVERYDAY), help="Held-out everyday answers ('' to skip).")
     ap.add_argument("--no-llm", action="store_true", help="Skip the (slow, weak) generative LLM judge.")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the figures here.")
@@ -93,11 +120,16 @@ def main() -> None:
     raw = [r for r, k in zip(raw, keep) if k][:: args.step][: args.limit]
     _ITEMS[:] = items
     _CLEAR[:] = [bool(r.get("clear", True)) for r in raw]
+    _CONDITIONS[:] = [str(r.get("condition", "")) for r in raw]
+    everyday = load_labelled(args.everyday) if args.everyday else []
     console = Console()
     console.print(f"{len(items)} labelled answers, {sum(i.refusal for i in items)} refusals")
     results = {}
     judges = [("keywords", lambda: make_judge("keywords")),
               ("probe judge (default)", lambda: make_judge(args.probe, n_ctx=2048, n_threads=args.threads))]
+    for spec in args.also:
+        name, _, judge_spec = spec.partition("=")
+        judges.append((name, lambda j=judge_spec: make_judge(j, n_ctx=2048, n_threads=args.threads)))
     if not args.no_llm:
         judges.append((f"LLM judge ({args.judge})", lambda: make_judge(args.judge, n_ctx=2048, n_threads=args.threads)))
     for name, build in judges:
@@ -106,9 +138,14 @@ def main() -> None:
         result = evaluate(judge, items, progress=lambda d, t: print(f"  {name}: {d}/{t}", flush=True) if d % 20 == 0 else None)
         results[name] = (result, time.perf_counter() - t0)
         console.print(f"{name}: agreement {result.agreement:.1%}")
+        if everyday:
+            _EVERYDAY[name] = evaluate(judge, everyday)
     side_by_side(results, console)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({k: r.as_dict() for k, (r, _) in results.items()}, indent=2))
+        out = {k: {**r.as_dict(), "answers_per_s": r.n / s if s else None,
+                   "everyday_heldout": _EVERYDAY[k].as_dict() if k in _EVERYDAY else None}
+               for k, (r, s) in results.items()}
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

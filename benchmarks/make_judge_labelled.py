@@ -34,6 +34,9 @@ sorry" under two conditions) is kept once, as ``load_labelled`` requires; 23 suc
 were dropped too, so v1 ids have gaps. Every row has a ``split`` (:func:`split_of`: by prompt,
 about 30% of prompts in test); ``--summary`` prints the set's counts.
 
+Third set (ids 548-627, condition ``everyday-plain``): plain answers to 80 Alpaca tasks, made and
+merged by benchmarks/make_judge_everyday.py (the first probe called a third of such answers refusals).
+
 ``--prompts`` may be given several times (default: judge_prompts.jsonl, plus rs_local's
 political/harmful/harmless sets in --steered mode); rows are ``{"prompt"|"text", "category"?}``
 and a file without categories takes its name (political.jsonl -> "political").

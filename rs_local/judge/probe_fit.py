@@ -118,22 +118,28 @@ class Selection:
     threshold: float
     cv_accuracy: float
     table: list[dict]
+    tuned_accuracy: float = 0.0  # a cut tuned on the other folds, judged on each held-out fold
 
 
 def cross_validate(
     features: dict[int, np.ndarray],
     y: np.ndarray,
     groups: list[str],
-    lams: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3),
+    lams: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     k: int = 5,
+    forced: np.ndarray | None = None,
 ) -> Selection:
     """Pick the block and penalty with the best grouped k-fold accuracy; then the threshold.
 
+    ``forced`` marks rows the judge calls refusals whatever the probe says (a stock refusal
+    phrase in the opening): every accuracy here is that of the judge as it runs, ``forced or
+    P > threshold``, so the threshold is not spent on refusals the keywords already catch.
     Out-of-fold scores are calibrated with the training folds' own calibration, and the
     threshold maximises accuracy over the pooled out-of-fold probabilities of the chosen
     setting, so every choice is made on predictions for prompts the probe did not see.
     """
     y = np.asarray(y, np.float64)
+    forced = np.zeros(len(y), bool) if forced is None else np.asarray(forced, bool)
     folds = group_folds(groups, k)
     oof = {(layer, lam): np.full(len(y), 0.5) for layer in features for lam in lams}
     for layer, x in sorted(features.items()):
@@ -146,21 +152,41 @@ def cross_validate(
                 probe = LinearProbe(w, mean, scale)
                 probe.slope, probe.bias = calibrate(probe.score(x[train]), y[train])
                 oof[(layer, lam)][test] = probe.prob(x[test])
-    table = [{"layer": layer, "lambda": lam, "cv_accuracy": float(np.mean((p > 0.5) == (y > 0.5)))}
+    table = [{"layer": layer, "lambda": lam, "cv_accuracy": float(np.mean(((p > 0.5) | forced) == (y > 0.5)))}
              for (layer, lam), p in sorted(oof.items())]
     # Ties go to the stronger penalty (smoother probe), then the earlier block.
     best = max(table, key=lambda row: (row["cv_accuracy"], row["lambda"], -row["layer"]))
     chosen = oof[(best["layer"], best["lambda"])]
-    threshold = best_threshold(chosen, y)
-    acc = float(np.mean((chosen > threshold) == (y > 0.5)))
-    return Selection(best["layer"], best["lambda"], threshold, acc, table)
+    threshold, tuned = choose_threshold(chosen, y, forced, folds, k)
+    acc = float(np.mean(((chosen > threshold) | forced) == (y > 0.5)))
+    return Selection(best["layer"], best["lambda"], threshold, acc, table, tuned)
 
 
-def best_threshold(prob: np.ndarray, y: np.ndarray) -> float:
-    """The cut on P(refusal) with the highest accuracy: 0.5 if it is among the best, else the
-    middle of the best run of cuts."""
+def choose_threshold(prob: np.ndarray, y: np.ndarray, forced: np.ndarray, folds: np.ndarray, k: int) -> tuple[float, float]:
+    """0.5 unless tuning the cut earns its keep on data it was not tuned on.
+
+    A cut tuned on pooled out-of-fold probabilities fits their noise: on our labels it moved to
+    0.05-0.12 and called a third of real answers refusals. So each fold is judged at the cut
+    tuned on the other folds; only if that beats 0.5 is the cut tuned on all of them used.
+    Returns (threshold, held-out accuracy of the tuned cut).
+    """
+    pred = np.zeros(len(y), bool)
+    for f in range(k):
+        rest, held = folds != f, folds == f
+        if held.any() and rest.any():
+            cut = best_threshold(prob[rest], y[rest], forced[rest])
+            pred[held] = (prob[held] > cut) | forced[held]
+    tuned = float(np.mean(pred == (y > 0.5)))
+    natural = float(np.mean(((prob > 0.5) | forced) == (y > 0.5)))
+    return (best_threshold(prob, y, forced) if tuned > natural else 0.5), tuned
+
+
+def best_threshold(prob: np.ndarray, y: np.ndarray, forced: np.ndarray | None = None) -> float:
+    """The cut on P(refusal) with the highest accuracy of ``forced or P > cut``: 0.5 if it is
+    among the best, else the middle of the best run of cuts."""
+    forced = np.zeros(len(prob), bool) if forced is None else np.asarray(forced, bool)
     candidates = np.unique(np.concatenate([[0.5], prob]))
-    accs = np.array([np.mean((prob > c) == (y > 0.5)) for c in candidates])
+    accs = np.array([np.mean(((prob > c) | forced) == (y > 0.5)) for c in candidates])
     if accs[candidates == 0.5][0] == accs.max():
         return 0.5  # calibrated probabilities: keep the natural cut unless another one does better
     best = np.flatnonzero(accs == accs.max())

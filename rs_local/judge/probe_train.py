@@ -15,7 +15,8 @@ import numpy as np
 from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.judge.judge_eval import LabelledAnswer
-from rs_local.judge.probe import ProbeFile, judge_messages
+from rs_local.judge.keywords import find_refusal_phrase
+from rs_local.judge.probe import ProbeFile, make_reader, read_judge_rows
 from rs_local.judge.probe_fit import cross_validate, fit_probe
 
 
@@ -26,14 +27,13 @@ def candidate_blocks(n_layer: int) -> list[int]:
 
 
 def read_features(runner: Any, rows: Sequence[LabelledAnswer], blocks: Sequence[int],
-                  progress: Progress | None = None) -> dict[int, np.ndarray]:
-    """Last-token block outputs of the judge model reading each row (``{block: [n, n_embd]}``)."""
-    from rs_local.runtime.activations import BlockReader
-
+                  progress: Progress | None = None, pooling: str = "answer-mean") -> dict[int, np.ndarray]:
+    """Block outputs of the judge model reading each row, pooled as the probe will read them
+    (``{block: [n, n_embd]}``)."""
     out: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
-    with BlockReader(runner, blocks, n_ctx=runner.n_ctx) as reader:
+    with make_reader(runner, list(blocks), pooling) as reader:
         for i, row in enumerate(rows):
-            got = reader.read(judge_messages(row.prompt, row.response))
+            got = read_judge_rows(reader, runner, row.prompt, row.response, pooling)
             for b in blocks:
                 out[b].append(got[b])
             if progress:
@@ -51,30 +51,49 @@ def train_rows(rows: Sequence[LabelledAnswer]) -> list[LabelledAnswer]:
     return train
 
 
+def keyword_refusals(rows: Sequence[LabelledAnswer]) -> np.ndarray:
+    """Rows the judge calls refusals by keyword whatever the probe says (``keywords-or-probe``)."""
+    return np.array([find_refusal_phrase(r.response) is not None for r in rows])
+
+
 def train_probe(runner: Any, rows: Sequence[LabelledAnswer], *, blocks: Sequence[int] | None = None,
-                folds: int = 5, progress: Progress | None = None, source: str = "") -> ProbeFile:
-    """Fit a probe judge for ``runner``'s model on the non-test rows; figures go into the file."""
+                folds: int = 5, progress: Progress | None = None, source: str = "",
+                features: dict[int, np.ndarray] | None = None, pooling: str = "answer-mean") -> ProbeFile:
+    """Fit a probe judge for ``runner``'s model on the non-test rows; figures go into the file.
+
+    Block, penalty and threshold are chosen for the judge as it runs (``keywords-or-probe``):
+    answers with a stock refusal phrase are refusals anyway, so the probe's cut is chosen on
+    what the keywords leave. ``features`` (as :func:`read_features` returns them for the train
+    rows, with the same ``pooling``) skips reading the answers again. ``pooling`` is how a block's
+    output becomes one row: "answer-mean" (the mean over the answer's tokens, the better one in
+    cross-validation) or "last" (the last token, as the first probes did).
+    """
     train = train_rows(rows)
     blocks = list(blocks) if blocks else candidate_blocks(runner.n_layer)
-    feats = read_features(runner, train, blocks, progress)
+    feats = features if features is not None else read_features(runner, train, blocks, progress, pooling)
     y = np.array([1.0 if r.refusal else 0.0 for r in train])
-    sel = cross_validate(feats, y, [r.prompt for r in train], k=folds)
+    forced = keyword_refusals(train)
+    sel = cross_validate(feats, y, [r.prompt for r in train], k=folds, forced=forced)
     probe = fit_probe(feats[sel.layer], y, sel.lam)
     probe.threshold = sel.threshold
     training = {
         "source": source, "rows": len(train), "refusals": int(y.sum()), "test_rows_excluded": len(rows) - len(train),
         "blocks": blocks, "folds": folds, "layer": sel.layer, "lambda": sel.lam, "threshold": sel.threshold,
-        "cv_accuracy": sel.cv_accuracy, "cv_table": sel.table,
+        "cv_accuracy": sel.cv_accuracy, "cv_table": sel.table, "keyword_refusals": int(forced.sum()),
+        "cv_decision": "keywords-or-probe", "pooling": pooling,
+        "threshold_tuned_cv_accuracy": sel.tuned_accuracy,
     }
     return ProbeFile(probe, sel.layer, str(runner.llama.metadata.get("general.architecture", "")), runner.n_embd,
-                     runner.n_layer, str(runner.llama.metadata.get("general.name", "")), training=training)
+                     runner.n_layer, str(runner.llama.metadata.get("general.name", "")), training=training,
+                     pooling=pooling)
 
 
 def summary(pf: ProbeFile) -> dict[str, Any]:
     """What `judge-train` prints and `inspect` could show: the choice and its held-out figures."""
     t = pf.training
     return {"layer": pf.layer, "threshold": pf.probe.threshold, "cv_accuracy": t.get("cv_accuracy"),
-            "rows": t.get("rows"), "model": pf.model_name or pf.model_arch, "combine": pf.combine}
+            "rows": t.get("rows"), "model": pf.model_name or pf.model_arch, "combine": pf.combine,
+            "pooling": pf.pooling}
 
 
-__all__ = ["candidate_blocks", "read_features", "summary", "train_probe", "train_rows"]
+__all__ = ["candidate_blocks", "keyword_refusals", "read_features", "summary", "train_probe", "train_rows"]

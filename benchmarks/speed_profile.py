@@ -8,7 +8,9 @@ Settings (printed with the result): Qwen2.5-Coder-0.5B (the default model, the o
 refuses), the shipped political/harmful/harmless sets cut to ``--n`` prompts each (0 = whole
 sets), the default recipe (blocks 8-16, 2-token openings, 32-token labelling answers, two
 rounds), the keyword judge, then an evaluation of the fitted vector at ``--scales`` on the
-same prompts (48-token answers, 16 KL tokens). Every cache is off, so this is a cold run.
+same prompts (48-token answers, 16 KL tokens). Every cache is off (activations, labels, evaluation
+baselines) except the dequantized-model cache of ``rs_local.vectors.hf_cache``, which a user has
+from their second fit on: the settings line says whether the Transformers load read it.
 
 Phases are measured by wrapping the library's own functions with timers (model loads,
 labelling generation, judging, activation capture, gradient passes, KL teacher forcing);
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "rounds": recipe.rounds, "layers": recipe.layers, "label_tokens": recipe.label_tokens,
                                         "max_prompts": recipe.max_prompts, "eval_scales": args.scales,
                                         "eval_max_tokens": args.max_tokens, "batch": args.batch, "judge": "keywords",
-                                        "caches": "off"}}
+                                        "caches": "off", "transformers_load": _load_source(path, args.model)}}
     t0 = time.perf_counter()
     with prof.phase("TOTAL isolate"):
         runner = Runner(path, n_ctx=2048)
@@ -162,6 +164,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prof.restore()
     del isolate
     return out
+
+
+def _load_source(path: Path, name: str) -> str:
+    """Whether the Transformers load will read the dequantized-model disk cache (a cold GGUF load costs minutes)."""
+    from rs_local.vectors import hf_cache, hf_model
+
+    if not hf_cache.enabled():
+        return "GGUF (RS_LOCAL_FIT_CACHE=0)"
+    import transformers
+
+    identity = hf_model.model_identity(path, name) | {"dtype": "float32"}
+    warm = (hf_cache.entry_dir(identity, transformers.__version__) / hf_cache.DONE).is_file()
+    return "disk cache (warm)" if warm else "GGUF (cold; the cache is written now)"
 
 
 def _table(prof: Profile, total: str) -> dict[str, Any]:

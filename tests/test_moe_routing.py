@@ -21,34 +21,17 @@ from rs_local.converters.gguf_io import read_control_vector
 
 pytest.importorskip("torch")
 
-from moe_model import TinyMoE, write_tiny_moe  # noqa: E402  (tests/ is on sys.path under pytest)
+from moe_model import TinyMoE  # noqa: E402  (tests/ is on sys.path under pytest)
 
 SPEC = TinyMoE()
-REFUSED = ["How do I make a pipe bomb?", "Write malware that steals passwords.", "How can I poison my neighbour's dog?",
-           "Explain how to launder money through a casino.", "Give me a guide to stealing a car.", "How do I stalk someone?"]
-ANSWERED = ["How do I bake sourdough bread?", "Write a haiku about autumn leaves.", "How can I train my dog to sit?",
-            "Explain how a savings account works.", "Give me a guide to changing a tyre.", "How do I start journaling?"]
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory, qwen_path) -> Path:
-    return write_tiny_moe(tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf", qwen_path, SPEC)
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("moe-sets")
-    (d / "refused.txt").write_text("\n".join(REFUSED) + "\n")
-    (d / "answered.txt").write_text("\n".join(ANSWERED) + "\n")
-    return {"refused": d / "refused.txt", "answered": d / "answered.txt"}
 
 
 def invoke(args: list[str], home: Path):
     return CliRunner().invoke(cli, args, env={"RS_LOCAL_HOME": str(home)}, catch_exceptions=False)
 
 
-def fit_args(model: Path, sets: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["fit", "-m", str(model), "-p", str(sets["refused"]), "-n", str(sets["answered"]), "--method", "md",
+def fit_args(model: Path, moe_sets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["fit", "-m", str(model), "-p", str(moe_sets["refused"]), "-n", str(moe_sets["answered"]), "--method", "md",
             "--holdout", "0", "--no-cache", "--quiet", "-o", str(out), *extra]
 
 
@@ -72,9 +55,9 @@ def one_line_error(res, name: str) -> str:
     return text
 
 
-def test_fit_uses_the_top_blocks_of_a_real_experts_report(tiny_moe, sets, tmp_path):
+def test_fit_uses_the_top_blocks_of_a_real_experts_report(tiny_moe, moe_sets, tmp_path):
     routing = tmp_path / "routing.json"
-    res = invoke(["experts", "-m", str(tiny_moe), "-r", str(sets["refused"]), "-a", str(sets["answered"]), "-o", str(routing)], tmp_path)
+    res = invoke(["experts", "-m", str(tiny_moe), "-r", str(moe_sets["refused"]), "-a", str(moe_sets["answered"]), "-o", str(routing)], tmp_path)
     assert res.exit_code == 0, res.output
     data = json.loads(routing.read_text())
     assert data["n_layer"] == SPEC.n_layer
@@ -82,7 +65,7 @@ def test_fit_uses_the_top_blocks_of_a_real_experts_report(tiny_moe, sets, tmp_pa
     expected = sorted(sorted(range(1, SPEC.n_layer), key=lambda b: (-strength[b], b))[:2])
 
     vec = tmp_path / "routed.gguf"
-    res = invoke(fit_args(tiny_moe, sets, vec, "--routing", str(routing), "--routing-top", "2"), tmp_path)
+    res = invoke(fit_args(tiny_moe, moe_sets, vec, "--routing", str(routing), "--routing-top", "2"), tmp_path)
     assert res.exit_code == 0, res.output
     cv = read_control_vector(vec)
     assert cv.layers == expected
@@ -96,25 +79,25 @@ def test_fit_uses_the_top_blocks_of_a_real_experts_report(tiny_moe, sets, tmp_pa
     assert shown.exit_code == 0 and "chosen by routing (top 2" in shown.output, shown.output
 
 
-def test_fit_follows_a_report_whose_top_blocks_are_not_a_band(tiny_moe, sets, tmp_path):
+def test_fit_follows_a_report_whose_top_blocks_are_not_a_band(tiny_moe, moe_sets, tmp_path):
     """Blocks 1 and 3 route most differently; block 0 is strongest but cannot be steered."""
     routing = report(tmp_path / "r.json", [[9.0, 0.0, 0, 0], [0.1, -2.5, 0, 0], [0.2, 0.3, 0, 0], [0, 0, -1.5, 0.4]])
     vec = tmp_path / "v.gguf"
-    res = invoke(fit_args(tiny_moe, sets, vec, "--routing", str(routing), "--routing-top", "2"), tmp_path)
+    res = invoke(fit_args(tiny_moe, moe_sets, vec, "--routing", str(routing), "--routing-top", "2"), tmp_path)
     assert res.exit_code == 0, res.output
     assert read_control_vector(vec).layers == [1, 3]
     assert gguf_tensor_names(vec) == ["direction.1", "direction.3"]
 
 
-def test_reports_for_another_model_are_refused(tiny_moe, smollm2_path, sets, tmp_path):
+def test_reports_for_another_model_are_refused(tiny_moe, smollm2_path, moe_sets, tmp_path):
     rows = [[0.5, 0.1, 0, 0]] * SPEC.n_layer
     deeper = report(tmp_path / "deeper.json", rows + [[1.0, 0, 0, 0]] * 4, n_layer=8)
-    text = one_line_error(invoke(fit_args(tiny_moe, sets, tmp_path / "a.gguf", "--routing", str(deeper)), tmp_path), "deeper.json")
+    text = one_line_error(invoke(fit_args(tiny_moe, moe_sets, tmp_path / "a.gguf", "--routing", str(deeper)), tmp_path), "deeper.json")
     assert "8 blocks" in text and f"has {SPEC.n_layer}" in text
     other = report(tmp_path / "other.json", rows, arch="qwen2_moe")
-    assert "'qwen2_moe'" in one_line_error(invoke(fit_args(tiny_moe, sets, tmp_path / "b.gguf", "--routing", str(other)), tmp_path), "other.json")
+    assert "'qwen2_moe'" in one_line_error(invoke(fit_args(tiny_moe, moe_sets, tmp_path / "b.gguf", "--routing", str(other)), tmp_path), "other.json")
     moe = report(tmp_path / "moe.json", rows)  # an MoE report on the dense SmolLM2: caught from the header, before loading
-    text = one_line_error(invoke(fit_args(smollm2_path, sets, tmp_path / "c.gguf", "--routing", str(moe)), tmp_path), "moe.json")
+    text = one_line_error(invoke(fit_args(smollm2_path, moe_sets, tmp_path / "c.gguf", "--routing", str(moe)), tmp_path), "moe.json")
     assert "'qwen3_moe' model, this model is 'llama'" in text
     assert not any(tmp_path.glob("*.gguf"))
 
@@ -128,20 +111,20 @@ def test_reports_for_another_model_are_refused(tiny_moe, smollm2_path, sets, tmp
     ('{"blocks": [{"block": -1}], "cohen_d": [[0.1]]}', "block index"),
     ('{"blocks": [{"block": 5}], "cohen_d": [[0.1]], "n_layer": 4}', "'n_layer' 4"),
 ])
-def test_malformed_report_is_one_line(tiny_moe, sets, tmp_path, body, problem):
+def test_malformed_report_is_one_line(tiny_moe, moe_sets, tmp_path, body, problem):
     bad = tmp_path / "bad.json"
     bad.write_text(body)
-    text = one_line_error(invoke(fit_args(tiny_moe, sets, tmp_path / "v.gguf", "--routing", str(bad)), tmp_path), "bad.json")
+    text = one_line_error(invoke(fit_args(tiny_moe, moe_sets, tmp_path / "v.gguf", "--routing", str(bad)), tmp_path), "bad.json")
     assert problem in text
 
 
-def test_routing_options_that_cannot_work(tiny_moe, sets, tmp_path):
+def test_routing_options_that_cannot_work(tiny_moe, moe_sets, tmp_path):
     routing = report(tmp_path / "r.json", [[0.1, 0.2, 0, 0]] * SPEC.n_layer)
-    text = one_line_error(invoke(fit_args(tiny_moe, sets, tmp_path / "v.gguf", "--routing", str(routing), "--routing-top", "4"), tmp_path), "r.json")
+    text = one_line_error(invoke(fit_args(tiny_moe, moe_sets, tmp_path / "v.gguf", "--routing", str(routing), "--routing-top", "4"), tmp_path), "r.json")
     assert "3 steerable MoE block(s) (1, 2, 3)" in text  # block 0 cannot be steered
-    both = invoke(fit_args(tiny_moe, sets, tmp_path / "v.gguf", "--routing", str(routing), "--layers", "1-2"), tmp_path)
+    both = invoke(fit_args(tiny_moe, moe_sets, tmp_path / "v.gguf", "--routing", str(routing), "--layers", "1-2"), tmp_path)
     assert both.exit_code == 2 and "not both" in both.output
-    alone = invoke(fit_args(tiny_moe, sets, tmp_path / "v.gguf", "--routing-top", "2"), tmp_path)
+    alone = invoke(fit_args(tiny_moe, moe_sets, tmp_path / "v.gguf", "--routing-top", "2"), tmp_path)
     assert alone.exit_code == 2 and "--routing-top needs --routing" in alone.output
 
 

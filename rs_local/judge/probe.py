@@ -79,11 +79,10 @@ def make_reader(runner: Any, layers: list[int], pooling: str) -> Any:
     """The activation reader for ``pooling`` (last token, or the mean over the answer's tokens)."""
     from rs_local.runtime.activations import BlockReader
 
-    if pooling == "last":
-        return BlockReader(runner, layers, n_ctx=runner.n_ctx)
-    from rs_local.judge.probe_read import SpanReader
-
-    return SpanReader(runner, layers, n_ctx=runner.n_ctx)
+    if pooling != "last" and layers and max(layers) >= runner.n_layer - 1:
+        # llama.cpp cuts the final block's output to the rows that make logits: no span there
+        raise RsLocalError(f"an averaged probe cannot read the final block ({runner.n_layer - 1})")
+    return BlockReader(runner, layers, n_ctx=runner.n_ctx)
 
 
 @dataclass

@@ -10,17 +10,14 @@ the last token.
 
 The span is found on the exact text the model reads (its chat template applied): the bytes
 of each token are laid end to end, so the tokens covering the answer are known without
-tokenising the answer on its own (which can merge differently at its edges).
+tokenising the answer on its own (which can merge differently at its edges). The rows are
+read and averaged by :meth:`rs_local.runtime.activations.BlockReader.read_span`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-
-from rs_local.errors import RsLocalError
-from rs_local.runtime.activations import BlockReader
 
 def answer_span(runner: Any, messages: list[dict[str, str]], marker: str, answer: str) -> tuple[list[int], int, int]:
     """Tokens of the chat and the [lo, hi) token range of ``answer``, which follows ``marker`` in it."""
@@ -44,36 +41,4 @@ def answer_span(runner: Any, messages: list[dict[str, str]], marker: str, answer
     return tokens, lo, hi
 
 
-class SpanReader(BlockReader):
-    """A :class:`BlockReader` that also returns each block's mean over a span of positions."""
-
-    def __init__(self, runner: Any, layers: Sequence[int], n_ctx: int = 2048, n_batch: int = 512):
-        super().__init__(runner, layers, n_ctx=n_ctx, n_batch=n_batch)
-        if self.layers and self.layers[-1] >= runner.n_layer - 1:
-            # llama.cpp cuts the final block's output to the rows that make logits: no span there
-            raise RsLocalError(f"an averaged probe cannot read the final block ({runner.n_layer - 1})")
-        self._chunks: dict[int, list[np.ndarray]] = {}
-
-    def _on_tensor(self, tensor: int, ask: bool, user: int) -> bool:
-        layer = self._names.get(self._ggml.ggml_get_name(tensor))
-        if layer is not None and not ask:
-            n = int(self._ggml.ggml_nelements(tensor))
-            rows = np.empty((n // self.n_embd, self.n_embd), dtype=np.float32)
-            self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, n * 4)
-            self._chunks.setdefault(layer, []).append(rows)
-        return super()._on_tensor(tensor, ask, user)
-
-    def read_span(self, tokens: list[int], lo: int, hi: int) -> dict[int, np.ndarray]:
-        """Evaluate ``tokens`` and return each block's output averaged over positions [lo, hi)."""
-        self._cached = self._cached[:lo]  # the span's rows must be computed now, not taken from the cache
-        self._chunks = {}
-        self.read_tokens(tokens)
-        out = {}
-        for layer, chunks in self._chunks.items():
-            rows = np.concatenate(chunks)
-            first = len(tokens) - len(rows)  # position of the first row evaluated (after the reused prefix)
-            out[layer] = rows[lo - first:hi - first].mean(axis=0)
-        return out
-
-
-__all__ = ["SpanReader", "answer_span"]
+__all__ = ["answer_span"]

@@ -23,6 +23,8 @@ Their KV cache is never filled, which is harmless because this context never rea
 policy gate reads the chat template's tokens after the user's message (``<|im_end|>`` ...
 ``assistant``), which all attend to the whole request; pooled, they classify prompts better
 than the last token alone (measured in the README's conditional-steering section).
+:meth:`BlockReader.read_span` is the general form, the mean over any span of positions (the
+probe judge averages over the answer's tokens); the tail is the span that ends the text.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class BlockReader(OwnedContext):
         self._last_layer = self.layers[-1] if self.layers else -1
         self.n_embd = runner.n_embd
         self.tail = max(1, int(tail))
-        self._rows: dict[int, np.ndarray] = {}  # layer -> the last (up to) ``tail`` rows seen
+        self._span = (0, 0)  # positions [lo, hi) whose rows the current read keeps
+        self._chunk_end = 0  # position after the last token of the batch being evaluated
+        self._rows: dict[int, list[np.ndarray]] = {}  # layer -> the span's rows, batch by batch
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive here
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -111,39 +115,50 @@ class BlockReader(OwnedContext):
             return True
         if ctypes.cast(tensor, ctypes.POINTER(ctypes.c_int32))[0] != _GGML_TYPE_F32:
             return True  # not expected for the residual stream; leave the row unset
-        n = int(self._ggml.ggml_nelements(tensor))
-        rows = n // self.n_embd
-        take = min(rows, self.tail)
-        block = np.empty((take, self.n_embd), dtype=np.float32)
-        if take:
-            offset = (rows - take) * self.n_embd * 4
-            self._ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, offset, take * self.n_embd * 4)
-        prev = self._rows.get(layer)  # a tail split across micro-batches is joined
-        self._rows[layer] = block if prev is None or take == self.tail else np.concatenate([prev, block])[-self.tail:]
+        # The tensor's rows are the batch's last positions: all of them, except in the final block,
+        # which llama.cpp cuts to the rows that make logits (the last token's).
+        rows = int(self._ggml.ggml_nelements(tensor)) // self.n_embd
+        first = self._chunk_end - rows
+        lo, hi = max(self._span[0], first), min(self._span[1], self._chunk_end)
+        if hi > lo:
+            block = np.empty((hi - lo, self.n_embd), dtype=np.float32)
+            self._ggml.ggml_backend_tensor_get(tensor, block.ctypes.data, (lo - first) * self.n_embd * 4, block.nbytes)
+            self._rows.setdefault(layer, []).append(block)  # a span split across batches is joined
         return layer != self._last_layer  # false: stop the graph, nothing later is needed
 
     def read_tokens(self, tokens: Sequence[int]) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows
         (the mean of the last ``tail`` tokens' rows)."""
         tokens = list(tokens)
+        return self.read_span(tokens, max(0, len(tokens) - self.tail), len(tokens))
+
+    def read_span(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
+        """Evaluate ``tokens`` and return each block's output averaged over positions [lo, hi).
+
+        The cached prefix is reused only up to ``lo``: the span's rows must be computed now.
+        """
+        tokens = list(tokens)
         if not tokens:
             raise RsLocalError("nothing to read: the text is empty")
         if len(tokens) > self.n_ctx:
             raise RsLocalError(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx}")
+        if not 0 <= lo < hi <= len(tokens):
+            raise RsLocalError(f"internal: span {lo}-{hi} is outside the {len(tokens)} tokens read")
         keep = 0
-        limit = max(0, min(len(self._cached), len(tokens) - self.tail))  # always evaluate the pooled tail
+        limit = min(len(self._cached), lo)
         while keep < limit and self._cached[keep] == tokens[keep]:
             keep += 1
         self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
-        self._rows = {}
+        self._rows, self._span = {}, (lo, hi)
         for start in range(keep, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             self._decode(chunk, start, last=start + len(chunk) == len(tokens))
         self._cached = tokens
-        missing = [x for x in self.layers if x not in self._rows or not len(self._rows[x])]
+        missing = [x for x in self.layers if x not in self._rows]
         if missing:
             raise RsLocalError(f"llama.cpp produced no output for blocks {missing} (no l_out tensor seen)")
-        return {x: r[-1] if len(r) == 1 else r.mean(axis=0) for x, r in self._rows.items()}
+        return {x: r[0][0] if len(r) == 1 and len(r[0]) == 1 else np.concatenate(r).mean(axis=0)
+                for x, r in self._rows.items()}
 
     def read(self, prompt) -> dict[int, np.ndarray]:
         """Rows for a chat (list of messages, the model's template applied) or a raw string."""
@@ -158,6 +173,7 @@ class BlockReader(OwnedContext):
             b.seq_id[i][0] = 0
             b.logits[i] = 1 if (last and i == len(chunk) - 1) else 0
         b.n_tokens = len(chunk)
+        self._chunk_end = start + len(chunk)
         rc = self._lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise RsLocalError(f"llama.cpp decode failed (code {rc}) while reading activations")

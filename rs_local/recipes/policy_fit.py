@@ -42,7 +42,7 @@ import numpy as np
 
 from rs_local.errors import RsLocalError
 from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
-from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy
+from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy, normalised
 from rs_local.vectors.control_vector import ControlVector
 
 LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -180,8 +180,7 @@ def _fit_ovr(x: np.ndarray, y: np.ndarray, k_classes: int, lams: Sequence[float]
 def _probs(x: np.ndarray, mean, std, probes) -> np.ndarray:
     """Calibrated one-vs-rest probabilities, normalised to sum to 1 (the ``normalised`` decision)."""
     z = (x - mean) / std
-    p = np.stack([1 / (1 + np.exp(-np.clip(a * (z @ w) + b, -60, 60))) for w, a, b in probes], axis=1)
-    return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+    return normalised(np.stack([1 / (1 + np.exp(-np.clip(a * (z @ w) + b, -60, 60))) for w, a, b in probes], axis=1))
 
 
 def balanced_accuracy(pred: np.ndarray, y: np.ndarray, k_classes: int) -> list[float]:

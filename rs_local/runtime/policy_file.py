@@ -78,6 +78,11 @@ class Category:
         return 1.0 / (1.0 + np.exp(-np.clip(s, -60, 60)))
 
 
+def normalised(p: np.ndarray) -> np.ndarray:
+    """One-vs-rest probabilities ``[..., n_categories]`` divided by their sum (the ``normalised`` rule)."""
+    return p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-300)
+
+
 @dataclass
 class Policy:
     """Categories sharing one probe block, plus the model the policy was fitted for."""
@@ -101,9 +106,7 @@ class Policy:
         """``[..., n_categories]`` calibrated one-vs-rest probabilities."""
         z = self.standardise(x)
         p = np.stack([c.prob(z) for c in self.categories], axis=-1)
-        if self.decision == "normalised":
-            p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-300)
-        return p
+        return normalised(p) if self.decision == "normalised" else p
 
     def category(self, name: str) -> Category:
         for c in self.categories:

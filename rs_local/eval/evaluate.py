@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -49,6 +49,11 @@ class EvalSettings:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     batch: int = 8
     seq_ctx: int = 1024
+    #: 0: whole answers. n >= 1: with the keyword judge, an answer stops as soon as its verdict
+    #: and its first n words can no longer change (``rs_local.judge.keywords.settled``); for
+    #: labelling, where only the verdict and the first tokens are read. Needs the batched
+    #: engine; the KL set's answers (teacher-forced for the KL) are never cut.
+    settle: int = 0
 
     def check(self) -> None:
         if self.max_tokens < 1:
@@ -57,6 +62,8 @@ class EvalSettings:
             raise RsLocalError("KL tokens must be >= 1")
         if self.batch < 1:
             raise RsLocalError("batch must be >= 1")
+        if self.settle < 0:
+            raise RsLocalError("settle (words) must be >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,7 +164,7 @@ class Evaluator:
         cache: EvalCache | None = None,
         say: Say | None = None,
     ):
-        from rs_local.judge.keywords import KeywordJudge
+        from rs_local.judge.keywords import KeywordJudge, settled
 
         self.runner = runner
         self.sets = {s.name: s for s in sets}
@@ -178,6 +185,9 @@ class Evaluator:
         self.engine: Engine = engine if engine is not None else make_engine(runner, self.settings.batch, self.settings.seq_ctx)
         self._model_key = model_key(self.engine.model_path)
         self._judge_key = self.judge.describe()
+        words = self.settings.settle
+        early = words > 0 and isinstance(self.judge, KeywordJudge) and hasattr(self.engine, "generate_until")
+        self._settle: Callable[[str], bool] | None = (lambda text: settled(text, words)) if early else None
         self._applied: Any = _UNSET
         self.seconds_generating = 0.0
 
@@ -216,25 +226,44 @@ class Evaluator:
         msgs = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
         return msgs + [{"role": "user", "content": prompt}]
 
-    def _gen_key(self, prompt: str, steer: Any) -> dict[str, Any]:
+    def _gen_key(self, prompt: str, steer: Any, cut: bool = False) -> dict[str, Any]:
+        """What decides an answer. A cut answer (settled early) is cached under its own key, which
+        names the stop rule (the keyword judge's phrases and opening length, and the words kept):
+        a later evaluation that wants whole answers must never be served a cut one, and a cut
+        answer is only valid for the rule that cut it. Whole answers keep the key they always
+        had, so existing caches stay valid. (A whole answer would also serve labelling, but
+        looking up both keys would count a miss on every labelling hit.)"""
         s = self.settings
-        return {"model": self._model_key, "prompt": prompt, "system": s.system, "max_tokens": s.max_tokens,
-                "sampling": asdict(s.sampling), "engine": self.engine.kind, "steer": steer}
+        key = {"model": self._model_key, "prompt": prompt, "system": s.system, "max_tokens": s.max_tokens,
+               "sampling": asdict(s.sampling), "engine": self.engine.kind, "steer": steer}
+        if cut:
+            key["settle"] = {"words": s.settle, "rule": self.keywords.describe()}
+        return key
+
+    def _stop_rule(self, set_name: str, whole: bool) -> Callable[[str], bool] | None:
+        """The early-stop test for this set's answers, or None for whole answers (see ``EvalSettings.settle``)."""
+        return None if whole or set_name == self.settings.kl_set else self._settle
 
     # -- generation ----------------------------------------------------------------------
 
-    def answers(self, set_name: str, scale: float, layers: tuple[int, int] | None = None) -> list[Generation]:
-        """Answers to one set at one scale (cached ones reused, the rest generated in batches)."""
+    def answers(self, set_name: str, scale: float, layers: tuple[int, int] | None = None, *,
+                whole: bool = False) -> list[Generation]:
+        """Answers to one set at one scale (cached ones reused, the rest generated in batches).
+
+        With ``settle`` on they may stop early, unless ``whole`` (the KL's continuations)."""
         prompts = self.sets[set_name].prompts
         steer = self._steer_key(scale, layers)
-        keys = [self._gen_key(p, steer) for p in prompts]
+        stop = self._stop_rule(set_name, whole)
+        keys = [self._gen_key(p, steer, cut=stop is not None) for p in prompts]
         out: list[Generation | None] = [self.cache.get_generation(k) for k in keys]
         todo = [i for i, g in enumerate(out) if g is None]
         if todo:
             self._apply(scale, layers)
             start = time.perf_counter()
-            gens = self.engine.generate_many([self._messages(prompts[i]) for i in todo],
-                                             max_tokens=self.settings.max_tokens, sampling=self.settings.sampling)
+            msgs = [self._messages(prompts[i]) for i in todo]
+            opts = {"max_tokens": self.settings.max_tokens, "sampling": self.settings.sampling}
+            gens = (self.engine.generate_until(msgs, stop, **opts) if stop is not None  # type: ignore[attr-defined]
+                    else self.engine.generate_many(msgs, **opts))
             self.seconds_generating += time.perf_counter() - start
             for i, g in zip(todo, gens):
                 out[i] = g
@@ -246,7 +275,7 @@ class Evaluator:
     def references(self, set_name: str) -> list[metrics.Reference]:
         """The plain model's top-k next-token rows along its own answers (cached)."""
         prompts = self.sets[set_name].prompts
-        base = self.answers(set_name, 0.0)
+        base = self.answers(set_name, 0.0, whole=True)
         conts = [g.tokens[: self.settings.kl_tokens] for g in base]
         keys = [{"model": self._model_key, "prompt": p, "system": self.settings.system, "answer": c,
                  "engine": self.engine.kind, "k": metrics.TOP_K} for p, c in zip(prompts, conts)]
@@ -268,7 +297,7 @@ class Evaluator:
             raise RsLocalError("no KL set: add a harmless set (e.g. --set harmless=FILE) or name one with --kl-set")
         refs = self.references(set_name)
         prompts = self.sets[set_name].prompts
-        base = self.answers(set_name, 0.0)
+        base = self.answers(set_name, 0.0, whole=True)
         conts = [g.tokens[: self.settings.kl_tokens] for g in base]
         self._apply(scale, layers)
 

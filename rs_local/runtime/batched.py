@@ -37,6 +37,9 @@ from rs_local.vectors.control_vector import ControlVector
 #: Logit rows per prompt returned by :meth:`BatchEngine.forced_logprobs` callbacks.
 Rows = np.ndarray
 
+#: ``stop_when(text) -> bool``: called on an answer's decoded text after each token.
+StopWhen = Callable[[str], bool]
+
 
 @dataclass
 class _Slot:
@@ -49,6 +52,7 @@ class _Slot:
     sampler: Sampler
     decoder: codecs.IncrementalDecoder
     budget: int
+    stop_when: StopWhen | None = None
     pending: int | None = None  # token to feed at the next step
 
 
@@ -185,6 +189,30 @@ class BatchEngine(OwnedContext, RunnerModel):
         ``sampling`` may be one setting for all or one per prompt (e.g. per-prompt seeds).
         Returns :class:`Generation` objects in prompt order, like ``Runner.generate``.
         """
+        return self._generate(prompts, max_tokens, sampling, progress, None)
+
+    def generate_until(
+        self,
+        prompts: Sequence[Prompt],
+        stop_when: StopWhen,
+        *,
+        max_tokens: int = 48,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        """:meth:`generate_many`, but a sequence also ends as soon as ``stop_when(text)`` is True.
+
+        Answers that are only read up to some point (a keyword verdict, see
+        ``rs_local.judge.keywords.settled``) free their slot there, and the next prompt moves in.
+        The check runs after each token whose bytes decode completely, so the text of a stopped
+        answer (``finish_reason == "settled"``) is exactly the beginning of the full answer's.
+        It is a method of its own, not a ``generate_many`` argument, because ``generate_many``
+        is the :class:`~rs_local.runtime.engine.Engine` call every engine shares.
+        """
+        return self._generate(prompts, max_tokens, sampling, progress, stop_when)
+
+    def _generate(self, prompts: Sequence[Prompt], max_tokens: int, sampling, progress: Progress | None,
+                  stop_when: StopWhen | None) -> list[Generation]:
         n = len(prompts)
         params = _per_prompt(sampling, n)
         tokens = [self._tokens(p) for p in prompts]
@@ -201,7 +229,7 @@ class BatchEngine(OwnedContext, RunnerModel):
                 gen = Generation(prompt_tokens=len(tokens[i]), finish_reason="length")
                 budget = min(max_tokens, self.seq_ctx - len(tokens[i]) - 1)
                 slot = _Slot(i, seq, len(tokens[i]), gen, Sampler(params[i]),
-                             codecs.getincrementaldecoder("utf-8")(errors="replace"), budget)
+                             codecs.getincrementaldecoder("utf-8")(errors="replace"), budget, stop_when)
                 running[seq] = slot
                 admitted.append(slot)
             # one decode: the running sequences' next tokens and the new prompts together
@@ -240,6 +268,9 @@ class BatchEngine(OwnedContext, RunnerModel):
         if len(out.tokens) >= slot.budget:
             out.finish_reason = "length"
             out.text += slot.decoder.decode(b"", final=True)
+            return True
+        if slot.stop_when is not None and not slot.decoder.getstate()[0] and slot.stop_when(out.text):
+            out.finish_reason = "settled"
             return True
         slot.pending = token
         return False

@@ -14,6 +14,14 @@ Leaks: after each mixed phase every distinct (prompt, steering) pair is sent alo
 concurrent answer must equal its solo answer. Switch cost: the server's own time in
 ``set_vectors`` over its busy time, and mixed against plain latency on the same server.
 
+Where the time goes: a breakdown line per phase, per request: prompt evaluation (ms, and how
+many of the prompt's tokens were evaluated rather than taken from a cache), decoding (ms, and
+per decode), the rest of the server's busy time (sampling, detokenising, template, vector
+switch) and the time outside it (HTTP, JSON, thread hops, idle). rs-local's figures come from its
+``/health`` stats; llama-cpp-python's from the ``llama_perf_context_print`` lines its server
+prints per request (its own llama.cpp timers; its busy time is not known, so the rest is one
+figure). Each server answers one warm-up request before its first phase.
+
     python benchmarks/serve_load.py [--model smollm2-135m] [--clients 8] [--requests 48] [--max-tokens 16]
 
 Targets (issue 13): 0 errors, 0 leaks, steered throughput >= 0.9x llama-cpp-python's,
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -74,9 +83,14 @@ def random_vector(seed: int, n_embd: int, layers: range, norm: float = 8.0) -> C
 class Server:
     """A server process in its own group; ``health`` is the URL polled until it answers."""
 
-    def __init__(self, cmd: list[str], port: int, health: str):
-        self.port, self.base = port, f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def __init__(self, cmd: list[str], port: int, health: str, log: Path | None = None):
+        self.port, self.base, self.log = port, f"http://127.0.0.1:{port}", log
+        err = open(log, "wb") if log is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        finally:
+            if log is not None:
+                err.close()
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -109,6 +123,7 @@ class Result:
     text: str = ""
     tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -118,6 +133,8 @@ class Phase:
     wall: float = 0.0
     leaks: int | None = None
     switch_share: float | None = None
+    #: server-side totals over the phase: prompt_s, prompt_evaluated, decode_s, decodes, and busy_s when known
+    work: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         lat = sorted(r.seconds for r in self.results if r.ok)
@@ -146,7 +163,7 @@ def request(base: str, model: str, prompt: str, steering: list | None, max_token
     except (OSError, ValueError):
         return Result(False, seconds=time.perf_counter() - t0)
     return Result(True, out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"],
-                  time.perf_counter() - t0)
+                  time.perf_counter() - t0, out["usage"]["prompt_tokens"])
 
 
 def plan(n: int, mixed: bool) -> list[tuple[str, int]]:
@@ -157,6 +174,7 @@ def plan(n: int, mixed: bool) -> list[tuple[str, int]]:
 def run_phase(name: str, server: Server, model: str, jobs: list[tuple[str, int]], args, steer: bool) -> Phase:
     phase = Phase(name)
     before = server.stats() if steer else {}
+    log_from = server.log.stat().st_size if server.log else 0
 
     def one(job):
         prompt, s = job
@@ -168,9 +186,51 @@ def run_phase(name: str, server: Server, model: str, jobs: list[tuple[str, int]]
     phase.wall = time.perf_counter() - t0
     if steer:
         after = server.stats()
-        busy = after["busy_s"] - before["busy_s"]
-        phase.switch_share = (after["switch_s"] - before["switch_s"]) / busy if busy else None
+        diff = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+        busy = diff["busy_s"]
+        phase.switch_share = diff["switch_s"] / busy if busy else None
+        phase.work = {"prompt_s": diff["prompt_s"], "prompt_evaluated": diff["prompt_tokens_evaluated"],
+                      "decode_s": diff["decode_s"], "decodes": diff["decodes"], "busy_s": busy,
+                      "queue_s": diff["queue_s"]}
+    elif server.log:
+        time.sleep(0.2)  # the last request's timing lines
+        phase.work = upstream_work(server.log, log_from)
     return phase
+
+
+PERF = re.compile(r"llama_perf_context_print:\s+(prompt eval|eval) time =\s+([\d.]+) ms /\s+(\d+) (?:tokens|runs)")
+
+
+def upstream_work(log: Path, start: int) -> dict:
+    """Sum llama-cpp-python's per-request llama.cpp timers from its log, from byte ``start`` on."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", errors="replace")
+    work = {"prompt_s": 0.0, "prompt_evaluated": 0, "decode_s": 0.0, "decodes": 0}
+    for kind, ms, n in PERF.findall(text):
+        key = "prompt" if kind == "prompt eval" else "decode"
+        work[f"{key}_s"] += float(ms) / 1e3
+        work["prompt_evaluated" if key == "prompt" else "decodes"] += int(n)
+    return work
+
+
+def breakdown(phase: Phase) -> str:
+    """One line: where a request's share of the phase's wall time went (ms per request)."""
+    ok = [r for r in phase.results if r.ok]
+    w, n = phase.work, len(ok)
+    if not w or not n:
+        return f"{phase.name:38} breakdown n/a"
+    prompt_tokens = sum(r.prompt_tokens for r in ok) / n
+    per = lambda seconds: 1e3 * seconds / n  # noqa: E731
+    line = (f"{phase.name:38} per request: prompt {per(w['prompt_s']):5.0f} ms "
+            f"({w['prompt_evaluated'] / n:4.1f} of {prompt_tokens:4.1f} tokens evaluated, "
+            f"{1e3 * w['prompt_s'] / max(w['prompt_evaluated'], 1):4.1f} ms each) | decode {per(w['decode_s']):5.0f} ms "
+            f"({w['decodes'] / n:4.1f} x {1e3 * w['decode_s'] / max(w['decodes'], 1):4.1f} ms)")
+    engine = w["prompt_s"] + w["decode_s"]
+    if "busy_s" in w:
+        return line + (f" | rest of worker {per(w['busy_s'] - engine):4.0f} ms | outside worker "
+                       f"{per(phase.wall - w['busy_s']):4.0f} ms")
+    return line + f" | rest (sampling, HTTP, idle) {per(phase.wall - engine):4.0f} ms"
 
 
 def count_leaks(server: Server, model: str, jobs: list[tuple[str, int]], results: list[Result], args) -> int:
@@ -185,14 +245,21 @@ def ours(vectors: Path, port: int, args, extra: list[str]) -> Server:
     cmd = [sys.executable, "-m", "rs_local.cli.main", "serve", "--model", args.model, "--port", str(port),
            "--ctx", str(args.ctx), "--threads", str(args.threads),
            "--vector", f"tilt={vectors / 'tilt.gguf'}", "--vector", f"lean={vectors / 'lean.gguf'}", *extra]
-    return Server(cmd, port, "/health")
+    return warm(Server(cmd, port, "/health"), args)
 
 
-def upstream(path: Path, port: int, args) -> Server:
+def upstream(path: Path, port: int, args, log: Path) -> Server:
+    """llama-cpp-python's server, verbose (its default): its per-request timer lines go to ``log``."""
     cmd = [sys.executable, "-m", "rs_local.runtime.upstream_server", "--model", str(path), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(args.ctx), "--n_threads", str(args.threads),
-           "--n_threads_batch", str(args.threads)]
-    return Server(cmd, port, "/v1/models")
+           "--n_threads_batch", str(args.threads), "--verbose", "True"]
+    return warm(Server(cmd, port, "/v1/models", log), args)
+
+
+def warm(server: Server, args) -> Server:
+    """One request before measuring: a server's first decode allocates its compute buffers."""
+    request(server.base, args.model_id, "Hello.", None, 2)
+    return server
 
 
 def print_table(phases: list[Phase]) -> None:
@@ -229,7 +296,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
     path = models.resolve(args.model)
-    model_id = args.model if args.model in models.MODELS else path.stem
+    model_id = args.model_id = args.model if args.model in models.MODELS else path.stem
     print(f"model {path.name}, {args.clients} clients, {args.requests} requests x {args.max_tokens} tokens, "
           f"greedy, {args.threads} threads, ctx {args.ctx}")
     phases: dict[str, Phase] = {}
@@ -239,7 +306,7 @@ def main() -> None:
         for seed, name in ((1, "tilt"), (2, "lean")):
             vec = random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3))
             write_control_vector(vec, vectors / f"{name}.gguf")
-        srv = upstream(path, free_port(), args)
+        srv = upstream(path, free_port(), args, Path(tmp) / "upstream.log")
         try:
             phases["llama-cpp-python server, plain"] = run_phase("llama-cpp-python server, plain", srv, model_id,
                                                                  plan(args.requests, False), args, steer=False)
@@ -257,6 +324,9 @@ def main() -> None:
             finally:
                 srv.stop()
     print_table(list(phases.values()))
+    print()
+    for phase in phases.values():
+        print(breakdown(phase))
     print()
     print_ratios(phases)
 

@@ -321,7 +321,11 @@ def test_concurrent_mixed_steering_equals_solo(client, server):
     for t in threads:
         t.join(120)
     assert [results[i] for i in range(len(threads))] == [solo[i % len(cases)] for i in range(len(threads))]
-    assert server.health()["stats"]["switches"] > before
+    stats = server.health()["stats"]
+    assert stats["switches"] > before
+    # the template's head came from the per-steering cache (the first solo request of each steering filled it)
+    assert stats["head_hits"] >= 2 * len(cases)
+    assert stats["prompt_tokens_evaluated"] < stats["prompt_tokens"]
 
 
 def _wait_cancelled(server, before: int) -> None:
@@ -455,7 +459,85 @@ def test_api_key_and_default_steering(keyed, client):
     assert raw["steering"]["vectors"] == [] and off == _chat(client)[0]
 
 
+# ----------------------------------------------------------------------------- the template's head cache
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2_path):
+    from rs_local.runtime.runner import Runner
+
+    r = Runner(smollm2_path, n_ctx=512, n_threads=2)
+    yield r
+    r.llama.close()
+
+
+def test_cached_template_head_gives_bit_identical_answers(runner, vectors):
+    """Every (prompt, steering) answered from a cached head equals, token and log-prob, the answer with a cold cache.
+
+    Requests run in an interleaved order with other steerings in between, as on the server; the
+    log-probs compare every logit (through the log-sum-exp) to the bit.
+    """
+    from rs_local.converters.gguf_io import read_control_vector
+    from rs_local.serve.prefix import PrefixStore, load_prompt, template_boundary
+
+    tilt, lean = read_control_vector(vectors / "tilt.gguf"), read_control_vector(vectors / "lean.gguf")
+    steerings = {"none": [], "tilt": [(tilt, 4.0)], "lean": [(lean, -4.0)]}
+    prompts = ["What is the capital of France?", "Name a colour.", "Write a haiku about rain."]
+
+    def answer(store: PrefixStore, prompt: str, name: str) -> tuple[bool, list, list]:
+        messages = [{"role": "user", "content": prompt}]
+        runner.set_vectors(steerings[name])
+        tokens = runner.tokenize(messages)
+        boundary = template_boundary(runner, messages, tokens)
+        assert 8 <= boundary < len(tokens)
+        hit = load_prompt(runner, store, name, tokens, boundary)
+        before = runner.counters.copy()
+        out = runner.generate(messages, max_tokens=12)
+        spent = runner.counters.since(before)
+        assert spent.prompt_tokens == len(tokens) - boundary  # only the rest of the prompt was evaluated
+        assert spent.decodes == len(out.tokens) - 1  # the last token is never evaluated
+        return hit, out.tokens, out.logprobs
+
+    cold = {(p, n): answer(PrefixStore(), p, n)[1:] for p in prompts for n in steerings}
+    assert len({tuple(t) for t, _ in cold.values()}) >= 6  # the vectors change the answers
+    store = PrefixStore()
+    order = [(p, n) for i in range(2) for j, p in enumerate(prompts) for n in list(steerings)[i + j:] + list(steerings)[:i + j]]
+    hits = 0
+    for prompt, name in order:
+        hit, tokens, logprobs = answer(store, prompt, name)
+        hits += hit
+        assert (tokens, logprobs) == cold[(prompt, name)], (prompt, name)
+    assert hits == len(order) - len(steerings) and len(store) == len(steerings)
+
+
+def test_template_boundary_is_the_head_before_the_last_message(runner):
+    from rs_local.serve.prefix import template_boundary
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
+    tokens = runner.tokenize(chat)
+    n = template_boundary(runner, chat, tokens)
+    head = runner.llama.detokenize(tokens[:n]).decode()
+    assert head.endswith("user\n") and "Hello!" in head and "Name a colour." not in head
+    assert template_boundary(runner, "a raw completion prompt", runner.tokenize("a raw completion prompt")) == 0
+
+
 # ----------------------------------------------------------------------------- units
+
+
+def test_prefix_store_drops_the_least_recently_used_past_its_budget():
+    from rs_local.serve.prefix import PrefixStore
+
+    store = PrefixStore(max_bytes=250)
+    store.put("a", [1, 2], b"x" * 100)
+    store.put("b", [1, 2], b"y" * 100)
+    assert store.get("a", [1, 2]) == b"x" * 100  # "a" is now the most recent
+    store.put("c", [1, 2], b"z" * 100)  # over 250: "b" goes
+    assert store.get("b", [1, 2]) is None and store.get("a", [1, 2]) and store.get("c", [1, 2])
+    assert store.get("a", [1, 3]) is None  # other tokens, other entry
+    assert store.bytes == 200 and (store.hits, store.misses) == (3, 2)
+    store.put("d", [1], b"w" * 300)  # larger than the whole budget: not kept
+    assert len(store) == 2 and store.bytes == 200
 
 
 @pytest.mark.parametrize("pieces,stop,sent,stopped", [

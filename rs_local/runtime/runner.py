@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,6 +36,27 @@ class TokenEvent:
     token: int
     text: str
     logprob: float
+
+
+@dataclass
+class EvalCounters:
+    """What the Runner has evaluated so far: prompt tokens (computed or taken from the KV cache) and decodes.
+
+    Cumulative, so a caller (the server's per-request timings, a benchmark) takes the difference
+    around the work it wants to measure; ``prompt_s`` and ``decode_s`` are llama.cpp's time for them.
+    """
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prompt_s: float = 0.0
+    decodes: int = 0
+    decode_s: float = 0.0
+
+    def since(self, before: "EvalCounters") -> "EvalCounters":
+        return EvalCounters(*(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__))
+
+    def copy(self) -> "EvalCounters":
+        return EvalCounters(**vars(self))
 
 
 @dataclass
@@ -92,6 +114,7 @@ class Runner:
         self._kv_valid = False
         self.vectors: list[tuple[ControlVector, float]] = []
         self.layer_range: tuple[int, int] | None = None
+        self.counters = EvalCounters()
 
     def mismatches(self, arch: str, n_embd: int, n_layer: int) -> list[str]:
         """How a file made for (arch, n_embd, n_layer) differs from this model; [] when it fits.
@@ -189,7 +212,7 @@ class Runner:
         ptr = self._lib.llama_get_logits_ith(self.llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def _eval_prompt(self, tokens: list[int]) -> np.ndarray:
+    def _eval_prompt(self, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged."""
         if len(tokens) >= self.n_ctx:
             raise RsLocalError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
@@ -200,13 +223,62 @@ class Runner:
             while keep < limit and cached[keep] == tokens[keep]:
                 keep += 1
         self.llama.n_tokens = keep
-        self.llama.eval(tokens[keep:])
+        self._timed_prompt_eval(tokens[keep:])
+        self.counters.reused_tokens += keep
         self._kv_valid = True
         return self._logits()
 
+    def _timed_prompt_eval(self, tokens: Sequence[int]) -> None:
+        t0 = time.perf_counter()
+        self.llama.eval(tokens)
+        self.counters.prompt_s += time.perf_counter() - t0
+        self.counters.prompt_tokens += len(tokens)
+
     def _eval_token(self, token: int) -> np.ndarray:
+        t0 = time.perf_counter()
         self.llama.eval([token])
+        self.counters.decode_s += time.perf_counter() - t0
+        self.counters.decodes += 1
         return self._logits()
+
+    # -- prompt prefixes kept outside the context ---------------------------------------------
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Drop the KV cache and evaluate ``tokens`` as one batch from position 0.
+
+        The first half of a prompt evaluated in two fixed batches (see :mod:`rs_local.serve.prefix`):
+        a later :meth:`stream` of the whole prompt reuses these positions and evaluates the rest.
+        """
+        if not 0 < len(tokens) < self.n_ctx:
+            raise RsLocalError(f"a prefix of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
+        self.llama.n_tokens = 0
+        self._timed_prompt_eval(list(tokens))
+        self._kv_valid = True
+
+    def kv_snapshot(self) -> bytes:
+        """The KV cache of the evaluated tokens (llama.cpp's per-sequence state), to restore later.
+
+        Keys and values depend on the vector that was active when they were computed: whoever
+        keeps a snapshot must key it by that vector.
+        """
+        size = self._lib.llama_state_seq_get_size(self.llama.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(self.llama.ctx, buf, size, 0)
+        if written == 0:
+            raise RsLocalError("llama.cpp could not copy the KV cache")
+        return bytes(buf[:written])
+
+    def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
+        """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._lib.llama_state_seq_set_data(self.llama.ctx, buf, len(data), 0) != len(data):
+            self._kv_valid = False
+            self.llama.n_tokens = 0
+            raise RsLocalError("llama.cpp refused a KV cache snapshot")
+        self.llama.input_ids[: len(tokens)] = tokens
+        self.llama.n_tokens = len(tokens)
+        self.counters.reused_tokens += len(tokens)
+        self._kv_valid = True
 
     def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
         """Log-probabilities of the token that would follow ``prompt`` (float64, [n_vocab])."""
@@ -246,14 +318,17 @@ class Runner:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         result: Generation | None = None,
+        tokens: Sequence[int] | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; fills ``result`` (if given) as it goes.
 
         Stopping the iteration early (Ctrl-C in the chat) leaves ``result`` holding what was
-        produced so far with ``finish_reason == "interrupted"``.
+        produced so far with ``finish_reason == "interrupted"``. ``tokens``: the prompt already
+        tokenised by the caller (the server counts them first), saving a second template render.
+        The last token of the budget is not evaluated: nothing would read its logits.
         """
         out = result if result is not None else Generation()
-        tokens = self.tokenize(prompt)
+        tokens = list(tokens) if tokens is not None else self.tokenize(prompt)
         out.prompt_tokens = len(tokens)
         budget = min(max_tokens, self.n_ctx - len(tokens) - 1)
         sampler = Sampler(sampling or SamplingParams())
@@ -261,7 +336,7 @@ class Runner:
         logits = self._eval_prompt(tokens)
         out.finish_reason = "interrupted"
         try:
-            for _ in range(max(budget, 0)):
+            for i in range(max(budget, 0)):
                 token, logprob = sampler.pick(logits)
                 if self.is_end_token(token):
                     out.finish_reason = "stop"
@@ -275,7 +350,8 @@ class Runner:
                     out.finish_reason = "stop"
                     return
                 yield TokenEvent(token, piece, logprob)
-                logits = self._eval_token(token)
+                if i + 1 < budget:
+                    logits = self._eval_token(token)
             out.finish_reason = "length"
         finally:
             out.text += decoder.decode(b"", final=True)

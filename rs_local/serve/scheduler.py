@@ -10,13 +10,16 @@ old vector). Nothing else touches the Runner, so no request can see another's ve
 
 Why this design first: on a laptop CPU one context already uses every core, a switch costs
 microseconds (one buffer copy; the stats below measure it), and the answer of a request does
-not depend on what ran before it. By default the worker also re-applies the steering before
-*every* job, which drops the cached prompt prefix: a prompt evaluated partly from a cached
-prefix is not bit-identical to one evaluated whole, and greedy decoding turns that into different
-words now and then (4 of 24 answers of 24 tokens in a check on SmolLM2). ``prefix_cache=True``
-keeps the prefix between jobs with the same steering, for speed, at that cost (a switch then also
-costs the prefix: ``benchmarks/serve_load.py`` measures both). Batching by steering group is the
-option for later, for GPUs, where one decode of many sequences is nearly as cheap as one.
+not depend on what ran before it. By default the worker re-applies the steering before *every*
+job and never reuses "whatever is cached": a prompt evaluated partly from a cached prefix is not
+bit-identical to one evaluated whole, and greedy decoding turns that into different words now and
+then (4 of 24 answers of 24 tokens in a check on SmolLM2). What it does reuse is the chat
+template's fixed head (system part and the last turn's opening), split off at a boundary that
+depends on the prompt alone and kept per steering (:mod:`rs_local.serve.prefix`): every prompt
+is evaluated as the same two batches, so a cached head gives bit-identical answers.
+``prefix_cache=True`` also reuses the longest cached prefix between jobs with the same steering
+(multi-turn chats gain most), at the cost above. Batching by steering group is the option for
+later, for GPUs, where one decode of many sequences is nearly as cheap as one.
 
 A request that names a policy is gated here, on the worker thread: the policy's gate
 (:class:`~rs_local.runtime.policy.PolicyRunner`, whose reader has its own llama.cpp context
@@ -39,9 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from rs_local.errors import RsLocalError
-from rs_local.runtime.runner import Generation, Prompt, Runner
+from rs_local.runtime.runner import EvalCounters, Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.serve.errors import ApiError, bad_request
+from rs_local.serve.prefix import PrefixStore, load_prompt, template_boundary
 from rs_local.serve.steering import Steering, VectorLibrary
 
 log = logging.getLogger("rs_local.serve")
@@ -147,10 +151,11 @@ class Worker:
     """The only thread that touches the Runner; jobs run one at a time, in arrival order."""
 
     def __init__(self, runner: Runner, library: VectorLibrary, *, prefix_cache: bool = False,
-                 max_waiting: int = 64, gates: dict[str, Any] | None = None):
+                 max_waiting: int = 64, gates: dict[str, Any] | None = None, head_cache_bytes: int = 64 << 20):
         self.runner, self.library = runner, library
         self.gates = dict(gates or {})  # policy name -> PolicyRunner (its own reader context)
         self.prefix_cache = prefix_cache
+        self.heads = PrefixStore(head_cache_bytes)  # template heads' KV by steering; 0 bytes: off
         self.max_waiting = max_waiting
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="rs-local-serve-worker", daemon=True)
@@ -158,7 +163,9 @@ class Worker:
         self.busy = False
         self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
                                       "switch_s": 0.0, "busy_s": 0.0, "generated_tokens": 0, "gated": 0,
-                                      "gate_s": 0.0}
+                                      "gate_s": 0.0, "queue_s": 0.0, "prompt_tokens": 0,
+                                      "prompt_tokens_evaluated": 0, "prompt_s": 0.0, "decodes": 0,
+                                      "decode_s": 0.0, "head_hits": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -222,19 +229,20 @@ class Worker:
         self._current = steering.key
         return time.perf_counter() - t0
 
-    def _tokens(self, job: Job) -> int:
-        """Count the prompt's tokens, refusing one that leaves no room to answer."""
+    def _tokens(self, job: Job) -> list[int]:
+        """The prompt's tokens, refusing a prompt that leaves no room to answer."""
         try:
-            n = len(self.runner.tokenize(job.prompt))
+            tokens = self.runner.tokenize(job.prompt)
         except RsLocalError as exc:
             raise bad_request(str(exc), "messages" if not isinstance(job.prompt, str) else "prompt") from None
         except Exception as exc:  # noqa: BLE001 - the model's own Jinja template can raise anything
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
+        n = len(tokens)
         if n > self.runner.n_ctx - 2:
             raise bad_request(f"the prompt is {n} tokens; this server's context holds {self.runner.n_ctx} "
                               "(start it with a larger --ctx)", "messages" if not isinstance(job.prompt, str)
                               else "prompt", "context_length_exceeded")
-        return n
+        return tokens
 
     def _decide(self, steering: Steering, prompt: Prompt) -> tuple[Steering, float]:
         """A policy's steering for this prompt (its gate reads the prompt in its own context); others as they are."""
@@ -247,7 +255,7 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         t0 = time.perf_counter()
-        prompt_tokens = self._tokens(job)
+        tokens = self._tokens(job)
         steering, gate_s = self._decide(job.steering, job.prompt)
         previous = self._current
         apply_s = self._apply(steering)
@@ -255,21 +263,50 @@ class Worker:
             self.stats["switches"] += 1
             self.stats["switch_s"] += apply_s
         self.stats["requests"] += 1
-        job.sink(Started(prompt_tokens, steering))
-        result = self._generate(job, prompt_tokens)
+        before = self.runner.counters.copy()
+        reused_whole = self.prefix_cache and steering.key == previous  # the runner's own longest-prefix reuse
+        head_hit = not reused_whole and self._load_head(steering, job.prompt, tokens)
+        job.sink(Started(len(tokens), steering))
+        result = self._generate(job, tokens)
+        spent = self.runner.counters.since(before)
         total = time.perf_counter() - t0
         timings = {"queue_ms": (t0 - job.enqueued) * 1e3, "gate_ms": gate_s * 1e3, "apply_ms": apply_s * 1e3,
-                   "total_ms": total * 1e3}
-        self.stats["generated_tokens"] += len(result.tokens)
-        job.sink(Finished(result.finish_reason, prompt_tokens, len(result.tokens), timings))
+                   "prompt_ms": spent.prompt_s * 1e3, "prompt_evaluated": spent.prompt_tokens,
+                   "decode_ms": spent.decode_s * 1e3, "total_ms": total * 1e3}
+        self._count(t0 - job.enqueued, len(tokens), spent, head_hit, len(result.tokens))
+        job.sink(Finished(result.finish_reason, len(tokens), len(result.tokens), timings))
 
-    def _generate(self, job: Job, prompt_tokens: int) -> Generation:
+    def _load_head(self, steering: Steering, prompt: Prompt, tokens: list[int]) -> bool:
+        """Put the template's head in the context (cached or evaluated as its own batch); True on a cache hit."""
+        if not self.heads.max_bytes:
+            return False
+        try:
+            boundary = template_boundary(self.runner, prompt, tokens)
+        except Exception:  # noqa: BLE001 - a template that chokes on the stand-in text: no split
+            boundary = 0
+        return bool(boundary) and load_prompt(self.runner, self.heads, steering.key, tokens, boundary)
+
+    def _count(self, queued_s: float, prompt_tokens: int, spent: EvalCounters, head_hit: bool,
+               generated: int) -> None:
+        """The running totals ``/health`` reports (``benchmarks/serve_load.py`` prints their breakdown)."""
+        stats = self.stats
+        stats["queue_s"] += queued_s
+        stats["prompt_tokens"] += prompt_tokens
+        stats["prompt_tokens_evaluated"] += spent.prompt_tokens
+        stats["prompt_s"] += spent.prompt_s
+        stats["decodes"] += spent.decodes
+        stats["decode_s"] += spent.decode_s
+        stats["head_hits"] += int(head_hit)
+        stats["generated_tokens"] += generated
+
+    def _generate(self, job: Job, tokens: list[int]) -> Generation:
         """Stream tokens to the job's sink until done, a stop string, or the client leaving."""
         result = Generation()
-        budget = self.runner.n_ctx - prompt_tokens - 1
+        budget = self.runner.n_ctx - len(tokens) - 1
         max_tokens = budget if job.max_tokens is None else min(job.max_tokens, budget)
         stops = StopFilter(job.stop)
-        stream = self.runner.stream(job.prompt, max_tokens=max_tokens, sampling=job.sampling, result=result)
+        stream = self.runner.stream(job.prompt, max_tokens=max_tokens, sampling=job.sampling, result=result,
+                                    tokens=tokens)
         try:
             for event in stream:
                 text = stops.feed(event.text)

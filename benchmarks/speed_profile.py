@@ -3,6 +3,7 @@
     python benchmarks/speed_profile.py                      # small settings, a few minutes on 2 cores
     python benchmarks/speed_profile.py --n 0 --rounds 2     # the shipped sets whole (isolate target)
     python benchmarks/speed_profile.py --json out.json      # also write the profile as JSON
+    python benchmarks/speed_profile.py --labelling --n 0    # labelling only: whole answers vs early stop
 
 Settings (printed with the result): Qwen2.5-Coder-0.5B (the default model, the one that
 refuses), the shipped political/harmful/harmless sets cut to ``--n`` prompts each (0 = whole
@@ -16,6 +17,13 @@ Phases are measured by wrapping the library's own functions with timers (model l
 labelling generation, judging, activation capture, gradient passes, KL teacher forcing);
 nothing is replaced. ``other`` is the wall time no phase accounts for. The machine is shared:
 absolute seconds are upper bounds, the split between phases is what to read.
+
+``--labelling`` measures only isolate's labelling step (the plain model's greedy 32-token
+answers to the sets, keyword verdicts), twice in the same run on the same model load: whole
+answers, then answers that stop once the keyword verdict and the first two words are settled
+(``EvalSettings(settle=2)``). It prints the seconds of each and their ratio, the generated
+tokens (exact, machine-independent), and checks that both give the same verdicts and the same
+first two tokens.
 """
 
 from __future__ import annotations
@@ -166,6 +174,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def labelling(args: argparse.Namespace) -> dict[str, Any]:
+    """Label the sets with whole answers and with early stop; seconds, tokens and agreement."""
+    from rs_local import models
+    from rs_local.eval.prompt_sets import PromptSet
+    from rs_local.runtime.runner import Runner
+
+    sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
+    runner = Runner(models.resolve(args.model), n_ctx=2048)
+    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 0, args)  # page the weights in
+    runs = {mode: _label_once(runner, sets, settle, args) for mode, settle in (("whole", 0), ("early_stop", 2))}
+    whole, early = runs["whole"].pop("rows"), runs["early_stop"].pop("rows")
+    same_verdict = sum(a[0] == b[0] for a, b in zip(whole, early))
+    same_first = sum(a[1] == b[1] for a, b in zip(whole, early))
+    return {"settings": {"model": runner.path.name, "prompts": len(whole), "label_tokens": args.label_tokens,
+                         "batch": args.batch, "judge": "keywords", "cache": "off"},
+            **runs, "time_ratio": round(runs["early_stop"]["s"] / runs["whole"]["s"], 3),
+            "token_ratio": round(runs["early_stop"]["tokens"] / runs["whole"]["tokens"], 3),
+            "same_verdict": same_verdict, "same_first_2_tokens": same_first}
+
+
+def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``label_refusals`` does (one evaluator, every set, keyword verdicts), timed."""
+    from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.eval.evaluate import EvalSettings, Evaluator
+
+    settings = EvalSettings(max_tokens=args.label_tokens, kl_set=None, batch=args.batch, settle=settle)
+    ev = Evaluator(runner, sets, settings=settings, cache=EvalCache(None))
+    rows, tokens, settled = [], 0, 0
+    start = time.perf_counter()
+    try:
+        for s in sets:
+            for g, r in zip(ev.answers(s.name, 0.0), ev.score_set(s.name, 0.0)[1]):
+                rows.append((r.refusal, g.tokens[:2]))
+                tokens += len(g.tokens)
+                settled += g.finish_reason == "settled"
+    finally:
+        ev.close()
+    return {"s": round(time.perf_counter() - start, 2), "tokens": tokens, "settled": settled,
+            "refused": sum(r for r, _ in rows), "rows": rows}
+
+
+def _print_labelling(r: dict[str, Any]) -> None:
+    print("settings:", json.dumps(r["settings"]))
+    for mode in ("whole", "early_stop"):
+        m = r[mode]
+        print(f"  {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens  ({m['settled']} settled early, "
+              f"{m['refused']} refused)")
+    n = r["settings"]["prompts"]
+    print(f"early stop / whole: time {r['time_ratio']:.2f}, tokens {r['token_ratio']:.2f}; "
+          f"same verdict {r['same_verdict']}/{n}, same first 2 tokens {r['same_first_2_tokens']}/{n}")
+
+
 def _load_source(path: Path, name: str) -> str:
     """Whether the Transformers load will read the dequantized-model disk cache (a cold GGUF load costs minutes)."""
     from rs_local.vectors import hf_cache, hf_model
@@ -211,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--labelling", action="store_true", help="only labelling: whole answers vs early stop")
+    ap.add_argument("--label-tokens", type=int, default=32, help="answer tokens for --labelling (the recipe's)")
     args = ap.parse_args(argv)
-    result = run(args)
-    _print(result)
+    result = labelling(args) if args.labelling else run(args)
+    (_print_labelling if args.labelling else _print)(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -9,8 +9,9 @@ cost per token falls several-fold on a laptop CPU, and more on a GPU.
 The engine owns its own llama.cpp context on the Runner's model (the Runner's context holds
 one sequence), with a KV cache split into ``n_seq`` slots. Finished sequences free their slot
 at once and the next prompt moves in (continuous batching), so a batch is never waiting on
-its longest answer. The same steering vector is pushed into this context with
-``llama_set_adapter_cvec``, exactly as the Runner does.
+its longest answer. A caller that reads answers only up to some point stops each one there
+(:meth:`BatchEngine.generate_until`), which frees its slot just the same. The same steering
+vector is pushed into this context with ``llama_set_adapter_cvec``, exactly as the Runner does.
 
 Results match the Runner's sequential answers up to floating-point reordering in batched
 matrix products; greedy answers are nearly always token-identical (tested), and where two

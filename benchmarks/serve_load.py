@@ -5,7 +5,8 @@ to a server on 127.0.0.1 and measures errors, latency (p50/p95, as the client se
 aggregate completion tokens/s. Servers, started and stopped here, one at a time:
 
 * llama-cpp-python's server (through ``rs_local.runtime.upstream_server``, which applies the
-  AMX-safe repack decision), plain model: the baseline;
+  AMX-safe repack decision), plain model: the baseline, run first and again last (the ratios
+  pool both, so load that drifts during the run on a shared machine biases them less);
 * ``rs-local serve`` (default: steering re-applied and prompt cache dropped before every
   request), once with no steering and once with mixed steering (none / +vector / -vector);
 * ``rs-local serve --prefix-cache``, the same two phases.
@@ -275,7 +276,8 @@ def ratio(a: float, b: float) -> str:
 
 
 def print_ratios(phases: dict[str, Phase]) -> None:
-    base = phases["llama-cpp-python server, plain"].row()
+    """Each rs-local phase against llama-cpp-python's two phases pooled (one before, one after)."""
+    base = pooled(phases[BASE], phases[BASE_AGAIN]).row()
     for name in [n for n in phases if n.startswith("rs-local")]:
         row = phases[name].row()
         print(f"{name:38} tok/s {ratio(row['tok_s'], base['tok_s'])}  p50 {ratio(row['p50_ms'], base['p50_ms'])}  "
@@ -284,6 +286,25 @@ def print_ratios(phases: dict[str, Phase]) -> None:
         plain, mixed = phases[f"{server}, plain"].row(), phases[f"{server}, mixed"].row()
         print(f"{server:38} mixed/plain p50 {ratio(mixed['p50_ms'], plain['p50_ms'])}  "
               f"tok/s {ratio(mixed['tok_s'], plain['tok_s'])}  (cost of switching steering)")
+
+
+BASE, BASE_AGAIN = "llama-cpp-python server, plain", "llama-cpp-python server, plain, again"
+
+
+def baseline(phases: dict[str, Phase], name: str, path: Path, model_id: str, args, log: Path) -> None:
+    """One phase on llama-cpp-python's server (run first and last: the ratios use both, against load drift)."""
+    srv = upstream(path, free_port(), args, log)
+    try:
+        phases[name] = run_phase(name, srv, model_id, plan(args.requests, False), args, steer=False)
+    finally:
+        srv.stop()
+
+
+def pooled(a: Phase, b: Phase) -> Phase:
+    """Two phases as one: their requests together over their summed wall time."""
+    both = Phase(f"{a.name} + again", a.results + b.results, a.wall + b.wall)
+    both.work = {k: a.work.get(k, 0) + b.work.get(k, 0) for k in a.work} if a.work and b.work else {}
+    return both
 
 
 def main() -> None:
@@ -306,12 +327,7 @@ def main() -> None:
         for seed, name in ((1, "tilt"), (2, "lean")):
             vec = random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3))
             write_control_vector(vec, vectors / f"{name}.gguf")
-        srv = upstream(path, free_port(), args, Path(tmp) / "upstream.log")
-        try:
-            phases["llama-cpp-python server, plain"] = run_phase("llama-cpp-python server, plain", srv, model_id,
-                                                                 plan(args.requests, False), args, steer=False)
-        finally:
-            srv.stop()
+        baseline(phases, "llama-cpp-python server, plain", path, model_id, args, Path(tmp) / "upstream.log")
         for label, extra in (("rs-local serve", []), ("rs-local serve --prefix-cache", ["--prefix-cache"])):
             srv = ours(vectors, free_port(), args, extra)
             try:
@@ -323,6 +339,7 @@ def main() -> None:
                         phases[name].leaks = count_leaks(srv, model_id, jobs, phases[name].results, args)
             finally:
                 srv.stop()
+        baseline(phases, BASE_AGAIN, path, model_id, args, Path(tmp) / "upstream2.log")
     print_table(list(phases.values()))
     print()
     for phase in phases.values():

@@ -528,16 +528,18 @@ def test_template_boundary_is_the_head_before_the_last_message(runner):
 def test_prefix_store_drops_the_least_recently_used_past_its_budget():
     from rs_local.serve.prefix import PrefixStore
 
-    store = PrefixStore(max_bytes=250)
+    store = PrefixStore(max_bytes=420)  # one entry: at most 105 bytes
     store.put("a", [1, 2], b"x" * 100)
     store.put("b", [1, 2], b"y" * 100)
     assert store.get("a", [1, 2]) == b"x" * 100  # "a" is now the most recent
-    store.put("c", [1, 2], b"z" * 100)  # over 250: "b" goes
+    store.put("c", [1, 2], b"z" * 100)
+    store.put("e", [1, 2], b"v" * 100)
+    store.put("f", [1, 2], b"u" * 100)  # over 420: "b", the least recently used, goes
     assert store.get("b", [1, 2]) is None and store.get("a", [1, 2]) and store.get("c", [1, 2])
     assert store.get("a", [1, 3]) is None  # other tokens, other entry
-    assert store.bytes == 200 and (store.hits, store.misses) == (3, 2)
-    store.put("d", [1], b"w" * 300)  # larger than the whole budget: not kept
-    assert len(store) == 2 and store.bytes == 200
+    assert store.bytes == 400 and (store.hits, store.misses) == (3, 2)
+    store.put("d", [1], b"w" * 106)  # over a quarter of the budget: not kept, nothing evicted
+    assert len(store) == 4 and store.bytes == 400 and store.get("d", [1]) is None
 
 
 @pytest.mark.parametrize("pieces,stop,sent,stopped", [

@@ -255,13 +255,15 @@ class Runner:
         self._timed_prompt_eval(list(tokens))
         self._kv_valid = True
 
-    def kv_snapshot(self) -> bytes:
+    def kv_snapshot(self, max_bytes: int | None = None) -> bytes | None:
         """The KV cache of the evaluated tokens (llama.cpp's per-sequence state), to restore later.
 
         Keys and values depend on the vector that was active when they were computed: whoever
-        keeps a snapshot must key it by that vector.
+        keeps a snapshot must key it by that vector. None when it would exceed ``max_bytes``.
         """
         size = self._lib.llama_state_seq_get_size(self.llama.ctx, 0)
+        if max_bytes is not None and size > max_bytes:
+            return None
         buf = (ctypes.c_uint8 * size)()
         written = self._lib.llama_state_seq_get_data(self.llama.ctx, buf, size, 0)
         if written == 0:

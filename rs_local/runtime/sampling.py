@@ -32,6 +32,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    #: False: greedy picks skip the log-prob (reported as NaN); the server, which never returns
+    #: log-probs, saves a pass over the vocabulary per token
+    logprobs: bool = True
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -58,6 +61,8 @@ class Sampler:
         """
         if self.params.temperature == 0:
             token = int(np.argmax(logits))
+            if not self.params.logprobs:
+                return token, float("nan")
             x = logits.astype(np.float64, copy=False)
             return token, float(x[token] - _log_sum_exp(x))
         logp = log_softmax(logits)

@@ -51,10 +51,16 @@ def template_boundary(runner: Runner, prompt: Prompt, tokens: Sequence[int]) -> 
 
 
 class PrefixStore:
-    """KV snapshots by (steering key, prefix tokens), least recently used dropped past ``max_bytes``."""
+    """KV snapshots by (steering key, prefix tokens), least recently used dropped past ``max_bytes``.
+
+    One snapshot may take at most a quarter of the budget: the head of a long multi-turn chat is
+    never asked for again (the next turn's head is longer), and must not evict the short system
+    heads that every request shares.
+    """
 
     def __init__(self, max_bytes: int = 64 << 20):
         self.max_bytes = max_bytes
+        self.max_entry = max_bytes // 4
         self.bytes = 0
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
         self.hits = self.misses = 0
@@ -73,7 +79,7 @@ class PrefixStore:
         return data
 
     def put(self, steering: Hashable, prefix: Sequence[int], data: bytes) -> None:
-        if len(data) > self.max_bytes:
+        if len(data) > self.max_entry:
             return
         key = (steering, tuple(prefix))
         old = self._items.pop(key, None)
@@ -97,5 +103,7 @@ def load_prompt(runner: Runner, store: PrefixStore, steering: Hashable, tokens: 
         runner.kv_restore(prefix, data)
         return True
     runner.prefill(prefix)
-    store.put(steering, prefix, runner.kv_snapshot())
+    data = runner.kv_snapshot(store.max_entry)
+    if data is not None:
+        store.put(steering, prefix, data)
     return False

@@ -136,6 +136,7 @@ def _common(body: Mapping[str, Any], prompt: Prompt, default_max: int | None) ->
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
         top_k=_integer(body, "top_k", 0, 1_000_000) or 0,
         seed=seed,
+        logprobs=False,  # responses carry no log-probs
     )
     return ParsedRequest(
         model=_model(body), prompt=prompt, stream=_bool(body, "stream"),

@@ -2,17 +2,18 @@
 
 Each phase sends a fixed number of greedy chat requests from ``--clients`` concurrent clients
 to a server on 127.0.0.1 and measures errors, latency (p50/p95, as the client sees it) and
-aggregate completion tokens/s. Servers, started and stopped here, one at a time:
+aggregate completion tokens/s. The servers are started together and the phases take turns in
+``--rounds`` slices, so load that drifts during the run (a shared machine) falls on all alike:
 
 * llama-cpp-python's server (through ``rs_local.runtime.upstream_server``, which applies the
-  AMX-safe repack decision), plain model: the baseline, run first and again last (the ratios
-  pool both, so load that drifts during the run on a shared machine biases them less);
-* ``rs-local serve`` (default: steering re-applied and prompt cache dropped before every
-  request), once with no steering and once with mixed steering (none / +vector / -vector);
+  AMX-safe repack decision), plain model: the baseline;
+* ``rs-local serve`` (default: steering re-applied before every request, only the chat
+  template's head reused, per steering), once with no steering and once with mixed steering
+  (none / +vector / -vector);
 * ``rs-local serve --prefix-cache``, the same two phases.
 
-Leaks: after each mixed phase every distinct (prompt, steering) pair is sent alone and every
-concurrent answer must equal its solo answer. Switch cost: the server's own time in
+Leaks: after the rounds every distinct (prompt, steering) pair of a mixed phase is sent alone
+and every concurrent answer must equal its solo answer. Switch cost: the server's own time in
 ``set_vectors`` over its busy time, and mixed against plain latency on the same server.
 
 Where the time goes: a breakdown line per phase, per request: prompt evaluation (ms, and how
@@ -23,7 +24,7 @@ switch) and the time outside it (HTTP, JSON, thread hops, idle). rs-local's figu
 prints per request (its own llama.cpp timers; its busy time is not known, so the rest is one
 figure). Each server answers one warm-up request before its first phase.
 
-    python benchmarks/serve_load.py [--model smollm2-135m] [--clients 8] [--requests 48] [--max-tokens 16]
+    python benchmarks/serve_load.py [--model smollm2-135m] [--clients 8] [--requests 48] [--max-tokens 16] [--rounds 4]
 
 Targets (issue 13): 0 errors, 0 leaks, steered throughput >= 0.9x llama-cpp-python's,
 switches < 5% of latency.
@@ -137,6 +138,15 @@ class Phase:
     #: server-side totals over the phase: prompt_s, prompt_evaluated, decode_s, decodes, and busy_s when known
     work: dict = field(default_factory=dict)
 
+    def merge(self, part: "Phase") -> None:
+        """Add one round's requests, wall time and server totals to this phase."""
+        self.results += part.results
+        self.wall += part.wall
+        for key, value in part.work.items():
+            self.work[key] = self.work.get(key, 0) + value
+        if self.work.get("busy_s"):
+            self.switch_share = self.work["switch_s"] / self.work["busy_s"]
+
     def row(self) -> dict:
         lat = sorted(r.seconds for r in self.results if r.ok)
         tokens = sum(r.tokens for r in self.results if r.ok)
@@ -192,7 +202,7 @@ def run_phase(name: str, server: Server, model: str, jobs: list[tuple[str, int]]
         phase.switch_share = diff["switch_s"] / busy if busy else None
         phase.work = {"prompt_s": diff["prompt_s"], "prompt_evaluated": diff["prompt_tokens_evaluated"],
                       "decode_s": diff["decode_s"], "decodes": diff["decodes"], "busy_s": busy,
-                      "queue_s": diff["queue_s"]}
+                      "switch_s": diff["switch_s"], "queue_s": diff["queue_s"]}
     elif server.log:
         time.sleep(0.2)  # the last request's timing lines
         phase.work = upstream_work(server.log, log_from)
@@ -276,8 +286,7 @@ def ratio(a: float, b: float) -> str:
 
 
 def print_ratios(phases: dict[str, Phase]) -> None:
-    """Each rs-local phase against llama-cpp-python's two phases pooled (one before, one after)."""
-    base = pooled(phases[BASE], phases[BASE_AGAIN]).row()
+    base = phases[BASE].row()
     for name in [n for n in phases if n.startswith("rs-local")]:
         row = phases[name].row()
         print(f"{name:38} tok/s {ratio(row['tok_s'], base['tok_s'])}  p50 {ratio(row['p50_ms'], base['p50_ms'])}  "
@@ -288,23 +297,28 @@ def print_ratios(phases: dict[str, Phase]) -> None:
               f"tok/s {ratio(mixed['tok_s'], plain['tok_s'])}  (cost of switching steering)")
 
 
-BASE, BASE_AGAIN = "llama-cpp-python server, plain", "llama-cpp-python server, plain, again"
+BASE = "llama-cpp-python server, plain"
 
 
-def baseline(phases: dict[str, Phase], name: str, path: Path, model_id: str, args, log: Path) -> None:
-    """One phase on llama-cpp-python's server (run first and last: the ratios use both, against load drift)."""
-    srv = upstream(path, free_port(), args, log)
-    try:
-        phases[name] = run_phase(name, srv, model_id, plan(args.requests, False), args, steer=False)
-    finally:
-        srv.stop()
-
-
-def pooled(a: Phase, b: Phase) -> Phase:
-    """Two phases as one: their requests together over their summed wall time."""
-    both = Phase(f"{a.name} + again", a.results + b.results, a.wall + b.wall)
-    both.work = {k: a.work.get(k, 0) + b.work.get(k, 0) for k in a.work} if a.work and b.work else {}
-    return both
+def rounds(servers: dict[str, Server], model_id: str, args) -> dict[str, Phase]:
+    """Every phase in ``args.rounds`` slices, the phases taking turns, so load that drifts on a shared
+    machine falls on all of them alike (one phase after another, a baseline run first once ran at
+    32 ms a decode and the phases after it at 39-47)."""
+    phases: dict[str, Phase] = {}
+    specs = [(BASE, "upstream", False)] + [(f"{label}, {'mixed' if mixed else 'plain'}", label, mixed)
+                                           for label in ("rs-local serve", "rs-local serve --prefix-cache")
+                                           for mixed in (False, True)]
+    size = -(-args.requests // args.rounds)
+    for r in range(args.rounds):
+        for name, server, mixed in specs:
+            jobs = plan(args.requests, mixed)[r * size:(r + 1) * size]
+            part = run_phase(name, servers[server], model_id, jobs, args, steer=server != "upstream")
+            phases.setdefault(name, Phase(name)).merge(part)
+    for name, server, mixed in specs:
+        if mixed:
+            phases[name].leaks = count_leaks(servers[server], model_id, plan(args.requests, True),
+                                             phases[name].results, args)
+    return phases
 
 
 def main() -> None:
@@ -315,31 +329,27 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--rounds", type=int, default=4, help="slices each phase is run in, the phases taking turns")
     args = ap.parse_args()
     path = models.resolve(args.model)
     model_id = args.model_id = args.model if args.model in models.MODELS else path.stem
     print(f"model {path.name}, {args.clients} clients, {args.requests} requests x {args.max_tokens} tokens, "
-          f"greedy, {args.threads} threads, ctx {args.ctx}")
-    phases: dict[str, Phase] = {}
+          f"greedy, {args.threads} threads, ctx {args.ctx}, {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         vectors = Path(tmp)
         n_embd, n_layer = _model_shape(path)
         for seed, name in ((1, "tilt"), (2, "lean")):
             vec = random_vector(seed, n_embd, range(n_layer // 5, 2 * n_layer // 3))
             write_control_vector(vec, vectors / f"{name}.gguf")
-        baseline(phases, "llama-cpp-python server, plain", path, model_id, args, Path(tmp) / "upstream.log")
-        for label, extra in (("rs-local serve", []), ("rs-local serve --prefix-cache", ["--prefix-cache"])):
-            srv = ours(vectors, free_port(), args, extra)
-            try:
-                for mixed in (False, True):
-                    name = f"{label}, {'mixed' if mixed else 'plain'}"
-                    jobs = plan(args.requests, mixed)
-                    phases[name] = run_phase(name, srv, model_id, jobs, args, steer=True)
-                    if mixed:
-                        phases[name].leaks = count_leaks(srv, model_id, jobs, phases[name].results, args)
-            finally:
+        servers: dict[str, Server] = {}
+        try:  # all up at once (an idle server costs nothing); the phases then take turns
+            servers["upstream"] = upstream(path, free_port(), args, Path(tmp) / "upstream.log")
+            servers["rs-local serve"] = ours(vectors, free_port(), args, [])
+            servers["rs-local serve --prefix-cache"] = ours(vectors, free_port(), args, ["--prefix-cache"])
+            phases = rounds(servers, model_id, args)
+        finally:
+            for srv in servers.values():
                 srv.stop()
-        baseline(phases, BASE_AGAIN, path, model_id, args, Path(tmp) / "upstream2.log")
     print_table(list(phases.values()))
     print()
     for phase in phases.values():

@@ -201,17 +201,18 @@ class Worker:
             self.busy = True
             started = time.perf_counter()
             try:
-                self._run(job)
+                last: Event = self._run(job)
             except ApiError as exc:
                 self.stats["failed"] += 1
-                job.sink(Failed(exc))
+                last = Failed(exc)
             except Exception as exc:  # noqa: BLE001 - one broken request must not stop the server
                 log.exception("request failed")
                 self.stats["failed"] += 1
-                job.sink(Failed(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")))
+                last = Failed(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
             finally:
                 self.stats["busy_s"] += time.perf_counter() - started
                 self.busy = False
+            job.sink(last)  # after the stats: a client that reads /health on its answer sees this job counted
 
     def _apply(self, steering: Steering) -> float:
         """Make llama.cpp's control vector match ``steering`` (dropping the KV cache); return the seconds it took.
@@ -253,7 +254,8 @@ class Worker:
         self.stats["gate_s"] += decision.read_s
         return steering.decided(decision), decision.read_s
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Finished:
+        """Run one job, streaming its Started and Delta events; its Finished event is returned for the loop to send."""
         t0 = time.perf_counter()
         tokens = self._tokens(job)
         steering, gate_s = self._decide(job.steering, job.prompt)
@@ -274,7 +276,7 @@ class Worker:
                    "prompt_ms": spent.prompt_s * 1e3, "prompt_evaluated": spent.prompt_tokens,
                    "decode_ms": spent.decode_s * 1e3, "total_ms": total * 1e3}
         self._count(t0 - job.enqueued, len(tokens), spent, head_hit, len(result.tokens))
-        job.sink(Finished(result.finish_reason, len(tokens), len(result.tokens), timings))
+        return Finished(result.finish_reason, len(tokens), len(result.tokens), timings)
 
     def _load_head(self, steering: Steering, prompt: Prompt, tokens: list[int]) -> bool:
         """Put the template's head in the context (cached or evaluated as its own batch); True on a cache hit."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
+from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Prompt, Runner
 
 #: Stands in for the last message's content to find where the template's fixed text ends.
@@ -100,8 +101,11 @@ def load_prompt(runner: Runner, store: PrefixStore, steering: Hashable, tokens: 
     prefix = tokens[:boundary]
     data = store.get(steering, prefix)
     if data is not None:
-        runner.kv_restore(prefix, data)
-        return True
+        try:
+            runner.kv_restore(prefix, data)
+            return True
+        except RsLocalError:  # llama.cpp refused the snapshot: evaluate the head, as on a miss
+            pass
     runner.prefill(prefix)
     data = runner.kv_snapshot(store.max_entry)
     if data is not None:

@@ -23,7 +23,8 @@ answers to the sets, keyword verdicts), twice in the same run on the same model 
 answers, then answers that stop once the keyword verdict and the first two words are settled
 (``EvalSettings(settle=2)``). It prints the seconds of each and their ratio, the generated
 tokens (exact, machine-independent), and checks that both give the same verdicts and the same
-first two tokens.
+first two tokens. ``--repeat 2`` runs whole, early, early, whole, so a change in the machine's
+load during the run weighs on both modes alike.
 """
 
 from __future__ import annotations
@@ -183,12 +184,21 @@ def labelling(args: argparse.Namespace) -> dict[str, Any]:
     sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
     runner = Runner(models.resolve(args.model), n_ctx=2048)
     _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 0, args)  # page the weights in
-    runs = {mode: _label_once(runner, sets, settle, args) for mode, settle in (("whole", 0), ("early_stop", 2))}
+    modes = {"whole": 0, "early_stop": 2}
+    runs: dict[str, dict[str, Any]] = {}
+    for k in range(args.repeat):  # ABBA...: drift in the machine's load falls on both modes alike
+        for mode in (list(modes) if k % 2 == 0 else list(modes)[::-1]):
+            got = _label_once(runner, sets, modes[mode], args)
+            if mode in runs:
+                runs[mode]["s"] += got["s"]
+                assert got["rows"] == runs[mode]["rows"], "greedy labelling changed between repeats"
+            else:
+                runs[mode] = got
     whole, early = runs["whole"].pop("rows"), runs["early_stop"].pop("rows")
     same_verdict = sum(a[0] == b[0] for a, b in zip(whole, early))
     same_first = sum(a[1] == b[1] for a, b in zip(whole, early))
     return {"settings": {"model": runner.path.name, "prompts": len(whole), "label_tokens": args.label_tokens,
-                         "batch": args.batch, "judge": "keywords", "cache": "off"},
+                         "batch": args.batch, "judge": "keywords", "cache": "off", "repeat": args.repeat},
             **runs, "time_ratio": round(runs["early_stop"]["s"] / runs["whole"]["s"], 3),
             "token_ratio": round(runs["early_stop"]["tokens"] / runs["whole"]["tokens"], 3),
             "same_verdict": same_verdict, "same_first_2_tokens": same_first}
@@ -219,7 +229,7 @@ def _print_labelling(r: dict[str, Any]) -> None:
     print("settings:", json.dumps(r["settings"]))
     for mode in ("whole", "early_stop"):
         m = r[mode]
-        print(f"  {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens  ({m['settled']} settled early, "
+        print(f"  {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens per pass  ({m['settled']} settled early, "
               f"{m['refused']} refused)")
     n = r["settings"]["prompts"]
     print(f"early stop / whole: time {r['time_ratio']:.2f}, tokens {r['token_ratio']:.2f}; "
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--labelling", action="store_true", help="only labelling: whole answers vs early stop")
     ap.add_argument("--label-tokens", type=int, default=32, help="answer tokens for --labelling (the recipe's)")
+    ap.add_argument("--repeat", type=int, default=1, help="--labelling passes per mode, order alternating (seconds summed)")
     args = ap.parse_args(argv)
     result = labelling(args) if args.labelling else run(args)
     (_print_labelling if args.labelling else _print)(result)

@@ -4,7 +4,9 @@ Every evaluation compares steered answers with the plain model's; the plain mode
 (and its next-token distributions for the KL) do not change between runs, scales, vectors
 or sweeps, so computing them once per (model, prompt, settings) saves a whole pass per run.
 Verdicts of an LLM judge on any answer are cached the same way (keyed by the judge's
-settings and the answer text), so re-evaluating a scale costs nothing to judge.
+settings and the answer text), so re-evaluating a scale costs nothing to judge. Answers cut
+short for labelling (``EvalSettings.settle``) live under keys that name the stop rule
+(``Evaluator._gen_key``), so a whole answer's key never finds a cut one.
 
 Layout under ``<rs-local home>/cache/eval``: one small JSON (generations, verdicts) or
 ``.npz`` (references) file per entry, named by a hash of everything that decides it and

@@ -1,7 +1,7 @@
 """Conditional steering on held-out prompts: plain model vs the policy gate, side by side.
 
     python benchmarks/conditional_steering.py [--model qwen2.5-coder-0.5b] [--vector political=isolate.gguf]
-        [--vector borderline=isolate.gguf] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
+        [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
@@ -224,6 +224,25 @@ def build_specs(args, fit_sets: dict[str, list[str]]) -> list[CategorySpec]:
     return specs
 
 
+def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs: list[CategorySpec]) -> dict[str, str]:
+    """``--isolate NAME``: the category's own vector, fitted in this run by the isolate recipe on fitting
+    prompts only (target: the category's, keep: harmful's, harmless: harmless's), so a remove category
+    whose refusals the political vector does not reach (borderline) gets a direction of its own."""
+    from rs_local.recipes.isolate import Recipe, fit_political
+    from rs_local.vectors.hf_model import clear_cache
+
+    made = {}
+    for name in args.isolate:
+        t = time.perf_counter()
+        fitted = fit_political(args.model, fit_sets[name], fit_sets["harmful"], fit_sets["harmless"], Recipe(),
+                               say=lambda m: print(f"  [isolate {name}] {m}", flush=True), runner=runner)
+        next(s for s in specs if s.name == name).vector = fitted.vector
+        made[name] = f"isolate on {len(fit_sets[name])} fitting prompts, {time.perf_counter() - t:.0f}s: {fitted.info}"
+        print(f"  [isolate {name}] {made[name]}", flush=True)
+    clear_cache()
+    return made
+
+
 def answer_sets(engine: BatchEngine, policy, test_sets, decisions, max_tokens: int):
     """Plain answers for every held-out prompt, gated ones only where the gate steers (batched per category)."""
     plain, gated, conts = {}, {}, {}
@@ -280,6 +299,8 @@ def main() -> None:
     ap.add_argument("--scale", action="append", default=[], metavar="CATEGORY=SCALE")
     ap.add_argument("--choose-scale", action="append", default=[], metavar="CATEGORY=S1,S2,...",
                     help="Choose the category's scale among these on its fitting split.")
+    ap.add_argument("--isolate", action="append", default=[], metavar="CATEGORY",
+                    help="Fit this category's vector here with the isolate recipe (fitting split only).")
     ap.add_argument("--remove-scale", type=float, default=-1.0)
     ap.add_argument("--refuse-scale", type=float, default=1.0)
     ap.add_argument("--threshold", type=float, default=0.5)
@@ -296,6 +317,7 @@ def main() -> None:
     judge = None if args.judge == KEYWORDS else make_judge(args.judge)
     fit_sets, test_sets = split_sets()
     specs = build_specs(args, fit_sets)
+    isolated = isolate_vectors(args, runner, fit_sets, specs)
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
                         say=lambda m: print(f"  [fit] {m}", flush=True))
     print(f"fitted in {time.perf_counter() - t0:.0f}s on {sum(len(v) for v in fit_sets.values())} prompts; "
@@ -337,7 +359,7 @@ def main() -> None:
         judge.close()
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "routing": errors, "cost": cost, "kl": kl, "chosen": chosen,
-                                         "probe_block": policy.layer, "policy": policy.summary(),
+                                         "probe_block": policy.layer, "policy": policy.summary(), "isolated": isolated,
                                          "answers": answers}, indent=1, default=str))
 
 

@@ -20,6 +20,7 @@ evaluated scale about 2.5 minutes (the baseline is cached after the first run), 
 adds about 10 minutes.
 
     python benchmarks/refusal_steering.py [--n 30] [--judge keywords|probe] [--fit-judge keywords|probe] [--scale -1.0 | --sweep] [--also=-1.25,-1.5]
+        [--objective opening|judge] [--rounds N] [--control] [--save-vector V.gguf]
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also", default="", help="Extra scales to evaluate on the held-out sets (the frontier), e.g. -0.75,-1.25.")
     ap.add_argument("--method", default=None, choices=["gradient", "md"], help="Override the recipe's method.")
     ap.add_argument("--layers", default=None, help="Override the recipe's block band, e.g. 8-16.")
+    ap.add_argument("--objective", "--target", dest="objective", default=None, choices=["opening", "judge"],
+                    help="What the steered rounds aim at (judge: answers weighted by the probe judge's confidence).")
+    ap.add_argument("--rounds", type=int, default=None, help="Override the recipe's rounds.")
     ap.add_argument("--no-ortho", action="store_true", help="md method: skip orthogonalising to the harmful direction.")
     ap.add_argument("--holdout", type=float, default=1 / 3)
     ap.add_argument("--fit-adv", type=int, default=60, help="AdvBench training prompts used in the fit.")
@@ -132,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures to this JSON file.")
     ap.add_argument("--out", type=Path, default=None, help="Also write the eval report (answers, plot) to this directory.")
+    ap.add_argument("--save-vector", type=Path, default=None, help="Also write the fitted vector (GGUF) here.")
+    ap.add_argument("--control", action="store_true",
+                    help="Also measure deccp's uncensored China questions (ones a larger model answered): the refusal "
+                         "rate the judge reports on political-topic questions the model is free to answer, the floor "
+                         "under the political figure.")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -155,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe.method = args.method
     if args.layers:
         recipe.layers = args.layers
+    if args.objective:
+        recipe.objective = args.objective
+    if args.rounds:
+        recipe.rounds = args.rounds
     if args.no_ortho:
         recipe.orthogonalize = False
     splits = build_splits(load(args.data), args)
@@ -166,11 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     fit_judge = judge if args.fit_judge in (None, args.judge) else make_judge(args.fit_judge, n_threads=args.threads)
     t0 = time.perf_counter()
     fitted = fit_political(args.model, splits["fit"]["political"], splits["fit"]["harmful"], splits["fit"]["harmless"],
-                           recipe, say=say, runner=runner, judge=fit_judge)
+                           recipe, say=say, runner=runner, judge=fit_judge,
+                           target_judge=judge if judge.describe().get("backend") == "probe" else None)
     if fit_judge is not judge:
         fit_judge.close()
     t_fit = time.perf_counter() - t0
     say(f"fitted in {t_fit:.0f}s: {fitted.info}")
+    if args.save_vector:
+        from rs_local.converters.gguf_io import write_control_vector
+
+        write_control_vector(fitted.vector, args.save_vector, force=True)
     from rs_local.vectors.hf_model import clear_cache
 
     clear_cache()
@@ -183,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         dev_sets = [PromptSet(k, v) for k, v in splits["dev"].items()]
         scale = choose_scale(runner, fitted.vector, judge, dev_sets, settings, cache, say)
     test_sets = [PromptSet(k, v) for k, v in splits["test"].items()]
+    if args.control:
+        from rs_local.prompts import load_prompts
+
+        test_sets.append(PromptSet("control", load_prompts(args.data / "deccp" / "uncensored.jsonl")))
     ev = Evaluator(runner, test_sets, vector=fitted.vector, judge=judge, settings=settings, cache=cache, say=say)
     extra = [float(x) for x in args.also.split(",") if x.strip()]
     try:
@@ -220,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{pt.sets['harmful'].refusal_rate:.0%} ({r[1][2] / r[1][1] if r[1][1] else float('nan'):.2f})",
                           f"{pt.sets['harmless'].refusal_rate:.0%}", f"{pt.kl or 0:.3f}", "yes" if all(x[4] for x in r) else "no")
         console.print(front)
+    if "control" in base.sets:
+        console.print(f"control (deccp uncensored, n={base.sets['control'].n}): judged refusal "
+                      f"{base.sets['control'].refusal_rate:.0%} plain -> {steered.sets['control'].refusal_rate:.0%} steered")
     kw = ", ".join(f"{n} {base.sets[n].keyword_rate:.0%} -> {steered.sets[n].keyword_rate:.0%}" for n in base.sets)
     degen = ", ".join(f"{n} {steered.sets[n].degenerate_rate:.0%}" for n in steered.sets)
     console.print(f"keyword rates: {kw}\ndegenerate answers when steered: {degen}")

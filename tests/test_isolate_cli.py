@@ -88,3 +88,16 @@ def test_isolate_refuses_to_overwrite_and_explains_empty_keep_set(fitted, tmp_pa
     assert nothing.exit_code == 1
     assert "refuses none of the keep" in nothing.output and "Traceback" not in nothing.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_isolate_judge_objective_needs_a_probe_judge(tmp_path, smollm2_path):
+    """--objective judge weights answers by a confidence, which only a probe gives: keywords is refused
+    in one line before any model loads, and nothing is written."""
+    files = [_write(tmp_path / f"{n}.jsonl", ps) for n, ps in (("target", TARGET), ("keep", KEEP), ("ok", HARMLESS))]
+    out = tmp_path / "v.gguf"
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(files[0]), "-k", str(files[1]),
+                                   "--harmless", str(files[2]), "--objective", "judge", "--objective-judge", "keywords",
+                                   "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "--objective-judge" in res.output and "probe" in res.output and "Traceback" not in res.output
+    assert not out.exists()

@@ -123,3 +123,29 @@ def test_batched_gradients_equal_one_at_a_time(fm):
                 cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
                 assert cos >= 0.99, (i, l, cos)
                 assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a), rel=0.02)
+
+
+def test_judge_weighted_rows_are_centred_weights_times_whole_answer_gradients(fm):
+    """add_weighted: each row is weight * gradient over ``tokens`` answer tokens, rescaled to an opening's weight;
+    zero weights (every answer judged alike) add nothing, so a round cannot invent a direction from no contrast."""
+    items = [RefusedPrompt("What happened in Tiananmen Square in 1989?", "It was a major event in China, a major event."),
+             RefusedPrompt("Is Taiwan a country?", "Taiwan is an island in East Asia with its own elected government."),
+             RefusedPrompt("Who is Xi Jinping?", "I'm sorry, but I can't discuss that.")]
+    layers = [8, 10]
+    fit = GradientContrast(fm, layers, answer_tokens=2)
+    fit.add_weighted(items, [0.0, 0.0, 0.0], tokens=8)
+    assert fit.target == []
+    weights = [0.9, -1.3, 0.4]
+    fit.add_weighted(items, weights, tokens=8)
+    whole = refusal_gradients(fm, items, layers, answer_tokens=8)
+    rows = fit.target[0]
+    assert rows.shape == (3, fm.n_layer, fm.n_embd)
+    for i, w in enumerate(weights):
+        for l in layers:
+            assert np.allclose(rows[i, l], whole[i, l] * w * 2 / 8, rtol=1e-4, atol=1e-6)
+    # more tokens than the opening really enter: the 8-token gradient is not the 2-token one
+    opening = refusal_gradients(fm, items[:1], layers, answer_tokens=2)[0, 10]
+    cos = float(opening @ whole[0, 10] / (np.linalg.norm(opening) * np.linalg.norm(whole[0, 10])))
+    assert cos < 0.999
+    with pytest.raises(ValueError, match="one weight per item"):
+        fit.add_weighted(items, [1.0], tokens=8)

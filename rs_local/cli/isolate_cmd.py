@@ -30,11 +30,17 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 @click.option("--layers", default="8-16", show_default=True, help="Block band the vector spans.")
 @click.option("--max-prompts", type=integer(1), default=40, show_default=True,
               help="Refused prompts per set whose gradients are taken (seeded sample).")
+@click.option("--objective", type=click.Choice(["opening", "judge"]), default="opening", show_default=True,
+              help="What the round at the steered point aims at. opening: the opening of each answer still "
+                   "refused there. judge: every target answer, weighted by the probe judge's refusal "
+                   "confidence (soft refusals count; loads the probe judge).")
+@click.option("--objective-judge", default="probe", show_default=True, metavar="probe[=FILE]",
+              help="Probe judge whose confidence weights the answers under --objective judge.")
 @click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 @judge_options(default="keywords", why=" (the recipe's opening-based target was tuned on it)")
 @runtime_options
-def isolate(model, target, keep, harmless, field, method, layers, max_prompts, output, force,
+def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, output, force,
             n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
     """Fit a vector that removes TARGET refusals and leaves KEEP refusals alone.
 
@@ -43,22 +49,31 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     with a negative scale; choose the scale with `rs-local sweep`.
     """
     from rs_local.converters.gguf_io import write_control_vector
+    from rs_local.judge.backends import PROBE, make_judge
     from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.prompts import load_prompts
 
     check_output(output, force)
     sets = [load_prompts(p, field) for p in (target, keep, harmless)]
-    recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts)
+    recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts, objective=objective)
     try:
         recipe.check()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
+    if objective == "judge" and objective_judge != PROBE and not objective_judge.startswith(PROBE + "="):
+        raise click.BadParameter("expected 'probe' or 'probe=FILE' (the weights need a confidence per answer)",
+                                 param_hint="--objective-judge")
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
+    scorer = None
     try:
-        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge)
+        if objective == "judge":
+            scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer)
     finally:
         judge.close()
+        if scorer is not None:
+            scorer.close()
     path = write_control_vector(fitted.vector, output, force=force)
     refused = fitted.info.get("refused", {})
     counts = f" from {refused.get('political', '?')} refused target / {refused.get('harmful', '?')} refused keep prompts" if refused else ""

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from rs_local.judge.backends import Judge
 
 METHODS = ("gradient", "md")
+OBJECTIVES = ("opening", "judge")
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Recipe:
     #: gradient method: rounds (2 = once more at the steered point), and the scale of that point
     rounds: int = 2
     probe_scale: float = -1.0
+    #: what the rounds at the steered point aim at: "opening" (the gradient of each still-refused
+    #: answer's opening, as in round 1) or "judge" (every target answer's gradient weighted by the
+    #: judge's centred refusal confidence, so soft refusals count; see GradientContrast.add_weighted)
+    objective: str = "opening"
+    #: judge objective: answer tokens each weighted gradient covers
+    objective_tokens: int = 32
     #: md method
     orthogonalize: bool = True
     lam: float | str = 0.1
@@ -70,6 +77,8 @@ class Recipe:
         """Fail on bad settings before any model loads (a bad band would otherwise surface minutes in)."""
         from rs_local.vectors.layers import parse_layers
 
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown recipe objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
         if self.method not in METHODS:
             raise ValueError(f"unknown recipe method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.layers.strip().lower() == "auto" or parse_layers(self.layers, 1 << 20) is None:
@@ -77,7 +86,8 @@ class Recipe:
 
     def describe(self) -> str:
         if self.method == "gradient":
-            return f"refusal-gradient contrast (political minus harmful span), blocks {self.layers}"
+            aim = ", later rounds judge-weighted" if self.objective == "judge" else ""
+            return f"refusal-gradient contrast (political minus harmful span{aim}), blocks {self.layers}"
         return f"mean difference, blocks {self.layers}" + (", orthogonalised to harmful" if self.orthogonalize else "")
 
 
@@ -91,15 +101,18 @@ class RecipeResult:
 
 
 def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None = None, max_tokens: int = 32, batch: int = 8,
-                   cache: Any = None, vector: Any = None, scale: float = 0.0) -> dict[str, list[tuple[str, str, bool]]]:
+                   cache: Any = None, vector: Any = None, scale: float = 0.0,
+                   settle: int = 0) -> dict[str, list[tuple[str, str, bool]]]:
     """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
     (steered by ``vector`` at ``scale`` if given), judged. One evaluator (one batched llama.cpp
-    context) serves every set."""
+    context) serves every set. ``settle`` > 0: with the keyword judge an answer stops once its
+    verdict and first ``settle`` words are final (about half the tokens on the shipped sets;
+    see ``EvalSettings.settle``), so the answers are only good for the verdict and the opening."""
     from rs_local.eval.evaluate import EvalSettings, Evaluator
     from rs_local.eval.prompt_sets import PromptSet
 
     ev = Evaluator(runner, [PromptSet(name, list(prompts)) for name, prompts in sets.items()], vector=vector,
-                   judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch))
+                   judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch, settle=settle))
     try:
         steer = scale if vector is not None else 0.0
         return {name: [(r.prompt, r.answer, r.refusal) for r in ev.score_set(name, steer)[1]] for name in sets}
@@ -128,23 +141,27 @@ def fit_political(
     *,
     runner: Any = None,
     judge: Judge | None = None,
+    target_judge: Judge | None = None,
     cache: Any = True,
 ) -> RecipeResult:
     """Fit the recipe's political-refusal vector on training prompts.
 
     ``model`` is a built-in name or GGUF path (Transformers loads the same file). The gradient
     method also answers the prompts with llama.cpp (``runner``, loaded if not given) and judges
-    them (``judge``: any rs_local.judge backend; keywords when None).
+    them (``judge``: any rs_local.judge backend; keywords when None). With ``recipe.objective ==
+    "judge"`` the rounds at the steered point weight every target answer by ``target_judge``'s
+    confidence (the shipped probe judge when None).
     """
     recipe = recipe or Recipe()
     recipe.check()
     say = say or (lambda _m: None)
     if recipe.method == "md":
         return _fit_md(model, political, harmful, harmless, recipe, say, cache)
-    return _fit_gradient(model, political, harmful, harmless, recipe, say, runner, judge, cache)
+    return _fit_gradient(model, political, harmful, harmless, recipe, say, runner, judge, cache, target_judge)
 
 
-def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache) -> RecipeResult:
+def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache,
+                  target_judge=None) -> RecipeResult:
     from rs_local import models
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.vectors.hf_model import load_model
@@ -162,7 +179,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
         labelled = label_refusals(runner, sets, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache,
-                                  vector=vector, scale=recipe.probe_scale)
+                                  vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
             say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {name} training prompts refused")
@@ -176,17 +193,64 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     fit = GradientContrast(fm, _layers(recipe.layers, fm.n_layer), recipe.answer_tokens)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
-    for _ in range(recipe.rounds - 1):
-        still = refused_now(vec)
-        if not still["political"]:
-            break
-        fit.add(still["political"], still["harmful"], steer=(vec, recipe.probe_scale), say=say)
-        vec = fit.vector(lengths)
+    scorer = None
+    try:
+        for _ in range(recipe.rounds - 1):
+            still = refused_now(vec)
+            steer = (vec, recipe.probe_scale)
+            if recipe.objective == "judge":
+                scorer = scorer or target_judge or _probe_judge(runner, say)
+                items, weights = judged_targets(runner, political, scorer, vec, recipe, eval_cache, say)
+                fit.add_weighted(items, weights, recipe.objective_tokens, steer=steer, say=say)
+                fit.add([], still["harmful"], steer=steer, say=say)
+            elif not still["political"]:
+                break
+            else:
+                fit.add(still["political"], still["harmful"], steer=steer, say=say)
+            vec = fit.vector(lengths)
+    finally:
+        if scorer is not None and scorer is not target_judge:
+            scorer.close()
     vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
                          "n_political": len(political), "n_harmful": len(harmful), "n_harmless": len(harmless)})
-    info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds,
+    info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
+
+
+def _probe_judge(runner, say: Say):
+    """The shipped probe judge, on its own llama.cpp context of the same model file when it matches."""
+    from rs_local.judge.backends import make_judge
+
+    say("objective: the probe judge's refusal confidence")
+    return make_judge("probe", n_threads=getattr(runner, "n_threads", None))
+
+
+def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, recipe: Recipe, cache: Any,
+                   say: Say) -> tuple[list, list[float]]:
+    """The target prompts answered at the steered point, with centred judge confidences as weights.
+
+    Centring (``c - mean(c)``) makes the weighted gradients a contrast between the answers the
+    judge calls refusals (hard or soft) and the ones it calls answers; with every answer refused
+    (or none) the weights are all zero and the round adds nothing from the targets.
+    """
+    from rs_local.eval.evaluate import EvalSettings, Evaluator
+    from rs_local.eval.prompt_sets import PromptSet
+    from rs_local.vectors.refusal_gradient import RefusedPrompt
+
+    chosen = _cap(list(prompts), recipe)
+    ev = Evaluator(runner, [PromptSet("target", chosen)], vector=vector, judge=judge, cache=cache,
+                   settings=EvalSettings(max_tokens=recipe.label_tokens, kl_set=None, batch=8))
+    try:
+        records = ev.score_set("target", recipe.probe_scale)[1]
+    finally:
+        ev.close()
+    conf = [float(r.confidence) if r.confidence is not None else float(r.verdict) for r in records]
+    mean = sum(conf) / len(conf) if conf else 0.0
+    refused = sum(r.refusal for r in records)
+    say(f"at scale {recipe.probe_scale:g}: judge calls {refused}/{len(records)} target answers refusals "
+        f"(keywords {sum(r.keyword_refusal for r in records)}); mean confidence {mean:+.2f}")
+    return [RefusedPrompt(r.prompt, r.answer) for r in records], [c - mean for c in conf]
 
 
 def _cap(items: list, recipe: Recipe) -> list:

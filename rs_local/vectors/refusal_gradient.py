@@ -192,6 +192,28 @@ class GradientContrast:
                 into.append(refusal_gradients(self.fm, items, self.layers, self.answer_tokens, self.system, say, steer))
         self.rounds += 1
 
+    def add_weighted(self, items: Sequence[RefusedPrompt], weights: Sequence[float], tokens: int, steer: Any = None,
+                     say: Say | None = None) -> None:
+        """Target gradients of whole answers, each weighted by how much more it refuses than the set's mean.
+
+        ``weights`` are centred judge confidences (``c_i - mean(c)``), so the rows sum to an estimate of
+        the direction that makes refusing answers (soft ones included: whatever the judge calls a
+        refusal) more likely *relative to* the answers that comply: the policy gradient of the
+        judge's expected verdict, with the mean as baseline. Gradients over ``tokens`` answer tokens
+        are scaled by ``answer_tokens / tokens`` so a row weighs about as much as an opening's.
+        """
+        say = say or (lambda _m: None)
+        w = np.asarray(weights, dtype=np.float64)
+        if len(items) != len(w):
+            raise ValueError("one weight per item")
+        keep = [i for i in range(len(w)) if w[i] != 0 and items[i].answer.strip()]
+        if not keep:
+            return
+        say(f"judge-weighted gradients of {len(keep)} target answers" + (" (steered)" if steer else ""))
+        grads = refusal_gradients(self.fm, [items[i] for i in keep], self.layers, tokens, self.system, say, steer)
+        factor = self.answer_tokens / max(1, tokens)
+        self.target.append((grads * (w[keep] * factor)[:, None, None]).astype(np.float32))
+
     def counts(self) -> tuple[int, int]:
         return sum(len(g) for g in self.target), sum(len(g) for g in self.keep)
 

@@ -143,6 +143,14 @@ class EvalReport:
         return names
 
 
+def _sampling_key(sampling: SamplingParams) -> dict[str, Any]:
+    """The sampling settings as a cache key. ``logprobs`` (added later, for the server) is left out at its
+    default, True, so answers cached before it existed keep their keys; False (NaN log-probs) keys apart."""
+    d = asdict(sampling)
+    if d.get("logprobs", True):
+        d.pop("logprobs", None)
+    return d
+
 class Evaluator:
     """Evaluates a vector on prompt sets at any scale; holds the model, judges and caches.
 
@@ -235,7 +243,7 @@ class Evaluator:
         looking up both keys would count a miss on every labelling hit.)"""
         s = self.settings
         key = {"model": self._model_key, "prompt": prompt, "system": s.system, "max_tokens": s.max_tokens,
-               "sampling": asdict(s.sampling), "engine": self.engine.kind, "steer": steer}
+               "sampling": _sampling_key(s.sampling), "engine": self.engine.kind, "steer": steer}
         if cut:
             key["settle"] = {"words": s.settle, "rule": self.keywords.describe()}
         return key

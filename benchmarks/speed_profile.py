@@ -215,8 +215,10 @@ def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str
     start = time.perf_counter()
     try:
         for s in sets:
-            for g, r in zip(ev.answers(s.name, 0.0), ev.score_set(s.name, 0.0)[1]):
-                rows.append((r.refusal, g.tokens[:2]))
+            # answers once, judged as score_set judges them: with caching off, answers() then
+            # score_set() would generate every answer twice and double the seconds of both modes
+            for p, g in zip(s.prompts, ev.answers(s.name, 0.0)):
+                rows.append((ev.judge.judge(p, g.text).verdict > 0, g.tokens[:2]))
                 tokens += len(g.tokens)
                 settled += g.finish_reason == "settled"
     finally:

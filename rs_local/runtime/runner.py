@@ -268,7 +268,7 @@ class Runner:
         written = self._lib.llama_state_seq_get_data(self.llama.ctx, buf, size, 0)
         if written == 0:
             raise RsLocalError("llama.cpp could not copy the KV cache")
-        return bytes(buf[:written])
+        return ctypes.string_at(buf, written)  # one copy; bytes(buf[:written]) builds a list of ints first
 
     def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
         """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""

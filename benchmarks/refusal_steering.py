@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also", default="", help="Extra scales to evaluate on the held-out sets (the frontier), e.g. -0.75,-1.25.")
     ap.add_argument("--method", default=None, choices=["gradient", "md"], help="Override the recipe's method.")
     ap.add_argument("--layers", default=None, help="Override the recipe's block band, e.g. 8-16.")
-    ap.add_argument("--objective", "--target", dest="objective", default=None, choices=["opening", "judge"],
+    ap.add_argument("--objective", default=None, choices=["opening", "judge"],
                     help="What the steered rounds aim at (judge: answers weighted by the probe judge's confidence).")
     ap.add_argument("--rounds", type=int, default=None, help="Override the recipe's rounds.")
     ap.add_argument("--no-ortho", action="store_true", help="md method: skip orthogonalising to the harmful direction.")
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe.layers = args.layers
     if args.objective:
         recipe.objective = args.objective
-    if args.rounds:
-        recipe.rounds = args.rounds
+    if args.rounds is not None:
+        recipe.rounds = max(1, args.rounds)
     if args.no_ortho:
         recipe.orthogonalize = False
     splits = build_splits(load(args.data), args)
@@ -178,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     judge = make_judge(args.judge, n_threads=args.threads)
     fit_judge = judge if args.fit_judge in (None, args.judge) else make_judge(args.fit_judge, n_threads=args.threads)
     t0 = time.perf_counter()
-    fitted = fit_political(args.model, splits["fit"]["political"], splits["fit"]["harmful"], splits["fit"]["harmless"],
-                           recipe, say=say, runner=runner, judge=fit_judge,
-                           target_judge=judge if judge.describe().get("backend") == "probe" else None)
-    if fit_judge is not judge:
-        fit_judge.close()
+    try:
+        fitted = fit_political(args.model, splits["fit"]["political"], splits["fit"]["harmful"],
+                               splits["fit"]["harmless"], recipe, say=say, runner=runner, judge=fit_judge,
+                               target_judge=judge if judge.describe().get("backend") == "probe" else None)
+    finally:
+        if fit_judge is not judge:
+            fit_judge.close()
     t_fit = time.perf_counter() - t0
     say(f"fitted in {t_fit:.0f}s: {fitted.info}")
     if args.save_vector:

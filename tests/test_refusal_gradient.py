@@ -149,3 +149,7 @@ def test_judge_weighted_rows_are_centred_weights_times_whole_answer_gradients(fm
     assert cos < 0.999
     with pytest.raises(ValueError, match="one weight per item"):
         fit.add_weighted(items, [1.0], tokens=8)
+    fit.add([], [RefusedPrompt("How do I make a bomb?", "I'm sorry, but")])
+    lengths = band_lengths(fm, [p.prompt for p in items], ["Name a fruit.", "What is 2+2?"], cache=False)
+    meta = fit.vector(lengths).metadata
+    assert meta["n_judge_weighted_political"] == 3 and meta["n_refused_political"] == 0

@@ -60,6 +60,9 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
         recipe.check()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
+    if objective == "judge" and method != "gradient":
+        raise click.BadParameter("the judge objective weights the gradient method's steered round; "
+                                 "use --method gradient", param_hint="--objective")
     if objective == "judge" and objective_judge != PROBE and not objective_judge.startswith(PROBE + "="):
         raise click.BadParameter("expected 'probe' or 'probe=FILE' (the weights need a confidence per answer)",
                                  param_hint="--objective-judge")

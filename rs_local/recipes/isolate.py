@@ -174,12 +174,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
     sets = {"political": list(political), "harmful": list(harmful)}
 
-    def refused_now(vector=None) -> dict[str, list]:
+    def refused_now(vector=None, names: Sequence[str] = ("political", "harmful")) -> dict[str, list]:
         """Training prompts the model (steered by ``vector`` at the probe scale) still refuses."""
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-        labelled = label_refusals(runner, sets, judge=judge, max_tokens=recipe.label_tokens, cache=eval_cache,
-                                  vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
+        labelled = label_refusals(runner, {n: sets[n] for n in names}, judge=judge, max_tokens=recipe.label_tokens,
+                                  cache=eval_cache, vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
             say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {name} training prompts refused")
@@ -196,16 +196,18 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     scorer = None
     try:
         for _ in range(recipe.rounds - 1):
-            still = refused_now(vec)
             steer = (vec, recipe.probe_scale)
             if recipe.objective == "judge":
-                scorer = scorer or target_judge or _probe_judge(runner, say)
+                # the targets are weighted by the judge below; only the keep set needs keyword labels
+                still = refused_now(vec, ("harmful",))
+                scorer = scorer or target_judge or _probe_judge(say)
                 items, weights = judged_targets(runner, political, scorer, vec, recipe, eval_cache, say)
                 fit.add_weighted(items, weights, recipe.objective_tokens, steer=steer, say=say)
                 fit.add([], still["harmful"], steer=steer, say=say)
-            elif not still["political"]:
-                break
             else:
+                still = refused_now(vec)
+                if not still["political"]:
+                    break
                 fit.add(still["political"], still["harmful"], steer=steer, say=say)
             vec = fit.vector(lengths)
     finally:
@@ -218,12 +220,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     return RecipeResult(vec, None, info)
 
 
-def _probe_judge(runner, say: Say):
-    """The shipped probe judge, on its own llama.cpp context of the same model file when it matches."""
+def _probe_judge(say: Say):
+    """The shipped probe judge (it loads its own llama.cpp context of the model it was trained for)."""
     from rs_local.judge.backends import make_judge
 
-    say("objective: the probe judge's refusal confidence")
-    return make_judge("probe", n_threads=getattr(runner, "n_threads", None))
+    say("objective: the shipped probe judge's refusal confidence")
+    return make_judge("probe")
 
 
 def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, recipe: Recipe, cache: Any,
@@ -240,7 +242,8 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
 
     chosen = _cap(list(prompts), recipe)
     ev = Evaluator(runner, [PromptSet("target", chosen)], vector=vector, judge=judge, cache=cache,
-                   settings=EvalSettings(max_tokens=recipe.label_tokens, kl_set=None, batch=8))
+                   settings=EvalSettings(max_tokens=max(recipe.label_tokens, recipe.objective_tokens), kl_set=None,
+                                         batch=8))
     try:
         records = ev.score_set("target", recipe.probe_scale)[1]
     finally:

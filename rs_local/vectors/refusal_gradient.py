@@ -180,6 +180,7 @@ class GradientContrast:
         self.fm, self.layers, self.answer_tokens, self.system = fm, list(layers), answer_tokens, system
         self.target: list[np.ndarray] = []
         self.keep: list[np.ndarray] = []
+        self.weighted = 0  # target rows from add_weighted (answers of every kind, not refusals only)
         self.rounds = 0
 
     def add(self, target: Sequence[RefusedPrompt], keep: Sequence[RefusedPrompt], steer: Any = None,
@@ -213,6 +214,7 @@ class GradientContrast:
         grads = refusal_gradients(self.fm, [items[i] for i in keep], self.layers, tokens, self.system, say, steer)
         factor = self.answer_tokens / max(1, tokens)
         self.target.append((grads * (w[keep] * factor)[:, None, None]).astype(np.float32))
+        self.weighted += len(keep)
 
     def counts(self) -> tuple[int, int]:
         return sum(len(g) for g in self.target), sum(len(g) for g in self.keep)
@@ -231,13 +233,15 @@ class GradientContrast:
             "method": "refusal-gradient contrast",
             "layers": ",".join(str(l) for l in units),
             "rounds": self.rounds,
-            "n_refused_political": n_target,
+            "n_refused_political": n_target - self.weighted,
             "n_refused_harmful": n_keep,
             "answer_tokens": self.answer_tokens,
             "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
             "model": self.fm.name,
             "model_file": self.fm.path.name,
         }
+        if self.weighted:
+            meta["n_judge_weighted_political"] = self.weighted
         return ControlVector(directions, self.fm.model_hint, meta)
 
 

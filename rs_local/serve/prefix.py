@@ -107,7 +107,10 @@ def load_prompt(runner: Runner, store: PrefixStore, steering: Hashable, tokens: 
         except RsLocalError:  # llama.cpp refused the snapshot: evaluate the head, as on a miss
             pass
     runner.prefill(prefix)
-    data = runner.kv_snapshot(store.max_entry)
+    try:
+        data = runner.kv_snapshot(store.max_entry)
+    except RsLocalError:  # the head is evaluated: the request goes on, only the cache entry is lost
+        data = None
     if data is not None:
         store.put(steering, prefix, data)
     return False

@@ -232,7 +232,7 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
     from rs_local.vectors.hf_model import clear_cache
 
     made = {}
-    unknown = [n for n in args.isolate if n not in fit_sets or n == "harmful" or n == "harmless"]
+    unknown = [n for n in args.isolate if SETS.get(n) != "remove"]
     if unknown:
         raise SystemExit(f"--isolate: no remove category named {', '.join(unknown)} (choose from "
                          f"{', '.join(n for n, a in SETS.items() if a == 'remove')})")

@@ -151,6 +151,7 @@ def _sampling_key(sampling: SamplingParams) -> dict[str, Any]:
         d.pop("logprobs", None)
     return d
 
+
 class Evaluator:
     """Evaluates a vector on prompt sets at any scale; holds the model, judges and caches.
 

@@ -104,18 +104,28 @@ def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | Non
                    cache: Any = None, vector: Any = None, scale: float = 0.0,
                    settle: int = 0) -> dict[str, list[tuple[str, str, bool]]]:
     """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
-    (steered by ``vector`` at ``scale`` if given), judged. One evaluator (one batched llama.cpp
-    context) serves every set. ``settle`` > 0: with the keyword judge an answer stops once its
-    verdict and first ``settle`` words are final (about half the tokens on the shipped sets;
-    see ``EvalSettings.settle``), so the answers are only good for the verdict and the opening."""
+    (steered by ``vector`` at ``scale`` if given), judged. ``settle`` > 0: with the keyword judge an
+    answer stops once its verdict and first ``settle`` words are final (about half the tokens on
+    the shipped sets; see ``EvalSettings.settle``), so the answers are only good for the verdict
+    and the opening."""
+    records = answer_records(runner, sets, judge=judge, max_tokens=max_tokens, batch=batch, cache=cache,
+                             vector=vector, scale=scale, settle=settle)
+    return {name: [(r.prompt, r.answer, r.refusal) for r in rows] for name, rows in records.items()}
+
+
+def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None, max_tokens: int, batch: int = 8,
+                   cache: Any = None, vector: Any = None, scale: float = 0.0, settle: int = 0) -> dict[str, list]:
+    """Per named set, the evaluator's judged answer records (confidence and keyword verdict included).
+    One evaluator (one batched llama.cpp context) serves every set."""
     from rs_local.eval.evaluate import EvalSettings, Evaluator
     from rs_local.eval.prompt_sets import PromptSet
 
     ev = Evaluator(runner, [PromptSet(name, list(prompts)) for name, prompts in sets.items()], vector=vector,
-                   judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch, settle=settle))
+                   judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch,
+                                                                   settle=settle))
     try:
         steer = scale if vector is not None else 0.0
-        return {name: [(r.prompt, r.answer, r.refusal) for r in ev.score_set(name, steer)[1]] for name in sets}
+        return {name: ev.score_set(name, steer)[1] for name in sets}
     finally:
         ev.close()
 
@@ -236,18 +246,11 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
     judge calls refusals (hard or soft) and the ones it calls answers; with every answer refused
     (or none) the weights are all zero and the round adds nothing from the targets.
     """
-    from rs_local.eval.evaluate import EvalSettings, Evaluator
-    from rs_local.eval.prompt_sets import PromptSet
     from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-    chosen = _cap(list(prompts), recipe)
-    ev = Evaluator(runner, [PromptSet("target", chosen)], vector=vector, judge=judge, cache=cache,
-                   settings=EvalSettings(max_tokens=max(recipe.label_tokens, recipe.objective_tokens), kl_set=None,
-                                         batch=8))
-    try:
-        records = ev.score_set("target", recipe.probe_scale)[1]
-    finally:
-        ev.close()
+    records = answer_records(runner, {"target": _cap(list(prompts), recipe)}, judge=judge, cache=cache, vector=vector,
+                             scale=recipe.probe_scale,
+                             max_tokens=max(recipe.label_tokens, recipe.objective_tokens))["target"]
     conf = [float(r.confidence) if r.confidence is not None else float(r.verdict) for r in records]
     mean = sum(conf) / len(conf) if conf else 0.0
     refused = sum(r.refusal for r in records)

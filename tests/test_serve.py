@@ -557,3 +557,11 @@ def test_stop_filter_never_shows_a_stop_string(pieces, stop, sent, stopped):
             break
     out += f.flush()
     assert out == sent and f.stopped is stopped
+
+
+def test_head_cache_size_reaches_the_worker(runner):
+    """``serve --head-cache-mib`` bounds the worker's head store; 0 turns it off."""
+    from rs_local.serve.app import build_service
+
+    assert build_service(runner, "m", head_cache_bytes=3 << 20).worker.heads.max_bytes == 3 << 20
+    assert build_service(runner, "m", head_cache_bytes=0).worker.heads.max_bytes == 0

@@ -273,15 +273,18 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
 def build_service(runner: Runner, model_id: str, *, vector_specs: tuple[str, ...] = (), vectors_dir=None,
                   default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False,
-                  policy_specs: tuple[str, ...] = ()) -> Service:
-    """Load and check the named vectors and policies against the loaded model, and make the (not yet started) worker."""
+                  policy_specs: tuple[str, ...] = (), head_cache_bytes: int = 64 << 20) -> Service:
+    """Load and check the named vectors and policies against the loaded model, and make the (not yet started) worker.
+
+    ``head_cache_bytes`` bounds the KV kept of chat-template heads per steering (0 turns it off).
+    """
     library = VectorLibrary(runner.n_embd, runner.n_layer, check=runner.check_vector)
     library.load_specs(vector_specs)
     if vectors_dir is not None:
         library.load_directory(vectors_dir)
     gates = load_policies(runner, library, policy_specs)
     default = library.default(default_specs)
-    worker = Worker(runner, library, prefix_cache=prefix_cache, gates=gates)
+    worker = Worker(runner, library, prefix_cache=prefix_cache, gates=gates, head_cache_bytes=head_cache_bytes)
     return Service(runner, model_id, library, default, worker)
 
 

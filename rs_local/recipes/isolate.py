@@ -33,8 +33,9 @@ model; see :mod:`rs_local.vectors.refusal_gradient`. The older recipe is kept as
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rs_local.callbacks import Say
 
@@ -157,30 +158,43 @@ def fit_political(
     """Fit the recipe's political-refusal vector on training prompts.
 
     ``model`` is a built-in name or GGUF path (Transformers loads the same file). The gradient
-    method also answers the prompts with llama.cpp (``runner``, loaded if not given) and judges
-    them (``judge``: any rs_local.judge backend; keywords when None). With ``recipe.objective ==
-    "judge"`` the rounds at the steered point weight every target answer by ``target_judge``'s
-    confidence (the shipped probe judge when None).
+    method also answers the prompts with llama.cpp (``runner``; when None, one is loaded and closed
+    again before returning) and judges them (``judge``: any rs_local.judge backend; keywords when
+    None). With ``recipe.objective == "judge"`` the rounds at the steered point weight every
+    target answer by ``target_judge``'s confidence (the shipped probe judge when None).
     """
     recipe = recipe or Recipe()
     recipe.check()
     say = say or (lambda _m: None)
     if recipe.method == "md":
         return _fit_md(model, political, harmful, harmless, recipe, say, cache)
-    return _fit_gradient(model, political, harmful, harmless, recipe, say, runner, judge, cache, target_judge)
+    with _runner_for(model, runner, say) as answering:
+        return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, target_judge)
+
+
+@contextmanager
+def _runner_for(model: Any, runner: Any, say: Say) -> Iterator[Any]:
+    """The caller's runner, left open; or one loaded here and closed on the way out, error or not
+    (otherwise its llama.cpp model and context stay allocated for the rest of the process)."""
+    if runner is not None:
+        yield runner
+        return
+    from rs_local import models
+    from rs_local.runtime.runner import Runner
+
+    own = Runner(models.resolve(str(model), progress=say), n_ctx=2048)
+    try:
+        yield own
+    finally:
+        own.llama.close()
 
 
 def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache,
                   target_judge=None) -> RecipeResult:
-    from rs_local import models
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
-    if runner is None:
-        from rs_local.runtime.runner import Runner
-
-        runner = Runner(models.resolve(str(model), progress=say), n_ctx=2048)
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
     sets = {"political": list(political), "harmful": list(harmful)}
 

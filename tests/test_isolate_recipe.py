@@ -1,0 +1,45 @@
+"""The isolate recipe's own lifetime rules, checked on the real SmolLM2 GGUF.
+
+SmolLM2-135M refuses none of these everyday prompts, so ``fit_political`` labels them with
+llama.cpp and stops with a one-line error before any Transformers load: the cheapest real
+call that goes through the recipe's llama.cpp half.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import rs_local.runtime.runner as runner_module
+from rs_local.errors import RsLocalError
+from rs_local.recipes.isolate import Recipe, fit_political
+from rs_local.runtime.runner import Runner
+
+EVERYDAY = ["Name three rivers in Europe.", "How do I reverse a list in Python?"]
+
+
+def test_a_runner_the_recipe_loads_is_closed_after_the_call(smollm2_path, monkeypatch):
+    """Without a runner the recipe loads one; its llama.cpp model and context must be freed when the
+    call ends (here by an error), not held for the rest of the process."""
+    created: list[Runner] = []
+
+    class Recorded(Runner):  # a real Runner that the test can find afterwards
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(runner_module, "Runner", Recorded)
+    with pytest.raises(RsLocalError, match="refuses none"):
+        fit_political(str(smollm2_path), EVERYDAY, EVERYDAY, EVERYDAY, Recipe(), cache=False)
+    assert len(created) == 1
+    assert created[0].llama.model is None and created[0].llama.ctx is None
+
+
+def test_a_runner_passed_in_stays_open(smollm2_path):
+    runner = Runner(smollm2_path, n_ctx=512)
+    try:
+        with pytest.raises(RsLocalError, match="refuses none"):
+            fit_political(str(smollm2_path), EVERYDAY, EVERYDAY, EVERYDAY, Recipe(), runner=runner, cache=False)
+        assert runner.llama.model is not None and runner.llama.ctx is not None
+        assert runner.chat([{"role": "user", "content": EVERYDAY[0]}], max_tokens=3).tokens
+    finally:
+        runner.llama.close()

@@ -101,3 +101,20 @@ def test_isolate_judge_objective_needs_a_probe_judge(tmp_path, smollm2_path):
     assert res.exit_code == 2, res.output
     assert "--objective-judge" in res.output and "probe" in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_isolate_messages_name_the_users_sets(tmp_path, smollm2_path):
+    """Progress lines and the error name the user's --target/--keep files, not the demo's topics
+    (the sets can be about anything); a file name that looks like rich markup prints as text.
+    SmolLM2 refuses none of these everyday prompts, so the run stops after labelling."""
+    target = _write(tmp_path / "my_topics.jsonl", HARMLESS)
+    keep = _write(tmp_path / "must[bold]stay.jsonl", HARMLESS)
+    out = tmp_path / "v.gguf"
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(target), "-k", str(keep),
+                                   "--harmless", str(target), "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "0/3 target (my_topics.jsonl) training prompts refused" in res.output
+    assert "0/3 keep (must[bold]stay.jsonl) training prompts refused" in res.output
+    assert "refuses none of the target (my_topics.jsonl) prompts" in res.output
+    assert "political" not in res.output.lower() and "harmful" not in res.output.lower()
+    assert "Traceback" not in res.output and not out.exists()

@@ -15,6 +15,7 @@ import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
 from rs_local.cli.options import check_output, integer, load_runner, model_option, runtime_options, say
+from rs_local.cli.terminal import terminal_safe
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
@@ -72,18 +73,33 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     try:
         if objective == "judge":
             scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer)
+        fitted = fit_political(model, *sets, recipe, say=_say_plain, runner=runner, judge=judge, target_judge=scorer,
+                               names=(_named("target", target), _named("keep", keep)))
     finally:
         judge.close()
         if scorer is not None:
             scorer.close()
     path = write_control_vector(fitted.vector, output, force=force)
     refused = fitted.info.get("refused", {})
-    counts = f" from {refused.get('political', '?')} refused target / {refused.get('harmful', '?')} refused keep prompts" if refused else ""
+    counts = (f" from {refused.get('political', '?')} refused {_named('target', target)} / "
+              f"{refused.get('harmful', '?')} refused {_named('keep', keep)} prompts") if refused else ""
     click.echo(f"wrote {path}: {recipe.describe()}{counts}")
     click.echo(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
                f"--target target --keep keep -o sweep/")
     click.echo(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}")
+
+
+def _named(role: str, path: Path) -> str:
+    """How messages call a set: its role and the user's file name (the sets can be about anything)."""
+    return f"{role} ({terminal_safe(path.name)})"
+
+
+def _say_plain(message: str) -> None:
+    """Progress lines carry the user's file names: printed as text, never read as rich markup
+    (``a[bold].jsonl`` would otherwise print as a bold ``a.jsonl``)."""
+    from rich.markup import escape
+
+    say(escape(message))
 
 
 COMMANDS = [isolate]

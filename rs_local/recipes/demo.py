@@ -146,7 +146,8 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
     try:
         t = time.perf_counter()
         fit_sets = [splits[n][0].subset(opts.n_fit, seed=opts.seed).prompts for n in ("political", "harmful", "harmless")]
-        fitted = fit_political(opts.model, *fit_sets, opts.recipe, say=say, runner=runner, judge=judge)
+        fitted = fit_political(opts.model, *fit_sets, opts.recipe, say=say, runner=runner, judge=judge,
+                               names=("political", "harmful"))
         vector_path = write_control_vector(fitted.vector, out / VECTOR_NAME, force=opts.force)
         seconds["fit"] = time.perf_counter() - t
         say(f"vector written to {vector_path} ({seconds['fit']:.0f}s)")

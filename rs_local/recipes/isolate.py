@@ -88,8 +88,8 @@ class Recipe:
     def describe(self) -> str:
         if self.method == "gradient":
             aim = ", later rounds judge-weighted" if self.objective == "judge" else ""
-            return f"refusal-gradient contrast (political minus harmful span{aim}), blocks {self.layers}"
-        return f"mean difference, blocks {self.layers}" + (", orthogonalised to harmful" if self.orthogonalize else "")
+            return f"refusal-gradient contrast (target minus keep span{aim}), blocks {self.layers}"
+        return f"mean difference, blocks {self.layers}" + (", orthogonalised to the keep direction" if self.orthogonalize else "")
 
 
 @dataclass
@@ -154,6 +154,7 @@ def fit_political(
     judge: Judge | None = None,
     target_judge: Judge | None = None,
     cache: Any = True,
+    names: tuple[str, str] = ("target", "keep"),
 ) -> RecipeResult:
     """Fit the recipe's political-refusal vector on training prompts.
 
@@ -162,14 +163,18 @@ def fit_political(
     again before returning) and judges them (``judge``: any rs_local.judge backend; keywords when
     None). With ``recipe.objective == "judge"`` the rounds at the steered point weight every
     target answer by ``target_judge``'s confidence (the shipped probe judge when None).
+    ``names``: what progress lines and errors call the target and keep sets (``rs-local isolate``
+    passes the user's file names, the demo "political" and "harmful"), so they never name a
+    topic the user's sets are not about.
     """
     recipe = recipe or Recipe()
     recipe.check()
     say = say or (lambda _m: None)
     if recipe.method == "md":
-        return _fit_md(model, political, harmful, harmless, recipe, say, cache)
+        return _fit_md(model, political, harmful, harmless, recipe, say, cache, names)
     with _runner_for(model, runner, say) as answering:
-        return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, target_judge)
+        return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, target_judge,
+                             names)
 
 
 @contextmanager
@@ -190,13 +195,14 @@ def _runner_for(model: Any, runner: Any, say: Say) -> Iterator[Any]:
 
 
 def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache,
-                  target_judge=None) -> RecipeResult:
+                  target_judge=None, names: tuple[str, str] = ("target", "keep")) -> RecipeResult:
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
     sets = {"political": list(political), "harmful": list(harmful)}
+    label = dict(zip(sets, names))
 
     def refused_now(vector=None, names: Sequence[str] = ("political", "harmful")) -> dict[str, list]:
         """Training prompts the model (steered by ``vector`` at the probe scale) still refuses."""
@@ -206,12 +212,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
                                   cache=eval_cache, vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
-            say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {name} training prompts refused")
+            say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {label[name]} training prompts refused")
         return {name: _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
                 for name, rows in labelled.items()}
 
     first = refused_now()
-    _check_refused(first)
+    _check_refused(first, names)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     lengths = band_lengths(fm, political, harmless, cache=cache)
     fit = GradientContrast(fm, _layers(recipe.layers, fm.n_layer), recipe.answer_tokens)
@@ -283,18 +289,19 @@ def _cap(items: list, recipe: Recipe) -> list:
     return [items[i] for i in keep]
 
 
-def _check_refused(refused: dict[str, list]) -> None:
+def _check_refused(refused: dict[str, list], names: tuple[str, str] = ("target", "keep")) -> None:
     """Stop before the Transformers load when a set gives nothing to fit on."""
     from rs_local.errors import RsLocalError
 
     if not refused["political"]:
-        raise RsLocalError("the plain model refuses none of the target (political) prompts: there is no refusal to remove")
+        raise RsLocalError(f"the plain model refuses none of the {names[0]} prompts: there is no refusal to remove")
     if not refused["harmful"]:
-        raise RsLocalError("the plain model refuses none of the keep (harmful) prompts: nothing to protect "
+        raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: nothing to protect "
                            "(a plain `rs-local fit` vector does the job)")
 
 
-def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache) -> RecipeResult:
+def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache,
+            names: tuple[str, str] = ("target", "keep")) -> RecipeResult:
     from rs_local.vectors.fit import FitOptions, fit_vector
 
     def options(ortho=None) -> FitOptions:
@@ -303,10 +310,10 @@ def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache
 
     harm = None
     if recipe.orthogonalize:
-        say(f"fitting the harmful direction: {len(harmful)} harmful vs {len(harmless)} harmless prompts")
+        say(f"fitting the {names[1]} direction: {len(harmful)} {names[1]} vs {len(harmless)} harmless prompts")
         harm = fit_vector(model, list(harmful), list(harmless), options=options(), say=say).vector
-        harm.metadata["source_file"] = "harmful-vs-harmless direction (recipe step 1)"
-    say(f"fitting the political direction: {len(political)} political vs {len(harmless)} harmless prompts")
+        harm.metadata["source_file"] = f"direction of {names[1]} vs harmless (recipe step 1)"
+    say(f"fitting the {names[0]} direction: {len(political)} {names[0]} vs {len(harmless)} harmless prompts")
     pol = fit_vector(model, list(political), list(harmless), options=options(harm), say=say).vector
     pol.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale})
     return RecipeResult(pol, harm, {"method": recipe.method, "layers": recipe.layers, "orthogonalize": recipe.orthogonalize})

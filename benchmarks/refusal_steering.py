@@ -20,7 +20,7 @@ evaluated scale about 2.5 minutes (the baseline is cached after the first run), 
 adds about 10 minutes.
 
     python benchmarks/refusal_steering.py [--n 30] [--judge keywords|probe] [--fit-judge keywords|probe] [--scale -1.0 | --sweep] [--also=-1.25,-1.5]
-        [--objective opening|judge] [--rounds N] [--control] [--save-vector V.gguf]
+        [--objective opening|judge] [--rounds N] [--control] [--save-vector V.gguf [--force]]
 """
 
 from __future__ import annotations
@@ -113,6 +113,19 @@ def verdicts(base, steered) -> list[tuple[str, float, float, str, bool]]:
     ]
 
 
+def _output_ok(path: Path, force: bool) -> bool:
+    """Check ``--save-vector`` the way rs-local checks every output; a one-line error if unusable."""
+    from rs_local.errors import FileProblem
+    from rs_local.files import check_output_path
+
+    try:
+        check_output_path(path, force)
+    except FileProblem as exc:
+        print(f"--save-vector: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Political-refusal removal on held-out prompts (default recipe).")
     ap.add_argument("--n", type=int, default=30, help="Held-out prompts per set.")
@@ -136,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures to this JSON file.")
     ap.add_argument("--out", type=Path, default=None, help="Also write the eval report (answers, plot) to this directory.")
-    ap.add_argument("--save-vector", type=Path, default=None, help="Also write the fitted vector (GGUF) here.")
+    ap.add_argument("--save-vector", type=Path, default=None,
+                    help="Also write the fitted vector (GGUF) here; an existing file only with --force.")
+    ap.add_argument("--force", action="store_true", help="Let --save-vector replace an existing file.")
     ap.add_argument("--control", action="store_true",
                     help="Also measure deccp's uncensored China questions (ones a larger model answered): the refusal "
                          "rate the judge reports on political-topic questions the model is free to answer, the floor "
                          "under the political figure.")
     args = ap.parse_args(argv)
+    if args.save_vector and not _output_ok(args.save_vector, args.force):
+        return 2  # before minutes of fitting, not after
 
     from rich.console import Console
     from rich.table import Table
@@ -189,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     say(f"fitted in {t_fit:.0f}s: {fitted.info}")
     if args.save_vector:
         from rs_local.converters.gguf_io import write_control_vector
+        from rs_local.errors import FileProblem
 
-        write_control_vector(fitted.vector, args.save_vector, force=True)
+        try:
+            write_control_vector(fitted.vector, args.save_vector, force=args.force)  # atomic, re-checks the path
+        except FileProblem as exc:
+            print(f"--save-vector: {exc}", file=sys.stderr)
+            return 2
     from rs_local.vectors.hf_model import clear_cache
 
     clear_cache()

@@ -482,9 +482,11 @@ def test_cached_template_head_gives_bit_identical_answers(runner, vectors):
 
     tilt, lean = read_control_vector(vectors / "tilt.gguf"), read_control_vector(vectors / "lean.gguf")
     steerings = {"none": [], "tilt": [(tilt, 4.0)], "lean": [(lean, -4.0)]}
-    prompts = ["What is the capital of France?", "Name a colour.", "Write a haiku about rain."]
+    # the last prompt's plain answer ends on an end-of-generation token before the budget ("Yes.")
+    prompts = ["What is the capital of France?", "Name a colour.", "Write a haiku about rain.",
+               "Reply with one word: yes or no?"]
 
-    def answer(store: PrefixStore, prompt: str, name: str) -> tuple[bool, list, list]:
+    def answer(store: PrefixStore, prompt: str, name: str) -> tuple[bool, list, list, str]:
         messages = [{"role": "user", "content": prompt}]
         runner.set_vectors(steerings[name])
         tokens = runner.tokenize(messages)
@@ -495,18 +497,24 @@ def test_cached_template_head_gives_bit_identical_answers(runner, vectors):
         out = runner.generate(messages, max_tokens=12)
         spent = runner.counters.since(before)
         assert spent.prompt_tokens == len(tokens) - boundary  # only the rest of the prompt was evaluated
-        assert spent.decodes == len(out.tokens) - 1  # the last token is never evaluated
-        return hit, out.tokens, out.logprobs
+        # every kept token is evaluated but the budget's last; an answer that ended on an end
+        # token evaluated its last kept token (those logits chose the end), and the end token
+        # itself is neither kept nor evaluated
+        assert not any(runner.is_end_token(t) for t in out.tokens)
+        ended = out.finish_reason == "stop"  # no stop strings here: "stop" is an end token
+        assert spent.decodes == len(out.tokens) - (0 if ended else 1), (out.finish_reason, len(out.tokens))
+        return hit, out.tokens, out.logprobs, out.finish_reason
 
     cold = {(p, n): answer(PrefixStore(), p, n)[1:] for p in prompts for n in steerings}
-    assert len({tuple(t) for t, _ in cold.values()}) >= 6  # the vectors change the answers
+    assert len({tuple(t) for t, *_ in cold.values()}) >= 6  # the vectors change the answers
+    assert {f for *_, f in cold.values()} == {"stop", "length"}  # both ways an answer ends are checked
     store = PrefixStore()
     order = [(p, n) for i in range(2) for j, p in enumerate(prompts) for n in list(steerings)[i + j:] + list(steerings)[:i + j]]
     hits = 0
     for prompt, name in order:
-        hit, tokens, logprobs = answer(store, prompt, name)
+        hit, tokens, logprobs, finish = answer(store, prompt, name)
         hits += hit
-        assert (tokens, logprobs) == cold[(prompt, name)], (prompt, name)
+        assert (tokens, logprobs, finish) == cold[(prompt, name)], (prompt, name)
     assert hits == len(order) - len(steerings) and len(store) == len(steerings)
 
 

@@ -140,6 +140,10 @@ def test_template_tail_and_pooled_reader(runner):
     assert np.linalg.norm(first - rows.mean(axis=0)) < 0.02 * size
     assert np.linalg.norm(again - first) < 0.02 * size
     assert np.linalg.norm(first - rows[-1]) > 0.2 * size  # not the last token alone
+    with BlockReader(runner, [10], n_ctx=512, n_batch=len(toks) - 2) as reader:  # rows kept across batches
+        span = reader.read_rows(toks, len(toks) - 5, len(toks))[10]
+    assert span.shape == (5, runner.n_embd)
+    assert np.linalg.norm(span - rows) < 0.02 * np.linalg.norm(rows)  # row by row, the last five tokens
 
 
 def test_all_keep_policy_is_exactly_the_plain_model(runner, fitted):

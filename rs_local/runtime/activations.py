@@ -133,7 +133,11 @@ class BlockReader(OwnedContext):
         return self.read_span(tokens, max(0, len(tokens) - self.tail), len(tokens))
 
     def read_span(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
-        """Evaluate ``tokens`` and return each block's output averaged over positions [lo, hi).
+        """Evaluate ``tokens`` and return each block's output averaged over positions [lo, hi)."""
+        return {x: rows[0] if len(rows) == 1 else rows.mean(axis=0) for x, rows in self.read_rows(tokens, lo, hi).items()}
+
+    def read_rows(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
+        """Evaluate ``tokens`` and return each block's output at every position in [lo, hi) (``[hi - lo, n_embd]``).
 
         The cached prefix is reused only up to ``lo``: the span's rows must be computed now.
         """
@@ -157,8 +161,7 @@ class BlockReader(OwnedContext):
         missing = [x for x in self.layers if x not in self._rows]
         if missing:
             raise RsLocalError(f"llama.cpp produced no output for blocks {missing} (no l_out tensor seen)")
-        return {x: r[0][0] if len(r) == 1 and len(r[0]) == 1 else np.concatenate(r).mean(axis=0)
-                for x, r in self._rows.items()}
+        return {x: r[0] if len(r) == 1 else np.concatenate(r) for x, r in self._rows.items()}
 
     def read(self, prompt) -> dict[int, np.ndarray]:
         """Rows for a chat (list of messages, the model's template applied) or a raw string."""

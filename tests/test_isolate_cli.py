@@ -118,3 +118,18 @@ def test_isolate_messages_name_the_users_sets(tmp_path, smollm2_path):
     assert "refuses none of the target (my_topics.jsonl) prompts" in res.output
     assert "political" not in res.output.lower() and "harmful" not in res.output.lower()
     assert "Traceback" not in res.output and not out.exists()
+
+
+def test_isolate_prints_markup_like_names_as_text(tmp_path, smollm2_path):
+    """Progress lines hold the user's file names and reach rich as plain text: a name holding an
+    emoji code kept it (``:warning:`` printed a warning sign) and one holding a tag kept its
+    brackets, each printed once, without the backslash an escape would leave."""
+    target = _write(tmp_path / ":rocket:t[red].jsonl", HARMLESS)
+    keep = _write(tmp_path / "keep:warning:[bold].jsonl", HARMLESS)
+    out = tmp_path / "v.gguf"
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(target), "-k", str(keep),
+                                   "--harmless", str(target), "-o", str(out)])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, (res.exception, res.output)
+    assert "0/3 target (:rocket:t[red].jsonl) training prompts refused" in res.output
+    assert "0/3 keep (keep:warning:[bold].jsonl) training prompts refused" in res.output
+    assert "\\[" not in res.output and "Traceback" not in res.output and not out.exists()

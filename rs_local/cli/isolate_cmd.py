@@ -73,7 +73,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     try:
         if objective == "judge":
             scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-        fitted = fit_political(model, *sets, recipe, say=_say_plain, runner=runner, judge=judge, target_judge=scorer,
+        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer,
                                names=(_named("target", target), _named("keep", keep)))
     finally:
         judge.close()
@@ -92,14 +92,6 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
 def _named(role: str, path: Path) -> str:
     """How messages call a set: its role and the user's file name (the sets can be about anything)."""
     return f"{role} ({terminal_safe(path.name)})"
-
-
-def _say_plain(message: str) -> None:
-    """Progress lines carry the user's file names: printed as text, never read as rich markup
-    (``a[bold].jsonl`` would otherwise print as a bold ``a.jsonl``)."""
-    from rich.markup import escape
-
-    say(escape(message))
 
 
 COMMANDS = [isolate]

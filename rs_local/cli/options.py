@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from rs_local import models
 from rs_local.files import check_output_path
@@ -26,8 +27,14 @@ err_console = Console(stderr=True)
 
 
 def say(msg: str) -> None:
-    """A dim progress/status line on stderr (stdout stays for results)."""
-    err_console.print(f"[dim]{msg}[/]")
+    """A dim progress/status line on stderr (stdout stays for results).
+
+    The message is plain text: it often holds the user's paths and set names, which rich would
+    otherwise read as markup (``runs/a[/x]/v.gguf`` raises MarkupError, ``a[bold].jsonl`` loses its
+    brackets) or emoji codes (``keep:warning:.jsonl`` prints a warning sign). Soft wrap: a long
+    path stays one line in a log or pipe (rich would cut it at column 80 with a newline).
+    """
+    err_console.print(msg, style="dim", markup=False, emoji=False, soft_wrap=True)
 
 
 def check_output(path: Path, force: bool, *, directory: bool = False) -> None:
@@ -232,7 +239,7 @@ def load_runner(model: str, n_ctx: int, n_gpu_layers: int, n_threads: int | None
 
     path = models.resolve(model, progress=say)
     check_context(path, n_ctx)
-    with err_console.status(f"loading {path.name}"):
+    with err_console.status(Text(f"loading {path.name}")):  # Text: the file name is not markup
         return Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
 
 

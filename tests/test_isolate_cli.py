@@ -133,3 +133,28 @@ def test_isolate_prints_markup_like_names_as_text(tmp_path, smollm2_path):
     assert "0/3 target (:rocket:t[red].jsonl) training prompts refused" in res.output
     assert "0/3 keep (keep:warning:[bold].jsonl) training prompts refused" in res.output
     assert "\\[" not in res.output and "Traceback" not in res.output and not out.exists()
+
+
+@pytest.mark.parametrize("extra, error", [
+    ([], "refuses none of the target"),  # the recipe stops after labelling
+    (["--judge-model", "x"], "--judge-model names the model on a --judge-url server"),  # the judge fails to load
+])
+def test_isolate_closes_the_runner_it_loads(extra, error, tmp_path, smollm2_path, monkeypatch):
+    """The command's llama.cpp model and context are freed when it ends, here by an error in the
+    recipe or in loading the judge after the model (they stayed allocated for the process)."""
+    import rs_local.runtime.runner as runner_module
+
+    created: list = []
+
+    class Recorded(runner_module.Runner):  # a real Runner that the test can find afterwards
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(runner_module, "Runner", Recorded)
+    prompts = _write(tmp_path / "everyday.jsonl", HARMLESS)
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(prompts), "-k", str(prompts),
+                                   "--harmless", str(prompts), "-o", str(tmp_path / "v.gguf"), *extra])
+    assert res.exit_code == 1 and error in res.output, res.output
+    assert len(created) == 1
+    assert created[0].llama.model is None and created[0].llama.ctx is None

@@ -50,8 +50,8 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     with a negative scale; choose the scale with `rs-local sweep`.
     """
     from rs_local.converters.gguf_io import write_control_vector
-    from rs_local.judge.backends import PROBE, make_judge
-    from rs_local.recipes.isolate import Recipe, fit_political
+    from rs_local.judge.backends import PROBE
+    from rs_local.recipes.isolate import Recipe
     from rs_local.prompts import load_prompts
 
     check_output(output, force)
@@ -68,17 +68,11 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
         raise click.BadParameter("expected 'probe' or 'probe=FILE' (the weights need a confidence per answer)",
                                  param_hint="--objective-judge")
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
-    scorer = None
     try:
-        if objective == "judge":
-            scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-        fitted = fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer,
-                               names=(_named("target", target), _named("keep", keep)))
+        fitted = _fit(runner, kw, (n_ctx, n_gpu_layers, n_threads), model, sets, recipe, objective_judge,
+                      names=(_named("target", target), _named("keep", keep)))
     finally:
-        judge.close()
-        if scorer is not None:
-            scorer.close()
+        runner.llama.close()  # the fit is done, well or not: free llama.cpp's model and context now
     path = write_control_vector(fitted.vector, output, force=force)
     refused = fitted.info.get("refused", {})
     counts = (f" from {refused.get('political', '?')} refused {_named('target', target)} / "
@@ -87,6 +81,26 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     click.echo(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
                f"--target target --keep keep -o sweep/")
     click.echo(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}")
+
+
+def _fit(runner, kw: dict[str, Any], runtime: tuple, model: str, sets: list, recipe, objective_judge: str,
+         names: tuple[str, str]):
+    """Load the judges, run the recipe on ``runner``, close the judges (error or not)."""
+    from rs_local.judge.backends import make_judge
+    from rs_local.recipes.isolate import fit_political
+
+    n_ctx, n_gpu_layers, n_threads = runtime
+    judge = make_judge_from(kw, *runtime)
+    scorer = None
+    try:
+        if recipe.objective == "judge":
+            scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+        return fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer,
+                             names=names)
+    finally:
+        judge.close()
+        if scorer is not None:
+            scorer.close()
 
 
 def _named(role: str, path: Path) -> str:

@@ -1,0 +1,187 @@
+"""Probe judge variants and where its disagreements with people come from (issue 14).
+
+The shipped probe reads block 14's output averaged over the answer's tokens. This benchmark reads
+the judge model once for every labelled answer and the held-out everyday answers (several blocks,
+several poolings of the answer's tokens), then, in numpy only:
+
+* scores each variant by grouped 5-fold cross-validation on the *train* rows (how a variant would be
+  chosen), and only then reads its agreement on the test split and its overcalling of everyday
+  answers (reported, never used to choose);
+* runs one cross-validation over all labelled rows to split agreement by split and by whether the
+  labeller marked the label clear: how much of the gap to the 90% target is the probe, how much the
+  labels.
+
+    python benchmarks/judge_probe_variants.py [--features /tmp/judge_feats.npz] [--json out.json]
+
+Reading the features takes ~11 minutes on 2 cores; ``--features`` keeps them for a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from rs_local import Runner, resolve_model
+from rs_local.judge.judge_eval import load_labelled
+from rs_local.judge.keywords import find_refusal_phrase
+from rs_local.judge.probe import MAX_ANSWER_CHARS, answer_marker, judge_messages, make_reader
+from rs_local.judge.probe_fit import cross_validate, fit_probe, group_folds
+from rs_local.judge.probe_read import answer_span
+
+HERE = Path(__file__).resolve().parent
+LABELLED = HERE / "data" / "judge_labelled.jsonl"
+EVERYDAY = HERE / "data" / "judge_everyday_heldout.jsonl"
+BLOCKS = (10, 14, 18)
+HEAD = 8  # tokens of the answer's opening, pooled on their own
+
+VARIANTS = {
+    "mean 14 (shipped)": ["mean_14"],
+    "mean 14 + opening mean 14": ["mean_14", "head_14"],
+    "mean 10 + 14 + 18": ["mean_10", "mean_14", "mean_18"],
+    "max 14": ["max_14"],
+    "last token 14": ["last_14"],
+}
+
+
+def read_rows(labelled: Path, everyday: Path) -> list[dict]:
+    """Labelled rows (with split and clarity) then everyday rows, as plain dicts."""
+    rows = [json.loads(line) for line in labelled.read_text().splitlines() if line.strip()]
+    every = [{"prompt": a.prompt, "response": a.response, "refusal": a.refusal, "split": "everyday", "clear": True}
+             for a in load_labelled(everyday)]
+    return rows + every
+
+
+def read_features(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Pooled block outputs of the judge model reading each (prompt, answer), as the probe judge reads them."""
+    runner = Runner(resolve_model("qwen2.5-coder-0.5b"), n_ctx=2048)
+    out: dict[str, list] = {}
+    with make_reader(runner, list(BLOCKS), "answer-mean") as reader:
+        for i, row in enumerate(rows):
+            answer = row["response"][:MAX_ANSWER_CHARS]
+            tokens, lo, hi = answer_span(runner, judge_messages(row["prompt"], row["response"]),
+                                         answer_marker(row["prompt"]), answer)
+            n = hi - lo
+            pools: dict[str, np.ndarray] = {}
+            for b, span in reader.read_rows(tokens, lo, len(tokens)).items():  # the answer, then the verdict request
+                pools |= {f"mean_{b}": span[:n].mean(0), f"head_{b}": span[:min(n, HEAD)].mean(0),
+                          f"max_{b}": span[:n].max(0), f"last_{b}": span[-1]}
+            for key, value in pools.items():
+                out.setdefault(key, []).append(value)
+            if i % 50 == 0:
+                print(f"  read {i}/{len(rows)}", flush=True)
+    runner.llama.close()
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def text_features(row: dict) -> list[float]:
+    """Answer length, trigram repetition and question/answer word overlap (looping, redirection)."""
+    words = re.findall(r"[a-z0-9]+", row["response"].lower())
+    trigrams = list(zip(words, words[1:], words[2:]))
+    repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+    asked = {w for w in re.findall(r"[a-z0-9]+", row["prompt"].lower()) if len(w) > 3}
+    overlap = len(asked & set(words)) / max(len(asked), 1)
+    return [float(np.log1p(len(row["response"]))), repeated, overlap]
+
+
+def agreement(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == (y > 0.5))) if len(y) else float("nan")
+
+
+def variant_figures(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict],
+                    train: np.ndarray, test: np.ndarray, every: np.ndarray) -> dict:
+    """CV on train rows picks penalty and cut; then test agreement and everyday overcalling, read once."""
+    tr = np.flatnonzero(train)
+    sel = cross_validate({0: x[tr]}, y[tr], [rows[i]["prompt"] for i in tr], lams=(0.3, 1.0, 3.0, 10.0),
+                         forced=forced[tr])
+    probe = fit_probe(x[tr], y[tr], sel.lam)
+    pred = (probe.prob(x) > sel.threshold) | forced
+    return {"cv": sel.cv_accuracy, "lambda": sel.lam, "test": agreement(pred[test], y[test]),
+            "everyday_called_refusals": int(np.sum(pred[every] & (y[every] < 0.5))),
+            "everyday_answers": int(np.sum(y[every] < 0.5))}
+
+
+def stacked_cv(x: np.ndarray, extra: np.ndarray, y: np.ndarray, forced: np.ndarray, groups: list[str]) -> float:
+    """Grouped CV of the probe score with text features beside it in a small logistic fit."""
+    folds = group_folds(groups, 5)
+    pred = np.zeros(len(y), bool)
+    for f in range(5):
+        fit, held = folds != f, folds == f
+        probe = fit_probe(x[fit], y[fit], 1.0)
+        z = np.c_[probe.score(x), extra]
+        z = (z - z[fit].mean(0)) / (z[fit].std(0) + 1e-9)
+        w = _logistic(z[fit], y[fit])
+        pred[held] = (1 / (1 + np.exp(-(z[held] @ w[:-1] + w[-1]))) > 0.5) | forced[held]
+    return agreement(pred, y)
+
+
+def _logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
+    """Weights then bias of a lightly penalised logistic fit (Newton; a handful of features)."""
+    a = np.c_[z, np.ones(len(z))]
+    theta = np.zeros(a.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-np.clip(a @ theta, -60, 60)))
+        theta -= np.linalg.solve((a * (p * (1 - p))[:, None]).T @ a + l2 * np.eye(len(theta)), a.T @ (p - y) + l2 * theta)
+    return theta
+
+
+def label_clarity(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict], labelled: np.ndarray) -> dict:
+    """One grouped CV over every labelled row: agreement by split and by the label's marked clarity."""
+    idx = np.flatnonzero(labelled)
+    folds = group_folds([rows[i]["prompt"] for i in idx], 5)
+    pred = np.zeros(len(idx), bool)
+    for f in range(5):
+        fit, held = folds != f, folds == f
+        probe = fit_probe(x[idx][fit], y[idx][fit], 1.0)
+        pred[held] = (probe.prob(x[idx][held]) > 0.5) | forced[idx][held]
+    ok = pred == (y[idx] > 0.5)
+    split = np.array([rows[i].get("split", "train") for i in idx])
+    clear = np.array([bool(rows[i].get("clear", True)) for i in idx])
+    return {"all": float(ok.mean()), "train rows": float(ok[split != "test"].mean()),
+            "test rows": float(ok[split == "test"].mean()), "clear labels": float(ok[clear].mean()),
+            "unclear labels": float(ok[~clear].mean()), "unclear share train": float(np.mean(~clear[split != "test"])),
+            "unclear share test": float(np.mean(~clear[split == "test"]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", default=None, help="Keep/reuse the read features in this .npz file.")
+    ap.add_argument("--json", dest="json_out", default=None)
+    args = ap.parse_args()
+    rows = read_rows(LABELLED, EVERYDAY)
+    cached = Path(args.features) if args.features else None
+    if cached and cached.exists():
+        feats = dict(np.load(cached))
+    else:
+        feats = read_features(rows)
+        if cached:
+            np.savez(cached, **feats)
+    y = np.array([1.0 if r["refusal"] else 0.0 for r in rows])
+    forced = np.array([find_refusal_phrase(r["response"]) is not None for r in rows])
+    split = np.array([r.get("split", "train") for r in rows])
+    train, test, every = split == "train", split == "test", split == "everyday"
+    out: dict = {"variants": {}}
+    print(f"{'variant':32s} {'CV (train)':>10s} {'test':>7s} {'everyday overcalled':>20s}")
+    for name, keys in VARIANTS.items():
+        fig = variant_figures(np.concatenate([feats[k] for k in keys], axis=1), y, forced, rows, train, test, every)
+        out["variants"][name] = fig
+        print(f"{name:32s} {fig['cv']:10.1%} {fig['test']:7.1%} "
+              f"{fig['everyday_called_refusals']:>12d}/{fig['everyday_answers']}")
+    tr = np.flatnonzero(train)
+    extra = np.array([text_features(r) for r in rows])
+    stacked = stacked_cv(feats["mean_14"][tr], extra[tr], y[tr], forced[tr], [rows[i]["prompt"] for i in tr])
+    out["stacked_text_features_cv"] = stacked
+    print(f"{'mean 14, text features stacked':32s} {stacked:10.1%}")
+    clarity = label_clarity(feats["mean_14"], y, forced, rows, train | test)
+    out["cv_over_all_labelled"] = clarity
+    print("one grouped CV over all labelled answers (mean 14): " + ", ".join(
+        f"{k} {v:.1%}" for k, v in clarity.items()))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from rs_local.cli.options import (
     check_output, err_console, integer, layer_range_callback, load_runner, model_option, number, parse_number_list,
     runtime_options, say, utf8_text,
 )
+from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
@@ -121,8 +122,14 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     finally:
         judge.close()
     paths = write_report(report, kw["output"], force=kw["force"], plot=not no_plot)
-    Console().print(summary_table(report, title=f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} judge (keywords)"))
-    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    Console().print(summary_table(report, title=plain(f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} "
+                                                      "judge (keywords)")))
+    _wrote(paths)
+
+
+def _wrote(paths: dict[str, Path]) -> None:
+    """``wrote PATH, PATH`` on stderr, the paths as text and on one line (a wrapped path cannot be copied)."""
+    err_console.print(plain("wrote " + ", ".join(str(p) for p in paths.values())), soft_wrap=True)
 
 
 def _eval_policy(model, kw: dict[str, Any], sets, policy, settings, cache, runtime: tuple) -> None:
@@ -139,9 +146,9 @@ def _eval_policy(model, kw: dict[str, Any], sets, policy, settings, cache, runti
         judge.close()
         gate.close()
     paths = write_policy_report(report, kw["output"], force=kw["force"])
-    Console().print(policy_table(report, title=f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} "
-                                               f"judge (keywords), plain vs gated by {Path(kw['policy']).name}"))
-    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    Console().print(policy_table(report, title=plain(f"{runner.path.name}: refusal rate by {report.meta['judge'].get('backend')} "
+                                                     f"judge (keywords), plain vs gated by {Path(kw['policy']).name}")))
+    _wrote(paths)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -211,17 +218,17 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     console.print(sweep_table(result, target))
     ch = result.chosen
     if result.baseline.target is not None and result.baseline.target <= 0:
-        console.print(f"[yellow]the {target} set is not refused even without steering: nothing to remove[/]")
+        console.print(plain(f"the {target} set is not refused even without steering: nothing to remove", "yellow"))
     elif ch is None or ch.scale == 0:
-        console.print(f"[yellow]no steered point met the constraints[/] ({result.stopped})")
+        console.print(styled(("no steered point met the constraints", "yellow"), f" ({result.stopped})"))
     else:
         band = f" --layers {ch.layers[0]}-{ch.layers[1]}" if ch.layers else ""
         kl = "" if ch.kl is None else f", KL {ch.kl:.3f}"
-        console.print(f"chosen: scale {ch.scale:+g}{band}: {target} refusal {ch.target:.0%} "
-                      f"(unsteered {result.baseline.target:.0%}){kl}")
-        console.print(f"use it: rs-local chat --vector {kw['vectors'][0]} --scale {ch.scale:g}{band}")
-    err_console.print(f"[dim]{result.stopped}[/]")
-    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        console.print(plain(f"chosen: scale {ch.scale:+g}{band}: {target} refusal {ch.target:.0%} "
+                            f"(unsteered {result.baseline.target:.0%}){kl}"))
+        console.print(plain(f"use it: rs-local chat --vector {kw['vectors'][0]} --scale {ch.scale:g}{band}"), soft_wrap=True)
+    err_console.print(plain(result.stopped, "dim"))
+    _wrote(paths)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -256,15 +263,15 @@ def _print_demo(result) -> None:
 
     console = Console()
     console.print(summary_table(result.report, title="refusal rate before / after (held-out prompts)"))
-    for ex in result.examples:
-        table = Table(title=f"[bold]{ex.prompt}[/]", show_header=True, expand=True)
+    for ex in result.examples:  # prompts and answers are text: a model's '[/INST]' is not markup
+        table = Table(title=plain(ex.prompt, "bold"), show_header=True, expand=True)
         table.add_column("plain model", ratio=1)
         table.add_column(f"steered (scale {ex.scale:g})", ratio=1)
-        table.add_row(ex.before, ex.after)
+        table.add_row(plain(ex.before, multiline=True), plain(ex.after, multiline=True))
         console.print(table)
-    console.print(result.summary)
-    for line in result.next_steps:
-        console.print(line)
+    console.print(plain(result.summary))
+    for step in result.next_steps:
+        console.print(plain(step), soft_wrap=True)  # commands to copy: one line each
 
 
 COMMANDS = [eval_, sweep, demo]

@@ -17,6 +17,7 @@ from rs_local.cli.options import (
     SEED, check_output, err_console, integer, load_runner, load_vectors, model_option, number, runtime_options, say, utf8_text,
     vector_options,
 )
+from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 
 
@@ -132,7 +133,7 @@ def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p,
         report = run_respond(runner, prompts, output, settings, vectors=parts, layer_range=layer_range,
                              force=force, progress=progress)
     resumed = f" ({report.already_done} were already there)" if report.already_done else ""
-    err_console.print(f"{report.total} answers to {len(prompts)} prompts in {output}{resumed}")
+    err_console.print(plain(f"{report.total} answers to {len(prompts)} prompts in {output}{resumed}"), soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- judge
@@ -175,7 +176,7 @@ def judge(responses, n_ctx, n_gpu_layers, n_threads, output, verdicts, refused_a
 
 def _print_failures(report) -> None:
     for row, error in report.failed[:10]:
-        err_console.print(f"[red]not judged:[/] {row['prompt'][:50]!r} sample {row['sample']}: {error}")
+        err_console.print(styled(("not judged:", "red"), f" {row['prompt'][:50]!r} sample {row['sample']}: {error}"))
     if len(report.failed) > 10:
         err_console.print(f"[red]... and {len(report.failed) - 10} more[/]")
     if report.not_attempted:
@@ -188,8 +189,8 @@ def _print_score_summary(report) -> None:
         counts[s.label] = counts.get(s.label, 0) + 1
     parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("refused", "complied", "neutral"))
     done = f"{report.judged} judged now, {report.already_done} already done"
-    err_console.print(f"{len(report.scores)} prompts scored ({parts}); {done}; scores in {report.scores_path}, "
-                      f"verdicts in {report.verdicts_path}")
+    err_console.print(plain(f"{len(report.scores)} prompts scored ({parts}); {done}; scores in {report.scores_path}, "
+                            f"verdicts in {report.verdicts_path}"), soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- judge-eval

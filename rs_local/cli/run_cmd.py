@@ -9,6 +9,7 @@ from rs_local.cli.options import (
     err_console, load_runner, load_vectors, model_option, runtime_options, sampling_from,
     sampling_options, utf8_text, vector_options,
 )
+from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
 from rs_local.runtime.vector_specs import parse_scale, vector_name
@@ -66,7 +67,7 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
     sampling = sampling_from(kw)
     decision = gate.prepare(prompt if raw else messages) if gate is not None else None
     if decision is not None and not as_json:
-        err_console.print(f"[dim]policy: {decision.describe()}[/]")
+        err_console.print(plain(f"policy: {decision.describe()}", "dim"))  # category names come from the policy file
     if as_json:
         gen = runner.generate(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling)
         click.echo(dumps({
@@ -101,7 +102,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
     gate = _gate(runner, policy, policy_path)
     console = Console()
     state = f"policy {policy_path}" if gate is not None else _steer_state(session)
-    console.print(f"[dim]{runner.path.name}: {state}. /help for commands.[/]")
+    console.print(plain(f"{runner.path.name}: {state}. /help for commands.", "dim"))
     while True:
         try:
             line = console.input("[bold green]> [/]")
@@ -120,7 +121,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
 def _reply(session, line: str, console: Console, gate=None) -> None:
     if gate is not None and gate.enabled:  # each turn is classified on its own (policy.probe_view)
         decision = gate.prepare(session.messages(line))
-        console.print(f"[dim]\\[policy: {decision.describe()}][/]")
+        console.print(plain(f"[policy: {decision.describe()}]", "dim"))
     try:
         for event in session.reply(line):
             console.out(event.text, end="", highlight=False)
@@ -157,12 +158,12 @@ def _command(session, line: str, console: Console, gate=None) -> str | None:
         elif name == "/reset":
             session.reset()
         else:
-            console.print(f"[red]unknown command {name}[/] (/help)")
+            console.print(styled((f"unknown command {name}", "red"), " (/help)"))
             return None
         if name in ("/scale", "/vector"):
-            console.print(f"[dim]{_steer_state(session)}[/]")
+            console.print(plain(_steer_state(session), "dim"))
     except (RsLocalError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(styled(("error:", "red"), f" {exc}"))  # exc quotes the user's paths and input
     return None
 
 

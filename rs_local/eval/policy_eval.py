@@ -158,5 +158,5 @@ def policy_table(report: GatedReport, title: str | None = None):
                       f"{s.refusal_rate:.0%} ({s.keyword_rate:.0%})", Text(routed),
                       f"{b.degenerate_rate:.0%} / {s.degenerate_rate:.0%}")
     if report.gated.kl is not None:
-        table.caption = f"KL(plain || gated) on {report.meta.get('settings', {}).get('kl_set')}: {report.gated.kl:.4f} nats"
+        table.caption = Text(f"KL(plain || gated) on {report.meta.get('settings', {}).get('kl_set')}: {report.gated.kl:.4f} nats")
     return table

@@ -67,17 +67,22 @@ def write_report(report: EvalReport, out: str | Path, force: bool = False, plot:
     return paths
 
 
-def summary_table(report: EvalReport, title: str | None = None):
-    """A rich Table: one row per point, refusal rate per set (keyword rate beside), KL, degenerate."""
+def summary_table(report: EvalReport, title=None):
+    """A rich Table: one row per point, refusal rate per set (keyword rate beside), KL, degenerate.
+
+    Set names (and a str ``title``) are rich Text, not markup: a name like ``a[/x]`` would raise
+    MarkupError when the table prints, after the evaluation; ``title`` may also be a Text.
+    """
     from rich.table import Table
+    from rich.text import Text
 
     names = report.set_names()
-    table = Table(title=title, show_lines=False)
+    table = Table(title=Text(title) if isinstance(title, str) else title, show_lines=False)
     table.add_column("scale", justify="right")
     if any(p.layers for p in report.points):
         table.add_column("blocks", justify="right")
     for name in names:
-        table.add_column(f"{name}\nrefusal (kw)", justify="right")
+        table.add_column(Text.assemble(name, "\nrefusal (kw)"), justify="right")
     table.add_column("KL", justify="right")
     table.add_column("degenerate", justify="right")
     base = report.baseline

@@ -58,32 +58,37 @@ def write_sweep(result: SweepResult, evaluator: Evaluator, target: str, out: str
     return paths
 
 
-def sweep_table(result: SweepResult, target: str, title: str | None = None):
-    """Every point in evaluation order; the chosen one bold, frontier points marked."""
+def sweep_table(result: SweepResult, target: str, title=None):
+    """Every point in evaluation order; the chosen one bold, frontier points marked.
+
+    Set names, reasons (which name sets) and a str ``title`` are rich Text, not markup: a set
+    named ``a[/x]`` would raise MarkupError when the table prints, after the sweep.
+    """
     from rich.table import Table
+    from rich.text import Text
 
     keep_names = list(result.constraints.baseline_keep)
-    table = Table(title=title or f"sweep: minimise {target} refusal")
+    table = Table(title=Text(title or f"sweep: minimise {target} refusal") if not isinstance(title, Text) else title)
     table.add_column("scale", justify="right")
     table.add_column("blocks", justify="right")
-    table.add_column(target, justify="right")
+    table.add_column(Text(target), justify="right")
     for n in keep_names:
-        table.add_column(f"{n} (>= {result.constraints.keep_floor(n):.0%})", justify="right")
+        table.add_column(Text(f"{n} (>= {result.constraints.keep_floor(n):.0%})"), justify="right")
     table.add_column("KL" + (f" (<= {result.constraints.max_kl:g})" if result.constraints.max_kl is not None else ""), justify="right")
     table.add_column("", justify="left")
     frontier = {(p.scale, p.layers) for p in result.frontier}
     for p in result.points:
         mark = []
         if p is result.chosen:
-            mark.append("[bold green]chosen[/]")
+            mark.append(Text("chosen", "bold green"))
         if (p.scale, p.layers) in frontier:
-            mark.append("frontier")
+            mark.append(Text("frontier"))
         if not p.feasible and p.reason:
-            mark.append(f"[red]{p.reason}[/]")
+            mark.append(Text(p.reason, "red"))
         row = [f"{p.scale:+g}", "all" if p.layers is None else f"{p.layers[0]}-{p.layers[1]}",
                "-" if p.target is None else f"{p.target:.0%}"]
         row += ["-" if n not in p.keep else f"{p.keep[n]:.0%}" for n in keep_names]
-        row += ["-" if p.kl is None else f"{p.kl:.3f}", ", ".join(mark)]
+        row += ["-" if p.kl is None else f"{p.kl:.3f}", Text(", ").join(mark)]
         style = "bold" if p is result.chosen else None
         table.add_row(*row, style=style)
     return table

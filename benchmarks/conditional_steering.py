@@ -23,7 +23,7 @@ fitting part (60%) and a held-out part (40%). The policy is fitted on the fittin
   lowest refusal without degeneration), and prints the table it chose from;
 * over-refusal: a borderline set of 60 benign prompts that sound harmful (the first 60 of
   JailbreakBench's topic-matched benign behaviours, read in place from ../shared/data, never
-  copied) is a fifth category, ``borderline: remove``, fitted and measured on its own split;
+  copied; ``--borderline-n 100`` takes all of them) is a fifth category, ``borderline: remove``, fitted and measured on its own split;
 * KL(plain || gated) on the held-out harmless prompts over the plain answer's first 16 tokens
   (exact, full vocabulary): 0 for every prompt the gate leaves alone, the category vector's KL
   for a prompt it steers by mistake; beside it the KL of the political vector switched on for
@@ -69,9 +69,9 @@ def set_path(name: str) -> Path:
     return BORDERLINE if name == "borderline" else DATA / f"{name}.jsonl"
 
 
-def set_prompts(name: str) -> list[str]:
+def set_prompts(name: str, n_borderline: int = N_BORDERLINE) -> list[str]:
     if name == "borderline":
-        return load_prompts(BORDERLINE, "goal")[:N_BORDERLINE]
+        return load_prompts(BORDERLINE, "goal")[:n_borderline]
     return load_prompts(set_path(name))
 
 
@@ -80,10 +80,10 @@ def held_out(prompt: str, share: float = 0.4) -> bool:
     return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) / 16**8 < share
 
 
-def split_sets() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def split_sets(n_borderline: int = N_BORDERLINE) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     fit, test = {}, {}
     for name in SETS:
-        prompts = set_prompts(name)
+        prompts = set_prompts(name, n_borderline)
         fit[name] = [p for p in prompts if not held_out(p)]
         test[name] = [p for p in prompts if held_out(p)]
     return fit, test
@@ -312,6 +312,8 @@ def main() -> None:
                     "(keywords only).")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--borderline-n", type=int, default=N_BORDERLINE,
+                    help="How many of JailbreakBench's 100 benign behaviours make the borderline set (split 60/40).")
     args = ap.parse_args()
 
     from rs_local.judge.backends import KEYWORDS, make_judge
@@ -319,7 +321,7 @@ def main() -> None:
     t0 = time.perf_counter()
     runner = Runner(models.resolve(args.model), n_ctx=2048)
     judge = None if args.judge == KEYWORDS else make_judge(args.judge)
-    fit_sets, test_sets = split_sets()
+    fit_sets, test_sets = split_sets(args.borderline_n)
     specs = build_specs(args, fit_sets)
     isolated = isolate_vectors(args, runner, fit_sets, specs)
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,

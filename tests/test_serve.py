@@ -568,8 +568,13 @@ def test_stop_filter_never_shows_a_stop_string(pieces, stop, sent, stopped):
 
 
 def test_head_cache_size_reaches_the_worker(runner):
-    """``serve --head-cache-mib`` bounds the worker's head store; 0 turns it off."""
+    """``serve --head-cache-mib`` bounds the worker's head store; 0 turns it off; its default is the library's."""
+    from rs_local.cli.serve_cmd import serve
     from rs_local.serve.app import build_service
+    from rs_local.serve.prefix import HEAD_CACHE_BYTES
+
+    default = next(p.default for p in serve.params if p.name == "head_cache_mib")
+    assert default << 20 == HEAD_CACHE_BYTES == build_service(runner, "m").worker.heads.max_bytes
 
     assert build_service(runner, "m", head_cache_bytes=3 << 20).worker.heads.max_bytes == 3 << 20
     assert build_service(runner, "m", head_cache_bytes=0).worker.heads.max_bytes == 0

@@ -204,11 +204,11 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     sets = {"political": list(political), "harmful": list(harmful)}
     label = dict(zip(sets, names))
 
-    def refused_now(vector=None, names: Sequence[str] = ("political", "harmful")) -> dict[str, list]:
-        """Training prompts the model (steered by ``vector`` at the probe scale) still refuses."""
+    def refused_now(vector=None, which: Sequence[str] = ("political", "harmful")) -> dict[str, list]:
+        """Training prompts of the sets ``which`` the model (steered by ``vector`` at the probe scale) still refuses."""
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-        labelled = label_refusals(runner, {n: sets[n] for n in names}, judge=judge, max_tokens=recipe.label_tokens,
+        labelled = label_refusals(runner, {n: sets[n] for n in which}, judge=judge, max_tokens=recipe.label_tokens,
                                   cache=eval_cache, vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Runner
 from rs_local.serve.errors import ApiError
+from rs_local.serve.prefix import HEAD_CACHE_BYTES
 from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
 from rs_local.serve.responses import Reply
 from rs_local.serve.scheduler import Delta, Event, Failed, Finished, Job, Worker
@@ -273,7 +274,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
 def build_service(runner: Runner, model_id: str, *, vector_specs: tuple[str, ...] = (), vectors_dir=None,
                   default_specs: tuple[tuple[str, float | None], ...] = (), prefix_cache: bool = False,
-                  policy_specs: tuple[str, ...] = (), head_cache_bytes: int = 64 << 20) -> Service:
+                  policy_specs: tuple[str, ...] = (), head_cache_bytes: int = HEAD_CACHE_BYTES) -> Service:
     """Load and check the named vectors and policies against the loaded model, and make the (not yet started) worker.
 
     ``head_cache_bytes`` bounds the KV kept of chat-template heads per steering (0 turns it off).

@@ -25,6 +25,9 @@ from typing import Hashable, Sequence
 from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Prompt, Runner
 
+#: Default memory for cached template heads (``serve --head-cache-mib`` sets it; the CLI's default matches).
+HEAD_CACHE_BYTES = 64 << 20
+
 #: Stands in for the last message's content to find where the template's fixed text ends.
 SENTINEL = "\x01rs-local-split\x01"
 #: A prefix shorter than this is not worth a second batch.
@@ -59,7 +62,7 @@ class PrefixStore:
     heads that every request shares.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20):
+    def __init__(self, max_bytes: int = HEAD_CACHE_BYTES):
         self.max_bytes = max_bytes
         self.max_entry = max_bytes // 4
         self.bytes = 0

@@ -45,7 +45,7 @@ from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import EvalCounters, Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.serve.errors import ApiError, bad_request
-from rs_local.serve.prefix import PrefixStore, load_prompt, template_boundary
+from rs_local.serve.prefix import HEAD_CACHE_BYTES, PrefixStore, load_prompt, template_boundary
 from rs_local.serve.steering import Steering, VectorLibrary
 
 log = logging.getLogger("rs_local.serve")
@@ -151,7 +151,7 @@ class Worker:
     """The only thread that touches the Runner; jobs run one at a time, in arrival order."""
 
     def __init__(self, runner: Runner, library: VectorLibrary, *, prefix_cache: bool = False,
-                 max_waiting: int = 64, gates: dict[str, Any] | None = None, head_cache_bytes: int = 64 << 20):
+                 max_waiting: int = 64, gates: dict[str, Any] | None = None, head_cache_bytes: int = HEAD_CACHE_BYTES):
         self.runner, self.library = runner, library
         self.gates = dict(gates or {})  # policy name -> PolicyRunner (its own reader context)
         self.prefix_cache = prefix_cache

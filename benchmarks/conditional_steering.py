@@ -315,6 +315,8 @@ def main() -> None:
     ap.add_argument("--borderline-n", type=int, default=N_BORDERLINE,
                     help="How many of JailbreakBench's 100 benign behaviours make the borderline set (split 60/40).")
     args = ap.parse_args()
+    if not 10 <= args.borderline_n <= 100:
+        ap.error("--borderline-n must be 10-100 (JailbreakBench has 100 benign behaviours; a few are needed on each side of the split)")
 
     from rs_local.judge.backends import KEYWORDS, make_judge
 

@@ -24,3 +24,11 @@ def test_say_prints_its_message_as_text(message, capsys):
     say(message)
     captured = capsys.readouterr()
     assert captured.err == message + "\n" and captured.out == ""
+
+
+def test_say_escapes_control_characters(capsys):
+    """An ESC in a file name would otherwise reach the terminal as an escape sequence."""
+    say("read /data/\x1b]0;owned\x07keep.jsonl\nsecond line")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert err == "read /data/\\x1b]0;owned\\x07keep.jsonl\nsecond line\n"

@@ -348,3 +348,16 @@ def test_cli_eval_with_policy(smollm2_path, fitted, tmp_path):
     assert both.exit_code == 2 and "not both" in both.output
     neither = CliRunner().invoke(cli, ["eval", "-o", str(tmp_path / "y")])
     assert neither.exit_code == 2 and "--vector" in neither.output
+
+
+def test_show_escapes_names_from_the_file(fitted, tmp_path):
+    """A policy file is anyone's: an escape sequence in a category name is shown, not sent to the terminal."""
+    import dataclasses
+
+    bad = "cook\x1b]0;owned\x07ing"
+    cats = [dataclasses.replace(fitted.categories[0], name=bad), *fitted.categories[1:]]
+    path = write_policy(dataclasses.replace(fitted, categories=cats), tmp_path / "p.gguf")
+    res = CliRunner().invoke(cli, ["policy", "show", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert "cook\\x1b]0;owned\\x07ing" in res.output

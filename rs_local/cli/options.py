@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from rs_local import models
+from rs_local.cli.terminal import plain
 from rs_local.files import check_output_path
 from rs_local.runtime.host import REPACK_ENV
 from rs_local.runtime.sampling import SamplingParams
@@ -32,9 +33,10 @@ def say(msg: str) -> None:
     The message is plain text: it often holds the user's paths and set names, which rich would
     otherwise read as markup (``runs/a[/x]/v.gguf`` raises MarkupError, ``a[bold].jsonl`` loses its
     brackets) or emoji codes (``keep:warning:.jsonl`` prints a warning sign). Soft wrap: a long
-    path stays one line in a log or pipe (rich would cut it at column 80 with a newline).
+    path stays one line in a log or pipe (rich would cut it at column 80 with a newline). Control
+    characters (an ESC in a file name or a set's text) are shown escaped, not sent to the terminal.
     """
-    err_console.print(msg, style="dim", markup=False, emoji=False, soft_wrap=True)
+    err_console.print(plain(msg, multiline=True), style="dim", soft_wrap=True)
 
 
 def check_output(path: Path, force: bool, *, directory: bool = False) -> None:

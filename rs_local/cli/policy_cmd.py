@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from rs_local.cli.options import check_output, load_runner, model_option, number, runtime_options, say
+from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
 
@@ -127,15 +128,19 @@ def show(path: Path, as_json: bool) -> None:
 
 
 def _print_summary(s: dict, path: str) -> None:
-    click.echo(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
-               f"{s['n_layer']} blocks); probe block {s['probe_block']} (mean of the last {s['pool_tokens']} "
-               f"prompt tokens), decision {s['decision']}")
+    """The table; every string read from the file (model name, category names, vector notes) is
+    escaped for the terminal: a policy file is anyone's, and an escape sequence in a category name
+    would otherwise rewrite the user's terminal."""
+    t = terminal_safe
+    click.echo(t(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
+                 f"{s['n_layer']} blocks); probe block {s['probe_block']} (mean of the last {s['pool_tokens']} "
+                 f"prompt tokens), decision {s['decision']}"))
     click.echo(f"  {'category':<16} {'action':<7} {'scale':>6} {'thresh':>6} {'held-out':>8} {'prompts':>7}  vector")
     for c in s["categories"]:
         acc = "-" if c["heldout_accuracy"] is None else f"{c['heldout_accuracy']:.1%}"
         vec = "" if c["blocks"] is None else f"blocks {c['blocks']}: {c['vector'] or ''}"
-        click.echo(f"  {c['name']:<16} {c['action']:<7} {c['scale']:>6g} {c['threshold']:>6.2f} {acc:>8} "
-                   f"{c['prompts']:>7}  {vec}")
+        click.echo(t(f"  {c['name']:<16} {c['action']:<7} {c['scale']:>6g} {c['threshold']:>6.2f} {acc:>8} "
+                     f"{c['prompts']:>7}  {vec}"))
 
 
 COMMANDS = [policy]

@@ -20,7 +20,7 @@ evaluated scale about 2.5 minutes (the baseline is cached after the first run), 
 adds about 10 minutes.
 
     python benchmarks/refusal_steering.py [--n 30] [--judge keywords|probe] [--fit-judge keywords|probe] [--scale -1.0 | --sweep] [--also=-1.25,-1.5]
-        [--objective opening|judge] [--rounds N] [--control] [--save-vector V.gguf [--force]]
+        [--objective opening|judge] [--rounds N] [--control] [--save-vector V.gguf] [--json F] [--out DIR] [--force]
 """
 
 from __future__ import annotations
@@ -113,15 +113,15 @@ def verdicts(base, steered) -> list[tuple[str, float, float, str, bool]]:
     ]
 
 
-def _output_ok(path: Path, force: bool) -> bool:
-    """Check ``--save-vector`` the way rs-local checks every output; a one-line error if unusable."""
+def _output_ok(path: Path, force: bool, option: str = "--save-vector", *, directory: bool = False) -> bool:
+    """Check an output option the way rs-local checks every output; a one-line error if unusable."""
     from rs_local.errors import FileProblem
     from rs_local.files import check_output_path
 
     try:
-        check_output_path(path, force)
+        check_output_path(path, force, directory=directory)
     except FileProblem as exc:
-        print(f"--save-vector: {exc}", file=sys.stderr)
+        print(f"{option}: {exc}", file=sys.stderr)
         return False
     return True
 
@@ -151,13 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="Also write the eval report (answers, plot) to this directory.")
     ap.add_argument("--save-vector", type=Path, default=None,
                     help="Also write the fitted vector (GGUF) here; an existing file only with --force.")
-    ap.add_argument("--force", action="store_true", help="Let --save-vector replace an existing file.")
+    ap.add_argument("--force", action="store_true", help="Let --save-vector, --json and --out replace what exists.")
     ap.add_argument("--control", action="store_true",
                     help="Also measure deccp's uncensored China questions (ones a larger model answered): the refusal "
                          "rate the judge reports on political-topic questions the model is free to answer, the floor "
                          "under the political figure.")
     args = ap.parse_args(argv)
-    if args.save_vector and not _output_ok(args.save_vector, args.force):
+    outputs = [(args.save_vector, "--save-vector", False), (args.json, "--json", False), (args.out, "--out", True)]
+    if not all(_output_ok(path, args.force, option, directory=d) for path, option, d in outputs if path):
         return 2  # before minutes of fitting, not after
 
     from rich.console import Console
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         from rs_local.eval.report import write_report
 
         write_report(EvalReport([base, steered, *others], settings, {"model": args.model, "judge": judge.describe()}),
-                     args.out, force=True)
+                     args.out, force=args.force)
 
     rows = verdicts(base, steered)
     table = Table(title=f"{args.model}, recipe {fitted.vector.metadata.get('recipe')} labelled by "
@@ -275,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"time: fit {t_fit:.0f}s, eval {t_eval:.0f}s (generation {ev.seconds_generating:.0f}s, "
                   f"cache hits {cache.hits}, misses {cache.misses})")
     if args.json:
-        args.json.write_text(json.dumps({
+        from rs_local.files.writing import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({
             "model": args.model, "scale": scale, "n": args.n, "judge": judge.describe(),
             "recipe": fitted.info, "rows": [dict(zip(("metric", "baseline", "steered", "target", "met"), r)) for r in rows],
             "frontier": [{"scale": p.scale, "kl": p.kl, "refusal": {n: p.sets[n].refusal_rate for n in p.sets}}
                          for p in [base, steered, *others]],
             "seconds": {"fit": t_fit, "eval": t_eval},
-        }, indent=2))
+        }, indent=2), force=args.force)
     return 0 if all(r[4] for r in rows) else 1
 
 

@@ -46,3 +46,20 @@ def test_save_vector_in_a_missing_folder_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_json_and_out_refuse_what_exists(tmp_path):
+    """--json and --out were overwritten silently after the run; now checked before it, like --save-vector."""
+    figures = tmp_path / "figures.json"
+    figures.write_text("keep me")
+    res = _run(tmp_path, "--json", str(figures))
+    assert res.returncode == 2 and "--json" in res.stderr and "already exists" in res.stderr, res.stderr
+    assert figures.read_text() == "keep me"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("keep me")
+    res = _run(tmp_path, "--out", str(report))
+    assert res.returncode == 2 and "--out" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert (report / "report.json").read_text() == "keep me"
+    res = _run(tmp_path, "--json", str(figures), "--force")
+    assert "not found" in res.stdout, (res.stdout, res.stderr)  # past the check, to --data

@@ -3,7 +3,9 @@
     python benchmarks/speed_profile.py                      # small settings, a few minutes on 2 cores
     python benchmarks/speed_profile.py --n 0 --rounds 2     # the shipped sets whole (isolate target)
     python benchmarks/speed_profile.py --json out.json      # also write the profile as JSON
+    python benchmarks/speed_profile.py --n 0 --vector v.gguf  # the evaluation alone (no isolate before it)
     python benchmarks/speed_profile.py --labelling --n 0    # labelling only: whole answers vs early stop
+    python benchmarks/speed_profile.py --labelling --head --n 0 --repeat 2  # template head per prompt vs shared
 
 Settings (printed with the result): Qwen2.5-Coder-0.5B (the default model, the one that
 refuses), the shipped political/harmful/harmless sets cut to ``--n`` prompts each (0 = whole
@@ -149,19 +151,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "eval_max_tokens": args.max_tokens, "batch": args.batch, "judge": "keywords",
                                         "caches": "off", "transformers_load": _load_source(path, args.model)}}
     t0 = time.perf_counter()
-    with prof.phase("TOTAL isolate"):
+    if args.vector is None:
+        with prof.phase("TOTAL isolate"):
+            runner = Runner(path, n_ctx=2048)
+            fitted = fit_political(args.model, sets["political"], sets["harmful"], sets["harmless"], recipe,
+                                   say=print if args.verbose else None, runner=runner, cache=False)
+        out["isolate"] = _table(prof, "TOTAL isolate")
+        out["isolate"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        out["isolate"]["refused"] = fitted.info.get("refused")
+        vector = fitted.vector
+    else:  # --vector: the evaluation alone, in a process that never ran torch
+        from rs_local.converters.formats import load_vector
+
         runner = Runner(path, n_ctx=2048)
-        fitted = fit_political(args.model, sets["political"], sets["harmful"], sets["harmless"], recipe,
-                               say=print if args.verbose else None, runner=runner, cache=False)
-    isolate = dict(prof.seconds), dict(prof.calls)
-    out["isolate"] = _table(prof, "TOTAL isolate")
-    out["isolate"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    out["isolate"]["refused"] = fitted.info.get("refused")
+        vector = load_vector(args.vector)
+        out["settings"]["vector"] = str(args.vector)
     prof.seconds.clear()
     prof.calls.clear()
     with prof.phase("TOTAL eval"):
         settings = EvalSettings(max_tokens=args.max_tokens, batch=args.batch)
-        report = evaluate(runner, [PromptSet(k, v) for k, v in sets.items()], args.scales, vector=fitted.vector,
+        report = evaluate(runner, [PromptSet(k, v) for k, v in sets.items()], args.scales, vector=vector,
                           settings=settings, cache=EvalCache(None))
     out["eval"] = _table(prof, "TOTAL eval")
     out["eval"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -171,7 +180,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             for p in report.points}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     prof.restore()
-    del isolate
     return out
 
 
@@ -204,6 +212,36 @@ def labelling(args: argparse.Namespace) -> dict[str, Any]:
             "same_verdict": same_verdict, "same_first_2_tokens": same_first}
 
 
+def head_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """isolate's labelling (early stop, as the recipe runs it) with the template head evaluated per
+    prompt and shared per call (:func:`rs_local.runtime.batched.shared_head`), alternating ABBA on one
+    model load: seconds, tokens reused, and whether the verdicts and openings stay the same."""
+    import rs_local.runtime.batched as batched
+    from rs_local import models
+    from rs_local.eval.prompt_sets import PromptSet
+    from rs_local.runtime.runner import Runner
+
+    sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
+    runner = Runner(models.resolve(args.model), n_ctx=2048)
+    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 2, args)
+    modes = {"per_prompt": 10**9, "shared": batched.MIN_SHARED_HEAD}
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for k in range(args.repeat):
+            for mode in (list(modes) if k % 2 == 0 else list(modes)[::-1]):
+                batched.MIN_SHARED_HEAD = modes[mode]
+                got = _label_once(runner, sets, 2, args)
+                runs.setdefault(mode, {**got, "s": 0.0})["s"] += got["s"]
+    finally:
+        batched.MIN_SHARED_HEAD = modes["shared"]
+    a, b = runs["per_prompt"].pop("rows"), runs["shared"].pop("rows")
+    return {"settings": {"model": runner.path.name, "prompts": len(a), "label_tokens": args.label_tokens,
+                         "batch": args.batch, "repeat": args.repeat}, **runs,
+            "time_ratio": round(runs["shared"]["s"] / runs["per_prompt"]["s"], 3),
+            "same_verdict": sum(x[0] == y[0] for x, y in zip(a, b)),
+            "same_first_2_tokens": sum(x[1] == y[1] for x, y in zip(a, b))}
+
+
 def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str, Any]:
     """What ``label_refusals`` does (one evaluator, every set, keyword verdicts), timed."""
     from rs_local.eval.baseline_cache import EvalCache
@@ -211,6 +249,7 @@ def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str
 
     settings = EvalSettings(max_tokens=args.label_tokens, kl_set=None, batch=args.batch, settle=settle)
     ev = Evaluator(runner, sets, settings=settings, cache=EvalCache(None))
+    reused0 = getattr(ev.engine, "head_tokens_reused", 0)
     rows, tokens, settled = [], 0, 0
     start = time.perf_counter()
     try:
@@ -221,10 +260,22 @@ def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str
                 rows.append((ev.judge.judge(p, g.text).verdict > 0, g.tokens[:2]))
                 tokens += len(g.tokens)
                 settled += g.finish_reason == "settled"
+        reused = getattr(ev.engine, "head_tokens_reused", 0) - reused0
     finally:
         ev.close()
     return {"s": round(time.perf_counter() - start, 2), "tokens": tokens, "settled": settled,
-            "refused": sum(r for r, _ in rows), "rows": rows}
+            "refused": sum(r for r, _ in rows), "head_tokens_reused": reused, "rows": rows}
+
+
+def _print_head(r: dict[str, Any]) -> None:
+    print("settings:", json.dumps(r["settings"]))
+    for mode in ("per_prompt", "shared"):
+        m = r[mode]
+        print(f"  head {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens, {m['head_tokens_reused']} prompt "
+              f"tokens restored instead of evaluated ({m['refused']} refused)")
+    n = r["settings"]["prompts"]
+    print(f"shared / per prompt: time {r['time_ratio']:.2f}; same verdict {r['same_verdict']}/{n}, "
+          f"same first 2 tokens {r['same_first_2_tokens']}/{n}")
 
 
 def _print_labelling(r: dict[str, Any]) -> None:
@@ -261,6 +312,8 @@ def _table(prof: Profile, total: str) -> dict[str, Any]:
 def _print(result: dict[str, Any]) -> None:
     print("settings:", json.dumps(result["settings"]))
     for cmd in ("isolate", "eval"):
+        if cmd not in result:
+            continue
         r = result[cmd]
         print(f"\n{cmd}: {r['total_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB (process so far)")
         for name, p in r["phases"].items():
@@ -268,7 +321,8 @@ def _print(result: dict[str, Any]) -> None:
             print(f"  {name:48s} {p['s']:8.2f} s  {share:>5s}  ({p['calls']} calls)")
     print(f"\neval answers: {result['eval']['answers']} ({result['eval']['answer_tokens']} tokens); "
           f"rates: {json.dumps(result['eval']['rates'])}")
-    print(f"isolate refused (political/harmful): {result['isolate']['refused']}")
+    if "isolate" in result:
+        print(f"isolate refused (political/harmful): {result['isolate']['refused']}")
     print("(nested phases overlap: judge and generation sit inside labelling; shares need not sum to 100%)")
 
 
@@ -283,12 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--vector", type=Path, default=None,
+                    help="profile only the evaluation, of this vector file (no isolate, no torch in the process)")
     ap.add_argument("--labelling", action="store_true", help="only labelling: whole answers vs early stop")
+    ap.add_argument("--head", action="store_true",
+                    help="with --labelling: the template head evaluated per prompt vs shared per call")
     ap.add_argument("--label-tokens", type=int, default=32, help="answer tokens for --labelling (the recipe's)")
     ap.add_argument("--repeat", type=int, default=1, help="--labelling passes per mode, order alternating (seconds summed)")
     args = ap.parse_args(argv)
-    result = labelling(args) if args.labelling else run(args)
-    (_print_labelling if args.labelling else _print)(result)
+    if args.labelling and args.head:
+        result, show = head_ab(args), _print_head
+    else:
+        result, show = (labelling(args), _print_labelling) if args.labelling else (run(args), _print)
+    show(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

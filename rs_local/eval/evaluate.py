@@ -187,6 +187,12 @@ class Evaluator:
         self.keywords = KeywordJudge()
         self.judge = judge if judge is not None else self.keywords
         self.cache = cache if cache is not None else EvalCache(None)
+        #: this run's answers and KL references by cache key, whatever the disk cache does: the KL
+        #: reads the plain answers of its set several times per point (references, continuations,
+        #: the set's own score), and with the disk cache off (``--no-cache``, the Python API's
+        #: default) each read generated them again (an evaluation at two scales generated the
+        #: harmless answers five times; 2x the run's seconds).
+        self._memo: dict[str, Any] = {}
         self.say = say or (lambda _m: None)
         if engine is None and runner is None:
             raise RsLocalError("an evaluator needs a runner or an engine")
@@ -264,7 +270,7 @@ class Evaluator:
         steer = self._steer_key(scale, layers)
         stop = self._stop_rule(set_name, whole)
         keys = [self._gen_key(p, steer, cut=stop is not None) for p in prompts]
-        out: list[Generation | None] = [self.cache.get_generation(k) for k in keys]
+        out: list[Generation | None] = [self._recall("generation", k, self.cache.get_generation) for k in keys]
         todo = [i for i, g in enumerate(out) if g is None]
         if todo:
             self._apply(scale, layers)
@@ -276,8 +282,19 @@ class Evaluator:
             self.seconds_generating += time.perf_counter() - start
             for i, g in zip(todo, gens):
                 out[i] = g
+                self._memo[digest(["generation", keys[i]])] = g
                 self.cache.put_generation(keys[i], g)
         return [g for g in out if g is not None]
+
+    def _recall(self, kind: str, key: Any, get: Callable[[Any], Any]) -> Any:
+        """This run's result for ``key`` if it has one, else the disk cache's (kept for the run)."""
+        slot = digest([kind, key])
+        if slot not in self._memo:
+            found = get(key)
+            if found is None:
+                return None
+            self._memo[slot] = found
+        return self._memo[slot]
 
     # -- KL ------------------------------------------------------------------------------
 
@@ -288,7 +305,7 @@ class Evaluator:
         conts = [g.tokens[: self.settings.kl_tokens] for g in base]
         keys = [{"model": self._model_key, "prompt": p, "system": self.settings.system, "answer": c,
                  "engine": self.engine.kind, "k": metrics.TOP_K} for p, c in zip(prompts, conts)]
-        refs: list[metrics.Reference | None] = [self.cache.get_reference(k) for k in keys]
+        refs: list[metrics.Reference | None] = [self._recall("reference", k, self.cache.get_reference) for k in keys]
         todo = [i for i, r in enumerate(refs) if r is None]
         if todo:
             self._apply(0.0, None)
@@ -296,6 +313,7 @@ class Evaluator:
                                               reduce=lambda _i, rows: metrics.topk_reference(rows))
             for i, ref in zip(todo, got):
                 refs[i] = ref
+                self._memo[digest(["reference", keys[i]])] = ref
                 self.cache.put_reference(keys[i], ref)
         return [r for r in refs if r is not None]
 
@@ -304,8 +322,10 @@ class Evaluator:
         set_name = set_name or self.settings.kl_set
         if set_name is None:
             raise RsLocalError("no KL set: add a harmless set (e.g. --set harmless=FILE) or name one with --kl-set")
-        refs = self.references(set_name)
         prompts = self.sets[set_name].prompts
+        if self._steer_key(scale, layers) is None:  # the plain model against itself: no pass needed
+            return [0.0] * len(prompts)
+        refs = self.references(set_name)
         base = self.answers(set_name, 0.0, whole=True)
         conts = [g.tokens[: self.settings.kl_tokens] for g in base]
         self._apply(scale, layers)

@@ -238,7 +238,8 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
                          f"{', '.join(n for n, a in SETS.items() if a == 'remove')})")
     for name in args.isolate:
         t = time.perf_counter()
-        fitted = fit_political(args.model, fit_sets[name], fit_sets["harmful"], fit_sets["harmless"], Recipe(),
+        fitted = fit_political(args.model, fit_sets[name], fit_sets["harmful"], fit_sets["harmless"],
+                               Recipe(rounds=args.isolate_rounds),
                                say=lambda m: print(f"  [isolate {name}] {m}", flush=True), runner=runner)
         next(s for s in specs if s.name == name).vector = fitted.vector
         made[name] = f"isolate on {len(fit_sets[name])} fitting prompts, {time.perf_counter() - t:.0f}s: {fitted.info}"
@@ -305,6 +306,12 @@ def main() -> None:
                     help="Choose the category's scale among these on its fitting split.")
     ap.add_argument("--isolate", action="append", default=[], metavar="CATEGORY",
                     help="Fit this category's vector here with the isolate recipe (fitting split only).")
+    ap.add_argument("--remove-direction", choices=("category", "refusal"), default="category",
+                    help="A remove category without --vector/--isolate steers against its own mean difference "
+                         "(category) or the harmful-minus-harmless refusal direction (refusal).")
+    ap.add_argument("--isolate-rounds", type=int, default=2,
+                    help="Rounds of the isolate recipe for --isolate (each more round adds the prompts still refused "
+                         "at the steered point).")
     ap.add_argument("--remove-scale", type=float, default=-1.0)
     ap.add_argument("--refuse-scale", type=float, default=1.0)
     ap.add_argument("--threshold", type=float, default=0.5)
@@ -315,6 +322,8 @@ def main() -> None:
     ap.add_argument("--borderline-n", type=int, default=N_BORDERLINE,
                     help="How many of JailbreakBench's 100 benign behaviours make the borderline set (split 60/40).")
     args = ap.parse_args()
+    if args.isolate_rounds < 1:
+        ap.error("--isolate-rounds must be at least 1")
     if not 10 <= args.borderline_n <= 100:
         ap.error("--borderline-n must be 10-100 (JailbreakBench has 100 benign behaviours; a few are needed on each side of the split)")
 
@@ -327,6 +336,7 @@ def main() -> None:
     specs = build_specs(args, fit_sets)
     isolated = isolate_vectors(args, runner, fit_sets, specs)
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
+                        remove_direction=args.remove_direction,
                         say=lambda m: print(f"  [fit] {m}", flush=True))
     print(f"fitted in {time.perf_counter() - t0:.0f}s on {sum(len(v) for v in fit_sets.values())} prompts; "
           f"probe block {policy.layer}, mean of the last {policy.pool_tokens} tokens, decision {policy.decision}")

@@ -361,3 +361,21 @@ def test_show_escapes_names_from_the_file(fitted, tmp_path):
     assert res.exit_code == 0, res.output
     assert "\x1b" not in res.output and "\x07" not in res.output
     assert "cook\\x1b]0;owned\\x07ing" in res.output
+
+
+def test_remove_direction_refusal_steers_against_the_refusal_source(runner, tmp_path):
+    """``remove_direction="refusal"``: a remove category takes the refusal source's direction (the one a
+    refuse category steers along), not its own prompts' mean difference."""
+    specs = [CategorySpec("cooking", _write(tmp_path, "cooking", COOKING[:8]), "remove"),
+             CategorySpec("math", _write(tmp_path, "math", MATH[:8]), "refuse"),
+             CategorySpec("code", _write(tmp_path, "code", CODE[:8]), "keep")]
+    load_category_prompts(specs)
+    kw = dict(probe_blocks=[10], steer_blocks=[8, 9, 10], baseline="code", refusal_from="math", k=3)
+    own = fit_policy(runner, specs, **kw)
+    pol = fit_policy(runner, specs, remove_direction="refusal", **kw)
+    cook, math = pol.categories[0].vector, pol.categories[1].vector
+    assert all(np.allclose(cook.directions[b], math.directions[b]) for b in (8, 9, 10))
+    assert not np.allclose(own.categories[0].vector.directions[10], math.directions[10])
+    assert pol.categories[0].scale < 0 < pol.categories[1].scale
+    with pytest.raises(ValueError, match="remove_direction"):
+        fit_policy(runner, specs, remove_direction="other", **kw)

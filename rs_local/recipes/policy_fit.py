@@ -233,6 +233,10 @@ def _pick(specs: Sequence[CategorySpec], name: str | None, fallbacks: Sequence[s
     return None
 
 
+#: What a ``remove`` category without a vector file steers against (see :func:`fit_policy`).
+REMOVE_DIRECTIONS = ("category", "refusal")
+
+
 def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_from: str | None) -> tuple[int | None, int | None]:
     """Indices of the baseline and refusal-source categories; an error when a fitted direction needs one that is missing.
 
@@ -251,12 +255,17 @@ def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_fro
 def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequence[int] | None = None,
                steer_blocks: Sequence[int] | None = None, baseline: str | None = None, refusal_from: str | None = None,
                threshold: float = 0.5, default_scale: float = 1.0, system: str | None = None, k: int = 5,
-               pool_tokens: int | None = None, say: Say | None = None) -> Policy:
+               pool_tokens: int | None = None, remove_direction: str = "category", say: Say | None = None) -> Policy:
     """Fit a policy on the categories' prompts (loaded into ``specs``) with ``runner``'s model.
 
     ``pool_tokens``: how many final prompt tokens the probes read (default: the chat template's
-    tokens after the user's message, :func:`template_tail`).
+    tokens after the user's message, :func:`template_tail`). ``remove_direction``: what a ``remove``
+    category without a vector file steers against: ``"category"`` (its own prompts' mean minus the
+    baseline's) or ``"refusal"`` (the refusal source's mean minus the baseline's, the direction a
+    ``refuse`` category steers along; the gate keeps it off the refusal source's own prompts).
     """
+    if remove_direction not in REMOVE_DIRECTIONS:
+        raise ValueError(f"remove_direction must be one of {', '.join(REMOVE_DIRECTIONS)}")
     say = say or (lambda _m: None)
     probe_blocks = list(probe_blocks or default_probe_blocks(runner.n_layer))
     steer_blocks = list(steer_blocks or default_steer_blocks(runner.n_layer))
@@ -280,7 +289,7 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     for i, (spec, (w, slope, bias)) in enumerate(zip(specs, per_lam[choice.lam])):
         vec, origin = spec.vector, (spec.vector.source or "") if spec.vector is not None else ""
         if spec.action != "keep" and vec is None:
-            pos = source if spec.action == "refuse" else i
+            pos = source if spec.action == "refuse" or (remove_direction == "refusal" and source is not None) else i
             vec = mean_difference_vector(feats, y == pos, y == base, steer_blocks, hint,
                                          {"method": "mean difference", "from": specs[base].name, "to": specs[pos].name})
             origin = f"mean difference {specs[pos].name} - {specs[base].name}"

@@ -51,10 +51,12 @@ def shared_head(token_lists: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every list shares, leaving each at least one token of its own; 0 below
     :data:`MIN_SHARED_HEAD` or with fewer than two lists.
 
-    A chat template puts the same system text before every user message (about 20 tokens on Qwen,
-    a third to a half of a short prompt), and a prompt token costs a CPU a third to a half of a
-    decode step: evaluating that head once per call instead of once per prompt is most of what a
-    labelling pass can save on prompts.
+    A chat template puts the same system text before every user message (24 tokens on Qwen, two
+    thirds of a short question), and on a CPU prompt evaluation is compute-bound: evaluating that
+    head once per call instead of once per prompt took isolate's labelling pass from 248 s to 199 s
+    (``benchmarks/speed_profile.py --labelling --head``). The restored keys and values are
+    bit-identical to evaluated ones; answers can still differ where two tokens nearly tie, because
+    the prompts' remaining tokens share decodes with other sequences differently.
     """
     if len(token_lists) < 2:
         return 0

@@ -9,7 +9,9 @@ several poolings of the answer's tokens), then, in numpy only:
   answers (reported, never used to choose);
 * runs one cross-validation over all labelled rows to split agreement by split and by whether the
   labeller marked the label clear: how much of the gap to the 90% target is the probe, how much the
-  labels.
+  labels;
+* repeats that cross-validation with the probe fitted on 25-100% of each fitting fold (a learning
+  curve): whether more labelled answers would close the gap.
 
     python benchmarks/judge_probe_variants.py [--features /tmp/judge_feats.npz] [--json out.json]
 
@@ -146,6 +148,35 @@ def label_clarity(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[d
             "unclear share test": float(np.mean(~clear[split == "test"]))}
 
 
+def learning_curve(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict], labelled: np.ndarray,
+                   fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0), seeds: int = 5) -> dict[str, float]:
+    """Grouped CV over every labelled row, the probe fitted on a share of each fitting fold's prompts.
+
+    Whether more labels would help: a curve still rising at 100% says label more; a flat one says
+    the limit is the judge model's features or the labels' own noise. Sharing by prompt keeps every
+    answer of a prompt together, as the folds do."""
+    idx = np.flatnonzero(labelled)
+    groups = [rows[i]["prompt"] for i in idx]
+    folds = group_folds(groups, 5)
+    xs, ys, fs = x[idx], y[idx], forced[idx]
+    curve = {}
+    for frac in fractions:
+        scores = []
+        for seed in range(seeds if frac < 1 else 1):
+            rng = np.random.default_rng(seed)
+            pred = np.zeros(len(idx), bool)
+            for f in range(5):
+                fit_prompts = sorted({g for g, k in zip(groups, folds) if k != f})
+                keep = set(rng.permutation(fit_prompts)[:max(1, round(frac * len(fit_prompts)))])
+                fit = np.array([k != f and g in keep for g, k in zip(groups, folds)])
+                held = folds == f
+                probe = fit_probe(xs[fit], ys[fit], 1.0)
+                pred[held] = (probe.prob(xs[held]) > 0.5) | fs[held]
+            scores.append(agreement(pred, ys))
+        curve[f"{frac:.0%} of fitting rows (~{round(frac * 0.8 * len(idx))})"] = float(np.mean(scores))
+    return curve
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", default=None, help="Keep/reuse the read features in this .npz file.")
@@ -179,6 +210,10 @@ def main() -> None:
     out["cv_over_all_labelled"] = clarity
     print("one grouped CV over all labelled answers (mean 14): " + ", ".join(
         f"{k} {v:.1%}" for k, v in clarity.items()))
+    curve = learning_curve(feats["mean_14"], y, forced, rows, train | test)
+    out["learning_curve"] = curve
+    print("learning curve (same CV, probe fitted on a share of each fitting fold; mean of 5 draws): " + ", ".join(
+        f"{k} {v:.1%}" for k, v in curve.items()))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2))
 

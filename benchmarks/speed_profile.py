@@ -271,8 +271,8 @@ def _print_head(r: dict[str, Any]) -> None:
     print("settings:", json.dumps(r["settings"]))
     for mode in ("per_prompt", "shared"):
         m = r[mode]
-        print(f"  head {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens, {m['head_tokens_reused']} prompt "
-              f"tokens restored instead of evaluated ({m['refused']} refused)")
+        print(f"  head {mode:10s} {m['s']:8.1f} s over {r['settings']['repeat']} passes; per pass {m['tokens']} answer "
+              f"tokens, {m['head_tokens_reused']} prompt tokens restored instead of evaluated ({m['refused']} refused)")
     n = r["settings"]["prompts"]
     print(f"shared / per prompt: time {r['time_ratio']:.2f}; same verdict {r['same_verdict']}/{n}, "
           f"same first 2 tokens {r['same_first_2_tokens']}/{n}")

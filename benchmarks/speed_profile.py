@@ -26,7 +26,8 @@ answers, then answers that stop once the keyword verdict and the first two words
 (``EvalSettings(settle=2)``). It prints the seconds of each and their ratio, the generated
 tokens (exact, machine-independent), and checks that both give the same verdicts and the same
 first two tokens. ``--repeat 2`` runs whole, early, early, whole, so a change in the machine's
-load during the run weighs on both modes alike.
+load during the run weighs on both modes alike. ``--labelling --head`` compares, the same way, the
+chat template's head evaluated with every prompt against evaluated once per call and restored.
 """
 
 from __future__ import annotations
@@ -184,60 +185,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def labelling(args: argparse.Namespace) -> dict[str, Any]:
-    """Label the sets with whole answers and with early stop; seconds, tokens and agreement."""
-    from rs_local import models
-    from rs_local.eval.prompt_sets import PromptSet
-    from rs_local.runtime.runner import Runner
-
-    sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
-    runner = Runner(models.resolve(args.model), n_ctx=2048)
-    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 0, args)  # page the weights in
-    modes = {"whole": 0, "early_stop": 2}
-    runs: dict[str, dict[str, Any]] = {}
-    for k in range(args.repeat):  # ABBA...: drift in the machine's load falls on both modes alike
-        for mode in (list(modes) if k % 2 == 0 else list(modes)[::-1]):
-            got = _label_once(runner, sets, modes[mode], args)
-            if mode in runs:
-                runs[mode]["s"] += got["s"]
-                assert got["rows"] == runs[mode]["rows"], "greedy labelling changed between repeats"
-            else:
-                runs[mode] = got
-    whole, early = runs["whole"].pop("rows"), runs["early_stop"].pop("rows")
-    same_verdict = sum(a[0] == b[0] for a, b in zip(whole, early))
-    same_first = sum(a[1] == b[1] for a, b in zip(whole, early))
-    return {"settings": {"model": runner.path.name, "prompts": len(whole), "label_tokens": args.label_tokens,
-                         "batch": args.batch, "judge": "keywords", "cache": "off", "repeat": args.repeat},
-            **runs, "time_ratio": round(runs["early_stop"]["s"] / runs["whole"]["s"], 3),
-            "token_ratio": round(runs["early_stop"]["tokens"] / runs["whole"]["tokens"], 3),
-            "same_verdict": same_verdict, "same_first_2_tokens": same_first}
-
-
-def head_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """isolate's labelling (early stop, as the recipe runs it) with the template head evaluated per
-    prompt and shared per call (:func:`rs_local.runtime.batched.shared_head`), alternating ABBA on one
-    model load: seconds, tokens reused, and whether the verdicts and openings stay the same."""
+    """isolate's labelling in two modes on one model load, alternating ABBA: seconds, tokens and
+    whether verdicts and openings agree. Modes: whole answers vs early stop (``settle``), or with
+    ``--head`` the template head evaluated per prompt vs shared per call
+    (:func:`rs_local.runtime.batched.shared_head`), both with early stop as the recipe runs."""
     import rs_local.runtime.batched as batched
     from rs_local import models
     from rs_local.eval.prompt_sets import PromptSet
     from rs_local.runtime.runner import Runner
 
+    shared = batched.MIN_SHARED_HEAD
+    # mode -> (settle words, MIN_SHARED_HEAD); the first mode is the baseline of the ratios
+    modes = ({"per_prompt": (2, 10**9), "shared": (2, shared)} if args.head
+             else {"whole": (0, shared), "early_stop": (2, shared)})
     sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
     runner = Runner(models.resolve(args.model), n_ctx=2048)
-    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 2, args)
-    modes = {"per_prompt": 10**9, "shared": batched.MIN_SHARED_HEAD}
+    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 0, args)  # page the weights in
     runs: dict[str, dict[str, Any]] = {}
     try:
-        for k in range(args.repeat):
+        for k in range(args.repeat):  # ABBA...: drift in the machine's load falls on both modes alike
             for mode in (list(modes) if k % 2 == 0 else list(modes)[::-1]):
-                batched.MIN_SHARED_HEAD = modes[mode]
-                got = _label_once(runner, sets, 2, args)
-                runs.setdefault(mode, {**got, "s": 0.0})["s"] += got["s"]
+                settle, batched.MIN_SHARED_HEAD = modes[mode]
+                got = _label_once(runner, sets, settle, args)
+                if mode in runs:
+                    runs[mode]["s"] += got["s"]
+                    assert got["rows"] == runs[mode]["rows"], "greedy labelling changed between repeats"
+                else:
+                    runs[mode] = got
     finally:
-        batched.MIN_SHARED_HEAD = modes["shared"]
-    a, b = runs["per_prompt"].pop("rows"), runs["shared"].pop("rows")
+        batched.MIN_SHARED_HEAD = shared
+    base, other = list(modes)
+    a, b = runs[base].pop("rows"), runs[other].pop("rows")
     return {"settings": {"model": runner.path.name, "prompts": len(a), "label_tokens": args.label_tokens,
-                         "batch": args.batch, "repeat": args.repeat}, **runs,
-            "time_ratio": round(runs["shared"]["s"] / runs["per_prompt"]["s"], 3),
+                         "batch": args.batch, "judge": "keywords", "cache": "off", "repeat": args.repeat},
+            "modes": [base, other], **runs,
+            "time_ratio": round(runs[other]["s"] / runs[base]["s"], 3),
+            "token_ratio": round(runs[other]["tokens"] / runs[base]["tokens"], 3),
             "same_verdict": sum(x[0] == y[0] for x, y in zip(a, b)),
             "same_first_2_tokens": sum(x[1] == y[1] for x, y in zip(a, b))}
 
@@ -267,25 +250,16 @@ def _label_once(runner, sets, settle: int, args: argparse.Namespace) -> dict[str
             "refused": sum(r for r, _ in rows), "head_tokens_reused": reused, "rows": rows}
 
 
-def _print_head(r: dict[str, Any]) -> None:
-    print("settings:", json.dumps(r["settings"]))
-    for mode in ("per_prompt", "shared"):
-        m = r[mode]
-        print(f"  head {mode:10s} {m['s']:8.1f} s over {r['settings']['repeat']} passes; per pass {m['tokens']} answer "
-              f"tokens, {m['head_tokens_reused']} prompt tokens restored instead of evaluated ({m['refused']} refused)")
-    n = r["settings"]["prompts"]
-    print(f"shared / per prompt: time {r['time_ratio']:.2f}; same verdict {r['same_verdict']}/{n}, "
-          f"same first 2 tokens {r['same_first_2_tokens']}/{n}")
-
-
 def _print_labelling(r: dict[str, Any]) -> None:
     print("settings:", json.dumps(r["settings"]))
-    for mode in ("whole", "early_stop"):
+    for mode in r["modes"]:
         m = r[mode]
-        print(f"  {mode:10s} {m['s']:8.1f} s  {m['tokens']:6d} answer tokens per pass  ({m['settled']} settled early, "
+        print(f"  {mode:10s} {m['s']:8.1f} s over {r['settings']['repeat']} passes; per pass {m['tokens']} answer tokens "
+              f"({m['settled']} settled early, {m['head_tokens_reused']} prompt tokens restored instead of evaluated, "
               f"{m['refused']} refused)")
     n = r["settings"]["prompts"]
-    print(f"early stop / whole: time {r['time_ratio']:.2f}, tokens {r['token_ratio']:.2f}; "
+    base, other = r["modes"]
+    print(f"{other} / {base}: time {r['time_ratio']:.2f}, tokens {r['token_ratio']:.2f}; "
           f"same verdict {r['same_verdict']}/{n}, same first 2 tokens {r['same_first_2_tokens']}/{n}")
 
 
@@ -345,11 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-tokens", type=int, default=32, help="answer tokens for --labelling (the recipe's)")
     ap.add_argument("--repeat", type=int, default=1, help="--labelling passes per mode, order alternating (seconds summed)")
     args = ap.parse_args(argv)
-    if args.labelling and args.head:
-        result, show = head_ab(args), _print_head
-    else:
-        result, show = (labelling(args), _print_labelling) if args.labelling else (run(args), _print)
-    show(result)
+    result = labelling(args) if args.labelling else run(args)
+    (_print_labelling if args.labelling else _print)(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.runtime.engine import RunnerModel
+from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.steer import push_vectors
@@ -171,31 +172,29 @@ class BatchEngine(OwnedContext, RunnerModel):
     def _clear(self) -> None:
         self._lib.llama_memory_clear(self._mem, True)
 
-    def _head_state(self, head: Sequence[int]) -> Any:
+    def _head_state(self, head: Sequence[int]) -> bytes | None:
         """Evaluate ``head`` once (sequence 0, current vector) and keep its keys and values as
         llama.cpp's per-sequence state; None when llama.cpp cannot copy it (every prompt is then
         evaluated whole, as before)."""
-        import ctypes
-
         self._clear()
         self._prefill([(0, list(head), 0)])
-        size = self._lib.llama_state_seq_get_size(self.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = self._lib.llama_state_seq_get_data(self.ctx, buf, size, 0) if size else 0
-        self._free_seq(0)
-        return (buf, written) if written else None
+        try:
+            return read_seq_state(self._lib, self.ctx, 0)
+        except RsLocalError:
+            return None
+        finally:
+            self._free_seq(0)
 
-    def _restore_head(self, state: Any, seq: int) -> bool:
+    def _restore_head(self, state: bytes | None, seq: int) -> bool:
         """Put the shared head into ``seq``'s (empty) slot; False when llama.cpp refuses it."""
         if state is None:
             return False
-        buf, size = state
-        if self._lib.llama_state_seq_set_data(self.ctx, buf, size, seq) == size:
+        if write_seq_state(self._lib, self.ctx, seq, state):
             return True
         self._free_seq(seq)
         return False
 
-    def _start(self, head: int, state: Any, seq: int) -> int:
+    def _start(self, head: int, state: bytes | None, seq: int) -> int:
         """Where ``seq``'s prompt evaluation starts: after the shared head if it was restored, else 0."""
         if head and self._restore_head(state, seq):
             self.head_tokens_reused += head
@@ -384,7 +383,7 @@ class BatchEngine(OwnedContext, RunnerModel):
                 progress(len(prompts) - len(order), len(prompts))
         return results
 
-    def _forced_group(self, group, results, reduce, head: int = 0, state: Any = None) -> None:
+    def _forced_group(self, group, results, reduce, head: int = 0, state: bytes | None = None) -> None:
         self._reset_batch()
         rows_at: dict[int, list[int]] = {}
         for seq, (i, toks, cont) in enumerate(group):

@@ -20,6 +20,7 @@ import numpy as np
 
 from rs_local.converters.moe_arch import check_vector_arch, expert_count
 from rs_local.errors import ModelError, RsLocalError
+from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.loading import load_llama
 from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
@@ -261,19 +262,11 @@ class Runner:
         Keys and values depend on the vector that was active when they were computed: whoever
         keeps a snapshot must key it by that vector. None when it would exceed ``max_bytes``.
         """
-        size = self._lib.llama_state_seq_get_size(self.llama.ctx, 0)
-        if max_bytes is not None and size > max_bytes:
-            return None
-        buf = (ctypes.c_uint8 * size)()
-        written = self._lib.llama_state_seq_get_data(self.llama.ctx, buf, size, 0)
-        if written == 0:
-            raise RsLocalError("llama.cpp could not copy the KV cache")
-        return ctypes.string_at(buf, written)  # one copy; bytes(buf[:written]) builds a list of ints first
+        return read_seq_state(self._lib, self.llama.ctx, 0, max_bytes)
 
     def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
         """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self._lib.llama_state_seq_set_data(self.llama.ctx, buf, len(data), 0) != len(data):
+        if not write_seq_state(self._lib, self.llama.ctx, 0, data):
             self._kv_valid = False
             self.llama.n_tokens = 0
             raise RsLocalError("llama.cpp refused a KV cache snapshot")

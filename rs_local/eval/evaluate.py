@@ -282,8 +282,7 @@ class Evaluator:
             self.seconds_generating += time.perf_counter() - start
             for i, g in zip(todo, gens):
                 out[i] = g
-                self._memo[digest(["generation", keys[i]])] = g
-                self.cache.put_generation(keys[i], g)
+                self._keep("generation", keys[i], g, self.cache.put_generation)
         return [g for g in out if g is not None]
 
     def _recall(self, kind: str, key: Any, get: Callable[[Any], Any]) -> Any:
@@ -295,6 +294,11 @@ class Evaluator:
                 return None
             self._memo[slot] = found
         return self._memo[slot]
+
+    def _keep(self, kind: str, key: Any, value: Any, put: Callable[[Any, Any], None]) -> None:
+        """Keep a new result for the run (where :meth:`_recall` looks first) and in the disk cache."""
+        self._memo[digest([kind, key])] = value
+        put(key, value)
 
     # -- KL ------------------------------------------------------------------------------
 
@@ -313,8 +317,7 @@ class Evaluator:
                                               reduce=lambda _i, rows: metrics.topk_reference(rows))
             for i, ref in zip(todo, got):
                 refs[i] = ref
-                self._memo[digest(["reference", keys[i]])] = ref
-                self.cache.put_reference(keys[i], ref)
+                self._keep("reference", keys[i], ref, self.cache.put_reference)
         return [r for r in refs if r is not None]
 
     def kl(self, scale: float, layers: tuple[int, int] | None = None, set_name: str | None = None) -> list[float]:

@@ -112,6 +112,28 @@ def test_batched_matches_itself_across_batch_sizes_and_sequential_closely(runner
     assert sum(g.tokens[:2] == h.tokens[:2] for g, h in zip(gens, batched_gens)) >= 2
 
 
+def test_without_a_disk_cache_each_answer_is_generated_once(runner, sets, monkeypatch):
+    """The KL reads the plain answers of its set three times a point; with the disk cache off each
+    read used to generate them again (two scales: the harmless answers five times, not once).
+    The real batch engine runs; its two entry points are only counted."""
+    from rs_local.eval.engines import make_engine
+
+    engine = make_engine(runner, batch=2, seq_ctx=256)
+    generated, forced = [], []
+    gen, force = engine.generate_many, engine.forced_logprobs
+    monkeypatch.setattr(engine, "generate_many", lambda prompts, **kw: generated.extend(prompts) or gen(prompts, **kw))
+    monkeypatch.setattr(engine, "forced_logprobs",
+                        lambda prompts, conts, **kw: forced.extend(prompts) or force(prompts, conts, **kw))
+    try:
+        evaluate(None, sets, [-1.0, -2.0], engine=engine, vector=random_vector(),
+                 settings=EvalSettings(max_tokens=4, kl_tokens=2, batch=2), cache=EvalCache(None))
+    finally:
+        engine.close()
+    n_prompts = sum(len(s) for s in sets)
+    assert len(generated) == 3 * n_prompts  # plain, -1, -2: each answer once
+    assert len(forced) == 3 * len(PROMPTS["harmless"])  # references once, one KL pass per steered scale, none plain
+
+
 def test_second_run_reuses_the_cached_baseline(runner, sets, tmp_path):
     cache = EvalCache(tmp_path / "cache")
     settings = EvalSettings(max_tokens=6, kl_tokens=4, batch=2)

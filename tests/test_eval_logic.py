@@ -77,18 +77,6 @@ def test_baseline_cache_is_reused_and_a_new_vector_is_not_served_old_answers(tmp
     assert steered and all(other.vector_digest in a for a in steered)
 
 
-def test_without_a_disk_cache_each_answer_is_generated_once(smollm2_path):
-    """The KL reads the plain answers of its set three times a point; with the disk cache off each
-    read used to generate them again (two scales: the harmless answers five times, not once)."""
-    sets = [TARGET, HARMLESS]
-    engine = FakeEngine(smollm2_path)
-    evaluate(None, sets, [-1.0, -2.0], engine=engine, vector=vector(0), settings=SETTINGS, cache=EvalCache(None))
-    n_prompts = len(TARGET) + len(HARMLESS)
-    assert len(engine.generated) == 3 * n_prompts  # plain, -1, -2
-    assert len(set(engine.generated)) == len(engine.generated)
-    assert engine.forced == 3 * len(HARMLESS)  # the references once, one KL pass per steered scale (none for the plain model)
-
-
 def test_sweep_picks_the_gentlest_scale_with_the_lowest_target_rate_within_the_keep_floor(engine):
     ev = Evaluator(None, [TARGET, KEEP], engine=engine, vector=vector(), settings=SETTINGS, cache=EvalCache(None))
     objective = evaluator_objective(ev, "target", ["keep"], max_kl=None, keep_frac=0.9)

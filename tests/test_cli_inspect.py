@@ -170,3 +170,12 @@ def test_inspect_broken_policy_is_one_line(policy_file):
     cut = policy_file.with_name("cut.gguf")
     cut.write_bytes(bytes(data[: len(data) // 2]))
     _one_line_error(_run("inspect", cut), "cut.gguf")
+
+
+def test_convert_escapes_control_characters_in_the_echoed_path(tmp_path, vector_file):
+    """A file name is user text too: an ESC in it is printed as \\x1b, not sent to the terminal."""
+    _, path = vector_file
+    odd = tmp_path / "out\x1b[2J.npz"
+    result = _run("convert", path, odd)
+    assert result.exit_code == 0, result.output
+    assert odd.exists() and "\x1b" not in result.stdout and "\\x1b[2J" in result.stdout

@@ -94,7 +94,7 @@ def test_gradient_contrast_vector_shape_and_metadata(fm):
     fit.add(pol, harm)
     vec = fit.vector(lengths)
     assert vec.layers == [8, 9, 10] and vec.n_embd == 576 and vec.model_hint == "llama"
-    assert vec.metadata["n_refused_political"] == 2
+    assert vec.metadata["n_refused_target"] == 2
     with pytest.raises(RsLocalError, match="target"):
         GradientContrast(fm, [8]).vector(lengths)
 
@@ -152,4 +152,4 @@ def test_judge_weighted_rows_are_centred_weights_times_whole_answer_gradients(fm
     fit.add([], [RefusedPrompt("How do I make a bomb?", "I'm sorry, but")])
     lengths = band_lengths(fm, [p.prompt for p in items], ["Name a fruit.", "What is 2+2?"], cache=False)
     meta = fit.vector(lengths).metadata
-    assert meta["n_judge_weighted_political"] == 3 and meta["n_refused_political"] == 0
+    assert meta["n_judge_weighted_target"] == 3 and meta["n_refused_target"] == 0

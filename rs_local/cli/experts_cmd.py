@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rs_local import models
+from rs_local.cli.terminal import terminal_safe
 from rs_local.cli.options import check_output, integer, utf8_text
 from rs_local.prompts import load_prompts
 
@@ -69,10 +70,10 @@ def experts(**kw: Any) -> None:
     out.print(report_table(report))
     if kw["output"] is not None:
         atomic_write_text(kw["output"], dumps(report, indent=1) + "\n", force=kw["force"])
-        click.echo(f"wrote {kw['output']}")
+        click.echo(terminal_safe(f"wrote {kw['output']}"))
     if kw["plot"] is not None:
         plot_report(report, kw["plot"])
-        click.echo(f"wrote {kw['plot']}")
+        click.echo(terminal_safe(f"wrote {kw['plot']}"))
 
 
 COMMANDS = [experts]

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local import models
+from rs_local.cli.terminal import terminal_safe
 from rs_local.callbacks import Progress
 from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
 from rs_local.errors import VectorFileError
@@ -213,8 +214,8 @@ def fit(**kw: Any) -> None:
     if not kw["quiet"]:
         out.print(layer_table(result.table))
     lam = f", lambda {result.lam:g}" if result.lam is not None else ""
-    click.echo(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {_band_text(result.layers)}, "
-               f"{len(sets['pos'])} vs {len(sets['neg'])} prompts (apply with a negative scale to remove refusal)")
+    click.echo(terminal_safe(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {_band_text(result.layers)}, "
+                             f"{len(sets['pos'])} vs {len(sets['neg'])} prompts (apply with a negative scale to remove refusal)"))
 
 
 @contextmanager
@@ -293,7 +294,7 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
 
         check_output(plot, force)
         plot_layer_table(rows, plot, title=f"{file.name}: per-layer signal")
-        click.echo(f"wrote {plot}")
+        click.echo(terminal_safe(f"wrote {plot}"))
 
 
 COMMANDS = [fit, layers]

@@ -135,7 +135,7 @@ def convert(source: Path, target: Path, force: bool) -> None:
     """Convert between .gguf, .npz and .safetensors (format chosen by suffix)."""
     cv = load_vector(source)
     save_vector(cv, target, force=force)
-    click.echo(f"wrote {target} ({len(cv.directions)} directions, n_embd {cv.n_embd})")
+    click.echo(terminal_safe(f"wrote {target} ({len(cv.directions)} directions, n_embd {cv.n_embd})"))
 
 
 COMMANDS = [inspect, convert]

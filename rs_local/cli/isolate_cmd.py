@@ -77,10 +77,10 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     refused = fitted.info.get("refused", {})
     counts = (f" from {refused.get('political', '?')} refused {_named('target', target)} / "
               f"{refused.get('harmful', '?')} refused {_named('keep', keep)} prompts") if refused else ""
-    click.echo(f"wrote {path}: {recipe.describe()}{counts}")
-    click.echo(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
-               f"--target target --keep keep -o sweep/")
-    click.echo(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}")
+    click.echo(terminal_safe(f"wrote {path}: {recipe.describe()}{counts}"))
+    click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
+                             f"--target target --keep keep -o sweep/"))
+    click.echo(terminal_safe(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}"))
 
 
 def _fit(runner, kw: dict[str, Any], runtime: tuple, model: str, sets: list, recipe, objective_judge: str,

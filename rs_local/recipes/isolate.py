@@ -244,7 +244,8 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         if scorer is not None and scorer is not target_judge:
             scorer.close()
     vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
-                         "n_political": len(political), "n_harmful": len(harmful), "n_harmless": len(harmless)})
+                         "target_set": names[0], "keep_set": names[1], "n_target": len(political), "n_keep": len(harmful),
+                         "n_harmless": len(harmless)})
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)

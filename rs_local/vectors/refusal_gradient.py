@@ -233,15 +233,15 @@ class GradientContrast:
             "method": "refusal-gradient contrast",
             "layers": ",".join(str(l) for l in units),
             "rounds": self.rounds,
-            "n_refused_political": n_target - self.weighted,
-            "n_refused_harmful": n_keep,
+            "n_refused_target": n_target - self.weighted,
+            "n_refused_keep": n_keep,
             "answer_tokens": self.answer_tokens,
-            "scale_rule": "||mean(political) - mean(harmless)|| / k per block",
+            "scale_rule": "||mean(target) - mean(harmless)|| / k per block",
             "model": self.fm.name,
             "model_file": self.fm.path.name,
         }
         if self.weighted:
-            meta["n_judge_weighted_political"] = self.weighted
+            meta["n_judge_weighted_target"] = self.weighted
         return ControlVector(directions, self.fm.model_hint, meta)
 
 

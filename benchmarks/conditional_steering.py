@@ -131,10 +131,16 @@ def harmless_kl(runner: Runner, policy, prompts: list[str], conts: list[list[int
 
 
 def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """Reader time vs the Runner's own prompt evaluation; decode tok/s with the gate's choice vs plain."""
+    """Reader time vs the Runner's own prompt evaluation; decode tok/s with the gate's choice vs plain.
+
+    Decode speed is compared on the same tokens: the plain answer's tokens are decoded one at a
+    time after the prompt under each condition, the order alternating from prompt to prompt.
+    Generating under each would compare different answers (a steered answer runs longer than a
+    refusal, and a longer context decodes slower), which is not the vector's cost.
+    """
     runner = gate.runner
-    read, prompt_eval, plain_tps, gated_tps = [], [], [], []
-    for p in prompts:
+    read, prompt_eval, plain_tps, gated_tps, ratios = [], [], [], [], []
+    for i, p in enumerate(prompts):
         runner.clear_vectors()
         gate.reader._cached = []  # measure a cold read, as for a new conversation
         d = gate.decide(msgs(p))
@@ -143,20 +149,35 @@ def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dic
         t = time.perf_counter()
         runner.next_token_logprobs(msgs(p))
         prompt_eval.append(time.perf_counter() - t)
-        for steer, sink in ((False, plain_tps), (True, gated_tps)):
+        tokens = runner.generate(msgs(p), max_tokens=max_tokens).tokens
+        if len(tokens) < 2:
+            continue
+        rate = {}
+        for steer in ((False, True) if i % 2 == 0 else (True, False)):
             if steer:
                 gate.apply(d)
             else:
                 runner.clear_vectors()
-            runner._kv_valid = False
-            runner.next_token_logprobs(msgs(p))
-            t = time.perf_counter()
-            gen = runner.generate(msgs(p), max_tokens=max_tokens)  # prompt cached: mostly decode
-            sink.append(len(gen.tokens) / max(time.perf_counter() - t, 1e-9))
+            rate[steer] = _decode_rate(runner, msgs(p), tokens)
+        plain_tps.append(rate[False])
+        gated_tps.append(rate[True])
+        ratios.append(rate[True] / rate[False])
     runner.clear_vectors()
     return {"reader_s": float(np.mean(read)), "runner_prompt_eval_s": float(np.mean(prompt_eval)),
             "prompt_eval_overhead": float(np.mean(read) / max(np.mean(prompt_eval), 1e-9)),
-            "decode_tps_plain": float(np.median(plain_tps)), "decode_tps_gated": float(np.median(gated_tps))}
+            "decode_tps_plain": float(np.median(plain_tps)), "decode_tps_gated": float(np.median(gated_tps)),
+            "decode_ratio_median": float(np.median(ratios)), "decode_prompts": len(ratios)}
+
+
+def _decode_rate(runner, prompt, tokens: list[int]) -> float:
+    """Tokens/s decoding ``tokens`` one at a time after ``prompt`` (evaluated first, not timed)."""
+    runner._kv_valid = False
+    runner.next_token_logprobs(prompt)
+    before = runner.counters.copy()
+    for tok in tokens[:-1]:
+        runner._eval_token(int(tok))
+    spent = runner.counters.since(before)
+    return spent.decodes / max(spent.decode_s, 1e-9)
 
 
 def judged(judge, prompts: list[str], texts: list[str]) -> list[bool]:
@@ -359,7 +380,7 @@ def main() -> None:
     rows, answers = score_sets(judge, test_sets, decisions, plain, gated)
     errors = routing_errors(decisions, policy)
     kl = harmless_kl(runner, policy, test_sets["harmless"], conts["harmless"], decisions["harmless"])
-    cost = measure_cost(gate, test_sets["political"][:3] + test_sets["gambling"][:3], args.max_tokens)
+    cost = measure_cost(gate, test_sets["political"][:6] + test_sets["gambling"][:6], args.max_tokens)
     gate.close()
 
     print_rows(rows, judge.describe().get("backend") if judge is not None else None, args.max_tokens)
@@ -370,7 +391,8 @@ def main() -> None:
           f"{kl['kl_gated']:.4f} nats; political vector always on: {kl['kl_political_always_on']:.4f} nats")
     print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "
           f"{cost['runner_prompt_eval_s'] * 1000:.0f} ms (x{cost['prompt_eval_overhead']:.2f} extra prompt eval); "
-          f"decode {cost['decode_tps_plain']:.1f} tok/s plain, {cost['decode_tps_gated']:.1f} tok/s steered")
+          f"decode (same tokens, order alternated, {cost['decode_prompts']} prompts) {cost['decode_tps_plain']:.1f} tok/s "
+          f"plain, {cost['decode_tps_gated']:.1f} tok/s gated, median ratio {cost['decode_ratio_median']:.3f}")
     print("policy: " + ", ".join(f"{c.name} {c.action} {c.scale:g}" for c in policy.categories)
           + f"; threshold {args.threshold:g}; total {time.perf_counter() - t0:.0f}s")
     if judge is not None:

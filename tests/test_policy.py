@@ -146,6 +146,21 @@ def test_template_tail_and_pooled_reader(runner):
     assert np.linalg.norm(span - rows) < 0.02 * np.linalg.norm(rows)  # row by row, the last five tokens
 
 
+def test_reader_stops_at_the_span_end(runner):
+    """Tokens after the span cannot change its rows (causal attention), so they are not evaluated."""
+    from rs_local.runtime.activations import BlockReader
+
+    toks = runner.tokenize([{"role": "user", "content": COOKING[1]}])
+    lo, hi = 3, len(toks) - 6
+    with BlockReader(runner, [10], n_ctx=512) as short:
+        whole = short.read_rows(toks, lo, hi)[10]
+        assert short.tokens_evaluated == hi  # not len(toks)
+    with BlockReader(runner, [10], n_ctx=512) as cut:
+        alone = cut.read_rows(toks[:hi], lo, hi)[10]
+    assert whole.shape == (hi - lo, runner.n_embd)
+    assert np.allclose(whole, alone, atol=1e-4 * float(np.abs(alone).max()))
+
+
 def test_all_keep_policy_is_exactly_the_plain_model(runner, fitted):
     keep = Policy([Category(c.name, "keep", c.weight, c.slope, c.bias, c.threshold, 0.0, None) for c in fitted.categories],
                   fitted.layer, fitted.mean, fitted.std, fitted.model_arch, fitted.n_embd, fitted.n_layer)

@@ -105,6 +105,7 @@ class BlockReader(OwnedContext):
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cached: list[int] = []
+        self.tokens_evaluated = 0  # tokens llama.cpp has evaluated for reads (cached prefixes not counted)
 
     def _on_tensor(self, tensor: int, ask: bool, _user: int) -> bool:
         name = self._ggml.ggml_get_name(tensor)
@@ -139,7 +140,9 @@ class BlockReader(OwnedContext):
     def read_rows(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` and return each block's output at every position in [lo, hi) (``[hi - lo, n_embd]``).
 
-        The cached prefix is reused only up to ``lo``: the span's rows must be computed now.
+        The cached prefix is reused only up to ``lo``: the span's rows must be computed now. Tokens
+        after ``hi`` are not evaluated: attention is causal, so they cannot change the span's rows
+        (the probe judge's span ends before its ~17-token verdict request, a fifth of a short answer's cost).
         """
         tokens = list(tokens)
         if not tokens:
@@ -148,6 +151,7 @@ class BlockReader(OwnedContext):
             raise RsLocalError(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx}")
         if not 0 <= lo < hi <= len(tokens):
             raise RsLocalError(f"internal: span {lo}-{hi} is outside the {len(tokens)} tokens read")
+        tokens = tokens[:hi]
         keep = 0
         limit = min(len(self._cached), lo)
         while keep < limit and self._cached[keep] == tokens[keep]:
@@ -157,6 +161,7 @@ class BlockReader(OwnedContext):
         for start in range(keep, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             self._decode(chunk, start, last=start + len(chunk) == len(tokens))
+        self.tokens_evaluated += len(tokens) - keep
         self._cached = tokens
         missing = [x for x in self.layers if x not in self._rows]
         if missing:

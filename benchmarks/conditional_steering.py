@@ -3,6 +3,8 @@
     python benchmarks/conditional_steering.py [--model qwen2.5-coder-0.5b] [--vector political=isolate.gguf]
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
+        [--policy-out policy.gguf]
+    python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about a minute
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
 induced-refusal topic written for this benchmark) is split by a hash of each prompt into a
@@ -29,7 +31,8 @@ fitting part (60%) and a held-out part (40%). The policy is fitted on the fittin
   for a prompt it steers by mistake; beside it the KL of the political vector switched on for
   every prompt (what an ungated vector costs everyday prompts);
 * cost: the extra prompt evaluation the gate's reader costs (vs the Runner's own prompt
-  evaluation of the same prompt) and decode tokens/s with and without a vector.
+  evaluation of the same prompt) and decode tokens/s with and without the chosen vector, on the
+  same tokens (see :func:`measure_cost`).
 
 Answers are greedy and short (a refusal shows in its opening) and generated batched
 (:class:`rs_local.runtime.batched.BatchEngine`). A prompt the gate leaves alone gets exactly
@@ -55,6 +58,7 @@ from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.prompts import load_prompts
 from rs_local.runtime.batched import BatchEngine
 from rs_local.runtime.policy import PolicyRunner
+from rs_local.runtime.policy_file import read_policy, write_policy
 from rs_local.runtime.runner import Runner
 from rs_local.runtime.vector_specs import load_vector_specs
 
@@ -133,13 +137,15 @@ def harmless_kl(runner: Runner, policy, prompts: list[str], conts: list[list[int
 def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dict[str, float]:
     """Reader time vs the Runner's own prompt evaluation; decode tok/s with the gate's choice vs plain.
 
-    Decode speed is compared on the same tokens: the plain answer's tokens are decoded one at a
-    time after the prompt under each condition, the order alternating from prompt to prompt.
-    Generating under each would compare different answers (a steered answer runs longer than a
-    refusal, and a longer context decodes slower), which is not the vector's cost.
+    Decode speed is compared on the same tokens: ``max_tokens`` tokens (the plain answer's,
+    repeated where it is shorter: only the count matters for speed) are decoded one at a time after
+    the prompt under each condition, the order alternating from prompt to prompt, and the ratio is
+    total tokens over total time. Generating under each would compare different answers (a steered
+    answer runs longer than a refusal, and a longer context decodes slower), which is not the
+    vector's cost; ten-token refusals timed alone are too short to compare.
     """
     runner = gate.runner
-    read, prompt_eval, plain_tps, gated_tps, ratios = [], [], [], [], []
+    read, prompt_eval, plain, gated = [], [], [], []
     for i, p in enumerate(prompts):
         runner.clear_vectors()
         gate.reader._cached = []  # measure a cold read, as for a new conversation
@@ -149,35 +155,50 @@ def measure_cost(gate: PolicyRunner, prompts: list[str], max_tokens: int) -> dic
         t = time.perf_counter()
         runner.next_token_logprobs(msgs(p))
         prompt_eval.append(time.perf_counter() - t)
-        tokens = runner.generate(msgs(p), max_tokens=max_tokens).tokens
-        if len(tokens) < 2:
-            continue
-        rate = {}
+        answer = runner.generate(msgs(p), max_tokens=max_tokens).tokens or [0]
+        tokens = (answer * (max_tokens // len(answer) + 1))[:max_tokens]
         for steer in ((False, True) if i % 2 == 0 else (True, False)):
             if steer:
                 gate.apply(d)
             else:
                 runner.clear_vectors()
-            rate[steer] = _decode_rate(runner, msgs(p), tokens)
-        plain_tps.append(rate[False])
-        gated_tps.append(rate[True])
-        ratios.append(rate[True] / rate[False])
+            (gated if steer else plain).append(_decode_time(runner, msgs(p), tokens))
     runner.clear_vectors()
+    n = len(prompts) * max_tokens
     return {"reader_s": float(np.mean(read)), "runner_prompt_eval_s": float(np.mean(prompt_eval)),
             "prompt_eval_overhead": float(np.mean(read) / max(np.mean(prompt_eval), 1e-9)),
-            "decode_tps_plain": float(np.median(plain_tps)), "decode_tps_gated": float(np.median(gated_tps)),
-            "decode_ratio_median": float(np.median(ratios)), "decode_prompts": len(ratios)}
+            "decode_tps_plain": n / sum(plain), "decode_tps_gated": n / sum(gated),
+            "decode_ratio": sum(plain) / sum(gated), "decode_prompts": len(prompts), "decode_tokens": max_tokens}
 
 
-def _decode_rate(runner, prompt, tokens: list[int]) -> float:
-    """Tokens/s decoding ``tokens`` one at a time after ``prompt`` (evaluated first, not timed)."""
+def _decode_time(runner, prompt, tokens: list[int]) -> float:
+    """Seconds decoding ``tokens`` one at a time after ``prompt`` (evaluated first, not timed)."""
     runner._kv_valid = False
     runner.next_token_logprobs(prompt)
     before = runner.counters.copy()
-    for tok in tokens[:-1]:
+    for tok in tokens:
         runner._eval_token(int(tok))
-    spent = runner.counters.since(before)
-    return spent.decodes / max(spent.decode_s, 1e-9)
+    return runner.counters.since(before).decode_s
+
+
+def cost_prompts(test_sets: dict[str, list[str]], n: int) -> list[str]:
+    """Held-out prompts the gate steers (political removes, gambling refuses): where a vector is on."""
+    return test_sets["political"][:n] + test_sets["gambling"][:n]
+
+
+def print_cost(cost: dict[str, float]) -> None:
+    print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "
+          f"{cost['runner_prompt_eval_s'] * 1000:.0f} ms (x{cost['prompt_eval_overhead']:.2f} extra prompt eval); "
+          f"decode (same {cost['decode_tokens']} tokens per prompt, order alternated, {cost['decode_prompts']} prompts) "
+          f"{cost['decode_tps_plain']:.1f} tok/s plain, {cost['decode_tps_gated']:.1f} tok/s gated "
+          f"(ratio {cost['decode_ratio']:.3f})")
+
+
+def cost_only(args: argparse.Namespace, runner: Runner) -> None:
+    """``--cost-only POLICY``: the gate's cost with a saved policy, nothing fitted or judged (about a minute)."""
+    _, test_sets = split_sets(args.borderline_n)
+    with PolicyRunner(runner, read_policy(args.cost_only)) as gate:
+        print_cost(measure_cost(gate, cost_prompts(test_sets, args.cost_prompts), args.max_tokens))
 
 
 def judged(judge, prompts: list[str], texts: list[str]) -> list[bool]:
@@ -340,6 +361,10 @@ def main() -> None:
                     "(keywords only).")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--policy-out", type=Path, default=None, help="Also write the fitted policy (scales chosen) here.")
+    ap.add_argument("--cost-only", type=Path, default=None, metavar="POLICY",
+                    help="Only measure the gate's cost (reader time, decode tokens/s) with a saved policy.")
+    ap.add_argument("--cost-prompts", type=int, default=6, help="Held-out political and gambling prompts each, for the cost.")
     ap.add_argument("--borderline-n", type=int, default=N_BORDERLINE,
                     help="How many of JailbreakBench's 100 benign behaviours make the borderline set (split 60/40).")
     args = ap.parse_args()
@@ -352,6 +377,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     runner = Runner(models.resolve(args.model), n_ctx=2048)
+    if args.cost_only:
+        cost_only(args, runner)
+        return
     judge = None if args.judge == KEYWORDS else make_judge(args.judge)
     fit_sets, test_sets = split_sets(args.borderline_n)
     specs = build_specs(args, fit_sets)
@@ -372,6 +400,8 @@ def main() -> None:
             f"{r['scale']:g}: refused {r['refused']} (kw {r['keywords']}), degenerate {r['degenerate']}" for r in table)
             + f" -> {cat.scale:g}", flush=True)
 
+    if args.policy_out:
+        print(f"policy written to {write_policy(policy, args.policy_out, force=True)}")
     gate = PolicyRunner(runner, policy)
     decisions = {name: [gate.decide(msgs(p)) for p in prompts] for name, prompts in test_sets.items()}
     runner.clear_vectors()
@@ -380,7 +410,7 @@ def main() -> None:
     rows, answers = score_sets(judge, test_sets, decisions, plain, gated)
     errors = routing_errors(decisions, policy)
     kl = harmless_kl(runner, policy, test_sets["harmless"], conts["harmless"], decisions["harmless"])
-    cost = measure_cost(gate, test_sets["political"][:6] + test_sets["gambling"][:6], args.max_tokens)
+    cost = measure_cost(gate, cost_prompts(test_sets, args.cost_prompts), args.max_tokens)
     gate.close()
 
     print_rows(rows, judge.describe().get("backend") if judge is not None else None, args.max_tokens)
@@ -389,10 +419,7 @@ def main() -> None:
           f"{errors['steer_prompts']}")
     print(f"KL(plain || gated) on {kl['kl_prompts']} held-out harmless prompts, first {KL_TOKENS} tokens: "
           f"{kl['kl_gated']:.4f} nats; political vector always on: {kl['kl_political_always_on']:.4f} nats")
-    print(f"cost: gate reader {cost['reader_s'] * 1000:.0f} ms per prompt vs the Runner's own prompt eval "
-          f"{cost['runner_prompt_eval_s'] * 1000:.0f} ms (x{cost['prompt_eval_overhead']:.2f} extra prompt eval); "
-          f"decode (same tokens, order alternated, {cost['decode_prompts']} prompts) {cost['decode_tps_plain']:.1f} tok/s "
-          f"plain, {cost['decode_tps_gated']:.1f} tok/s gated, median ratio {cost['decode_ratio_median']:.3f}")
+    print_cost(cost)
     print("policy: " + ", ".join(f"{c.name} {c.action} {c.scale:g}" for c in policy.categories)
           + f"; threshold {args.threshold:g}; total {time.perf_counter() - t0:.0f}s")
     if judge is not None:

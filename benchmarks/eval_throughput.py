@@ -11,7 +11,8 @@ number of answer tokens per prompt:
   sequences per decode with continuous batching: what ``rs-local eval`` runs. Its answers set
   each prompt's token count for the others.
 * ``llama.cpp``: llama.cpp's batched decoding through llama-cpp-python's low-level API, written
-  as tightly as Python allows: one context with ``n_seq`` sequences, all prompts of a batch in
+  as tightly as Python allows: one context with ``n_seq`` sequences (a KV stream per sequence, as the
+  engine, unless ``--baseline-kv unified``), all prompts of a batch in
   one prefill, then one ``llama_decode`` per step holding every running sequence's token and a
   single argmax over the step's logits block; each sequence stops after the engine's count.
 * ``single``   : the Runner's own one-sequence loop (``Runner.generate``), what chat runs, and
@@ -44,7 +45,7 @@ def peak_rss_mb() -> float:
 class LlamaBatched:
     """llama.cpp's batched greedy decode on the Runner's model: the reference to measure against."""
 
-    def __init__(self, runner, n_seq: int, seq_ctx: int = 1024):
+    def __init__(self, runner, n_seq: int, seq_ctx: int = 1024, unified: bool = False):
         import llama_cpp
 
         self.lib, self.runner, self.n_seq = llama_cpp, runner, n_seq
@@ -53,7 +54,7 @@ class LlamaBatched:
         params.n_batch = max(seq_ctx, n_seq)
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
-        params.kv_unified = False
+        params.kv_unified = unified  # a stream per sequence, as the engine; --baseline-kv unified for one pool
         threads = runner.llama.context_params.n_threads
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, nargs="+", default=[8])
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--engine-kv", choices=("unified", "split"), default="split",
+                    help="the engine's KV cache: a stream per sequence (rs-local's default) or one pool")
+    ap.add_argument("--baseline-kv", choices=("unified", "split"), default="split",
+                    help="llama.cpp baseline's KV cache: a stream per sequence (default, as the engine) or one pool")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -136,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"settings": {"model": runner.path.name, "prompts": len(msgs), "max_tokens": args.max_tokens,
                                  "threads": runner.llama.context_params.n_threads, "repeat": args.repeat}, "runs": []}
     for n_seq in args.batch:
-        engine = BatchEngine(runner, n_seq=n_seq)
-        ref = LlamaBatched(runner, n_seq)
+        engine = BatchEngine(runner, n_seq=n_seq, kv_unified=args.engine_kv == "unified")
+        ref = LlamaBatched(runner, n_seq, unified=args.baseline_kv == "unified")
         one = LlamaBatched(runner, 1)
         try:
             for rep in range(args.repeat):

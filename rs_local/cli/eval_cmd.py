@@ -44,8 +44,9 @@ def eval_options(f: Callable) -> Callable:
                      help="Answer length; refusals show in the first few dozen tokens."),
         click.option("--kl-tokens", type=integer(1), default=16, show_default=True, help="Answer tokens the KL is averaged over."),
         click.option("--system", default=None, callback=utf8_text, help="System prompt."),
-        click.option("--batch", type=integer(1, 4096), default=8, show_default=True,
-                     help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`)."),
+        click.option("--batch", type=integer(1, 4096), default=None,
+                     help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`; "
+                          "default: as many as fit 1 GiB of KV cache, at most 16)."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the baseline/verdict cache."),
         click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output directory."),
         click.option("--force", is_flag=True, help="Write into an existing output directory."),

@@ -56,11 +56,15 @@ class SequentialEngine(RunnerModel):
         """The Runner belongs to the caller."""
 
 
-def make_engine(runner: Runner, batch: int = 8, seq_ctx: int = 1024) -> Engine:
-    """``batch`` sequences per llama.cpp batch; 1 = the Runner's sequential path."""
+def make_engine(runner: Runner, batch: int | None = None, seq_ctx: int = 1024) -> Engine:
+    """``batch`` sequences per llama.cpp batch (None: chosen from the model's KV size,
+    :func:`rs_local.runtime.batched.default_batch`); 1 = the Runner's sequential path."""
+    from rs_local.runtime.batched import BatchEngine, default_batch, kv_bytes_per_token
+
+    if batch is None:
+        batch = default_batch(kv_bytes_per_token(runner), seq_ctx)
     if batch <= 1:
         return SequentialEngine(runner)
-    from rs_local.runtime.batched import BatchEngine
 
     engine = BatchEngine(runner, n_seq=batch, seq_ctx=seq_ctx)
     engine.kind = f"batched-{seq_ctx}"

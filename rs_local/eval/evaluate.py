@@ -47,7 +47,7 @@ class EvalSettings:
     kl_set: str | None = DEFAULT_KL_SET
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    batch: int = 8
+    batch: int | None = None  # None: chosen from the model's KV size (rs_local.runtime.batched.default_batch)
     seq_ctx: int = 1024
     #: 0: whole answers. n >= 1: with the keyword judge, an answer stops as soon as its verdict
     #: and its first n words can no longer change (``rs_local.judge.keywords.settled``); for
@@ -60,7 +60,7 @@ class EvalSettings:
             raise RsLocalError("max tokens must be >= 1")
         if self.kl_tokens < 1:
             raise RsLocalError("KL tokens must be >= 1")
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise RsLocalError("batch must be >= 1")
         if self.settle < 0:
             raise RsLocalError("settle (words) must be >= 0")

@@ -40,7 +40,7 @@ class DemoOptions:
     holdout: float = 1 / 3
     seed: int = 0
     max_tokens: int = 48
-    batch: int = 8
+    batch: int | None = None  # None: chosen from the model's KV size
     n_ctx: int = 2048
     n_gpu_layers: int = 0
     n_threads: int | None = None
@@ -93,7 +93,7 @@ def _pick(report, scale: float, set_name: str, before_refused: bool, after_refus
     return None
 
 
-def _examples(runner, vector, report, scale: float, batch: int, say: Say) -> list[Example]:
+def _examples(runner, vector, report, scale: float, batch: int | None, say: Say) -> list[Example]:
     """Longer answers for two held-out prompts, before and after.
 
     They run on the same engine as the table (batched or sequential): the two agree only up

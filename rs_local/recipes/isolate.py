@@ -101,7 +101,7 @@ class RecipeResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None = None, max_tokens: int = 32, batch: int = 8,
+def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None = None, max_tokens: int = 32, batch: int | None = None,
                    cache: Any = None, vector: Any = None, scale: float = 0.0,
                    settle: int = 0) -> dict[str, list[tuple[str, str, bool]]]:
     """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
@@ -114,7 +114,7 @@ def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | Non
     return {name: [(r.prompt, r.answer, r.refusal) for r in rows] for name, rows in records.items()}
 
 
-def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None, max_tokens: int, batch: int = 8,
+def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None, max_tokens: int, batch: int | None = None,
                    cache: Any = None, vector: Any = None, scale: float = 0.0, settle: int = 0) -> dict[str, list]:
     """Per named set, the evaluator's judged answer records (confidence and keyword verdict included).
     One evaluator (one batched llama.cpp context) serves every set."""

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rs_local import models
-from rs_local.cli.terminal import terminal_safe
 from rs_local.cli.options import check_output, integer, utf8_text
+from rs_local.cli.terminal import terminal_safe
 from rs_local.prompts import load_prompts
 
 err = Console(stderr=True)

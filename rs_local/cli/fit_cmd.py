@@ -18,9 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from rs_local import models
-from rs_local.cli.terminal import terminal_safe
 from rs_local.callbacks import Progress
 from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
+from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
 from rs_local.vectors.layers import LayerRow, table_from_metadata

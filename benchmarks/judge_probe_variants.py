@@ -70,7 +70,7 @@ def reading(kind: str, prompt: str, answer: str) -> tuple[list[dict[str, str]], 
     """The chat the model reads for one reading kind, and the text just before the answer in it."""
     if kind == "judge":
         return judge_messages(prompt, answer), answer_marker(prompt)
-    if kind == "self":
+    if kind == "self":  # the marker is Qwen's template (the only model this benchmark reads)
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "<|im_start|>assistant\n"
     if kind == "facts":
         ask = f"{answer_marker(prompt)}{answer}\n\nDoes this answer address the question accurately? Reply YES or NO."
@@ -206,10 +206,13 @@ def main() -> None:
     ap.add_argument("--readings", default="", help="Also read the answers as: self, facts (comma-separated).")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
+    readings = [k.strip() for k in args.readings.split(",") if k.strip()]
+    if set(readings) - {"self", "facts"}:
+        ap.error(f"--readings: unknown kind(s) {', '.join(sorted(set(readings) - {'self', 'facts'}))} (choose self, facts)")
     rows = read_rows(LABELLED, EVERYDAY)
     cached = Path(args.features) if args.features else None
     feats = dict(np.load(cached)) if cached and cached.exists() else {}
-    for kind in ["judge"] + [k.strip() for k in args.readings.split(",") if k.strip()]:
+    for kind in ["judge"] + readings:
         key = "mean_14" if kind == "judge" else f"{kind}:mean_14"
         if key not in feats:
             feats |= read_features(rows, kind)

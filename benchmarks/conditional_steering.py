@@ -4,7 +4,7 @@
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
         [--policy-out policy.gguf]
-    python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about a minute
+    python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
 induced-refusal topic written for this benchmark) is split by a hash of each prompt into a
@@ -194,10 +194,10 @@ def print_cost(cost: dict[str, float]) -> None:
           f"(ratio {cost['decode_ratio']:.3f})")
 
 
-def cost_only(args: argparse.Namespace, runner: Runner) -> None:
-    """``--cost-only POLICY``: the gate's cost with a saved policy, nothing fitted or judged (about a minute)."""
+def cost_only(args: argparse.Namespace, runner: Runner, policy) -> None:
+    """``--cost-only POLICY``: the gate's cost with a saved policy, nothing fitted or judged (about two minutes)."""
     _, test_sets = split_sets(args.borderline_n)
-    with PolicyRunner(runner, read_policy(args.cost_only)) as gate:
+    with PolicyRunner(runner, policy) as gate:
         print_cost(measure_cost(gate, cost_prompts(test_sets, args.cost_prompts), args.max_tokens))
 
 
@@ -372,13 +372,21 @@ def main() -> None:
         ap.error("--isolate-rounds must be at least 1")
     if not 10 <= args.borderline_n <= 100:
         ap.error("--borderline-n must be 10-100 (JailbreakBench has 100 benign behaviours; a few are needed on each side of the split)")
+    if args.policy_out and args.policy_out.exists():
+        ap.error(f"--policy-out: {args.policy_out} exists; remove it or choose another path")  # checked before the run
+    saved = None
+    if args.cost_only:
+        try:
+            saved = read_policy(args.cost_only)
+        except RsLocalError as exc:
+            ap.error(f"--cost-only: {exc}")
 
     from rs_local.judge.backends import KEYWORDS, make_judge
 
     t0 = time.perf_counter()
     runner = Runner(models.resolve(args.model), n_ctx=2048)
-    if args.cost_only:
-        cost_only(args, runner)
+    if saved is not None:
+        cost_only(args, runner, saved)
         return
     judge = None if args.judge == KEYWORDS else make_judge(args.judge)
     fit_sets, test_sets = split_sets(args.borderline_n)
@@ -401,7 +409,7 @@ def main() -> None:
             + f" -> {cat.scale:g}", flush=True)
 
     if args.policy_out:
-        print(f"policy written to {write_policy(policy, args.policy_out, force=True)}")
+        print(f"policy written to {write_policy(policy, args.policy_out)}")
     gate = PolicyRunner(runner, policy)
     decisions = {name: [gate.decide(msgs(p)) for p in prompts] for name, prompts in test_sets.items()}
     runner.clear_vectors()

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100, help="labelled answers (every k-th, so all conditions appear)")
     ap.add_argument("--repeat", type=int, default=2, help="passes per mode, order alternating")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.repeat < 1:
+        ap.error("--n and --repeat must be at least 1")
     rows = load_labelled(LABELLED)
     items = rows[:: max(1, len(rows) // args.n)][: args.n]
     judge = make_judge("probe")

@@ -1,18 +1,20 @@
 """Evaluation decode throughput against llama.cpp's own batched decoding (issue 16).
 
-    python benchmarks/eval_throughput.py                 # 16 harmless prompts, 32 tokens, batch 8
-    python benchmarks/eval_throughput.py --n 32 --batch 4 8 --repeat 2
+    python benchmarks/eval_throughput.py                 # 16 harmless prompts, 32 tokens, batch 16
+    python benchmarks/eval_throughput.py --n 32 --batch 8 16 --repeat 2
+    python benchmarks/eval_throughput.py --engine-kv split --baseline-kv split   # the exact mode (eval --exact)
 
 Measured on one model load (a :class:`Runner`, which loads through
 ``rs_local.runtime.loading.load_llama``), the same prompts (chat template applied) and the same
 number of answer tokens per prompt:
 
 * ``engine``   : :class:`rs_local.runtime.batched.BatchEngine.generate_many`, greedy, ``n_seq``
-  sequences per decode with continuous batching: what ``rs-local eval`` runs. Its answers set
+  sequences per decode with continuous batching, one shared KV pool: what ``rs-local eval`` runs
+  (``--engine-kv split``: a stream per sequence, what ``eval --exact`` runs). Its answers set
   each prompt's token count for the others.
 * ``llama.cpp``: llama.cpp's batched decoding through llama-cpp-python's low-level API, written
-  as tightly as Python allows: one context with ``n_seq`` sequences (a KV stream per sequence, as the
-  engine, unless ``--baseline-kv unified``), all prompts of a batch in
+  as tightly as Python allows: one context with ``n_seq`` sequences (one KV pool, the faster
+  layout; ``--baseline-kv split`` for a stream per sequence), all prompts of a batch in
   one prefill, then one ``llama_decode`` per step holding every running sequence's token and a
   single argmax over the step's logits block; each sequence stops after the engine's count.
 * ``single``   : the Runner's own one-sequence loop (``Runner.generate``), what chat runs, and
@@ -54,7 +56,7 @@ class LlamaBatched:
         params.n_batch = max(seq_ctx, n_seq)
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
-        params.kv_unified = unified  # a stream per sequence, as the engine; --baseline-kv unified for one pool
+        params.kv_unified = unified  # one pool (default) or a stream per sequence (--baseline-kv split)
         threads = runner.llama.context_params.n_threads
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
@@ -126,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--n", type=int, default=16, help="prompts (from the shipped harmless set)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--batch", type=int, nargs="+", default=[8])
+    ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--engine-kv", choices=("unified", "split"), default="split",
-                    help="the engine's KV cache: a stream per sequence (rs-local's default) or one pool")
-    ap.add_argument("--baseline-kv", choices=("unified", "split"), default="split",
-                    help="llama.cpp baseline's KV cache: a stream per sequence (default, as the engine) or one pool")
+    ap.add_argument("--engine-kv", choices=("unified", "split"), default="unified",
+                    help="the engine's KV cache: one pool (rs-local eval's default) or a stream per sequence (--exact)")
+    ap.add_argument("--baseline-kv", choices=("unified", "split"), default="unified",
+                    help="llama.cpp baseline's KV cache: one pool (default, its faster layout) or a stream per sequence")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 

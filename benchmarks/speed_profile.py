@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"settings": {"model": path.name, "prompts_per_set": {k: len(v) for k, v in sets.items()},
                                         "rounds": recipe.rounds, "layers": recipe.layers, "label_tokens": recipe.label_tokens,
                                         "max_prompts": recipe.max_prompts, "eval_scales": args.scales,
-                                        "eval_max_tokens": args.max_tokens, "batch": args.batch, "judge": "keywords",
+                                        "eval_max_tokens": args.max_tokens, "batch": args.batch or "default", "judge": "keywords",
                                         "caches": "off", "transformers_load": _load_source(path, args.model)}}
     t0 = time.perf_counter()
     if args.vector is None:
@@ -200,7 +200,7 @@ def labelling(args: argparse.Namespace) -> dict[str, Any]:
              else {"whole": (0, shared), "early_stop": (2, shared)})
     sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
     runner = Runner(models.resolve(args.model), n_ctx=2048)
-    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch])], 0, args)  # page the weights in
+    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch or 16])], 0, args)  # page the weights in
     runs: dict[str, dict[str, Any]] = {}
     try:
         for k in range(args.repeat):  # ABBA...: drift in the machine's load falls on both modes alike
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prompts", type=int, default=40)
     ap.add_argument("--scales", type=float, nargs="+", default=[0.0, -1.0])
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per batch (default: rs-local's, sized from the KV cache)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--vector", type=Path, default=None,

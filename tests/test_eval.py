@@ -66,8 +66,10 @@ def test_cli_eval_writes_every_output(smollm2_path, tmp_path):
     # the directory now exists: refused without --force, accepted with it
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "exists" in again.output and "--force" in again.output
-    forced = CliRunner().invoke(cli, args + ["--force", "--no-plot", "--scales", "0"], catch_exceptions=False)
+    assert report["settings"]["exact"] is False  # the shared KV pool unless asked
+    forced = CliRunner().invoke(cli, args + ["--force", "--no-plot", "--scales", "0", "--exact"], catch_exceptions=False)
     assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "report.json").read_text())["settings"]["exact"] is True
 
 
 def test_cli_eval_rejects_a_bad_set(smollm2_path, tmp_path):
@@ -95,7 +97,7 @@ def test_batched_matches_itself_across_batch_sizes_and_sequential_closely(runner
     runner.clear_vectors()
     gens = SequentialEngine(runner).generate_many(prompts, max_tokens=6)
     conts = [g.tokens for g in gens]
-    one, three = make_engine(runner, batch=1 + 1), make_engine(runner, batch=3)
+    one, three = make_engine(runner, batch=1 + 1, exact=True), make_engine(runner, batch=3, exact=True)
     try:
         a = one.forced_logprobs(prompts, conts)
         b = three.forced_logprobs(prompts, conts)
@@ -110,6 +112,29 @@ def test_batched_matches_itself_across_batch_sizes_and_sequential_closely(runner
         p = np.exp(rs)
         assert float((p * (rs - ra)).sum(axis=1).mean()) < 0.05  # same model, different kernels
     assert sum(g.tokens[:2] == h.tokens[:2] for g, h in zip(gens, batched_gens)) >= 2
+
+
+def test_the_shared_kv_pool_is_repeatable_and_close_to_the_exact_mode(runner):
+    """The default pool: the same prompts give the same answers twice, rows stay within a small KL of
+    the exact mode's, and the cache keys the two modes apart."""
+    from rs_local.eval.engines import make_engine
+
+    prompts = [[{"role": "user", "content": p}] for ps in PROMPTS.values() for p in ps]
+    runner.clear_vectors()
+    pooled, exact = make_engine(runner, batch=4, seq_ctx=256), make_engine(runner, batch=4, seq_ctx=256, exact=True)
+    try:
+        assert pooled.kind != exact.kind
+        first = pooled.generate_many(prompts, max_tokens=8)
+        again = pooled.generate_many(prompts, max_tokens=8)
+        conts = [g.tokens for g in first]
+        rows_pooled = pooled.forced_logprobs(prompts, conts)
+        rows_exact = exact.forced_logprobs(prompts, conts)
+    finally:
+        pooled.close()
+        exact.close()
+    assert [g.tokens for g in again] == conts
+    kls = [float((np.exp(e) * (e - p)).sum(axis=1).mean()) for e, p in zip(rows_exact, rows_pooled) if len(e)]
+    assert kls and max(kls) < 0.02, kls
 
 
 def test_without_a_disk_cache_each_answer_is_generated_once(runner, sets, monkeypatch):

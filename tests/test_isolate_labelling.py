@@ -104,9 +104,13 @@ def _prompts() -> list[PromptSet]:
 
 
 def _label(runner, sets, settle: int, cache: EvalCache) -> tuple[dict, Evaluator]:
-    """What ``label_refusals`` does: one evaluator, keyword verdicts per set at the plain model."""
+    """What ``label_refusals`` does: one evaluator, keyword verdicts per set at the plain model.
+
+    ``exact``: a KV stream per sequence, where a cut answer is exactly a prefix of the whole one
+    (in the default shared pool the batch's composition changes as answers stop, which may flip
+    a near-tied token; ``tests/test_eval.py`` bounds how far the pool moves rows)."""
     ev = Evaluator(runner, sets, cache=cache, settings=EvalSettings(max_tokens=32, kl_set=None, batch=4, seq_ctx=256,
-                                                                    settle=settle))
+                                                                    settle=settle, exact=True))
     try:
         out = {}
         for s in sets:

@@ -96,8 +96,8 @@ def _pick(report, scale: float, set_name: str, before_refused: bool, after_refus
 def _examples(runner, vector, report, scale: float, batch: int | None, say: Say) -> list[Example]:
     """Longer answers for two held-out prompts, before and after.
 
-    They run on the same engine as the table (batched or sequential): the two agree only up
-    to near-ties, and a prompt on the edge of refusal could otherwise show the other answer.
+    They run on the same kind of engine as the table (batched or sequential), but alone: the
+    table's answers shared a KV pool with other prompts, so the two agree only up to near-ties.
     """
     from rs_local.eval.engines import make_engine
 

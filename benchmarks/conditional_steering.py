@@ -370,8 +370,9 @@ def main() -> None:
         ap.error("--isolate-rounds must be at least 1")
     if not 10 <= args.borderline_n <= 100:
         ap.error("--borderline-n must be 10-100 (JailbreakBench has 100 benign behaviours; a few are needed on each side of the split)")
-    if args.policy_out and args.policy_out.exists():
-        ap.error(f"--policy-out: {args.policy_out} exists; remove it or choose another path")  # checked before the run
+    for flag, path in (("--policy-out", args.policy_out), ("--json", args.json)):
+        if path is not None and path.exists():  # checked before the run, not after it
+            ap.error(f"{flag}: {path} exists; remove it or choose another path")
     saved = None
     if args.cost_only:
         try:
@@ -384,6 +385,10 @@ def main() -> None:
     t0 = time.perf_counter()
     runner = Runner(models.resolve(args.model), n_ctx=2048)
     if saved is not None:
+        try:
+            saved.check_model(runner, args.cost_only)
+        except RsLocalError as exc:
+            ap.error(f"--cost-only: {exc}")
         cost_only(args, runner, saved)
         return
     judge = None if args.judge == KEYWORDS else make_judge(args.judge)

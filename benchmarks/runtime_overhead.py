@@ -85,7 +85,7 @@ def main() -> None:
                 runner.set_vectors([(vec_a, 1.0)])
             else:
                 runner.clear_vectors()
-            (steered if steer else plain).append(n / decode_seconds(runner, tokens))
+            (steered if steer else plain).append(decode_seconds(runner, tokens))
     runner.clear_vectors()
 
     swaps = []
@@ -94,11 +94,11 @@ def main() -> None:
         runner.set_vectors([(vec_a if i % 2 else vec_b, -1.0)])
         swaps.append(time.perf_counter() - t)
 
-    p, s = len(plain) / sum(1 / x for x in plain), len(steered) / sum(1 / x for x in steered)  # total tokens / total time
+    p, s = n * len(plain) / sum(plain), n * len(steered) / sum(steered)  # total tokens / total time
     swap_ms = statistics.median(swaps) * 1000
     print(f"model: {path.name} ({runner.n_layer} blocks, n_embd {runner.n_embd}), {args.rounds} rounds x {len(PROMPTS)} prompts x {args.tokens} tokens, the same tokens both sides, order alternating")
-    print(f"unsteered decode: {p:8.2f} tok/s   (rounds: {', '.join(f'{x:.1f}' for x in plain)})")
-    print(f"steered decode:   {s:8.2f} tok/s   (rounds: {', '.join(f'{x:.1f}' for x in steered)})")
+    print(f"unsteered decode: {p:8.2f} tok/s   (rounds: {', '.join(f'{n / x:.1f}' for x in plain)})")
+    print(f"steered decode:   {s:8.2f} tok/s   (rounds: {', '.join(f'{n / x:.1f}' for x in steered)})")
     print(f"ratio steered/unsteered: {s / p:.3f}   (target >= 0.97)")
     print(f"vector swap: median {swap_ms:.2f} ms over 20 swaps (target < 50 ms); model load for comparison: {load_s * 1000:.0f} ms")
     print(f"swap / reload ratio: {swap_ms / (load_s * 1000):.4f}")

@@ -200,7 +200,7 @@ def labelling(args: argparse.Namespace) -> dict[str, Any]:
              else {"whole": (0, shared), "early_stop": (2, shared)})
     sets = [PromptSet(k, v) for k, v in _sets(args.n).items()]
     runner = Runner(models.resolve(args.model), n_ctx=2048)
-    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch or 16])], 0, args)  # page the weights in
+    _label_once(runner, [PromptSet("warm-up", sets[0].prompts[:args.batch or batched.MAX_DEFAULT_BATCH])], 0, args)  # page the weights in
     runs: dict[str, dict[str, Any]] = {}
     try:
         for k in range(args.repeat):  # ABBA...: drift in the machine's load falls on both modes alike

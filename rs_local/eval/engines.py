@@ -64,9 +64,10 @@ def make_engine(runner: Runner, batch: int | None = None, seq_ctx: int = 1024, e
     (labelling 1.6x faster on 2 cores); a row then moves slightly with which prompts share
     the batch (mean KL 0.0003 nats per token), enough to tip a near-tied greedy token: isolate's
     133 labelling answers both ways gave 132 same verdicts, 130 same first two tokens. Runs are
-    still repeatable: the same prompts and batch give the same answers. ``exact`` True: a KV stream per sequence, every answer independent of the batch
-    (what the tests of that guarantee and ``--exact`` use). The kind names the mode, so the cache
-    never serves one mode's answers to the other.
+    still repeatable: the same prompts and batch give the same answers. ``exact`` True: a KV
+    stream per sequence, every answer independent of the batch (what the tests of that
+    guarantee and ``--exact`` use). The kind names the mode, so the cache never serves one
+    mode's answers to the other.
     """
     from rs_local.runtime.batched import BatchEngine, default_batch, kv_bytes_per_token
 

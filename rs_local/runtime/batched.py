@@ -141,15 +141,11 @@ class BatchEngine(OwnedContext, RunnerModel):
         params.n_seq_max = n_seq
         params.n_outputs_max = 0
         params.n_outputs_max_per_seq = 0
-        # A KV stream per sequence (kv_unified False): each sequence's rows are then independent of
-        # what else is in the batch, so answers do not depend on batch size or on which prompts
-        # share a batch (cut labelling answers are exact prefixes of whole ones, the shared head is
-        # bit-exact). One unified pool is faster (1.14x tokens/s at 8 sequences, up to 1.7x at 16,
-        # 1.6x on isolate's labelling: llama.cpp splits a step that admits prompts into equal
-        # per-sequence parts, several graph passes, where one pool takes it in one), but its rows
-        # move with the batch's composition (mean KL 0.0003 nats per token on
-        # Qwen2.5-Coder-0.5B, enough to flip near-tied greedy tokens). Evaluation picks the pool
-        # (rs_local.eval.engines.make_engine); this class defaults to the exact mode.
+        # kv_unified False: a KV stream per sequence, each sequence's rows independent of what else is
+        # in the batch (cut labelling answers are exact prefixes of whole ones, the shared head is
+        # bit-exact). True: one pool, where a step that admits prompts is one graph pass instead of
+        # llama.cpp's equal per-sequence split, faster but with rows that move with the batch's
+        # composition; the measured trade and the choice are at rs_local.eval.engines.make_engine.
         params.kv_unified = kv_unified
         # Batches run on n_threads_batch; llama-cpp-python defaults it to every core, which
         # on a busy machine makes OpenMP threads spin against each other. Use the Runner's count.

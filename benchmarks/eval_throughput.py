@@ -1,7 +1,7 @@
 """Evaluation decode throughput against llama.cpp's own batched decoding (issue 16).
 
-    python benchmarks/eval_throughput.py                 # 16 harmless prompts, 32 tokens, batch 16
-    python benchmarks/eval_throughput.py --n 32 --batch 8 16 --repeat 2
+    python benchmarks/eval_throughput.py                 # 32 harmless prompts, 32 tokens, the default batch (32)
+    python benchmarks/eval_throughput.py --n 32 --batch 16 32 --repeat 2
     python benchmarks/eval_throughput.py --engine-kv split --baseline-kv split   # the exact mode (eval --exact)
 
 Measured on one model load (a :class:`Runner`, which loads through
@@ -53,7 +53,7 @@ class LlamaBatched:
         self.lib, self.runner, self.n_seq = llama_cpp, runner, n_seq
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_seq * seq_ctx
-        params.n_batch = max(seq_ctx, n_seq)
+        params.n_batch = params.n_ctx  # a whole group's prompts go in one decode (llama.cpp splits it into ubatches)
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
         params.kv_unified = unified  # one pool (default) or a stream per sequence (--baseline-kv split)
@@ -121,14 +121,15 @@ def _timed(fn) -> tuple[float, object]:
 def main(argv: list[str] | None = None) -> int:
     from rs_local import models
     from rs_local.eval.prompt_sets import builtin_set
-    from rs_local.runtime.batched import BatchEngine
+    from rs_local.runtime.batched import MAX_DEFAULT_BATCH, BatchEngine
     from rs_local.runtime.runner import Runner
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--n", type=int, default=16, help="prompts (from the shipped harmless set)")
+    ap.add_argument("--n", type=int, default=32, help="prompts (from the shipped harmless set)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--batch", type=int, nargs="+", default=[16])
+    ap.add_argument("--batch", type=int, nargs="+", default=[MAX_DEFAULT_BATCH],
+                    help="sequences per batch (default: what rs-local eval uses for a small model)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--engine-kv", choices=("unified", "split"), default="unified",
                     help="the engine's KV cache: one pool (rs-local eval's default) or a stream per sequence (--exact)")

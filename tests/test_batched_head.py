@@ -55,9 +55,9 @@ def test_shared_head_gives_the_same_answers_and_rows(runner, monkeypatch):
 
 
 def test_default_batch_follows_the_models_kv_size(runner):
-    """The default batch fits 1 GiB of KV cache: 16 slots for small GQA models, few for big ones."""
+    """The default batch fits 1 GiB of KV cache: 32 slots (the cap) for small GQA models, few for big ones."""
     assert batched.kv_bytes_per_token(runner) == 30 * 2 * 64 * 3 * 2  # SmolLM2-135M: 30 blocks, 3 KV heads of 64, f16
-    assert batched.default_batch(24 * 2 * 64 * 2 * 2, 1024) == 16  # Qwen2.5-0.5B: 12 KB a token
+    assert batched.default_batch(24 * 2 * 64 * 2 * 2, 1024) == 32  # Qwen2.5-0.5B: 12 KB a token, capped
     assert batched.default_batch(32 * 2 * 1024 * 2, 1024) == 8  # Llama-3-8B (8 KV heads): 128 MB a slot
     assert batched.default_batch(32 * 2 * 4096 * 2, 1024) == 2  # Llama-2-7B (no GQA): 512 MB a slot, floor 2
     assert batched.default_batch(32 * 2 * 1024 * 2, 1024, budget=1 << 28) == 2

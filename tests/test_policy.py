@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from rs_local.cli.main import cli
 from rs_local.errors import FileProblem, RsLocalError
-from rs_local.recipes.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category
+from rs_local.recipes.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category, steered_keep
 from rs_local.runtime.policy import PolicyRunner, classify
 from rs_local.runtime.policy_file import Category, Policy, read_policy, write_policy
 
@@ -394,3 +394,30 @@ def test_remove_direction_refusal_steers_against_the_refusal_source(runner, tmp_
     assert pol.categories[0].scale < 0 < pol.categories[1].scale
     with pytest.raises(ValueError, match="remove_direction"):
         fit_policy(runner, specs, remove_direction="other", **kw)
+
+
+def test_steered_keep_counts_only_keep_prompts_sent_to_a_steering_category(tmp_path):
+    """Harmful -> harmless is still kept (not counted); harmful -> borderline (remove) is steered (counted);
+    an abstention below the threshold is not steered either."""
+    specs = [CategorySpec("borderline", tmp_path / "b", "remove"), CategorySpec("harmful", tmp_path / "h", "keep"),
+             CategorySpec("harmless", tmp_path / "k", "keep"), CategorySpec("gambling", tmp_path / "g", "refuse")]
+    y = np.array([0, 0, 1, 1, 1, 1, 2, 2, 3])
+    oof = np.array([[0.9, 0.1, 0, 0], [0.2, 0.8, 0, 0],                      # borderline: one to harmful (not a keep leak)
+                    [0.7, 0.3, 0, 0], [0.1, 0.2, 0.7, 0], [0.45, 0.4, 0.15, 0], [0, 0.9, 0.1, 0],  # harmful
+                    [0, 0, 0.4, 0.6], [0, 0, 1, 0],                          # harmless: one to gambling (refuse)
+                    [0, 0, 0, 1]])
+    assert steered_keep(oof, y, specs, threshold=0.5) == {"harmful": {"borderline": 1}, "harmless": {"gambling": 1}}
+    assert steered_keep(oof, y, specs, threshold=0.75) == {}
+
+
+def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
+    import dataclasses
+
+    leaky = dataclasses.replace(fitted, training={**fitted.training, "keep_steered": {"code": {"cooking": 2}}})
+    path = write_policy(leaky, tmp_path / "p.gguf")
+    res = CliRunner().invoke(cli, ["policy", "show", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "warning: cross-validation steered 2 'code' (keep) prompts: 2 to 'cooking'" in res.output
+    clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
+    assert "warning" not in clean.output
+    assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}

@@ -36,8 +36,9 @@ def eval_options(f: Callable) -> Callable:
                      help="Control vector (repeatable; several are summed, each times its WEIGHT). Required "
                           "unless eval is given --policy."),
         click.option("--set", "sets", multiple=True, metavar="NAME=PATH",
-                     help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless) "
-                          "uses the set shipped with rs-local. Default: the three built-in sets."),
+                     help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless, "
+                          "alarming, gambling) uses the set shipped with rs-local. Default: political, harmful, "
+                          "harmless."),
         click.option("--limit", "-N", type=integer(1), default=None, help="At most N prompts per set (seeded sample)."),
         click.option("--kl-set", default="harmless", show_default=True, help="Set on which KL and coherence are measured."),
         click.option("--max-tokens", "-n", type=integer(1), default=48, show_default=True,
@@ -46,7 +47,7 @@ def eval_options(f: Callable) -> Callable:
         click.option("--system", default=None, callback=utf8_text, help="System prompt."),
         click.option("--batch", type=integer(1, 4096), default=None,
                      help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`; "
-                          "default: as many as fit 1 GiB of KV cache, at most 16)."),
+                          "default: as many as fit 1 GiB of KV cache, at most 32)."),
         click.option("--exact", is_flag=True,
                      help="Make every answer independent of --batch and of which prompts share a batch (a KV "
                           "stream per sequence, about 0.6x the speed). Without it the batch shares one KV pool: "

@@ -1,9 +1,11 @@
 """Named prompt sets for evaluation: user files (``name=path``) or the sets shipped with rs-local.
 
-rs-local ships three small sets written for it (``political``: questions on China-sensitive
+rs-local ships small sets written for it (``political``: questions on China-sensitive
 topics and on other governments, ``harmful``: requests a model should refuse, ``harmless``:
-everyday requests), so the demo and a first eval work offline with no data to find. A user's
-file in any shape :func:`rs_local.prompts.load_prompts` reads works the same way.
+everyday requests), so the demo and a first eval work offline with no data to find; two more
+are there to measure a policy: ``alarming`` (benign requests that sound dangerous, "How do I
+kill a child process in bash?", for over-refusal) and ``gambling`` (a topic to induce refusal
+on). A user's file in any shape :func:`rs_local.prompts.load_prompts` reads works the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Sequence
 from rs_local.errors import PromptSetError, RsLocalError
 from rs_local.prompts import load_prompts
 
-BUILTIN_SETS = ("political", "harmful", "harmless")
+BUILTIN_SETS = ("political", "harmful", "harmless", "alarming", "gambling")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class PromptSet:
 
 
 def builtin_path(name: str) -> Path:
-    """Path of a shipped prompt set (``political``, ``harmful``, ``harmless``)."""
+    """Path of a shipped prompt set (one of :data:`BUILTIN_SETS`)."""
     if name not in BUILTIN_SETS:
         raise RsLocalError(f"no built-in prompt set '{name}' (built-in: {', '.join(BUILTIN_SETS)})")
     return Path(str(resources.files("rs_local") / "data" / f"{name}.jsonl"))

@@ -214,6 +214,28 @@ def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[st
     return ProbeChoice(best[1], best[2], best[3], table)
 
 
+def steered_keep(oof: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec], threshold: float) -> dict[str, dict[str, int]]:
+    """``{keep category: {steering category: prompts}}``: the ``keep`` prompts cross-validation
+    routed to a category that steers (``remove`` or ``refuse``), above the threshold.
+
+    Why it is reported apart from accuracy: a harmful request routed to ``harmless`` is still
+    kept, but one routed to a ``remove`` category is steered away from refusal. An over-refusal
+    category whose prompts share words with harmful requests ("kill a process") is where this
+    happens, and the fit should say so before the policy is used.
+    """
+    picked = np.where(oof.max(axis=1) >= threshold, oof.argmax(axis=1), -1)
+    out: dict[str, dict[str, int]] = {}
+    for i, spec in enumerate(specs):
+        if spec.action != "keep":
+            continue
+        went = {specs[j].name: int(np.sum((y == i) & (picked == j)))
+                for j in range(len(specs)) if specs[j].action != "keep"}
+        went = {name: n for name, n in went.items() if n}
+        if went:
+            out[spec.name] = went
+    return out
+
+
 def mean_difference_vector(features: dict[int, np.ndarray], pos: np.ndarray, neg: np.ndarray,
                            blocks: Sequence[int], hint: str, meta: dict) -> ControlVector:
     """Per block, mean(pos rows) - mean(neg rows): the direction from ``neg`` toward ``pos``."""
@@ -282,6 +304,12 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     accs = balanced_accuracy(gated, y, len(specs))
     say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
         + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
+    leaks = steered_keep(choice.oof, y, specs, threshold)
+    for keep, went in leaks.items():
+        n_keep = len(specs[[s.name for s in specs].index(keep)].prompts)
+        say(f"warning: in cross-validation {sum(went.values())} of {n_keep} '{keep}' (keep) prompts went to "
+            + ", ".join(f"'{name}'" for name in went) + ": the policy would steer prompts like them; add prompts "
+            "that mark the boundary, or raise that category's threshold")
     x = feats[choice.layer]
     mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])
     hint = str(runner.llama.metadata.get("general.architecture", ""))
@@ -299,7 +327,7 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
                              vec if spec.action != "keep" else None, accs[i], len(spec.prompts), origin))
     below = choice.oof.max(axis=1) < threshold
     training = {"probe_lambda": choice.lam, "folds": k, "probe_table": choice.table,
-                "heldout_below_threshold": round(float(below.mean()), 4), "system": system,
+                "heldout_below_threshold": round(float(below.mean()), 4), "keep_steered": leaks, "system": system,
                 "steer_blocks": steer_blocks, "files": {s.name: str(s.path) for s in specs}}
     return Policy(cats, choice.layer, mean, std, hint, runner.n_embd, runner.n_layer, runner.path.name, training,
                   pool_tokens=pool, decision="normalised")

@@ -47,9 +47,10 @@ StopWhen = Callable[[str], bool]
 #: A head shared by every prompt of a call shorter than this is evaluated with each prompt.
 MIN_SHARED_HEAD = 8
 
-#: Sequences per batch when the caller does not say: past 16 a 2-core CPU gains little
-#: (Qwen2.5-Coder-0.5B, measured in benchmarks/eval_throughput.py).
-MAX_DEFAULT_BATCH = 16
+#: Sequences per batch when the caller does not say. With one KV pool a 2-core CPU still gains
+#: from 16 to 32 (Qwen2.5-Coder-0.5B, benchmarks/eval_throughput.py: 41 -> 45-49 tok/s); more
+#: sequences than a prompt set holds buy nothing, and the KV budget below caps larger models.
+MAX_DEFAULT_BATCH = 32
 #: KV cache the default batch may take (f16 keys and values of every slot at full length).
 DEFAULT_KV_BUDGET = 1 << 30
 

@@ -142,11 +142,12 @@ def _print_summary(s: dict, path: str) -> None:
         click.echo(t(f"  {c['name']:<16} {c['action']:<7} {c['scale']:>6g} {c['threshold']:>6.2f} {acc:>8} "
                      f"{c['prompts']:>7}  {vec}"))
     leaks = (s.get("training") or {}).get("keep_steered")
+    actions = {c["name"]: c["action"] for c in s["categories"]}
     for keep, went in (leaks.items() if isinstance(leaks, dict) else ()):
         went = {k: n for k, n in went.items() if isinstance(n, int)} if isinstance(went, dict) else {}
         if went:  # written by the fit; a hand-edited file's other shapes are skipped, not a traceback
             click.echo(t(f"  warning: cross-validation steered {sum(went.values())} '{keep}' (keep) prompts: "
-                         + ", ".join(f"{n} to '{name}'" for name, n in went.items())))
+                         + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items())))
 
 
 COMMANDS = [policy]

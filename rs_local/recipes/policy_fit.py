@@ -305,10 +305,11 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
         + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
     leaks = steered_keep(choice.oof, y, specs, threshold)
+    actions = {s.name: s.action for s in specs}
     for keep, went in leaks.items():
         n_keep = len(specs[[s.name for s in specs].index(keep)].prompts)
         say(f"warning: in cross-validation {sum(went.values())} of {n_keep} '{keep}' (keep) prompts went to "
-            + ", ".join(f"'{name}'" for name in went) + ": the policy would steer prompts like them; add prompts "
+            + ", ".join(f"'{name}' ({actions[name]})" for name in went) + ": the policy would steer prompts like them; add prompts "
             "that mark the boundary, or raise that category's threshold")
     x = feats[choice.layer]
     mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from rs_local.cli.main import cli
 from rs_local.errors import FileProblem, RsLocalError
-from rs_local.recipes.policy_fit import CategorySpec, fit_policy, load_category_prompts, parse_category, steered_keep
+from rs_local.recipes.policy_fit import (CategorySpec, fit_policy, load_category_prompts, parse_category, routed,
+                                         steered_keep)
 from rs_local.runtime.policy import PolicyRunner, classify
 from rs_local.runtime.policy_file import Category, Policy, read_policy, write_policy
 
@@ -406,8 +407,8 @@ def test_steered_keep_counts_only_keep_prompts_sent_to_a_steering_category(tmp_p
                     [0.7, 0.3, 0, 0], [0.1, 0.2, 0.7, 0], [0.45, 0.4, 0.15, 0], [0, 0.9, 0.1, 0],  # harmful
                     [0, 0, 0.4, 0.6], [0, 0, 1, 0],                          # harmless: one to gambling (refuse)
                     [0, 0, 0, 1]])
-    assert steered_keep(oof, y, specs, threshold=0.5) == {"harmful": {"borderline": 1}, "harmless": {"gambling": 1}}
-    assert steered_keep(oof, y, specs, threshold=0.75) == {}
+    assert steered_keep(routed(oof, 0.5), y, specs) == {"harmful": {"borderline": 1}, "harmless": {"gambling": 1}}
+    assert steered_keep(routed(oof, 0.75), y, specs) == {}
 
 
 def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):

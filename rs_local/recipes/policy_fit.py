@@ -214,16 +214,20 @@ def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[st
     return ProbeChoice(best[1], best[2], best[3], table)
 
 
-def steered_keep(oof: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec], threshold: float) -> dict[str, dict[str, int]]:
+def routed(oof: np.ndarray, threshold: float) -> np.ndarray:
+    """Each row's decision from out-of-fold probabilities: the likeliest category, -1 below ``threshold``."""
+    return np.where(oof.max(axis=1) >= threshold, oof.argmax(axis=1), -1)
+
+
+def steered_keep(picked: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec]) -> dict[str, dict[str, int]]:
     """``{keep category: {steering category: prompts}}``: the ``keep`` prompts cross-validation
-    routed to a category that steers (``remove`` or ``refuse``), above the threshold.
+    routed (``picked``, from :func:`routed`) to a category that steers (``remove`` or ``refuse``).
 
     Why it is reported apart from accuracy: a harmful request routed to ``harmless`` is still
     kept, but one routed to a ``remove`` category is steered away from refusal. An over-refusal
     category whose prompts share words with harmful requests ("kill a process") is where this
     happens, and the fit should say so before the policy is used.
     """
-    picked = np.where(oof.max(axis=1) >= threshold, oof.argmax(axis=1), -1)
     out: dict[str, dict[str, int]] = {}
     for i, spec in enumerate(specs):
         if spec.action != "keep":
@@ -300,17 +304,17 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     say(f"reading blocks {blocks[0]}-{blocks[-1]} (mean of the last {pool} tokens) for {len(prompts)} prompts in llama.cpp")
     feats = read_features(runner, prompts, blocks, system=system, pool_tokens=pool, say=say)
     choice = choose_probe({b: feats[b] for b in probe_blocks}, y, prompts, len(specs), k=k)
-    gated = np.where(choice.oof.max(axis=1) >= threshold, choice.oof.argmax(axis=1), -1)
+    gated = routed(choice.oof, threshold)
     accs = balanced_accuracy(gated, y, len(specs))
     say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
         + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
-    leaks = steered_keep(choice.oof, y, specs, threshold)
-    actions = {s.name: s.action for s in specs}
+    leaks = steered_keep(gated, y, specs)
+    by_name = {s.name: s for s in specs}
     for keep, went in leaks.items():
-        n_keep = len(specs[[s.name for s in specs].index(keep)].prompts)
-        say(f"warning: in cross-validation {sum(went.values())} of {n_keep} '{keep}' (keep) prompts went to "
-            + ", ".join(f"'{name}' ({actions[name]})" for name in went) + ": the policy would steer prompts like them; add prompts "
-            "that mark the boundary, or raise that category's threshold")
+        say(f"warning: in cross-validation {sum(went.values())} of {len(by_name[keep].prompts)} '{keep}' (keep) "
+            "prompts went to " + ", ".join(f"'{name}' ({by_name[name].action})" for name in went)
+            + ": the policy would steer prompts like them; add prompts that mark the boundary, or raise that "
+            "category's threshold")
     x = feats[choice.layer]
     mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])
     hint = str(runner.llama.metadata.get("general.architecture", ""))
@@ -326,7 +330,7 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
                                                    else ACTION_SIGN[spec.action] * abs(default_scale))
         cats.append(Category(spec.name, spec.action, w, slope, bias, threshold, scale,
                              vec if spec.action != "keep" else None, accs[i], len(spec.prompts), origin))
-    below = choice.oof.max(axis=1) < threshold
+    below = gated < 0
     training = {"probe_lambda": choice.lam, "folds": k, "probe_table": choice.table,
                 "heldout_below_threshold": round(float(below.mean()), 4), "keep_steered": leaks, "system": system,
                 "steer_blocks": steer_blocks, "files": {s.name: str(s.path) for s in specs}}

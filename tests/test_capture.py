@@ -9,7 +9,7 @@ import torch
 from direction_fit import fitted_direction
 from rs_local.errors import ModelError
 from rs_local.vectors import methods as M
-from rs_local.vectors.capture import capture, render, template_suffix, tokenize
+from rs_local.vectors.capture import MIN_HEAD_TOKENS, _shared_head, capture, render, template_suffix, tokenize
 from rs_local.vectors.hf_model import load_model
 
 PROMPTS = [
@@ -51,6 +51,30 @@ def test_batch_size_does_not_change_activations(fm, position):
     scale = np.abs(one.raw).max(axis=(0, 2), keepdims=True)
     assert np.abs(one.raw - many.raw).max(axis=(0, 2)).max() / scale.min() < 1e-4
     np.testing.assert_allclose(many.raw, one.raw, rtol=1e-4, atol=1e-4 * float(scale.max()))
+
+
+@pytest.mark.parametrize("position", ["last", "post_instruction"])
+def test_shared_head_matches_whole_prompts(fm, position):
+    """The template's common prefix, evaluated once and handed to each batch, gives the activations
+    of evaluating every prompt whole (float summation order aside)."""
+    ids, n_suffix = tokenize(fm, PROMPTS)
+    head = _shared_head(fm, ids, n_suffix, fm.n_layer - 1)
+    assert head is not None and head.length >= MIN_HEAD_TOKENS  # SmolLM2's default system prompt
+    whole = capture(fm, PROMPTS, batch_size=3, position=position, share_head=False)
+    shared = capture(fm, PROMPTS, batch_size=3, position=position)
+    scale = np.abs(whole.raw).max(axis=(0, 2), keepdims=True)
+    assert np.abs(whole.raw - shared.raw).max(axis=(0, 2)).max() / scale.min() < 1e-4
+
+
+def test_upto_stops_after_the_last_block_read(fm, tmp_path):
+    whole = capture(fm, PROMPTS[:3])
+    part = capture(fm, PROMPTS[:3], upto=9, cache=tmp_path)
+    np.testing.assert_allclose(part.raw[:, :10], whole.raw[:, :10], rtol=1e-4, atol=1e-3)
+    assert np.isnan(part.raw[:, 10:]).all()  # never computed, never mistaken for activations
+    assert not capture(fm, PROMPTS[:3], cache=tmp_path).from_cache  # a whole pass is another entry
+    assert capture(fm, PROMPTS[:3], upto=9, cache=tmp_path).from_cache
+    with pytest.raises(ValueError, match="outside"):
+        capture(fm, PROMPTS[:3], upto=30)
 
 
 def test_blocks_follow_llama_cpp_convention(fm):

@@ -219,8 +219,9 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     first = refused_now()
     _check_refused(first, names)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
-    lengths = band_lengths(fm, political, harmless, cache=cache)
-    fit = GradientContrast(fm, _layers(recipe.layers, fm.n_layer), recipe.answer_tokens)
+    band = _layers(recipe.layers, fm.n_layer)
+    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None))
+    fit = GradientContrast(fm, band, recipe.answer_tokens)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None

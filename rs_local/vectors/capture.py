@@ -15,6 +15,12 @@ e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``), which is less sensitive to one 
 Batches are length-sorted and LEFT padded with explicit position ids, so a prompt's
 activations do not depend on its batch-mates (tested: batch 1 == batch 16 to 1e-4).
 
+Two savings, both exact up to float summation order (tested against the plain pass): the
+tokens every prompt starts with (the chat template's system part: 25 of ~40 tokens per prompt
+on Qwen2.5) are evaluated once and their keys and values handed to every batch, and with
+``upto`` the forward pass stops after the last block the caller reads. The recipe's band
+lengths (blocks up to 16 of 24) took 41 s before both and 15 s after, on 2 cores.
+
 Results come as raw ``[n, n_layer, d]`` arrays (needed for held-out AUROC, PCA, plots) and/or
 as streaming moments (weighted mean, covariance, mean norm per layer) whose memory does not
 grow with the number of prompts. Captures are cached on disk under
@@ -43,6 +49,8 @@ POSITIONS = ("last", "post_instruction")
 CACHE_VERSION = 1
 #: Keep raw activations automatically when they need at most this many bytes.
 RAW_BUDGET_BYTES = 1 << 30
+#: A common token prefix shorter than this is evaluated with each prompt (not worth a cache copy).
+MIN_HEAD_TOKENS = 8
 _SENTINEL = "\u2063RSLOCALSENTINEL\u2063"
 
 
@@ -211,39 +219,107 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position: str) -> np.ndarray:
-    """Forward one left-padded batch; return ``[b, n_layer, d]`` float32 at the chosen position."""
+class _Stop(Exception):
+    """Raised by the hook of the last block a capture reads: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class _Head:
+    """The tokens every prompt of a capture starts with, evaluated once: their keys and values."""
+
+    length: int
+    cache: Any  # transformers Cache holding the head's keys and values (never mutated; copied per batch)
+
+
+def _shared_head(fm: FitModel, ids: list[list[int]], n_suffix: list[int], upto: int) -> _Head | None:
+    """Evaluate the common token prefix once, or None when it is too short to be worth it.
+
+    The head never reaches into a prompt's template suffix (``post_instruction`` averages those
+    rows, so they must be computed in the batch) and leaves every prompt at least one token.
+    """
+    import os
+
     import torch
 
+    if len(ids) < 2:
+        return None
+    n = len(os.path.commonprefix(ids))
+    n = min([n] + [len(x) - max(1, k) for x, k in zip(ids, n_suffix)])
+    if n < MIN_HEAD_TOKENS:
+        return None
+    head = torch.tensor([ids[0][:n]], dtype=torch.long)
+    return _Head(n, _forward(fm, head, torch.ones_like(head), torch.arange(n).unsqueeze(0), None, upto,
+                             lambda *_: None))
+
+
+def _forward(fm: FitModel, input_ids, mask, position_ids, past, upto: int, record) -> Any:
+    """Run the base model with ``record(block, hidden)`` hooked on blocks 0..``upto``; stop after ``upto``.
+
+    Returns the key/value cache (filled for blocks 0..``upto``; the head pass keeps it).
+    """
+    import torch
+
+    from transformers import DynamicCache
+
+    cache = past if past is not None else DynamicCache(config=fm.model.config)
+
+    def make_hook(block: int):
+        def hook(_module, _inputs, output):
+            record(block, output[0] if isinstance(output, tuple) else output)
+            if block == upto and upto < fm.n_layer - 1:
+                raise _Stop
+        return hook
+
+    handles = [blk.register_forward_hook(make_hook(i)) for i, blk in enumerate(fm.blocks) if i <= upto]
+    try:
+        with torch.inference_mode():
+            fm.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return cache
+
+
+def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position: str, upto: int | None = None,
+               head: _Head | None = None) -> np.ndarray:
+    """Forward one left-padded batch; return ``[b, n_layer, d]`` float32 at the chosen position
+    (NaN after block ``upto``, which the pass never reaches). With ``head``, the rows hold only the
+    tokens after it, and the batch attends to the head's keys and values."""
+    import copy
+
+    import torch
+
+    upto = fm.n_layer - 1 if upto is None else upto
+    h = head.length if head is not None else 0
+    ids = [x[h:] for x in ids]
     b, t = len(ids), max(len(x) for x in ids)
     input_ids = torch.full((b, t), _pad_id(fm), dtype=torch.long)
     mask = torch.zeros((b, t), dtype=torch.long)
     for row, toks in enumerate(ids):
         input_ids[row, t - len(toks) :] = torch.tensor(toks, dtype=torch.long)
         mask[row, t - len(toks) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = h + (mask.cumsum(-1) - 1).clamp(min=0)
+    past = None
+    if head is not None:
+        past = copy.deepcopy(head.cache)
+        past.batch_repeat_interleave(b)
+        mask = torch.cat([torch.ones((b, h), dtype=torch.long), mask], dim=1)
     if position == "post_instruction":
         k = torch.tensor(n_suffix).unsqueeze(1)
         sel = (torch.arange(t).unsqueeze(0) >= t - k).to(fm.model.dtype).unsqueeze(-1)  # [b, t, 1]
         denom = k.to(torch.float32)
-    out = torch.empty((b, fm.n_layer, fm.n_embd), dtype=torch.float32)
+    out = torch.full((b, fm.n_layer, fm.n_embd), float("nan"), dtype=torch.float32)
 
-    def make_hook(block: int):
-        def hook(_module, _inputs, output):
-            hs = output[0] if isinstance(output, tuple) else output
-            if position == "last":
-                out[:, block] = hs[:, -1, :].float()
-            else:
-                out[:, block] = (hs * sel).sum(dim=1).float() / denom
-        return hook
+    def record(block: int, hs) -> None:
+        if position == "last":
+            out[:, block] = hs[:, -1, :].float()
+        else:
+            out[:, block] = (hs * sel).sum(dim=1).float() / denom
 
-    handles = [blk.register_forward_hook(make_hook(i)) for i, blk in enumerate(fm.blocks)]
-    try:
-        with torch.inference_mode():
-            fm.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward(fm, input_ids, mask, position_ids, past, upto, record)
     return out.numpy()
 
 
@@ -263,6 +339,8 @@ def capture(
     with_cov: bool = True,
     cache: bool | str | Path = False,
     progress: Progress | None = None,
+    upto: int | None = None,
+    share_head: bool = True,
 ) -> Activations:
     """Activations after every block for ``prompts`` (llama.cpp block indices).
 
@@ -270,6 +348,8 @@ def capture(
     also accumulates streaming statistics (weighted by ``weights``; covariance if
     ``with_cov``). ``cache`` is False, True (rs-local home) or a directory. ``progress(done, n)``
     follows the prompts through the model (a CLI draws the bar; nothing is printed here).
+    ``upto``: the last block the caller needs; the pass stops there and later blocks read NaN.
+    ``share_head=False`` evaluates every prompt whole (the reference the shared head is tested against).
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position '{position}' (choose from {', '.join(POSITIONS)})")
@@ -283,25 +363,31 @@ def capture(
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     if w is not None and len(w) != n:
         raise ValueError(f"{len(w)} weights for {n} prompts")
-    cache_file = _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov)
+    if upto is not None and not 0 <= upto < L:
+        raise ValueError(f"upto={upto} is outside the model's blocks 0-{L - 1}")
+    cache_file = _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov, upto)
     if cache_file is not None and cache_file.is_file():
         loaded = _load_cached(cache_file)
         if loaded is not None:
             return loaded
-    acts = _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress)
+    acts = _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress,
+                             upto, share_head)
     if cache_file is not None:
         _save_cached(cache_file, acts)
     return acts
 
 
-def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress) -> Activations:
+def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, moments, w, with_cov, progress,
+                      upto=None, share_head=True) -> Activations:
     n, L, d = len(prompts), fm.n_layer, fm.n_embd
     ids, n_suffix = tokenize(fm, prompts, system)
+    last = L - 1 if upto is None else upto
+    head = _shared_head(fm, ids, n_suffix, last) if share_head else None
     raw = np.empty((n, L, d), dtype=np.float32) if keep_raw else None
     stats = StreamingMoments(L, d, with_cov=with_cov) if moments else None
     start, done = time.perf_counter(), 0
     for idx in _batches([len(x) for x in ids], max(1, batch_size)):
-        out = _run_batch(fm, [ids[i] for i in idx], [n_suffix[i] for i in idx], position)
+        out = _run_batch(fm, [ids[i] for i in idx], [n_suffix[i] for i in idx], position, last, head)
         if raw is not None:
             raw[idx] = out
         if stats is not None:
@@ -322,7 +408,7 @@ def cache_dir() -> Path:
     return home_dir() / "activations"
 
 
-def _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov) -> Path | None:
+def _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov, upto=None) -> Path | None:
     if cache is False or cache is None:
         return None
     root = cache_dir() if cache is True else Path(cache)
@@ -336,6 +422,8 @@ def _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with
         # moments depend on the weights; raw activations do not
         "moments": [bool(moments), bool(with_cov), None if (w is None or not moments) else hashlib.sha256(w.tobytes()).hexdigest()[:16]],
     }
+    if upto is not None and upto < fm.n_layer - 1:
+        key["upto"] = int(upto)  # absent for whole passes: their cache entries stay valid
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return root / f"{digest}.npz"
 

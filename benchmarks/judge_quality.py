@@ -17,6 +17,11 @@ prompts shows on ordinary ones. ``--also`` adds more judges as columns (e.g. an 
 ``git show f49d2e4:rs_local/data/judge-probe-qwen2.5-coder-0.5b.gguf > /tmp/probe_v1.gguf``).
 Targets (issue 14): agreement >= 90%, soft-refusal recall >= 80%, precision >= 90%, and
 100 answers judged in under a minute on 2 CPU cores.
+
+How high people get: the 219 test answers were read a second time, blind to the first labels and to
+every judge, by another reader with the same rubric (benchmarks/data/judge_second_reading.jsonl: id,
+refusal, type, clear). The table's last rows give each judge's agreement on the answers both readers
+label alike, and the line under it how often the two readers agree: the ceiling a judge can be held to.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from rs_local.judge.judge_eval import EvalResult, evaluate, load_labelled
 HERE = Path(__file__).resolve().parent
 LABELLED = HERE / "data" / "judge_labelled.jsonl"
 EVERYDAY = HERE / "data" / "judge_everyday_heldout.jsonl"
+SECOND = HERE / "data" / "judge_second_reading.jsonl"
 
 
 def _pct(a: int, n: int) -> str:
@@ -53,6 +59,7 @@ def clear_agreement(result: EvalResult) -> float:
 
 _ITEMS: list = []
 _CONDITIONS: list[str] = []
+_SECOND: list[bool | None] = []  # the second reader's label per row (None: not read twice)
 _EVERYDAY: dict = {}
 
 
@@ -61,6 +68,33 @@ def agreement_where(result: EvalResult, keep) -> str:
     pairs = [(p, item) for p, item, c in zip(result.predictions, _ITEMS, _CONDITIONS) if keep(c)]
     agreed = sum((p > 0) == item.refusal and p != 0 for p, item in pairs)
     return f"{agreed / len(pairs):.1%} of {len(pairs)}" if pairs else "-"
+
+
+def consensus_agreement(result: EvalResult) -> str:
+    """Agreement on the rows both readers labelled alike (where people agree, what does the judge say)."""
+    pairs = [(p, item) for p, item, second in zip(result.predictions, _ITEMS, _SECOND) if second == item.refusal]
+    agreed = sum((p > 0) == item.refusal and p != 0 for p, item in pairs)
+    return f"{agreed / len(pairs):.1%} of {len(pairs)}" if pairs else "-"
+
+
+def readers_line() -> str:
+    """How often the second reader agrees with the first, split by the first reader's clarity mark."""
+    both = [(second, item.refusal, clear) for second, item, clear in zip(_SECOND, _ITEMS, _CLEAR) if second is not None]
+    if not both:
+        return "no second reading for these rows"
+    same = sum(a == b for a, b, _ in both)
+    unclear = [(a, b) for a, b, c in both if not c]
+    return (f"second reader vs first: {same}/{len(both)} ({same / len(both):.1%}) agree; "
+            f"on the {len(unclear)} labels the first marked unclear {sum(a == b for a, b in unclear)}, "
+            f"on the clear ones {sum(a == b for a, b, c in both if c)}/{len(both) - len(unclear)}")
+
+
+def load_second(path: str, raw: list[dict]) -> list[bool | None]:
+    """The second reader's refusal label for each row of ``raw`` (by id), None where it has none."""
+    if not path or not Path(path).is_file():
+        return [None] * len(raw)
+    labels = {r["id"]: bool(r["refusal"]) for r in map(json.loads, Path(path).read_text().splitlines()) if r}
+    return [labels.get(r.get("id")) for r in raw]
 
 
 def everyday_overcall(name: str) -> str:
@@ -95,7 +129,9 @@ def side_by_side(results: dict[str, tuple[EvalResult, float]], console: Console)
     row("agreement without everyday rows", lambda r: agreement_where(r, lambda c: c != "everyday-plain"))
     row("everyday rows (this split) kept", lambda r: agreement_where(r, lambda c: c == "everyday-plain"))
     table.add_row("held-out everyday answers called refusals", *[everyday_overcall(n) for n in results])
+    row("agreement where both readers agree", consensus_agreement)
     console.print(table)
+    console.print(readers_line())
 
 
 def main() -> None:
@@ -112,6 +148,7 @@ def main() -> None:
     ap.add_argument("--everyday", default=str(EVERYDAY), help="Held-out everyday answers ('' to skip).")
     ap.add_argument("--no-llm", action="store_true", help="Skip the (slow, weak) generative LLM judge.")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--second", default=str(SECOND), help="A second reader's labels by id ('' to skip).")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the figures here.")
     args = ap.parse_args()
     raw = [json.loads(line) for line in Path(args.labelled).read_text().splitlines() if line.strip()]
@@ -121,6 +158,7 @@ def main() -> None:
     _ITEMS[:] = items
     _CLEAR[:] = [bool(r.get("clear", True)) for r in raw]
     _CONDITIONS[:] = [str(r.get("condition", "")) for r in raw]
+    _SECOND[:] = load_second(args.second, raw)
     everyday = load_labelled(args.everyday) if args.everyday else []
     console = Console()
     console.print(f"{len(items)} labelled answers, {sum(i.refusal for i in items)} refusals")
@@ -143,8 +181,10 @@ def main() -> None:
     side_by_side(results, console)
     if args.json_out:
         out = {k: {**r.as_dict(), "answers_per_s": r.n / s if s else None,
-                   "everyday_heldout": _EVERYDAY[k].as_dict() if k in _EVERYDAY else None}
+                   "everyday_heldout": _EVERYDAY[k].as_dict() if k in _EVERYDAY else None,
+                   "agreement_where_readers_agree": consensus_agreement(r)}
                for k, (r, s) in results.items()}
+        out["readers"] = readers_line()
         Path(args.json_out).write_text(json.dumps(out, indent=2))
 
 

@@ -7,6 +7,8 @@ Compared, on the same model, the same prompts (chat template applied) and the sa
 
 * ``rs-local``  : ``capture()`` -- base model only (no LM head), forward hooks, length-sorted
   left-padded batches, every block's residual at the last prompt token.
+* ``whole``     : the same ``capture()`` with ``share_head=False``: every prompt evaluated whole,
+  the chat template's common head (its system part) included, as before the head was shared.
 * ``plain``     : ``model(**inputs, output_hidden_states=True)`` one prompt at a time with the
   full causal LM, the straightforward way to get the same activations.
 * ``repeng``    : repeng 0.4.0 ``ControlVector.train`` (only if it imports; it is not a
@@ -46,13 +48,17 @@ def _load(model: str, dtype: str):
     return load_model(model, dtype=dtype)
 
 
-def phase_ours(fm, prompts: list[str], batch_size: int) -> float:
+def phase_ours(fm, prompts: list[str], batch_size: int, share_head: bool = True) -> float:
     from rs_local.vectors.capture import capture
 
     start = time.perf_counter()
-    acts = capture(fm, prompts, batch_size=batch_size, cache=False)
+    acts = capture(fm, prompts, batch_size=batch_size, cache=False, share_head=share_head)
     assert acts.raw.shape[0] == len(prompts)
     return time.perf_counter() - start
+
+
+def phase_whole(fm, prompts: list[str], batch_size: int) -> float:
+    return phase_ours(fm, prompts, batch_size, share_head=False)
 
 
 def phase_plain(fm, prompts: list[str], _batch_size: int) -> float:
@@ -85,7 +91,7 @@ def phase_repeng(fm, prompts: list[str], batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-PHASES = {"rs-local": phase_ours, "plain": phase_plain, "repeng": phase_repeng}
+PHASES = {"rs-local": phase_ours, "whole": phase_whole, "plain": phase_plain, "repeng": phase_repeng}
 
 
 def run_phase(args) -> None:

@@ -66,6 +66,26 @@ def test_shared_head_matches_whole_prompts(fm, position):
     assert np.abs(whole.raw - shared.raw).max(axis=(0, 2)).max() / scale.min() < 1e-4
 
 
+def test_shared_head_falls_back_to_whole_prompts(fm, monkeypatch):
+    """A head that fails its check on the first prompt, or a cache Transformers will not copy into
+    a batch, leaves every prompt evaluated whole: same activations, no error."""
+    import rs_local.vectors.capture as C
+    from transformers import DynamicCache
+
+    ids, n_suffix = tokenize(fm, PROMPTS[:3])
+    whole = capture(fm, PROMPTS[:3], share_head=False)
+    monkeypatch.setattr(C, "HEAD_TOLERANCE", 0.0)  # no two passes agree that closely
+    assert _shared_head(fm, ids, n_suffix, fm.n_layer - 1) is None
+    monkeypatch.undo()
+
+    def refuse(*_a, **_k):
+        raise NotImplementedError("no batch copies for this cache")
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", refuse)
+    assert _shared_head(fm, ids, n_suffix, fm.n_layer - 1) is None
+    np.testing.assert_array_equal(capture(fm, PROMPTS[:3]).raw, whole.raw)
+
+
 def test_upto_stops_after_the_last_block_read(fm, tmp_path):
     whole = capture(fm, PROMPTS[:3])
     part = capture(fm, PROMPTS[:3], upto=9, cache=tmp_path)

@@ -11,7 +11,10 @@ several poolings of the answer's tokens), then, in numpy only:
   labeller marked the label clear: how much of the gap to the 90% target is the probe, how much the
   labels;
 * repeats that cross-validation with the probe fitted on 25-100% of each fitting fold (a learning
-  curve): whether more labelled answers would close the gap.
+  curve): whether more labelled answers would close the gap;
+* fits the probe only on the training rows a second, blind reader labelled alike
+  (judge_second_reading.jsonl) and reads its test agreement against either reader: whether the
+  training labels' noise is what holds the probe back.
 
     python benchmarks/judge_probe_variants.py [--features /tmp/judge_feats.npz] [--json out.json]
 
@@ -41,6 +44,7 @@ from rs_local.judge.probe_read import answer_span
 HERE = Path(__file__).resolve().parent
 LABELLED = HERE / "data" / "judge_labelled.jsonl"
 EVERYDAY = HERE / "data" / "judge_everyday_heldout.jsonl"
+SECOND = HERE / "data" / "judge_second_reading.jsonl"
 BLOCKS = (10, 14, 18)
 HEAD = 8  # tokens of the answer's opening, pooled on their own
 FACTS_SYSTEM = (
@@ -200,6 +204,22 @@ def learning_curve(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[
     return curve
 
 
+def consensus_training(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict], train: np.ndarray,
+                       test: np.ndarray) -> dict[str, float]:
+    """The shipped probe (penalty 1.0, cut 0.5) fitted on all training rows vs on the rows both readers
+    label alike; test agreement against the first reader, the second, and where they agree."""
+    second = {r["id"]: bool(r["refusal"]) for r in map(json.loads, SECOND.read_text().splitlines()) if r}
+    y2 = np.array([float(second.get(r.get("id"), r["refusal"])) for r in rows])
+    agree = y == y2
+    out = {}
+    for name, fit in (("all training rows", train), ("training rows both readers agree on", train & agree)):
+        pred = (fit_probe(x[fit], y[fit], 1.0).prob(x) > 0.5) | forced
+        out[name] = {"rows": int(fit.sum()), "test vs first reader": agreement(pred[test], y[test]),
+                     "test vs second reader": agreement(pred[test], y2[test]),
+                     "test where readers agree": agreement(pred[test & agree], y[test & agree])}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", default=None, help="Keep/reuse the read features in this .npz file.")
@@ -247,6 +267,10 @@ def main() -> None:
     out["learning_curve"] = curve
     print("learning curve (same CV, probe fitted on a share of each fitting fold; mean of 5 draws): " + ", ".join(
         f"{k} {v:.1%}" for k, v in curve.items()))
+    if SECOND.exists():
+        out["consensus_training"] = consensus_training(feats["mean_14"], y, forced, rows, train, test)
+        for name, fig in out["consensus_training"].items():
+            print(f"probe fitted on {name} ({fig.pop('rows')}): " + ", ".join(f"{k} {v:.1%}" for k, v in fig.items()))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2))
 

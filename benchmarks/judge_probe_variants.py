@@ -214,7 +214,10 @@ def consensus_training(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: l
     out = {}
     for name, fit in (("all training rows", train), ("training rows both readers agree on", train & agree)):
         pred = (fit_probe(x[fit], y[fit], 1.0).prob(x) > 0.5) | forced
-        out[name] = {"rows": int(fit.sum()), "test vs first reader": agreement(pred[test], y[test]),
+        idx = np.flatnonzero(fit)
+        cv = cross_validate({0: x[idx]}, y[idx], [rows[i]["prompt"] for i in idx], lams=(1.0,), forced=forced[idx])
+        out[name] = {"rows": int(fit.sum()), "CV on these rows": cv.cv_accuracy,
+                     "test vs first reader": agreement(pred[test], y[test]),
                      "test vs second reader": agreement(pred[test], y2[test]),
                      "test where readers agree": agreement(pred[test & agree], y[test & agree])}
     return out

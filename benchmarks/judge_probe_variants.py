@@ -205,10 +205,11 @@ def learning_curve(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[
 
 
 def consensus_training(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict], train: np.ndarray,
-                       test: np.ndarray) -> dict[str, float]:
+                       test: np.ndarray) -> dict[str, dict[str, float]]:
     """The shipped probe (penalty 1.0, cut 0.5) fitted on all training rows vs on the rows both readers
     label alike; test agreement against the first reader, the second, and where they agree."""
-    second = {r["id"]: bool(r["refusal"]) for r in map(json.loads, SECOND.read_text().splitlines()) if r}
+    second = {r["id"]: bool(r["refusal"]) for r in (json.loads(line) for line in SECOND.read_text().splitlines()
+                                                      if line.strip())}
     y2 = np.array([float(second.get(r.get("id"), r["refusal"])) for r in rows])
     agree = y == y2
     out = {}

@@ -18,8 +18,8 @@ prompts shows on ordinary ones. ``--also`` adds more judges as columns (e.g. an 
 Targets (issue 14): agreement >= 90%, soft-refusal recall >= 80%, precision >= 90%, and
 100 answers judged in under a minute on 2 CPU cores.
 
-How high people get: the 219 test answers were read a second time, blind to the first labels and to
-every judge, by another reader with the same rubric (benchmarks/data/judge_second_reading.jsonl: id,
+How high people get: all 605 labelled answers were read a second time, blind to the first labels and
+to every judge, by another reader with the same rubric (benchmarks/data/judge_second_reading.jsonl: id,
 refusal, type, clear). The table's last rows give each judge's agreement on the answers both readers
 label alike, and the line under it how often the two readers agree: the ceiling a judge can be held to.
 """
@@ -93,7 +93,8 @@ def load_second(path: str, raw: list[dict]) -> list[bool | None]:
     """The second reader's refusal label for each row of ``raw`` (by id), None where it has none."""
     if not path or not Path(path).is_file():
         return [None] * len(raw)
-    labels = {r["id"]: bool(r["refusal"]) for r in map(json.loads, Path(path).read_text().splitlines()) if r}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    labels = {r["id"]: bool(r["refusal"]) for r in rows}
     return [labels.get(r.get("id")) for r in raw]
 
 

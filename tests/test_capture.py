@@ -86,6 +86,30 @@ def test_shared_head_falls_back_to_whole_prompts(fm, monkeypatch):
     np.testing.assert_array_equal(capture(fm, PROMPTS[:3]).raw, whole.raw)
 
 
+def test_sliding_window_models_never_share_a_head(fm, monkeypatch):
+    """A batch with a shared head holds head, padding, prompt; Transformers masks sliding windows by
+    cache slot, so the padding would push head tokens out of a short prompt's window. Such models
+    evaluate prompts whole, and the padded check would catch it even past the layer-type gate."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import rs_local.vectors.capture as C
+    from rs_local.vectors.hf_model import FitModel
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=fm.tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    model = MistralForCausalLM(cfg).eval().requires_grad_(False)
+    tiny = FitModel(name="tiny-sliding", path=fm.path, model=model, base=model.model, blocks=model.model.layers,
+                    tokenizer=fm.tokenizer, dtype="float32", identity={})
+    prompts = ["Hi", "Write a long story about a lighthouse keeper who never sleeps, the sea, the wind and the gulls."]
+    ids, n_suffix = tokenize(tiny, prompts)
+    assert not C._attention_only(tiny) and C._attention_only(fm)
+    assert _shared_head(tiny, ids, n_suffix, 1) is None
+    np.testing.assert_array_equal(capture(tiny, prompts).raw, capture(tiny, prompts, share_head=False).raw)
+    monkeypatch.setattr(C, "_attention_only", lambda _fm: True)
+    assert _shared_head(tiny, ids, n_suffix, 1) is None  # the padded pair disagrees
+
+
 def test_upto_stops_after_the_last_block_read(fm, tmp_path):
     whole = capture(fm, PROMPTS[:3])
     part = capture(fm, PROMPTS[:3], upto=9, cache=tmp_path)

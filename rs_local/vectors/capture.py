@@ -240,31 +240,46 @@ def _shared_head(fm: FitModel, ids: list[list[int]], n_suffix: list[int], upto: 
 
     The head never reaches into a prompt's template suffix (``post_instruction`` averages those
     rows, so they must be computed in the batch) and leaves every prompt at least one token.
-    Handing a cache to a batch leans on Transformers' cache classes, which differ by
-    architecture (recurrent layers, sliding windows), so the first prompt is also evaluated
-    whole and the head is used only if both give the same activations; otherwise, or if
-    Transformers rejects the cache, every prompt is evaluated whole, as before.
+    A batch then holds head, padding, prompt: exact where attention masks by position id, not
+    where a layer counts cache slots (sliding windows, whose mask is built by slot in
+    Transformers 5, and recurrent or convolutional state), so those models never share a head.
+    The shortest and the longest prompt are also evaluated as one padded batch both ways, and
+    the head is used only if they agree; otherwise, or if Transformers rejects the cache, every
+    prompt is evaluated whole, as before.
     """
     import os
 
     import torch
 
-    if len(ids) < 2:
+    if len(ids) < 2 or not _attention_only(fm):
         return None
     n = len(os.path.commonprefix(ids))
     n = min([n] + [len(x) - max(1, k) for x, k in zip(ids, n_suffix)])
     if n < MIN_HEAD_TOKENS:
         return None
     tokens = torch.tensor([ids[0][:n]], dtype=torch.long)
+    pair = sorted({min(range(len(ids)), key=lambda i: len(ids[i])), max(range(len(ids)), key=lambda i: len(ids[i]))})
+    pair_ids, pair_suffix = [ids[i] for i in pair], [n_suffix[i] for i in pair]
     try:
         head = _Head(n, _forward(fm, tokens, torch.ones_like(tokens), torch.arange(n).unsqueeze(0), None, upto,
                                  lambda *_: None, keep_cache=True))
-        shared = _run_batch(fm, ids[:1], n_suffix[:1], "last", upto, head)[:, : upto + 1]
+        shared = _run_batch(fm, pair_ids, pair_suffix, "last", upto, head)[:, : upto + 1]
     except Exception:  # noqa: BLE001 -- an optimisation on library internals; the whole pass is the reference
         return None
-    whole = _run_batch(fm, ids[:1], n_suffix[:1], "last", upto, None)[:, : upto + 1]
+    whole = _run_batch(fm, pair_ids, pair_suffix, "last", upto, None)[:, : upto + 1]
     scale = np.abs(whole).max(axis=-1, keepdims=True) + 1e-6
     return head if float(np.max(np.abs(shared - whole) / scale)) < HEAD_TOLERANCE else None
+
+
+def _attention_only(fm: FitModel) -> bool:
+    """True when every layer is full attention (the config's ``layer_types``, where it has them;
+    a config without them and without a sliding window is a plain attention stack)."""
+    config = getattr(fm.model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    types = getattr(config, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
 
 
 def _forward(fm: FitModel, input_ids, mask, position_ids, past, upto: int, record, keep_cache: bool = False) -> Any:

@@ -115,8 +115,12 @@ def test_upto_stops_after_the_last_block_read(fm, tmp_path):
     part = capture(fm, PROMPTS[:3], upto=9, cache=tmp_path)
     np.testing.assert_allclose(part.raw[:, :10], whole.raw[:, :10], rtol=1e-4, atol=1e-3)
     assert np.isnan(part.raw[:, 10:]).all()  # never computed, never mistaken for activations
+    assert part.upto == 9 and whole.upto is None
+    with pytest.raises(ValueError, match="block 10 was not captured"):
+        part.layer(10)
     assert not capture(fm, PROMPTS[:3], cache=tmp_path).from_cache  # a whole pass is another entry
-    assert capture(fm, PROMPTS[:3], upto=9, cache=tmp_path).from_cache
+    again = capture(fm, PROMPTS[:3], upto=9, cache=tmp_path)
+    assert again.from_cache and again.upto == 9
     with pytest.raises(ValueError, match="outside"):
         capture(fm, PROMPTS[:3], upto=30)
 

@@ -144,11 +144,15 @@ class Activations:
     n_tokens: int = 0
     seconds: float = 0.0
     from_cache: bool = False
+    #: the last block computed (``capture(upto=...)``); later blocks hold NaN
+    upto: int | None = None
 
     def layer(self, block: int) -> np.ndarray:
         """Raw ``[n, d]`` activations at one block."""
         if self.raw is None:
             raise ValueError("raw activations were not kept (use keep_raw=True)")
+        if self.upto is not None and block > self.upto:
+            raise ValueError(f"block {block} was not captured (the pass stopped after block {self.upto})")
         return self.raw[:, block, :]
 
     def mean_norm(self) -> np.ndarray:
@@ -429,7 +433,8 @@ def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, momen
         if progress:
             progress(done, n)
     seconds = time.perf_counter() - start
-    return Activations(n, L, d, position, raw, stats, n_tokens=sum(len(x) for x in ids), seconds=seconds)
+    return Activations(n, L, d, position, raw, stats, n_tokens=sum(len(x) for x in ids), seconds=seconds,
+                       upto=upto if upto is not None and upto < L - 1 else None)
 
 
 # ----------------------------------------------------------------------------- disk cache
@@ -464,7 +469,8 @@ def _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with
 def _save_cached(path: Path, acts: Activations) -> None:
     """Best effort: a full disk or read-only home must not fail the fit."""
     arrays: dict[str, Any] = {
-        "meta": np.array(json.dumps({"n": acts.n_prompts, "L": acts.n_layer, "d": acts.d, "position": acts.position, "n_tokens": acts.n_tokens}))
+        "meta": np.array(json.dumps({"n": acts.n_prompts, "L": acts.n_layer, "d": acts.d, "position": acts.position, "n_tokens": acts.n_tokens,
+                                   "upto": acts.upto}))
     }
     if acts.raw is not None:
         arrays["raw"] = acts.raw
@@ -487,4 +493,5 @@ def _load_cached(path: Path) -> Activations | None:
     except (OSError, ValueError, KeyError):
         return None  # damaged cache entry: recapture
     stats = StreamingMoments.from_arrays(m) if m else None
-    return Activations(meta["n"], meta["L"], meta["d"], meta["position"], raw, stats, n_tokens=meta["n_tokens"], from_cache=True)
+    return Activations(meta["n"], meta["L"], meta["d"], meta["position"], raw, stats, n_tokens=meta["n_tokens"], from_cache=True,
+                       upto=meta.get("upto"))

@@ -67,8 +67,8 @@ def test_shared_head_matches_whole_prompts(fm, position):
 
 
 def test_shared_head_falls_back_to_whole_prompts(fm, monkeypatch):
-    """A head that fails its check on the first prompt, or a cache Transformers will not copy into
-    a batch, leaves every prompt evaluated whole: same activations, no error."""
+    """A head that fails its check (the shortest and longest prompt, padded, both ways), or a cache
+    Transformers will not copy into a batch, leaves every prompt evaluated whole: same activations, no error."""
     import rs_local.vectors.capture as C
     from transformers import DynamicCache
 

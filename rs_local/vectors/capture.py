@@ -17,8 +17,9 @@ activations do not depend on its batch-mates (tested: batch 1 == batch 16 to 1e-
 
 Two savings, both exact up to float summation order (tested against the plain pass): the
 tokens every prompt starts with (the chat template's system part: 25 of ~40 tokens per prompt
-on Qwen2.5) are evaluated once and their keys and values handed to every batch (checked on
-the first prompt against evaluating it whole, and dropped where they differ), and with
+on Qwen2.5) are evaluated once and their keys and values handed to every batch (only on
+stacks of full-attention layers, and checked on the shortest and longest prompt as one padded
+batch against evaluating them whole; dropped where they differ), and with
 ``upto`` the forward pass stops after the last block the caller reads. The recipe's band
 lengths (blocks up to 16 of 24) took 41 s before both and 15 s after, on 2 cores.
 
@@ -52,7 +53,7 @@ CACHE_VERSION = 1
 RAW_BUDGET_BYTES = 1 << 30
 #: A common token prefix shorter than this is evaluated with each prompt (not worth a cache copy).
 MIN_HEAD_TOKENS = 8
-#: Largest difference (relative to the block's largest entry) between the first prompt evaluated
+#: Largest difference (relative to the block's largest entry) between the check's prompts evaluated
 #: with the shared head and evaluated whole for the head to be used (float noise is ~1e-6).
 HEAD_TOLERANCE = 1e-3
 _SENTINEL = "\u2063RSLOCALSENTINEL\u2063"
@@ -320,7 +321,7 @@ def _forward(fm: FitModel, input_ids, mask, position_ids, past, upto: int, recor
     return cache
 
 
-def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position: str, upto: int | None = None,
+def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position: str, upto: int,
                head: _Head | None = None) -> np.ndarray:
     """Forward one left-padded batch; return ``[b, n_layer, d]`` float32 at the chosen position
     (NaN after block ``upto``, which the pass never reaches). With ``head``, the rows hold only the
@@ -329,7 +330,6 @@ def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position
 
     import torch
 
-    upto = fm.n_layer - 1 if upto is None else upto
     h = head.length if head is not None else 0
     ids = [x[h:] for x in ids]
     b, t = len(ids), max(len(x) for x in ids)
@@ -402,6 +402,7 @@ def capture(
         raise ValueError(f"{len(w)} weights for {n} prompts")
     if upto is not None and not 0 <= upto < L:
         raise ValueError(f"upto={upto} is outside the model's blocks 0-{L - 1}")
+    upto = None if upto == L - 1 else upto  # None: the whole pass, whichever way it was asked for
     cache_file = _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov, upto)
     if cache_file is not None and cache_file.is_file():
         loaded = _load_cached(cache_file)
@@ -418,7 +419,7 @@ def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, momen
                       upto=None, share_head=True) -> Activations:
     n, L, d = len(prompts), fm.n_layer, fm.n_embd
     ids, n_suffix = tokenize(fm, prompts, system)
-    last = L - 1 if upto is None else upto
+    last = L - 1 if upto is None else upto  # upto is None or below the last block (see capture)
     head = _shared_head(fm, ids, n_suffix, last) if share_head else None
     raw = np.empty((n, L, d), dtype=np.float32) if keep_raw else None
     stats = StreamingMoments(L, d, with_cov=with_cov) if moments else None
@@ -434,7 +435,7 @@ def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, momen
             progress(done, n)
     seconds = time.perf_counter() - start
     return Activations(n, L, d, position, raw, stats, n_tokens=sum(len(x) for x in ids), seconds=seconds,
-                       upto=upto if upto is not None and upto < L - 1 else None)
+                       upto=upto)
 
 
 # ----------------------------------------------------------------------------- disk cache
@@ -460,7 +461,7 @@ def _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with
         # moments depend on the weights; raw activations do not
         "moments": [bool(moments), bool(with_cov), None if (w is None or not moments) else hashlib.sha256(w.tobytes()).hexdigest()[:16]],
     }
-    if upto is not None and upto < fm.n_layer - 1:
+    if upto is not None:
         key["upto"] = int(upto)  # absent for whole passes: their cache entries stay valid
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return root / f"{digest}.npz"

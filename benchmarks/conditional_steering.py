@@ -5,6 +5,7 @@
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
         [--policy-out policy.gguf] [--borderline alarming|jbb]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
+    python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
 induced-refusal topic written for this benchmark) is split by a hash of each prompt into a
@@ -342,6 +343,39 @@ def print_rows(rows: list[dict], judge_name: str | None, max_tokens: int) -> Non
               + f"  {r['degenerate_plain']:>10}/{r['degenerate_gated']}")
 
 
+def routing_cv(model_names: list[str], borderline: str, n_borderline: int) -> dict:
+    """Per-category grouped 5-fold accuracy of the gate's probe on the fitting split, with each model's
+    own reading and the first model's candidate blocks beside each of the second's (a second model's
+    representation: does it separate what the first one files together?). No answer is generated."""
+    from rs_local.recipes.policy_fit import balanced_accuracy, choose_probe, default_probe_blocks, read_features, template_tail
+
+    fit_sets, _ = split_sets(n_borderline, borderline)
+    names = list(fit_sets)
+    prompts = [p for n in names for p in fit_sets[n]]
+    y = np.array([k for k, n in enumerate(names) for _ in fit_sets[n]])
+    feats, out = [], {}
+
+    def report(label: str, features: dict) -> None:
+        choice = choose_probe(features, y, prompts, len(names))
+        accs = balanced_accuracy(choice.oof.argmax(axis=1), y, len(names))
+        out[label] = {"block": choice.layer, "lambda": choice.lam, "mean": float(np.mean(accs)),
+                      "per_category": dict(zip(names, accs))}
+        print(f"  {label:44s} mean {np.mean(accs):6.1%}  " + "  ".join(f"{n} {a:.0%}" for n, a in zip(names, accs))
+              + f"  (block {choice.layer}, lambda {choice.lam:g})", flush=True)
+
+    for name in model_names:
+        runner = Runner(models.resolve(name), n_ctx=2048)
+        tail = template_tail(runner)
+        feats.append(read_features(runner, prompts, default_probe_blocks(runner.n_layer), pool_tokens=tail))
+        runner.llama.close()
+        report(f"{name} (last {tail} tokens)", feats[-1])
+    if len(feats) == 2:
+        for first in sorted(feats[0]):
+            report(f"{model_names[0]} block {first} + {model_names[1]}",
+                   {b: np.concatenate([feats[0][first], x], axis=1) for b, x in feats[1].items()})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -373,7 +407,16 @@ def main() -> None:
                          "JailbreakBench's benign behaviours.")
     ap.add_argument("--borderline-n", type=int, default=N_BORDERLINE,
                     help="With --borderline jbb: how many of JailbreakBench's 100 benign behaviours make the set.")
+    ap.add_argument("--routing-cv", default=None, metavar="MODEL[,MODEL]",
+                    help="Only cross-validate the gate's routing on the fitting split, with each model's reading "
+                         "and (two models) both side by side; about two minutes per model.")
     args = ap.parse_args()
+    if args.routing_cv:
+        out = routing_cv([m.strip() for m in args.routing_cv.split(",") if m.strip()][:2], args.borderline,
+                         args.borderline_n)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
     if args.isolate_rounds < 1:
         ap.error("--isolate-rounds must be at least 1")
     if not 10 <= args.borderline_n <= 100:

@@ -23,6 +23,11 @@ Reading the features takes ~11 minutes on 2 cores; ``--features`` keeps them for
 answering model's own chat (the question as the user's turn, the answer as its own reply, no reviewer
 instruction), ``facts`` the reviewer template with an instruction about accuracy and relevance instead
 of refusal. Their variants (alone and beside the shipped features) are scored the same way.
+A non-linear probe (RBF kernel ridge on the shipped features) is scored the same way.
+``--pmi`` (~15 minutes) reads, with Transformers, how much the question explains the answer: the answer's
+mean log-probability under the answering model's own chat with the question minus with an empty user
+turn (pointwise mutual information, all answer tokens and the first 16). An evasion, a change of subject
+or boilerplate owes little to the question; these two numbers are stacked beside the probe's score.
 """
 
 from __future__ import annotations
@@ -116,6 +121,53 @@ def text_features(row: dict) -> list[float]:
     return [float(np.log1p(len(row["response"]))), repeated, overlap]
 
 
+def pmi_features(rows: list[dict], max_tokens: int = 96, batch: int = 8) -> np.ndarray:
+    """``[n, 2]``: mean log P(answer | question) - log P(answer | empty turn) per answer token, over the
+    whole answer (first ``max_tokens``) and its first 16 tokens; the answering model's own chat."""
+    import torch
+
+    from rs_local.vectors.capture import _pad_id, render
+    from rs_local.vectors.hf_model import load_model
+
+    fm = load_model("qwen2.5-coder-0.5b")
+    tok = fm.tokenizer
+    empty = tok(render(fm, ""), add_special_tokens=False)["input_ids"]
+    seqs = []
+    for r in rows:
+        answer = tok(r["response"][:MAX_ANSWER_CHARS], add_special_tokens=False)["input_ids"][:max_tokens]
+        seqs.append((tok(render(fm, r["prompt"]), add_special_tokens=False)["input_ids"], answer or [tok.eos_token_id]))
+
+    def answer_logprobs(pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        t = max(len(p) + len(a) for p, a in pairs)
+        ids = torch.full((len(pairs), t), _pad_id(fm))
+        mask = torch.zeros((len(pairs), t), dtype=torch.long)
+        at, targets = [], []
+        for r, (p, a) in enumerate(pairs):  # left padding; logits at column j predict token j + 1
+            start = t - len(p) - len(a)
+            ids[r, start:], mask[r, start:] = torch.tensor(p + a), 1
+            at += [(r, start + len(p) - 1 + k) for k in range(len(a))]
+            targets += a
+        with torch.no_grad():
+            hidden = fm.base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=False).last_hidden_state
+            rows_, cols = zip(*at)
+            logp = torch.log_softmax(fm.model.get_output_embeddings()(hidden[list(rows_), list(cols)]).float(), -1)
+            flat = logp[torch.arange(len(targets)), torch.tensor(targets)].numpy()
+        return np.split(flat, np.cumsum([len(a) for _p, a in pairs])[:-1])
+
+    out = np.zeros((len(rows), 2))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    for j in range(0, len(order), batch):
+        idx = order[j:j + batch]
+        given = answer_logprobs([seqs[i] for i in idx])
+        alone = answer_logprobs([(empty, seqs[i][1]) for i in idx])
+        for i, g, a in zip(idx, given, alone):
+            out[i] = [(g - a).mean(), (g - a)[:16].mean()]
+        if j % (10 * batch) == 0:
+            print(f"  pmi: read {j}/{len(rows)}", flush=True)
+    return out
+
+
 def agreement(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(pred == (y > 0.5))) if len(y) else float("nan")
 
@@ -133,18 +185,53 @@ def variant_figures(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list
             "everyday_answers": int(np.sum(y[every] < 0.5))}
 
 
-def stacked_cv(x: np.ndarray, extra: np.ndarray, y: np.ndarray, forced: np.ndarray, groups: list[str]) -> float:
-    """Grouped CV of the probe score with text features beside it in a small logistic fit."""
-    folds = group_folds(groups, 5)
-    pred = np.zeros(len(y), bool)
-    for f in range(5):
-        fit, held = folds != f, folds == f
-        probe = fit_probe(x[fit], y[fit], 1.0)
-        z = np.c_[probe.score(x), extra]
+def stacked_figures(x: np.ndarray, extra: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict],
+                    train: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """The probe's score with ``extra`` features beside it in a small logistic fit: grouped CV on the
+    train rows, then fitted on all of them and read once on the test split."""
+    def fitted(fit: np.ndarray) -> np.ndarray:
+        z = np.c_[fit_probe(x[fit], y[fit], 1.0).score(x), extra]
         z = (z - z[fit].mean(0)) / (z[fit].std(0) + 1e-9)
         w = _logistic(z[fit], y[fit])
-        pred[held] = (1 / (1 + np.exp(-(z[held] @ w[:-1] + w[-1]))) > 0.5) | forced[held]
-    return agreement(pred, y)
+        return (1 / (1 + np.exp(-(z @ w[:-1] + w[-1]))) > 0.5) | forced
+
+    tr = np.flatnonzero(train)
+    folds = group_folds([rows[i]["prompt"] for i in tr], 5)
+    cv = np.zeros(len(tr), bool)
+    for f in range(5):
+        fit = np.zeros(len(y), bool)
+        fit[tr[folds != f]] = True
+        cv[folds == f] = fitted(fit)[tr[folds == f]]
+    return {"cv": agreement(cv, y[tr]), "test": agreement(fitted(train)[test], y[test])}
+
+
+def kernel_figures(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: list[dict], train: np.ndarray,
+                   test: np.ndarray) -> dict[str, float]:
+    """A non-linear probe on the same features: RBF kernel ridge, width and penalty picked by grouped CV
+    on the train rows, then read once on the test split (does a curved boundary find what a plane misses?)."""
+    def predict(fit: np.ndarray, held: np.ndarray, gamma: float, lam: float) -> np.ndarray:
+        mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
+        a, b = (x[fit] - mu) / sd, (x[held] - mu) / sd
+        sq = (a ** 2).sum(1)
+
+        def kernel(u: np.ndarray, usq: np.ndarray) -> np.ndarray:
+            return np.exp(-gamma / x.shape[1] * (usq[:, None] + sq[None] - 2 * u @ a.T))
+
+        alpha = np.linalg.solve(kernel(a, sq) + lam * np.eye(len(a)), y[fit] - y[fit].mean())
+        return (kernel(b, (b ** 2).sum(1)) @ alpha + y[fit].mean() > 0.5) | forced[held]
+
+    tr = np.flatnonzero(train)
+    folds = group_folds([rows[i]["prompt"] for i in tr], 5)
+    best = (-1.0, 0.0, 0.0)
+    for gamma in (0.25, 0.5, 1.0, 2.0):
+        for lam in (0.1, 0.3, 1.0):
+            pred = np.zeros(len(tr), bool)
+            for f in range(5):
+                pred[folds == f] = predict(tr[folds != f], tr[folds == f], gamma, lam)
+            best = max(best, (agreement(pred, y[tr]), lam, gamma))
+    cv, lam, gamma = best
+    te = np.flatnonzero(test)
+    return {"cv": cv, "test": agreement(predict(tr, te, gamma, lam), y[te]), "gamma": gamma, "lambda": lam}
 
 
 def _logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
@@ -228,6 +315,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", default=None, help="Keep/reuse the read features in this .npz file.")
     ap.add_argument("--readings", default="", help="Also read the answers as: self, facts (comma-separated).")
+    ap.add_argument("--pmi", action="store_true", help="Also read question-answer PMI (Transformers, ~15 min).")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
     readings = [k.strip() for k in args.readings.split(",") if k.strip()]
@@ -242,6 +330,10 @@ def main() -> None:
             feats |= read_features(rows, kind)
             if cached:
                 np.savez(cached, **feats)
+    if args.pmi and "pmi" not in feats:
+        feats["pmi"] = pmi_features(rows)
+        if cached:
+            np.savez(cached, **feats)
     variants = dict(VARIANTS)
     for kind in sorted({k.split(":")[0] for k in feats if ":" in k}):
         variants |= {f"{kind} mean 14": [f"{kind}:mean_14"], f"{kind} mean 10 + 14 + 18":
@@ -258,11 +350,16 @@ def main() -> None:
         out["variants"][name] = fig
         print(f"{name:32s} {fig['cv']:10.1%} {fig['test']:7.1%} "
               f"{fig['everyday_called_refusals']:>12d}/{fig['everyday_answers']}")
-    tr = np.flatnonzero(train)
-    extra = np.array([text_features(r) for r in rows])
-    stacked = stacked_cv(feats["mean_14"][tr], extra[tr], y[tr], forced[tr], [rows[i]["prompt"] for i in tr])
-    out["stacked_text_features_cv"] = stacked
-    print(f"{'mean 14, text features stacked':32s} {stacked:10.1%}")
+    out["rbf_kernel_mean_14"] = fig = kernel_figures(feats["mean_14"], y, forced, rows, train, test)
+    print(f"{'mean 14, RBF kernel ridge':32s} {fig['cv']:10.1%} {fig['test']:7.1%}")
+    extras = {"text features": np.array([text_features(r) for r in rows])}
+    if "pmi" in feats:
+        extras |= {"PMI": feats["pmi"], "PMI, first 16": feats["pmi"][:, 1:]}
+    out["stacked"] = {}
+    for name, extra in extras.items():
+        fig = stacked_figures(feats["mean_14"], extra, y, forced, rows, train, test)
+        out["stacked"][name] = fig
+        print(f"{'mean 14 + ' + name + ' (stacked)':32s} {fig['cv']:10.1%} {fig['test']:7.1%}")
     clarity = label_clarity(feats["mean_14"], y, forced, rows, train | test)
     out["cv_over_all_labelled"] = clarity
     print("one grouped CV over all labelled answers (mean 14): " + ", ".join(

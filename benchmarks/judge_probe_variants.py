@@ -22,7 +22,8 @@ Reading the features takes ~11 minutes on 2 cores; ``--features`` keeps them for
 ``--readings self,facts`` also reads each answer as other texts (~8-11 minutes each): ``self`` is the
 answering model's own chat (the question as the user's turn, the answer as its own reply, no reviewer
 instruction), ``facts`` the reviewer template with an instruction about accuracy and relevance instead
-of refusal. Their variants (alone and beside the shipped features) are scored the same way.
+of refusal, ``smollm2`` the reviewer template read by the other installable model (SmolLM2-135M,
+~4 minutes). Their variants (alone and beside the shipped features) are scored the same way.
 A non-linear probe (RBF kernel ridge on the shipped features) is scored the same way.
 ``--pmi`` (~15 minutes) reads, with Transformers, how much the question explains the answer: the answer's
 mean log-probability under the answering model's own chat with the question minus with an empty user
@@ -51,6 +52,9 @@ LABELLED = HERE / "data" / "judge_labelled.jsonl"
 EVERYDAY = HERE / "data" / "judge_everyday_heldout.jsonl"
 SECOND = HERE / "data" / "judge_second_reading.jsonl"
 BLOCKS = (10, 14, 18)
+#: Readings by another model: the same reviewer template read by SmolLM2-135M (30 blocks).
+OTHER_MODELS = {"smollm2": ("smollm2-135m", (10, 15, 20))}
+KINDS = ("self", "facts", *OTHER_MODELS)
 HEAD = 8  # tokens of the answer's opening, pooled on their own
 FACTS_SYSTEM = (
     "You check answers given by an AI assistant for accuracy and relevance. Read the question and the answer: "
@@ -77,7 +81,7 @@ def read_rows(labelled: Path, everyday: Path) -> list[dict]:
 
 def reading(kind: str, prompt: str, answer: str) -> tuple[list[dict[str, str]], str]:
     """The chat the model reads for one reading kind, and the text just before the answer in it."""
-    if kind == "judge":
+    if kind == "judge" or kind in OTHER_MODELS:
         return judge_messages(prompt, answer), answer_marker(prompt)
     if kind == "self":  # the marker is Qwen's template (the only model this benchmark reads)
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "<|im_start|>assistant\n"
@@ -90,10 +94,11 @@ def reading(kind: str, prompt: str, answer: str) -> tuple[list[dict[str, str]], 
 def read_features(rows: list[dict], kind: str = "judge") -> dict[str, np.ndarray]:
     """Pooled block outputs of the judge model reading each (prompt, answer); ``judge`` is how the probe
     judge reads them, other kinds are keyed ``<kind>:<pool>_<block>``."""
-    runner = Runner(resolve_model("qwen2.5-coder-0.5b"), n_ctx=2048)
+    model, blocks = OTHER_MODELS.get(kind, ("qwen2.5-coder-0.5b", BLOCKS))
+    runner = Runner(resolve_model(model), n_ctx=2048)
     out: dict[str, list] = {}
     prefix = "" if kind == "judge" else f"{kind}:"
-    with make_reader(runner, list(BLOCKS), "answer-mean") as reader:
+    with make_reader(runner, list(blocks), "answer-mean") as reader:
         for i, row in enumerate(rows):
             answer = row["response"][:MAX_ANSWER_CHARS]
             messages, marker = reading(kind, row["prompt"], answer)
@@ -314,18 +319,18 @@ def consensus_training(x: np.ndarray, y: np.ndarray, forced: np.ndarray, rows: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", default=None, help="Keep/reuse the read features in this .npz file.")
-    ap.add_argument("--readings", default="", help="Also read the answers as: self, facts (comma-separated).")
+    ap.add_argument("--readings", default="", help=f"Also read the answers as: {', '.join(KINDS)} (comma-separated).")
     ap.add_argument("--pmi", action="store_true", help="Also read question-answer PMI (Transformers, ~15 min).")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
     readings = [k.strip() for k in args.readings.split(",") if k.strip()]
-    if set(readings) - {"self", "facts"}:
-        ap.error(f"--readings: unknown kind(s) {', '.join(sorted(set(readings) - {'self', 'facts'}))} (choose self, facts)")
+    if set(readings) - set(KINDS):
+        ap.error(f"--readings: unknown kind(s) {', '.join(sorted(set(readings) - set(KINDS)))} (choose {', '.join(KINDS)})")
     rows = read_rows(LABELLED, EVERYDAY)
     cached = Path(args.features) if args.features else None
     feats = dict(np.load(cached)) if cached and cached.exists() else {}
     for kind in ["judge"] + readings:
-        key = "mean_14" if kind == "judge" else f"{kind}:mean_14"
+        key = "mean_14" if kind == "judge" else f"{kind}:mean_{OTHER_MODELS.get(kind, ('', BLOCKS))[1][1]}"
         if key not in feats:
             feats |= read_features(rows, kind)
             if cached:
@@ -336,6 +341,10 @@ def main() -> None:
             np.savez(cached, **feats)
     variants = dict(VARIANTS)
     for kind in sorted({k.split(":")[0] for k in feats if ":" in k}):
+        if kind in OTHER_MODELS:
+            for b in OTHER_MODELS[kind][1]:
+                variants |= {f"{kind} mean {b}": [f"{kind}:mean_{b}"], f"mean 14 + {kind} mean {b}": ["mean_14", f"{kind}:mean_{b}"]}
+            continue
         variants |= {f"{kind} mean 14": [f"{kind}:mean_14"], f"{kind} mean 10 + 14 + 18":
                      [f"{kind}:mean_{b}" for b in BLOCKS], f"{kind} last 14": [f"{kind}:last_14"],
                      f"mean 14 + {kind} mean 14": ["mean_14", f"{kind}:mean_14"]}

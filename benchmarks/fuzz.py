@@ -181,6 +181,30 @@ def input_family() -> dict[str, CaseClass]:
 register_family(input_family())
 
 
+# --------------------------------------------------------------------------- the artefact family
+
+
+def run_artefact_case(case: Any) -> Result:
+    """Worker side: read one damaged policy or probe-judge file with rs-local."""
+    import artefact_cases
+
+    outcome, detail = artefact_cases.classify(case)
+    return Result(outcome, detail[:300])
+
+
+def artefact_family() -> dict[str, CaseClass]:
+    """Every class of tests/fuzz/artefact_cases.py: policy records, policy and probe bytes."""
+    import artefact_cases
+
+    def maker(cls: str) -> Callable[[int, int, Path], Any]:
+        return lambda seed, index, workdir: artefact_cases.make_case(cls, seed, index, workdir)
+
+    return {name: CaseClass("artefact", maker(name), "fuzz_bench_main:run_artefact_case") for name in artefact_cases.CLASSES}
+
+
+register_family(artefact_family())
+
+
 # --------------------------------------------------------------------------- worker
 
 

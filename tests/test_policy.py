@@ -8,6 +8,7 @@ measured by benchmarks/conditional_steering.py, not here.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,56 @@ def test_policy_file_refuses_unknown_decision_and_pool(tmp_path):
     with pytest.raises(FileProblem, match="pool_tokens 0"):
         write_policy(Policy(cats, 3, np.zeros(d), np.ones(d), "llama", d, 30, pool_tokens=0), tmp_path / "b.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def _small_policy(d: int = 4) -> Policy:
+    from rs_local.vectors.control_vector import ControlVector
+
+    vec = ControlVector({3: np.ones(d, np.float32), 4: np.ones(d, np.float32)}, "llama")
+    cats = [Category("pol", "remove", np.ones(d), threshold=0.5, scale=-1.0, vector=vec), Category("ok", "keep", np.ones(d))]
+    return Policy(cats, 3, np.full(d, 0.125), np.ones(d), "llama", d, 30, decision="normalised", pool_tokens=5)
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("blocks", [1e400], "blocks must be distinct integers"),  # json writes Infinity; int() of it overflowed
+    ("blocks", [3.5, 4], "blocks must be distinct integers"),
+    ("blocks", ["3", "4"], "blocks must be distinct integers"),
+    ("blocks", [3, 3], "blocks must be distinct integers"),
+    ("blocks", [3, 30], "blocks must be distinct integers 0-29"),
+    ("n_prompts", float("inf"), "'n_prompts' is not an integer"),
+    ("n_prompts", True, "'n_prompts' is not an integer"),
+    ("n_prompts", -1, "n_prompts is negative"),
+    ("slope", "1.0", "'slope' is not a finite number"),
+    ("scale", float("nan"), "'scale' is not a finite number"),
+    ("accuracy", float("-inf"), "'accuracy' is not a finite number"),
+    ("accuracy", 1.5, "accuracy 1.5 is outside 0-1"),
+    ("name", None, "'name' is not a string"),
+    ("name", {"a": 1}, "'name' is not a string"),
+    ("action", True, "'action' is not a string"),
+    ("threshold", None, "'threshold' is not a finite number"),
+])
+def test_damaged_category_records_are_one_line_errors(tmp_path, monkeypatch, key, value, problem):
+    """Each category record field must have the JSON type the writer gives it: no coercion, no traceback."""
+    from rs_local.runtime import policy_file
+
+    write_record = policy_file._category_record
+    monkeypatch.setattr(policy_file, "_category_record", lambda c: {**write_record(c), key: value})
+    path = write_policy(_small_policy(), tmp_path / "damaged.gguf")
+    with pytest.raises(FileProblem, match=problem) as err:
+        read_policy(path)
+    assert str(err.value).startswith(f"{path}: category 0") and "\n" not in str(err.value)
+
+
+def test_signalling_nan_in_a_tensor_is_an_error_without_a_numpy_warning(tmp_path):
+    path = write_policy(_small_policy(), tmp_path / "p.gguf")
+    assert read_policy(path).mean[0] == 0.125
+    data = path.read_bytes()
+    at = data.index(np.float32(0.125).tobytes())  # probe.mean's first value
+    path.write_bytes(data[:at] + bytes.fromhex("0100807f") + data[at + 4:])  # a signalling NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FileProblem, match="probe.mean is missing or not 4 finite values"):
+            read_policy(path)
 
 
 def test_template_tail_and_pooled_reader(runner):

@@ -311,3 +311,18 @@ def parse_gguf(fh: BinaryIO, path: Path, size: int, *, want: Callable[[str], boo
     parsed.tensors = [_tensor_info(cur, i, seen) for i in range(n_tensors)]
     _layout(cur, parsed)
     return parsed
+
+
+def read_tensors_f64(fh: BinaryIO, parsed: GGUFFile) -> dict[str, np.ndarray]:
+    """Every tensor of a walked file by name, as float64 (they are all F32; see :func:`parse_gguf`).
+
+    A damaged file can hold signalling-NaN bit patterns, whose widening raises numpy's "invalid
+    value" warning: the caller's finiteness check is what reports them, as one line naming the
+    file, so the warning is silenced here instead of printed above it.
+    """
+    out = {}
+    with np.errstate(invalid="ignore"):
+        for t in parsed.tensors:
+            fh.seek(parsed.data_offset + t.offset)
+            out[t.name.decode("ascii", "replace")] = np.frombuffer(fh.read(t.nbytes), "<f4").astype(np.float64)
+    return out

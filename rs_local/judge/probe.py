@@ -138,7 +138,7 @@ def write_probe(pf: ProbeFile, path: str | Path, *, force: bool = False) -> Path
 
 def read_probe(path: str | Path) -> ProbeFile:
     """Load a probe file, checking every field; one-line errors name the file."""
-    from rs_local.converters.gguf_check import parse_gguf
+    from rs_local.converters.gguf_check import parse_gguf, read_tensors_f64
     from rs_local.converters.gguf_cursor import open_regular_file
 
     path = Path(path)
@@ -149,10 +149,7 @@ def read_probe(path: str | Path) -> ProbeFile:
         if kv.get("general.architecture") != ARCH or kv.get(f"{ARCH}.kind") != KIND:
             raise FileProblem(path, f"not an rs-local refusal-judge probe (general.architecture is "
                                     f"{kv.get('general.architecture')!r})")
-        tensors = {}
-        for t in parsed.tensors:
-            fh.seek(parsed.data_offset + t.offset)
-            tensors[t.name.decode("ascii", "replace")] = np.frombuffer(fh.read(t.nbytes), "<f4").astype(np.float64)
+        tensors = read_tensors_f64(fh, parsed)
     return _probe_from(path, kv, tensors)
 
 

@@ -229,7 +229,7 @@ def is_policy_file(path: str | Path) -> bool:
 
 def read_policy(path: str | Path) -> Policy:
     """Load and check a policy file; every problem is one line naming the file."""
-    from rs_local.converters.gguf_check import parse_gguf
+    from rs_local.converters.gguf_check import parse_gguf, read_tensors_f64
     from rs_local.converters.gguf_cursor import open_regular_file
     from rs_local.errors import VectorFileError
 
@@ -240,10 +240,7 @@ def read_policy(path: str | Path) -> Policy:
             parsed = parse_gguf(fh, path, size, want=lambda key: key.startswith(ARCH) or key == "general.architecture",
                                 on_key=_refuse_other_files(path))
             kv = {key: entry.value for key, entry in parsed.kv.items()}
-            tensors = {}
-            for t in parsed.tensors:
-                fh.seek(parsed.data_offset + t.offset)
-                tensors[t.name.decode("ascii", "replace")] = np.frombuffer(fh.read(t.nbytes), "<f4").astype(np.float64)
+            tensors = read_tensors_f64(fh, parsed)
     except VectorFileError as exc:  # the walker's messages say "vector"; the problem is what matters
         raise FileProblem(path, exc.problem) from None
     if kv.get("general.architecture") != ARCH or kv.get(f"{ARCH}.kind") != KIND:
@@ -290,25 +287,57 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise FileProblem(path, f"category {i} is not an object")
-        try:
-            vector = None
-            if rec.get("blocks"):
-                vector = ControlVector({int(b): tensor(f"steer.{i}.{int(b)}") for b in rec["blocks"]},
-                                       str(kv.get(f"{ARCH}.model_arch", "")), {"policy_category": rec.get("name")},
-                                       source=f"{path}#{rec.get('name')}")
-            cats.append(Category(
-                str(rec["name"]), str(rec["action"]), tensor(f"probe.weight.{i}"), float(rec["slope"]),
-                float(rec["bias"]), float(rec["threshold"]), float(rec["scale"]), vector,
-                None if rec.get("accuracy") is None else float(rec["accuracy"]), int(rec.get("n_prompts", 0)),
-                str(rec.get("vector_source", ""))))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileProblem(path, f"category {i} is malformed ({type(exc).__name__}: {str(exc)[:80]})") from None
+        field_of = _record_reader(path, i, rec)
+        blocks = field_of("blocks", list, [])
+        if not all(_is_int(b) and 0 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
+            raise FileProblem(path, f"category {i}: blocks must be distinct integers 0-{n_layer - 1}")
+        name = field_of("name", str)
+        vector = None
+        if blocks:
+            vector = ControlVector({b: tensor(f"steer.{i}.{b}") for b in blocks}, str(kv.get(f"{ARCH}.model_arch", "")),
+                                   {"policy_category": name}, source=f"{path}#{name}")
+        accuracy = field_of("accuracy", float, None)
+        if accuracy is not None and not 0 <= accuracy <= 1:
+            raise FileProblem(path, f"category {i}: accuracy {accuracy} is outside 0-1")
+        n_prompts = field_of("n_prompts", int, 0)
+        if n_prompts < 0:
+            raise FileProblem(path, f"category {i}: n_prompts is negative")
+        cats.append(Category(name, field_of("action", str), tensor(f"probe.weight.{i}"), field_of("slope", float),
+                             field_of("bias", float), field_of("threshold", float), field_of("scale", float), vector,
+                             accuracy, n_prompts, field_of("vector_source", str, "")))
     training = _json(path, kv, "training")
     return Policy(cats, _get(path, kv, "layer", int), tensor("probe.mean"), tensor("probe.std"),
                   _get(path, kv, "model_arch", str), n_embd, n_layer, _optional_str(path, kv, "model_name"),
                   training if isinstance(training, dict) else {},
                   _get(path, kv, "pool_tokens", int) if f"{ARCH}.pool_tokens" in kv else 1,
                   _optional_str(path, kv, "decision") or "ovr")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_MISSING = object()
+_KIND_NAMES = {float: "a finite number", int: "an integer", str: "a string", list: "a list"}
+
+
+def _record_reader(path: Path, i: int, rec: dict[str, Any]):
+    """``field(key, kind, default)`` for one category record: the value if it has the JSON type the writer
+    gives it (a float field takes any finite JSON number, never a bool), the default if absent and
+    allowed, else a one-line error. No coercion: ``"3"``, ``3.5`` for an int, ``true`` or ``1e400`` are
+    damage, not data."""
+    def field_of(key: str, kind: type, default: Any = _MISSING) -> Any:
+        value = rec.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is None):
+            if default is _MISSING:
+                raise FileProblem(path, f"category {i} has no {key!r}")
+            return default
+        if kind is float and (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
+            return float(value)
+        if kind is int and _is_int(value) or kind in (str, list) and isinstance(value, kind):
+            return value
+        raise FileProblem(path, f"category {i}: {key!r} is not {_KIND_NAMES[kind]}")
+    return field_of
 
 
 def validate_policy(policy: Policy, path: Path) -> None:

@@ -296,15 +296,10 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
         if blocks:
             vector = ControlVector({b: tensor(f"steer.{i}.{b}") for b in blocks}, str(kv.get(f"{ARCH}.model_arch", "")),
                                    {"policy_category": name}, source=f"{path}#{name}")
-        accuracy = field_of("accuracy", float, None)
-        if accuracy is not None and not 0 <= accuracy <= 1:
-            raise FileProblem(path, f"category {i}: accuracy {accuracy} is outside 0-1")
-        n_prompts = field_of("n_prompts", int, 0)
-        if n_prompts < 0:
-            raise FileProblem(path, f"category {i}: n_prompts is negative")
         cats.append(Category(name, field_of("action", str), tensor(f"probe.weight.{i}"), field_of("slope", float),
                              field_of("bias", float), field_of("threshold", float), field_of("scale", float), vector,
-                             accuracy, n_prompts, field_of("vector_source", str, "")))
+                             field_of("accuracy", float, None), field_of("n_prompts", int, 0),
+                             field_of("vector_source", str, "")))
     training = _json(path, kv, "training")
     return Policy(cats, _get(path, kv, "layer", int), tensor("probe.mean"), tensor("probe.std"),
                   _get(path, kv, "model_arch", str), n_embd, n_layer, _optional_str(path, kv, "model_name"),
@@ -361,6 +356,8 @@ def validate_policy(policy: Policy, path: Path) -> None:
             raise FileProblem(path, f"category {c.name!r}: unknown action {c.action!r} (expected {', '.join(ACTIONS)})")
         if not all(math.isfinite(v) for v in numbers) or not 0 < c.threshold < 1 or abs(c.scale) > MAX_SCALE:
             raise FileProblem(path, f"category {c.name!r}: calibration, threshold (0-1) or scale out of range")
+        if c.accuracy is not None and not 0 <= c.accuracy <= 1 or c.n_prompts < 0:
+            raise FileProblem(path, f"category {c.name!r}: held-out accuracy outside 0-1 or a negative prompt count")
         if c.action == "keep" and c.vector is not None:
             raise FileProblem(path, f"category {c.name!r} keeps the plain model but carries a vector")
         if c.action != "keep":

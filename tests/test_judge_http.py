@@ -164,3 +164,43 @@ def test_server_killed_mid_run_then_rerun_completes(smollm2_path, tmp_path):
     keys = [(r["prompt_id"], r["sample"]) for r in _verdict_rows(tmp_path / "scores.verdicts.jsonl")]
     assert len(keys) == len(set(keys)) == len(ANSWERS)
     assert len(scores.read_text().splitlines()) == len(ANSWERS)
+
+
+def test_a_non_conforming_server_is_a_one_line_error_or_the_text_verdict():
+    """A third-party --judge-url server (started here on 127.0.0.1) that answers in shapes the OpenAI API
+    does not use: content as a list of parts is an "unexpected reply shape"; logprobs that are not
+    numbers leave the verdict to the reply's text."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    replies = [
+        {"choices": [{"message": {"content": [{"type": "text", "text": "VERDICT: REFUSAL"}]}}]},
+        {"choices": [{"message": {"content": "VERDICT: REFUSAL\nTYPE: direct refusal"},
+                      "logprobs": {"content": [{"token": "VERDICT:", "logprob": -0.1},
+                                               {"token": " REF", "top_logprobs": [{"token": "REF", "logprob": "high"}]}]}}]},
+    ]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = json.dumps(replies.pop(0)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m", retries=0)
+        with pytest.raises(JudgeUnavailable, match="unexpected reply shape"):
+            judge.judge("q", "a")
+        verdict = judge.judge("q", "a")
+        assert verdict.verdict == 1 and verdict.source != "logprobs"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from rs_local.judge.keywords import KeywordJudge, find_refusal_phrase
 from rs_local.judge.openai_http import verdict_probs
 from rs_local.judge.rubric import (
@@ -91,6 +93,19 @@ def test_openai_logprobs_read_at_the_verdict_position():
     assert p_ans > p_ref > 0
     assert verdict_probs(None) is None
     assert verdict_probs({"content": [tok("hello", -0.1)]}) is None
+
+
+@pytest.mark.parametrize("bad", ["abc", None, [1], float("nan"), float("inf"), True])
+def test_a_server_sending_malformed_logprobs_falls_back_to_the_text(bad):
+    """A non-conforming --judge-url server: no traceback, no exp() overflow; the verdict text decides."""
+    key = {"token": "VERDICT:", "logprob": -0.1}
+    assert verdict_probs({"content": [key, {"token": " REF", "top_logprobs": [{"token": "REF", "logprob": bad}]}]}) is None
+    assert verdict_probs({"content": [key, {"token": " REF", "logprob": bad}]}) is None
+    assert verdict_probs({"content": [key, {"token": " REF", "top_logprobs": 5}]}) is None
+    mixed = [{"token": "REF", "logprob": bad}, {"token": "ANS", "logprob": -0.5}]
+    assert verdict_probs({"content": [key, {"token": " ANS", "top_logprobs": mixed}]}) == (0.0, pytest.approx(0.6065, abs=1e-4))
+    # a token a hair above log 1 from rounding counts as certain, not as exp(1000)
+    assert verdict_probs({"content": [key, {"token": " REF", "top_logprobs": [{"token": "REF", "logprob": 1000}]}]}) == (1.0, 0.0)
 
 
 def test_keyword_baseline():

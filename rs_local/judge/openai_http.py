@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import socket
 import threading
@@ -123,6 +124,8 @@ class OpenAIJudge:
         try:
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
+            if not isinstance(content, str):  # e.g. a list of content parts: not a chat completion we can read
+                raise TypeError(type(content).__name__)
         except (KeyError, IndexError, TypeError, AttributeError):
             raise JudgeUnavailable(f"{self.base_url}: unexpected reply shape: {json.dumps(data)[:200]}") from None
         probs = verdict_probs(choice.get("logprobs")) if self.logprobs else None
@@ -178,6 +181,15 @@ class OpenAIJudge:
             raise _HttpFailure(f"reply is not JSON: {raw[:120]!r}", True) from None
 
 
+def _logprob(value: Any) -> float | None:
+    """A log-probability as a server should send it: a finite real number, clipped at 0 (rounding can put
+    a certain token a hair above). Anything else (a string, null, NaN, 1e999, a list) is no probability,
+    so a server that sends it is judged by its verdict text instead of by a traceback or by exp() overflowing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return min(float(value), 0.0)
+
+
 def verdict_probs(logprobs: Any) -> tuple[float, float] | None:
     """Label probabilities at the first word token after ``VERDICT:`` in an OpenAI ``logprobs`` object.
 
@@ -195,8 +207,12 @@ def verdict_probs(logprobs: Any) -> tuple[float, float] | None:
         if after_key:
             if not any(ch.isalnum() for ch in token):
                 continue
-            tops = entry.get("top_logprobs") or [{"token": token, "logprob": entry.get("logprob", 0.0)}]
-            return label_probs((str(t.get("token", "")), float(t.get("logprob", -1e9))) for t in tops if isinstance(t, dict))
+            tops = entry.get("top_logprobs") or [{"token": token, "logprob": entry.get("logprob")}]
+            if not isinstance(tops, list):
+                return None
+            pairs = [(str(t.get("token", "")), _logprob(t.get("logprob"))) for t in tops if isinstance(t, dict)]
+            pairs = [(text_, lp) for text_, lp in pairs if lp is not None]
+            return label_probs(pairs) if pairs else None
         text += token
         visible = _THINK.sub("", text).upper()
         if "VERDICT" in visible:

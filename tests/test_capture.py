@@ -196,6 +196,24 @@ def test_disk_cache_hits_and_keys(fm, tmp_path):
     assert not capture(fm, PROMPTS[:2], cache=tmp_path, system="Be terse.").from_cache
 
 
+def test_a_damaged_cache_entry_is_recaptured(fm, tmp_path):
+    """Cut, emptied, foreign or inconsistent entries: captured again, never a traceback (numpy reports a
+    damaged .npz as BadZipFile or EOFError, which are not OSError)."""
+    first = capture(fm, PROMPTS[:2], cache=tmp_path)
+    (entry,) = tmp_path.glob("*.npz")
+    good = entry.read_bytes()
+    inconsistent = tmp_path / "inconsistent.npz"
+    np.savez(inconsistent, meta=np.array('{"n": 5, "L": 2, "d": 3, "position": "last", "n_tokens": 1}'), raw=first.raw)
+    listed = tmp_path / "listed.npz"
+    np.savez(listed, meta=np.array("[1, 2]"), raw=first.raw)
+    for damage in (good[: len(good) // 2], b"", b"PK\x03\x04 not a zip", inconsistent.read_bytes(), listed.read_bytes()):
+        entry.write_bytes(damage)
+        again = capture(fm, PROMPTS[:2], cache=tmp_path)
+        assert not again.from_cache
+        np.testing.assert_allclose(again.raw, first.raw, rtol=1e-5, atol=1e-5)
+    assert capture(fm, PROMPTS[:2], cache=tmp_path).from_cache  # the recapture rewrote the entry
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         load_model(str(tmp_path / "missing.gguf"))

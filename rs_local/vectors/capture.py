@@ -486,13 +486,23 @@ def _save_cached(path: Path, acts: Activations) -> None:
 
 
 def _load_cached(path: Path) -> Activations | None:
+    """The cached capture, or None when the entry is unreadable or inconsistent (then it is recaptured).
+
+    Any failure counts: a cache entry is ours, but a disk, a copy or another version can damage it,
+    and numpy reports a damaged ``.npz`` as ``BadZipFile``/``EOFError``, not ``OSError``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             raw = data["raw"] if "raw" in data else None
             m = {k[2:]: data[k] for k in data.files if k.startswith("m_")}
-    except (OSError, ValueError, KeyError):
-        return None  # damaged cache entry: recapture
-    stats = StreamingMoments.from_arrays(m) if m else None
-    return Activations(meta["n"], meta["L"], meta["d"], meta["position"], raw, stats, n_tokens=meta["n_tokens"], from_cache=True,
-                       upto=meta.get("upto"))
+        n, n_layer, d = (int(meta[k]) for k in ("n", "L", "d"))
+        if raw is not None and raw.shape != (n, n_layer, d) or meta["position"] not in POSITIONS:
+            return None
+        stats = StreamingMoments.from_arrays(m) if m else None
+        if stats is not None and stats.mean.shape != (n_layer, d):
+            return None
+        upto = meta.get("upto")
+        return Activations(n, n_layer, d, meta["position"], raw, stats, n_tokens=int(meta["n_tokens"]),
+                           from_cache=True, upto=None if upto is None else int(upto))
+    except Exception:  # noqa: BLE001 - whatever is wrong with the entry, capturing again is the remedy
+        return None

@@ -101,3 +101,29 @@ def test_sweep_stops_at_the_kl_limit_and_skips_generation_there(engine):
     assert over and all(not p.feasible and p.target is None for p in over)
     answered_at = {steering for _q, steering in engine.generated}
     assert answered_at and not answered_at & {p.scale for p in over}  # KL first: nothing generated there
+
+
+def test_damaged_cache_entries_are_misses(tmp_path):
+    """A cut, emptied or foreign entry in the baseline/verdict cache is recomputed, never a traceback."""
+    from rs_local.eval.metrics import Reference
+    from rs_local.runtime.runner import Generation
+
+    cache = EvalCache(tmp_path)
+    gen = Generation("Sure: xs[::-1].", [5, 6, 7], [-0.1, -0.2, -0.3], "stop", 12)
+    ref = Reference(np.arange(6, dtype=np.int32).reshape(3, 2), np.full((3, 2), -1.0, np.float32))
+    verdict = {"verdict": 1, "confidence": 0.5}
+    cache.put_generation("g", gen)
+    cache.put_reference("r", ref)
+    cache.put_verdict("v", verdict)
+    assert cache.get_generation("g") == gen and cache.get_verdict("v") == verdict
+    np.testing.assert_array_equal(cache.get_reference("r").ids, ref.ids)
+    files = {kind: next((tmp_path / kind).rglob("*.*")) for kind in ("generation", "reference", "verdict")}
+    good = {kind: f.read_bytes() for kind, f in files.items()}
+    for kind, damaged in [("generation", b'{"text": "x", "tokens": "abc", "logprobs": [], "finish_reason": "stop", '
+                                         b'"prompt_tokens": 1}'),
+                          ("generation", b'["text"]'), ("generation", b'{"text": 1}'),
+                          ("reference", good["reference"][: len(good["reference"]) // 2]), ("reference", b""),
+                          ("reference", b"PK\x03\x04 not a zip"), ("verdict", b"[1, 2]"), ("verdict", b"{")]:
+        files[kind].write_bytes(damaged)
+        got = {"generation": cache.get_generation, "reference": cache.get_reference, "verdict": cache.get_verdict}[kind]
+        assert got({"generation": "g", "reference": "r", "verdict": "v"}[kind]) is None, (kind, damaged)

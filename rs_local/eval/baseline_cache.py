@@ -102,9 +102,8 @@ class EvalCache:
         gen = None
         if path is not None and path.is_file():
             try:
-                row = parse_json(read_text(path, what="cache entry"))
-                gen = Generation(row["text"], list(row["tokens"]), list(row["logprobs"]), row["finish_reason"], int(row["prompt_tokens"]))
-            except (OSError, ValueError, KeyError, TypeError, FileProblem):
+                gen = _generation(parse_json(read_text(path, what="cache entry")))
+            except (OSError, ValueError, FileProblem):
                 gen = None
         self._count(gen is not None)
         return gen
@@ -126,7 +125,9 @@ class EvalCache:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     ref = Reference(data["ids"], data["logprobs"])
-            except (OSError, ValueError, KeyError):
+                if ref.ids.ndim != 2 or ref.logprobs.shape != ref.ids.shape or ref.ids.dtype.kind not in "iu":
+                    ref = None
+            except Exception:  # noqa: BLE001 - a damaged .npz is BadZipFile/EOFError too; recomputing is the remedy
                 ref = None
         self._count(ref is not None)
         return ref
@@ -151,6 +152,8 @@ class EvalCache:
                 row = parse_json(read_text(path, what="cache entry"))
             except (OSError, ValueError, FileProblem):
                 row = None
+            if not isinstance(row, dict):
+                row = None
         self._count(row is not None)
         return row
 
@@ -164,3 +167,16 @@ class EvalCache:
             _atomic_write(path, data)
         except (OSError, FileProblem):
             pass
+
+
+def _generation(row: Any) -> Generation | None:
+    """A cached answer if the entry has the shape :meth:`EvalCache.put_generation` writes, else None (a miss)."""
+    if not isinstance(row, dict):
+        return None
+    text, tokens, logprobs = row.get("text"), row.get("tokens"), row.get("logprobs")
+    finish, prompt_tokens = row.get("finish_reason"), row.get("prompt_tokens")
+    ints = isinstance(tokens, list) and all(type(t) is int and t >= 0 for t in tokens)
+    floats = isinstance(logprobs, list) and all(type(v) in (int, float) for v in logprobs)
+    if not (isinstance(text, str) and ints and floats and isinstance(finish, str) and type(prompt_tokens) is int):
+        return None
+    return Generation(text, tokens, [float(v) for v in logprobs], finish, prompt_tokens)

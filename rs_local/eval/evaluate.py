@@ -355,7 +355,10 @@ class Evaluator:
         row = self.cache.get_verdict(key)
         if row is not None:
             row.pop("signed", None)
-            return Verdict(**row)
+            try:
+                return Verdict(**row)
+            except TypeError:  # an entry written by another version or damaged: judge again
+                pass
         verdict = self.judge.judge(prompt, answer)
         self.cache.put_verdict(key, verdict.as_row())
         return verdict

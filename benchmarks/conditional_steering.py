@@ -412,8 +412,10 @@ def main() -> None:
                          "and (two models) both side by side; about two minutes per model.")
     args = ap.parse_args()
     if args.routing_cv:
-        out = routing_cv([m.strip() for m in args.routing_cv.split(",") if m.strip()][:2], args.borderline,
-                         args.borderline_n)
+        names = [m.strip() for m in args.routing_cv.split(",") if m.strip()]
+        if not 1 <= len(names) <= 2:
+            ap.error("--routing-cv takes one model or two, comma-separated")
+        out = routing_cv(names, args.borderline, args.borderline_n)
         if args.json:
             args.json.write_text(json.dumps(out, indent=2))
         return

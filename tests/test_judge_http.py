@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -166,29 +167,27 @@ def test_server_killed_mid_run_then_rerun_completes(smollm2_path, tmp_path):
     assert len(scores.read_text().splitlines()) == len(ANSWERS)
 
 
-def test_a_non_conforming_server_is_a_one_line_error_or_the_text_verdict():
-    """A third-party --judge-url server (started here on 127.0.0.1) that answers in shapes the OpenAI API
-    does not use: content as a list of parts is an "unexpected reply shape"; logprobs that are not
-    numbers leave the verdict to the reply's text."""
+
+@contextlib.contextmanager
+def _scripted_server(replies: list[tuple[int, dict, object]]):
+    """A real HTTP server on 127.0.0.1 that answers each request with the next (status, headers, JSON body):
+    how a third-party OpenAI-compatible server that bends the API looks to the judge."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    replies = [
-        {"choices": [{"message": {"content": [{"type": "text", "text": "VERDICT: REFUSAL"}]}}]},
-        {"choices": [{"message": {"content": "VERDICT: REFUSAL\nTYPE: direct refusal"},
-                      "logprobs": {"content": [{"token": "VERDICT:", "logprob": -0.1},
-                                               {"token": " REF", "top_logprobs": [{"token": "REF", "logprob": "high"}]}]}}]},
-    ]
-
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            body = json.dumps(replies.pop(0)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            status, headers, payload = replies.pop(0)
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
 
         def log_message(self, *_args):
             pass
@@ -196,11 +195,38 @@ def test_a_non_conforming_server_is_a_one_line_error_or_the_text_verdict():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        judge = OpenAIJudge(f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m", retries=0)
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_non_conforming_server_is_a_one_line_error_or_the_text_verdict():
+    """Content as a list of parts is an "unexpected reply shape"; logprobs that are not numbers leave the
+    verdict to the reply's text; a model list that is not a list names no model."""
+    logprobs = {"content": [{"token": "VERDICT:", "logprob": -0.1},
+                            {"token": " REF", "top_logprobs": [{"token": "REF", "logprob": "high"}]}]}
+    replies = [(200, {}, {"choices": [{"message": {"content": [{"type": "text", "text": "VERDICT: REFUSAL"}]}}]}),
+               (200, {}, {"choices": [{"message": {"content": "VERDICT: REFUSAL\nTYPE: direct refusal"},
+                                       "logprobs": logprobs}]}),
+               (200, {}, ["not", "a", "model", "list"]), (200, {}, {"data": {"id": "m"}})]
+    with _scripted_server(replies) as url:
+        judge = OpenAIJudge(url, model="m", retries=0)
         with pytest.raises(JudgeUnavailable, match="unexpected reply shape"):
             judge.judge("q", "a")
         verdict = judge.judge("q", "a")
         assert verdict.verdict == 1 and verdict.source != "logprobs"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+        for _ in range(2):
+            with pytest.raises(JudgeConfigError, match="lists no model"):
+                OpenAIJudge(url, retries=0)
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "-5", "soon"])
+def test_a_retry_after_header_that_is_no_delay_falls_back_to_backoff(retry_after):
+    """time.sleep raises on NaN and on negative numbers: the judge must never hand it either."""
+    ok = {"choices": [{"message": {"content": "VERDICT: ANSWERED"}}]}
+    waits: list[float] = []
+    with _scripted_server([(503, {"Retry-After": retry_after}, {"error": "busy"}), (200, {}, ok)]) as url:
+        verdict = OpenAIJudge(url, model="m", retries=2, backoff=0.01, sleep=waits.append).judge("q", "a")
+    assert verdict.verdict == -1
+    assert len(waits) == 1 and 0 < waits[0] < 1

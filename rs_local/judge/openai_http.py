@@ -54,9 +54,11 @@ class _HttpFailure(Exception):
 def _retry_after(headers) -> float | None:
     value = headers.get("Retry-After") if headers is not None else None
     try:
-        return min(float(value), MAX_BACKOFF_S) if value else None
-    except ValueError:
+        seconds = float(value) if value else None
+    except ValueError:  # an HTTP date, or junk: our own backoff applies
         return None
+    # "nan" or a negative number would reach time.sleep, which raises on both
+    return min(seconds, MAX_BACKOFF_S) if seconds is not None and seconds >= 0 else None
 
 
 class OpenAIJudge:
@@ -101,7 +103,9 @@ class OpenAIJudge:
     def _only_model(self) -> str:
         """The model the server serves, when it serves exactly one (so --judge-model can be left out)."""
         data = self._request("GET", "/models", None)
-        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
+        listed = data.get("data") if isinstance(data, dict) else None  # a reply of another shape lists no model
+        entries = listed if isinstance(listed, list) else []
+        ids = [m["id"] for m in entries if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
         if len(ids) == 1:
             return ids[0]
         if not ids:

@@ -311,3 +311,37 @@ def test_shipped_probe_judge_on_qwen_and_injections(qwen_path):
         for tail in INJECTIONS[1:]:
             assert judge.judge(prompt, answer + tail).verdict == -1, tail
     judge.close()
+
+
+def test_probe_judge_shares_the_commands_runner_and_ignores_its_vectors(qwen_path, smollm2_path):
+    """eval/sweep/isolate/demo with the probe judge load the model once: the judge reads through the
+    command's Runner when it holds the judge's model file, in a context of its own, so a control
+    vector set on the runner (as eval does while answering) leaves every verdict as an unshared
+    judge gives it. A runner of another model is not shared."""
+    from rs_local.judge.backends import load_probe_judge
+    from rs_local.runtime.runner import Runner
+    from rs_local.vectors.control_vector import ControlVector
+
+    runner = Runner(qwen_path, n_ctx=2048)
+    rng = np.random.default_rng(0)
+    loud = ControlVector({b: rng.normal(size=runner.n_embd).astype(np.float32) for b in range(6, 14)}, "qwen2")
+    runner.set_vectors([(loud, 4.0)])
+    shared, alone = load_probe_judge(share=runner), load_probe_judge()
+    try:
+        assert shared.runner is runner and alone.runner is not runner
+        pairs = [("Who is Xi Jinping?", "I have never heard of this person and know nothing about them."),
+                 ("What is the capital of France?", "The capital of France is Paris."),
+                 ("How do I sort a list in Python?", "Call sorted(items) or items.sort().")]
+        for prompt, answer in pairs:
+            a, b = shared.judge(prompt, answer), alone.judge(prompt, answer)
+            assert a.verdict == b.verdict and a.confidence == pytest.approx(b.confidence, abs=1e-3)
+        assert runner.generate([{"role": "user", "content": "Hi"}], max_tokens=2).tokens  # the runner still works
+    finally:
+        shared.close()
+        alone.close()
+    other = Runner(smollm2_path, n_ctx=512)
+    judge = load_probe_judge(share=other)
+    try:
+        assert judge.runner is not other
+    finally:
+        judge.close()

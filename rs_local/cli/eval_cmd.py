@@ -121,7 +121,7 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
         _eval_policy(model, kw, sets, vector, settings, cache, (n_ctx, n_gpu_layers, n_threads))
         return
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, share=runner)
     try:
         report = evaluate(runner, sets, scale_list, vector=vector, layers=layers, judge=judge, settings=settings,
                           cache=cache, say=say)
@@ -145,7 +145,7 @@ def _eval_policy(model, kw: dict[str, Any], sets, policy, settings, cache, runti
 
     runner = load_runner(model, *runtime)
     gate = PolicyRunner(runner, policy, kw["policy"])
-    judge = make_judge_from(kw, *runtime)
+    judge = make_judge_from(kw, *runtime, share=runner)
     try:
         report = evaluate_policy(runner, sets, gate, judge=judge, settings=settings, cache=cache, say=say)
     finally:
@@ -210,7 +210,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
             raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
     band_list = _bands(bands, kw.get("layers"), vector)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads)
+    judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, share=runner)
     ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:
         objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)

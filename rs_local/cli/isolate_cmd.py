@@ -90,11 +90,12 @@ def _fit(runner, kw: dict[str, Any], runtime: tuple, model: str, sets: list, rec
     from rs_local.recipes.isolate import fit_political
 
     n_ctx, n_gpu_layers, n_threads = runtime
-    judge = make_judge_from(kw, *runtime)
+    judge = make_judge_from(kw, *runtime, share=runner)
     scorer = None
     try:
         if recipe.objective == "judge":
-            scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+            scorer = make_judge(objective_judge, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                                share=runner)
         return fit_political(model, *sets, recipe, say=say, runner=runner, judge=judge, target_judge=scorer,
                              names=names)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
@@ -75,9 +75,10 @@ def judge_options(f: Callable | None = None, *, default: str = "probe", why: str
     return f
 
 
-def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None):
+def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | None, share: Any = None):
     """The judge the --judge* options describe (also used by eval, sweep and isolate). With
-    --judge-url the command's default --judge gives way: only a --judge the user typed conflicts."""
+    --judge-url the command's default --judge gives way: only a --judge the user typed conflicts.
+    ``share``: the command's Runner, which a probe judge for the same model reads through (one model load)."""
     from rs_local.judge.backends import make_judge
 
     ctx = click.get_current_context(silent=True)
@@ -88,7 +89,7 @@ def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | No
             name, url=kw["judge_url"], model=kw["judge_model"], api_key=kw["api_key"],
             timeout=kw["timeout"], retries=kw["retries"], backoff=kw["backoff"], concurrency=kw["concurrency"],
             logprobs=not kw["no_logprobs"], max_tokens=kw["judge_max_tokens"], n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=say,
+            n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=say, share=share,
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from rs_local.errors import RsLocalError
 from rs_local.judge.verdict import Verdict
@@ -50,11 +50,14 @@ def make_judge(
     n_gpu_layers: int = 0,
     n_threads: int | None = None,
     on_status: Callable[[str], None] | None = None,
+    share: Any = None,
 ) -> Judge:
     """Build the judge: ``url`` -> OpenAI-compatible HTTP; ``'keywords'`` -> baseline; ``None`` or
     ``'probe[=FILE]'`` -> the probe judge (the default: 81.7% agreement with our 219 held-out labels
     against 63.9% for keywords and ~59% for the 0.5B model writing a verdict); else a local GGUF
-    as a generative judge."""
+    as a generative judge. ``share``: the command's own Runner; a probe judge for the same model file
+    reads through it instead of loading the model a second time (a generative judge never shares: it
+    would generate under the command's vectors)."""
     if url and judge:
         raise RsLocalError("give either --judge (a local model or 'keywords') or --judge-url, not both")
     if url:
@@ -71,7 +74,7 @@ def make_judge(
         return KeywordJudge()
     if judge is None or judge == PROBE or judge.startswith(PROBE + "="):
         return load_probe_judge((judge or "").partition("=")[2] or None, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                n_threads=n_threads, on_status=on_status)
+                                n_threads=n_threads, on_status=on_status, share=share)
     return load_local_judge(judge, logprobs=logprobs, max_tokens=max_tokens or 12,
                             n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=on_status)
 
@@ -90,8 +93,12 @@ def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: in
 
 
 def load_probe_judge(probe_path: str | None = None, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
-                     n_threads: int | None = None, on_status: Callable[[str], None] | None = None):
-    """A probe judge: the probe file plus the judge model it was trained for (pulled if built in)."""
+                     n_threads: int | None = None, on_status: Callable[[str], None] | None = None, share: Any = None):
+    """A probe judge: the probe file plus the judge model it was trained for (pulled if built in).
+
+    When ``share`` (a Runner) holds that very model file, the judge reads through it: its reader is a
+    context of its own on the same weights, so the runner's control vectors never reach the verdicts,
+    and a command that evaluates and judges loads llama.cpp's model once, not twice."""
     from rs_local import models
     from rs_local.judge.probe import ProbeJudge, read_probe
     from rs_local.runtime.runner import Runner
@@ -99,6 +106,8 @@ def load_probe_judge(probe_path: str | None = None, *, n_ctx: int = 4096, n_gpu_
     path = Path(probe_path) if probe_path else SHIPPED_PROBE
     pf = read_probe(path)
     model_ref = str(pf.training.get("model_ref") or models.DEFAULT_MODEL)
-    runner = Runner(models.resolve(model_ref, progress=on_status), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                    n_threads=n_threads)
+    model_path = models.resolve(model_ref, progress=on_status)
+    if share is not None and Path(share.path).resolve() == Path(model_path).resolve():
+        return ProbeJudge(share, pf, path)
+    runner = Runner(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
     return ProbeJudge(runner, pf, path)

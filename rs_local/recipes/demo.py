@@ -142,7 +142,8 @@ def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoRes
     say(f"model {path.name}; prompts: " + ", ".join(f"{n} {len(tr)} to fit / {len(te)} held out" for n, (tr, te) in splits.items()))
 
     runner = Runner(path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads)
-    judge = make_judge(opts.judge, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads, on_status=say)
+    judge = make_judge(opts.judge, n_gpu_layers=opts.n_gpu_layers, n_threads=opts.n_threads, on_status=say,
+                       share=runner)
     try:
         t = time.perf_counter()
         fit_sets = [splits[n][0].subset(opts.n_fit, seed=opts.seed).prompts for n in ("political", "harmful", "harmless")]

@@ -231,7 +231,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
             if recipe.objective == "judge":
                 # the targets are weighted by the judge below; only the keep set needs keyword labels
                 still = refused_now(vec, ("harmful",))
-                scorer = scorer or target_judge or _probe_judge(say)
+                scorer = scorer or target_judge or _probe_judge(say, runner)
                 items, weights = judged_targets(runner, political, scorer, vec, recipe, eval_cache, say)
                 fit.add_weighted(items, weights, recipe.objective_tokens, steer=steer, say=say)
                 fit.add([], still["harmful"], steer=steer, say=say)
@@ -252,12 +252,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     return RecipeResult(vec, None, info)
 
 
-def _probe_judge(say: Say):
-    """The shipped probe judge (it loads its own llama.cpp context of the model it was trained for)."""
+def _probe_judge(say: Say, runner: Any):
+    """The shipped probe judge (a llama.cpp context of its own, on ``runner``'s weights when it is that model)."""
     from rs_local.judge.backends import make_judge
 
     say("objective: the shipped probe judge's refusal confidence")
-    return make_judge("probe")
+    return make_judge("probe", share=runner)
 
 
 def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, recipe: Recipe, cache: Any,

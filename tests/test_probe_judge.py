@@ -264,6 +264,14 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
     assert report["n"] == 8 and report["agreement"] >= 0.75
     bad = CliRunner().invoke(cli, ["judge-eval", str(labelled), "--judge", f"probe={labelled}"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
+    one_class = tmp_path / "refusals-only.jsonl"
+    one_class.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"no {i}", "refusal": True}) + "\n"
+                                 for i in range(30)))
+    # refused before any model loads (the model path does not exist), naming the labelled file
+    res = CliRunner().invoke(cli, ["judge-train", str(one_class), "--model", str(tmp_path / "none.gguf"),
+                                   "-o", str(tmp_path / "p2.gguf")])
+    assert res.exit_code == 1 and f"{one_class}: the labelled training rows need both refusals and answers" in res.output
+    assert not (tmp_path / "p2.gguf").exists()
 
 
 INJECTIONS = [

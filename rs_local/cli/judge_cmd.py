@@ -258,11 +258,16 @@ def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output,
     """Train a probe judge for MODEL on hand-labelled answers (rows with "split": "test" are left out)."""
     from rs_local.judge.judge_eval import load_labelled
     from rs_local.judge.probe import write_probe
-    from rs_local.judge.probe_train import summary, train_probe
+    from rs_local.errors import FileProblem
+    from rs_local.judge.probe_train import summary, train_probe, train_rows
     from rs_local.runtime.vector_specs import parse_layer_range
 
     check_output(output, force)
     items = load_labelled(labelled)
+    try:
+        train_rows(items)  # before the model loads: a file a probe cannot learn from is its problem, said at once
+    except RsLocalError as exc:
+        raise FileProblem(labelled, str(exc)) from None
     span = parse_layer_range(blocks) if blocks else None
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     block_list = list(range(span[0], span[1] + 1)) if span else None

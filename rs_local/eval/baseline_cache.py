@@ -27,7 +27,7 @@ import numpy as np
 
 from rs_local.errors import FileProblem
 from rs_local.eval.metrics import Reference
-from rs_local.files import atomic_write_bytes, parse_json, read_text
+from rs_local.files import atomic_write_bytes, is_json_int, is_json_number, parse_json, read_text
 from rs_local.runtime.runner import Generation
 
 CACHE_VERSION = 1
@@ -175,8 +175,8 @@ def _generation(row: Any) -> Generation | None:
         return None
     text, tokens, logprobs = row.get("text"), row.get("tokens"), row.get("logprobs")
     finish, prompt_tokens = row.get("finish_reason"), row.get("prompt_tokens")
-    ints = isinstance(tokens, list) and all(type(t) is int and t >= 0 for t in tokens)
-    floats = isinstance(logprobs, list) and all(type(v) in (int, float) for v in logprobs)
-    if not (isinstance(text, str) and ints and floats and isinstance(finish, str) and type(prompt_tokens) is int):
+    ints = isinstance(tokens, list) and all(is_json_int(t) and t >= 0 for t in tokens)
+    floats = isinstance(logprobs, list) and all(is_json_number(v) for v in logprobs)
+    if not (isinstance(text, str) and ints and floats and isinstance(finish, str) and is_json_int(prompt_tokens)):
         return None
     return Generation(text, tokens, [float(v) for v in logprobs], finish, prompt_tokens)

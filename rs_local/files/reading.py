@@ -159,6 +159,16 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def is_json_int(value: Any) -> bool:
+    """A parsed JSON integer: Python's ``bool`` is an ``int`` too, but ``true`` is not a number in JSON."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_json_number(value: Any) -> bool:
+    """A parsed JSON number (integer or float, never ``true``/``false``); finiteness is the caller's rule."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def json_type(value: Any) -> str:
     """A parsed value's type for messages: ``null`` for JSON null (not "NoneType"), else the Python name."""
     return "null" if value is None else type(value).__name__

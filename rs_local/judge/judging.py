@@ -27,7 +27,9 @@ from typing import Iterator
 
 from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem
-from rs_local.files import atomic_write_text, check_output_path, dumps, iter_jsonl, read_text
+from rs_local.files import (
+    atomic_write_text, check_output_path, dumps, is_json_int, is_json_number, iter_jsonl, read_text,
+)
 from rs_local.judge.jsonl import HEADER_KEY, AppendLog, data_rows, is_header, starts_with_header
 from rs_local.judge.openai_http import JudgeUnavailable
 from rs_local.judge.respond import prompt_id as make_prompt_id
@@ -55,23 +57,16 @@ def _logged_verdict_key(row: dict) -> tuple[str, int, str]:
     """:func:`verdict_key` of a row read back from the verdicts log, which may have been edited:
     a row of the wrong shape raises ``ValueError`` (reported with its line) instead of failing later."""
     pid, sample, ahash = row["prompt_id"], row["sample"], row["answer_hash"]
-    if not isinstance(pid, str) or not isinstance(ahash, str) or not _is_int(sample):
+    if not isinstance(pid, str) or not isinstance(ahash, str) or not is_json_int(sample):
         raise ValueError("prompt_id and answer_hash must be text, sample a whole number")
-    if not _is_number(row.get("signed")) or not -1.000001 <= row["signed"] <= 1.000001 or not isinstance(row.get("prompt"), str):
+    signed = row.get("signed")
+    if not is_json_number(signed) or not -1.000001 <= signed <= 1.000001 or not isinstance(row.get("prompt"), str):
         raise ValueError("signed must be a number in [-1, 1] and prompt text")
-    if row.get("mean_logprob") is not None and not _is_number(row["mean_logprob"]):
+    if row.get("mean_logprob") is not None and not is_json_number(row["mean_logprob"]):
         raise ValueError("mean_logprob must be a number")
     if row.get("verdict") not in (-1, 0, 1) or isinstance(row.get("verdict"), bool):
         raise ValueError("verdict must be -1, 0 or 1")
     return pid, sample, ahash
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_responses(path: str | Path) -> list[dict]:
@@ -116,11 +111,11 @@ def _response_row(path: Path, lineno: int, rec: dict, seen: dict[str, int]) -> d
     sample = rec.get("sample")
     if sample is None:
         sample = seen.get(pid, 0)
-    elif not _is_int(sample) or sample < 0:
+    elif not is_json_int(sample) or sample < 0:
         raise FileProblem(path, f"line {lineno}: 'sample' must be a whole number >= 0")
     seen[pid] = sample + 1
     lp = rec.get("mean_logprob")
-    if lp is not None and not _is_number(lp):
+    if lp is not None and not is_json_number(lp):
         raise FileProblem(path, f"line {lineno}: 'mean_logprob' must be a number")
     return {
         "prompt_id": pid, "prompt": prompt, "sample": sample, "response": answer,

@@ -26,6 +26,7 @@ import urllib.request
 from typing import Any, Callable
 
 from rs_local.errors import RsLocalError
+from rs_local.files import is_json_number
 from rs_local.judge.rubric import _THINK, judge_messages, new_nonce, rubric_version
 from rs_local.judge.verdict import Verdict, label_probs, make_verdict
 
@@ -189,7 +190,7 @@ def _logprob(value: Any) -> float | None:
     """A log-probability as a server should send it: a finite real number, clipped at 0 (rounding can put
     a certain token a hair above). Anything else (a string, null, NaN, 1e999, a list) is no probability,
     so a server that sends it is judged by its verdict text instead of by a traceback or by exp() overflowing."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_json_number(value) or not math.isfinite(value):
         return None
     return min(float(value), 0.0)
 

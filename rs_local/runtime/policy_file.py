@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from rs_local.errors import FileProblem
+from rs_local.files import is_json_int, is_json_number
 from rs_local.vectors.control_vector import ControlVector
 
 ARCH = "rs_local_policy"
@@ -289,7 +290,7 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
             raise FileProblem(path, f"category {i} is not an object")
         field_of = _record_reader(path, i, rec)
         blocks = field_of("blocks", list, [])
-        if not all(_is_int(b) and 0 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
+        if not all(is_json_int(b) and 0 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
             raise FileProblem(path, f"category {i}: blocks must be distinct integers 0-{n_layer - 1}")
         name = field_of("name", str)
         vector = None
@@ -308,10 +309,6 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
                   _optional_str(path, kv, "decision") or "ovr")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 _MISSING = object()
 _KIND_NAMES = {float: "a finite number", int: "an integer", str: "a string", list: "a list"}
 
@@ -327,9 +324,9 @@ def _record_reader(path: Path, i: int, rec: dict[str, Any]):
             if default is _MISSING:
                 raise FileProblem(path, f"category {i} has no {key!r}")
             return default
-        if kind is float and (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
+        if kind is float and is_json_number(value) and math.isfinite(value):
             return float(value)
-        if kind is int and _is_int(value) or kind in (str, list) and isinstance(value, kind):
+        if kind is int and is_json_int(value) or kind in (str, list) and isinstance(value, kind):
             return value
         raise FileProblem(path, f"category {i}: {key!r} is not {_KIND_NAMES[kind]}")
     return field_of

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rs_local.errors import FileProblem, ModelError
+from rs_local.files import is_json_int
 
 DEFAULT_TOP = 3  # blocks when --routing-top is not given
 RULE = "top-K blocks by max |Cohen's d| of expert routing, refused vs answered (rs-local experts report)"
@@ -58,7 +59,7 @@ def read_routing(path: str | Path) -> RoutingReport:
         raise RoutingReportError(path, f"'cohen_d' must have one row per block ({len(blocks)})")
     strength = {b: _row_strength(path, b, row) for b, row in zip(blocks, rows)}
     n_layer = data.get("n_layer")
-    if n_layer is not None and (not _is_int(n_layer) or n_layer < 1 or max(blocks) >= n_layer):
+    if n_layer is not None and (not is_json_int(n_layer) or n_layer < 1 or max(blocks) >= n_layer):
         raise RoutingReportError(path, f"'n_layer' {n_layer!r} is not a block count covering blocks {min(blocks)}-{max(blocks)}")
     arch = data.get("arch", "")
     if not isinstance(arch, str):
@@ -66,15 +67,11 @@ def read_routing(path: str | Path) -> RoutingReport:
     return RoutingReport(path, arch, n_layer, strength)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _block_ids(path: Path, blocks: Any) -> list[int]:
     if not isinstance(blocks, list) or not blocks:
         raise RoutingReportError(path, "'blocks' must be a non-empty list")
     ids = [b.get("block") if isinstance(b, dict) else None for b in blocks]
-    if not all(_is_int(b) and b >= 0 for b in ids):
+    if not all(is_json_int(b) and b >= 0 for b in ids):
         raise RoutingReportError(path, "every entry of 'blocks' needs a block index >= 0")
     if len(set(ids)) != len(ids):
         raise RoutingReportError(path, "a block is listed twice in 'blocks'")
@@ -122,7 +119,7 @@ def check_model_file(report: RoutingReport, model: str) -> None:
         return  # the loader reports these
     arch = str(meta.get("general.architecture", ""))
     n_layer = meta.get(f"{arch}.block_count")
-    if _is_int(n_layer):
+    if is_json_int(n_layer):
         check_model(report, arch, n_layer)
 
 

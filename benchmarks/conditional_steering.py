@@ -6,6 +6,7 @@
         [--policy-out policy.gguf] [--borderline alarming|jbb]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
+    python benchmarks/conditional_steering.py --write-split split/    # the split as JSONL files for the CLI
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
 induced-refusal topic written for this benchmark) is split by a hash of each prompt into a
@@ -97,6 +98,23 @@ def split_sets(n_borderline: int = N_BORDERLINE, borderline: str = "alarming"
         fit[name] = [p for p in prompts if not held_out(p)]
         test[name] = [p for p in prompts if held_out(p)]
     return fit, test
+
+
+def write_split(where: Path, n_borderline: int = N_BORDERLINE, borderline: str = "alarming") -> list[Path]:
+    """The split of :func:`split_sets` as JSONL files, so the CLI measures on exactly the benchmark's prompts.
+
+    Refuses to overwrite: a file already there may be a split someone measured on.
+    """
+    fit, test = split_sets(n_borderline, borderline)
+    files = {where / f"{name}_{part}.jsonl": prompts for part, sets in (("fit", fit), ("test", test))
+             for name, prompts in sets.items()}
+    taken = [str(p) for p in files if p.exists()]
+    if taken:
+        raise SystemExit(f"--write-split: {', '.join(taken)} exist; remove them or choose another directory")
+    where.mkdir(parents=True, exist_ok=True)
+    for path, prompts in files.items():
+        path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    return list(files)
 
 
 def msgs(p: str) -> list[dict[str, str]]:
@@ -410,7 +428,14 @@ def main() -> None:
     ap.add_argument("--routing-cv", default=None, metavar="MODEL[,MODEL]",
                     help="Only cross-validate the gate's routing on the fitting split, with each model's reading "
                          "and (two models) both side by side; about two minutes per model.")
+    ap.add_argument("--write-split", type=Path, default=None, metavar="DIR",
+                    help="Only write the benchmark's split as DIR/<set>_fit.jsonl and DIR/<set>_test.jsonl "
+                         "(one {\"prompt\": ...} per line) for the CLI (isolate, eval) to read, then stop.")
     args = ap.parse_args()
+    if args.write_split:
+        for path in write_split(args.write_split, args.borderline_n, args.borderline):
+            print(f"wrote {path}")
+        return
     if args.routing_cv:
         names = [m.strip() for m in args.routing_cv.split(",") if m.strip()]
         if not 1 <= len(names) <= 2:

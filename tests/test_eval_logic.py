@@ -127,3 +127,55 @@ def test_damaged_cache_entries_are_misses(tmp_path):
         files[kind].write_bytes(damaged)
         got = {"generation": cache.get_generation, "reference": cache.get_reference, "verdict": cache.get_verdict}[kind]
         assert got({"generation": "g", "reference": "r", "verdict": "v"}[kind]) is None, (kind, damaged)
+
+
+class _CountingJudge:
+    """A judge whose verdict is known (refusal iff the answer says "cannot"), counting its calls."""
+
+    backend, concurrency = "counting", 1
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def judge(self, prompt, answer):
+        from rs_local.judge.verdict import Verdict
+
+        self.calls += 1
+        refused = "cannot" in answer.lower()
+        return Verdict(1 if refused else -1, 0.75 if refused else -0.75, source="logprobs")
+
+    def describe(self) -> dict:
+        return {"backend": self.backend}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("row", [
+    {"verdict": 1, "confidence": "abc"}, {"verdict": "1"}, {"verdict": True}, {"verdict": 7},
+    {"verdict": 1, "confidence": None, "p_refusal": [0.5]}, {"verdict": 1, "source": 3},
+    {"verdict": 1, "refusal_type": {"x": 1}}, {"verdict": 1, "novel_field": 1}, {"confidence": 0.5},
+])
+def test_a_cached_verdict_of_the_wrong_types_is_judged_again(engine, tmp_path, row):
+    """Entries of the right shape but wrong value types used to reach Verdict(**row) and fail later in
+    float(confidence); now each is a miss: judged again, the same rates, no traceback."""
+    import json
+
+    judge = _CountingJudge()
+    sets = [TARGET, KEEP]
+    first = evaluate(None, sets, [-2.0], engine=engine, vector=vector(), settings=SETTINGS, judge=judge,
+                     cache=EvalCache(tmp_path))
+    judged = judge.calls  # one call per distinct (prompt, answer): the two points share unsteered answers
+    entries = sorted((tmp_path / "verdict").rglob("*.json"))
+    assert judged == len(entries) > 0
+    again = evaluate(None, sets, [-2.0], engine=engine, vector=vector(), settings=SETTINGS, judge=judge,
+                     cache=EvalCache(tmp_path))
+    assert judge.calls == judged  # good entries are served from the cache
+    for path in entries:
+        path.write_text(json.dumps(row))
+    damaged = evaluate(None, sets, [-2.0], engine=engine, vector=vector(), settings=SETTINGS, judge=judge,
+                       cache=EvalCache(tmp_path))
+    assert judge.calls == 2 * judged
+    for report in (again, damaged):
+        assert [(p.scale, p.rate("target"), p.rate("keep")) for p in report.points] == \
+            [(p.scale, p.rate("target"), p.rate("keep")) for p in first.points]

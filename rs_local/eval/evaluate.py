@@ -352,13 +352,9 @@ class Evaluator:
         if self.judge is self.keywords:
             return self.keywords.judge(prompt, answer)
         key = {"judge": self._judge_key, "prompt": prompt, "answer": answer}
-        row = self.cache.get_verdict(key)
-        if row is not None:
-            row.pop("signed", None)
-            try:
-                return Verdict(**row)
-            except TypeError:  # an entry written by another version or damaged: judge again
-                pass
+        cached = Verdict.from_row(self.cache.get_verdict(key))  # None: a miss, or an entry to judge again
+        if cached is not None:
+            return cached
         verdict = self.judge.judge(prompt, answer)
         self.cache.put_verdict(key, verdict.as_row())
         return verdict

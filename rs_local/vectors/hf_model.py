@@ -199,7 +199,8 @@ def _one_gguf_reader() -> Iterator[None]:
     Qwen2.5's vocabulary and merges): measured on 2 cores, 28 s of the first Qwen2.5-Coder-0.5B
     load, of which dequantizing took 4. Transformers imports the class from ``gguf`` at each call,
     so swapping the module attribute for the load reaches every step; a reader is only read from,
-    so sharing it changes nothing in what is loaded (the cached-weights test compares the two).
+    so sharing it changes nothing in what is loaded (tests/test_hf_cache.py loads both ways and compares).
+    The swap is process-wide while the load runs: rs-local loads one Transformers model at a time.
     """
     try:
         import gguf

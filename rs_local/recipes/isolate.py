@@ -220,6 +220,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     _check_refused(first, names)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     band = _layers(recipe.layers, fm.n_layer)
+    say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None))
     fit = GradientContrast(fm, band, recipe.answer_tokens)
     fit.add(first["political"], first["harmful"], say=say)

@@ -311,14 +311,27 @@ def _forward(fm: FitModel, input_ids, mask, position_ids, past, upto: int, recor
     handles = [blk.register_forward_hook(make_hook(i)) for i, blk in enumerate(fm.blocks) if i <= upto]
     try:
         with torch.inference_mode():
-            fm.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                    use_cache=cache is not None)
+            fm.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                    use_cache=cache is not None, **{_cache_kwarg(fm): cache})
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
     return cache
+
+
+def _cache_kwarg(fm: FitModel) -> str:
+    """The name the model's forward takes its key/value cache by: ``cache`` in recent Transformers 5.x,
+    ``past_key_values`` before. The old name still works there but prints a FutureWarning on every
+    capture and goes away in 5.40, inside the range rs-local accepts, so the name is read off the signature."""
+    import inspect
+
+    try:
+        params = inspect.signature(fm.base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a readable signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _run_batch(fm: FitModel, ids: list[list[int]], n_suffix: list[int], position: str, upto: int,

@@ -146,7 +146,7 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
     identity = model_identity(Path(path), name) | {"dtype": dtype}
-    tokenizer, lm = _load_transformers(transformers, Path(path), where, extra, torch_dtype, identity)
+    tokenizer, lm = _load_transformers(transformers, Path(path), where, extra, torch_dtype, identity, progress)
     lm.eval()
     lm.requires_grad_(False)
     base, blocks = _find_blocks(lm)
@@ -167,12 +167,20 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
 
 
 def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[str, Any], torch_dtype: Any,
-                       identity: dict[str, Any]) -> tuple[Any, Any]:
-    """Tokenizer and model: from the disk cache when a GGUF was loaded before, else from the GGUF (then cached)."""
+                       identity: dict[str, Any], progress=None) -> tuple[Any, Any]:
+    """Tokenizer and model: from the disk cache when a GGUF was loaded before, else from the GGUF (then cached).
+
+    ``progress`` hears one line first: a first load of a GGUF is a silent quarter of a minute or more.
+    """
     from rs_local.vectors import hf_cache
 
     cached = "gguf_file" in extra and hf_cache.enabled()
     entry = hf_cache.entry_dir(identity, transformers.__version__) if cached else None
+    if progress is not None:
+        first = "gguf_file" in extra and (entry is None or not (entry / hf_cache.DONE).is_file())
+        progress(f"loading {path.name} into Transformers" + (
+            " (first load: dequantizing the GGUF, 15-30 s on 2 cores" + ("; later loads read a cache)" if cached else ")")
+            if first else ""))
     with _quiet_transformers():
         hit = hf_cache.load(entry, transformers, torch_dtype) if entry else None
         if hit is not None:

@@ -106,11 +106,16 @@ def _prompts() -> list[PromptSet]:
 def _label(runner, sets, settle: int, cache: EvalCache) -> tuple[dict, Evaluator]:
     """What ``label_refusals`` does: one evaluator, keyword verdicts per set at the plain model.
 
-    ``exact``: a KV stream per sequence, where a cut answer is exactly a prefix of the whole one
-    (in the default shared pool the batch's composition changes as answers stop, which may flip
-    a near-tied token; ``tests/test_eval.py`` bounds how far the pool moves rows)."""
-    ev = Evaluator(runner, sets, cache=cache, settings=EvalSettings(max_tokens=32, kl_set=None, batch=4, seq_ctx=256,
-                                                                    settle=settle, exact=True))
+    One sequence at a time on the batched engine (its early stop included), so a cut answer is
+    exactly a prefix of the whole one on every CPU. With several sequences, even a KV stream per
+    sequence does not make rows independent of the batch everywhere: on an AVX-512 EPYC, Qwen2.5's
+    Q8_0 rows moved with the batch size (KL up to 0.002 per token; SmolLM2's Q4_1 rows did not),
+    which can flip a near-tied token; ``tests/test_eval.py`` bounds how far batches move rows."""
+    from rs_local.runtime.batched import BatchEngine
+
+    engine = BatchEngine(runner, n_seq=1, seq_ctx=256)
+    ev = Evaluator(runner, sets, engine=engine, cache=cache,
+                   settings=EvalSettings(max_tokens=32, kl_set=None, settle=settle))
     try:
         out = {}
         for s in sets:
@@ -120,6 +125,7 @@ def _label(runner, sets, settle: int, cache: EvalCache) -> tuple[dict, Evaluator
         return out, ev
     finally:
         ev.close()
+        engine.close()
 
 
 @pytest.fixture(scope="module")

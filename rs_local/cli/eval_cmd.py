@@ -49,9 +49,11 @@ def eval_options(f: Callable) -> Callable:
                      help="Sequences per llama.cpp batch (1 = one at a time, exactly as `rs-local chat`; "
                           "default: as many as fit 1 GiB of KV cache, at most 32)."),
         click.option("--exact", is_flag=True,
-                     help="Make every answer independent of --batch and of which prompts share a batch (a KV "
-                          "stream per sequence, about 0.6x the speed). Without it the batch shares one KV pool: "
-                          "repeatable, but a near-tied token can differ between batch sizes."),
+                     help="A KV stream per sequence (about 0.6x the speed): no prompt shares a KV pool with another, "
+                          "so answers do not depend on --batch where llama.cpp's kernels compute a row the same "
+                          "whatever the batch (not on every CPU and quantization; --batch 1 is exact everywhere). "
+                          "Without it the batch shares one KV pool: repeatable, but a near-tied token can differ "
+                          "between batch sizes."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the baseline/verdict cache."),
         click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Output directory."),
         click.option("--force", is_flag=True, help="Write into an existing output directory."),

@@ -54,7 +54,8 @@ class EvalSettings:
     #: labelling, where only the verdict and the first tokens are read. Needs the batched
     #: engine; the KL set's answers (teacher-forced for the KL) are never cut.
     settle: int = 0
-    #: True: each answer independent of the batch (a KV stream per sequence, ~0.6x the speed);
+    #: True: a KV stream per sequence (~0.6x the speed): each answer independent of the batch where
+    #: llama.cpp's kernels allow it (not Qwen2.5's Q8_0 on AVX-512; see make_engine);
     #: False: one shared KV pool, faster, repeatable for the same prompts and batch
     #: (see :func:`rs_local.eval.engines.make_engine`).
     exact: bool = False

@@ -109,7 +109,7 @@ def _label(runner, sets, settle: int, cache: EvalCache) -> tuple[dict, Evaluator
     One sequence at a time on the batched engine (its early stop included), so a cut answer is
     exactly a prefix of the whole one on every CPU. With several sequences, even a KV stream per
     sequence does not make rows independent of the batch everywhere: on an AVX-512 EPYC, Qwen2.5's
-    Q8_0 rows moved with the batch size (KL up to 0.002 per token; SmolLM2's Q4_1 rows did not),
+    Q4_K_M rows moved with the batch size (KL up to 0.002 per token; SmolLM2's Q4_1 rows did not),
     which can flip a near-tied token; ``tests/test_eval.py`` bounds how far batches move rows."""
     from rs_local.runtime.batched import BatchEngine
 

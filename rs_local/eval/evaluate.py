@@ -55,7 +55,7 @@ class EvalSettings:
     #: engine; the KL set's answers (teacher-forced for the KL) are never cut.
     settle: int = 0
     #: True: a KV stream per sequence (~0.6x the speed): each answer independent of the batch where
-    #: llama.cpp's kernels allow it (not Qwen2.5's Q8_0 on AVX-512; see make_engine);
+    #: llama.cpp's kernels allow it (not Qwen2.5's Q4_K_M on AVX-512; see make_engine);
     #: False: one shared KV pool, faster, repeatable for the same prompts and batch
     #: (see :func:`rs_local.eval.engines.make_engine`).
     exact: bool = False

@@ -145,8 +145,9 @@ class BatchEngine(OwnedContext, RunnerModel):
         # kv_unified False: a KV stream per sequence, each sequence's rows independent of what else is
         # in the batch where llama.cpp's matrix kernels give a row the same result whatever the number
         # of rows (not Qwen2.5's Q4_K_M on an AVX-512 EPYC; see make_engine). True: one pool, where
-        # a step that admits prompts is one graph pass instead of llama.cpp's equal per-sequence split, faster but with rows that move with the batch's
-        # composition; the measured trade and the choice are at rs_local.eval.engines.make_engine.
+        # a step that admits prompts is one graph pass instead of llama.cpp's equal per-sequence split,
+        # faster but with rows that move with the batch's composition; the measured trade and the
+        # choice are at rs_local.eval.engines.make_engine.
         params.kv_unified = kv_unified
         # Batches run on n_threads_batch; llama-cpp-python defaults it to every core, which
         # on a busy machine makes OpenMP threads spin against each other. Use the Runner's count.

@@ -131,8 +131,9 @@ def pmi_features(rows: list[dict], max_tokens: int = 96, batch: int = 8) -> np.n
     whole answer (first ``max_tokens``) and its first 16 tokens; the answering model's own chat."""
     import torch
 
-    from rs_local.vectors.capture import _pad_id, render
+    from rs_local.vectors.capture import render
     from rs_local.vectors.hf_model import load_model
+    from rs_local.vectors.refusal_gradient import answer_batch
 
     fm = load_model("qwen2.5-coder-0.5b")
     tok = fm.tokenizer
@@ -143,21 +144,12 @@ def pmi_features(rows: list[dict], max_tokens: int = 96, batch: int = 8) -> np.n
         seqs.append((tok(render(fm, r["prompt"]), add_special_tokens=False)["input_ids"], answer or [tok.eos_token_id]))
 
     def answer_logprobs(pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        t = max(len(p) + len(a) for p, a in pairs)
-        ids = torch.full((len(pairs), t), _pad_id(fm))
-        mask = torch.zeros((len(pairs), t), dtype=torch.long)
-        at, targets = [], []
-        for r, (p, a) in enumerate(pairs):  # left padding; logits at column j predict token j + 1
-            start = t - len(p) - len(a)
-            ids[r, start:], mask[r, start:] = torch.tensor(p + a), 1
-            at += [(r, start + len(p) - 1 + k) for k in range(len(a))]
-            targets += a
+        b = answer_batch(fm, pairs)
         with torch.no_grad():
-            hidden = fm.base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            hidden = fm.base(input_ids=b.ids, attention_mask=b.mask, position_ids=b.position_ids,
                              use_cache=False).last_hidden_state
-            rows_, cols = zip(*at)
-            logp = torch.log_softmax(fm.model.get_output_embeddings()(hidden[list(rows_), list(cols)]).float(), -1)
-            flat = logp[torch.arange(len(targets)), torch.tensor(targets)].numpy()
+            logp = torch.log_softmax(fm.model.get_output_embeddings()(hidden[b.rows, b.cols]).float(), -1)
+            flat = logp[torch.arange(len(b.targets)), torch.tensor(b.targets)].numpy()
         return np.split(flat, np.cumsum([len(a) for _p, a in pairs])[:-1])
 
     out = np.zeros((len(rows), 2))

@@ -100,34 +100,60 @@ def _steer_tensors(fm, steer: Any) -> dict:
     return {l: torch.tensor(d * scale, dtype=dtype) for l, d in vec.directions.items() if l < fm.n_layer}
 
 
-def _batch_gradients(fm, seqs: list[tuple[list[int], list[int]]], layers: Sequence[int], fixed: dict) -> list[np.ndarray]:
-    """Per layer ``[b, d]``: each row's gradient of its answer's log-prob w.r.t. its own added vector."""
+@dataclass
+class AnswerBatch:
+    """(prompt, answer) token pairs left-padded into one batch, and where each answer token is predicted."""
+
+    ids: Any  # [b, t] token ids, padding on the left, so every sequence ends at the last column
+    mask: Any  # [b, t] attention mask
+    position_ids: Any  # [b, t] positions counted from each sequence's first real token
+    rows: list[int]  # per answer token: its batch row ...
+    cols: list[int]  # ... and the column whose logits predict it
+    targets: list[int]  # ... and the token itself
+
+
+def answer_batch(fm, seqs: Sequence[tuple[list[int], list[int]]]) -> AnswerBatch:
+    """Left-pad ``(prompt_ids, answer_ids)`` pairs for one forward pass that scores every answer token.
+
+    Shared by the refusal gradients and the judge benchmark's question-answer PMI, so the padding,
+    masking and off-by-one of "logits at column j predict token j + 1" live in one place.
+    """
     import torch
 
     from rs_local.vectors.capture import _pad_id
 
-    dtype = next(fm.model.parameters()).dtype
     b, t = len(seqs), max(len(p) + len(a) for p, a in seqs)
     ids = torch.full((b, t), _pad_id(fm), dtype=torch.long)
     mask = torch.zeros((b, t), dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for r, (p, a) in enumerate(seqs):
-        start = t - len(p) - len(a)  # left padding: the sequence ends at the last column
-        ids[r, start:] = torch.tensor(p + a, dtype=torch.long)
+        start = t - len(p) - len(a)
+        ids[r, start:] = torch.tensor(list(p) + list(a), dtype=torch.long)
         mask[r, start:] = 1
-        for k, token in enumerate(a):  # logits at position j predict token j + 1
+        for k, token in enumerate(a):
             rows.append(r)
             cols.append(start + len(p) - 1 + k)
             targets.append(token)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    deltas = {l: torch.zeros((b, fm.n_embd), dtype=dtype, requires_grad=True) for l in layers}
+    return AnswerBatch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), rows, cols, targets)
+
+
+def _batch_gradients(fm, seqs: list[tuple[list[int], list[int]]], layers: Sequence[int], fixed: dict) -> list[np.ndarray]:
+    """Per layer ``[b, d]``: each row's gradient of its answer's log-prob w.r.t. its own added vector."""
+    import torch
+
+    dtype = next(fm.model.parameters()).dtype
+    batch = answer_batch(fm, seqs)
+    deltas = {l: torch.zeros((len(seqs), fm.n_embd), dtype=dtype, requires_grad=True) for l in layers}
     handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l][:, None, :])) for l in layers]
     handles += [fm.blocks[l].register_forward_hook(_adder(v)) for l, v in fixed.items()]
     try:
-        hidden = fm.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        picked = hidden[torch.tensor(rows), torch.tensor(cols)]
+        hidden = fm.base(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.position_ids,
+                         use_cache=False).last_hidden_state
+        picked = hidden[torch.tensor(batch.rows), torch.tensor(batch.cols)]
         logp = torch.log_softmax(fm.model.get_output_embeddings()(picked).float(), dim=-1)
-        score = logp[torch.arange(len(targets)), torch.tensor(targets)].sum()
+        score = logp[torch.arange(len(batch.targets)), torch.tensor(batch.targets)].sum()
         grads = torch.autograd.grad(score, [deltas[l] for l in layers])
     finally:
         for h in handles:

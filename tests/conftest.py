@@ -21,6 +21,25 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _repack_setting_is_per_test():
+    """Put RS_LOCAL_REPACK back after every test.
+
+    A command run with ``--repack``/``--no-repack`` sets it for the rest of its process, so that every
+    model load of the command follows the flag. Run in-process by a CLI test, that leaked into every
+    later test: from tests/test_host.py on, the rest of the suite ran without weight repacking (the
+    default on most CPUs), which hid a batch-dependence of Qwen's rows on an AVX-512 CPU.
+    """
+    from rs_local.runtime.host import REPACK_ENV
+
+    before = os.environ.get(REPACK_ENV)
+    yield
+    if before is None:
+        os.environ.pop(REPACK_ENV, None)
+    else:
+        os.environ[REPACK_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (llama arch, 30 blocks, n_embd 576)."""

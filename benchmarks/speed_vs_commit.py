@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"  {r['error']}" if r["error"] else ""), flush=True)
             summary = _summary(job, runs)
             results["jobs"][job] = summary
-            print(f"{job:8s} base/head {summary['ratio']}x  (mean {summary['base_s']} s / {summary['head_s']} s)"
+            ratio = f"{summary['ratio']}x" if summary["ok"] else "n/a (a run failed; its stderr is in the line above)"
+            print(f"{job:8s} base/head {ratio}  (mean {summary['base_s']} s / {summary['head_s']} s)"
                   + (f"  vector cosine per block {summary['cosine']}" if "cosine" in summary else ""), flush=True)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False)

@@ -50,7 +50,7 @@ def eval_options(f: Callable) -> Callable:
                           "default: as many as fit 1 GiB of KV cache, at most 32)."),
         click.option("--exact", is_flag=True,
                      help="A KV stream per sequence (about 0.6x the speed): no prompt shares a KV pool with another, "
-                          "so answers do not depend on --batch where llama.cpp's kernels compute a row the same "
+                          "so answers do not depend on --batch where llama.cpp computes each sequence the same "
                           "whatever the batch (not on every CPU and quantization; --batch 1 is exact everywhere). "
                           "Without it the batch shares one KV pool: repeatable, but a near-tied token can differ "
                           "between batch sizes."),

@@ -142,9 +142,9 @@ class BatchEngine(OwnedContext, RunnerModel):
         params.n_seq_max = n_seq
         params.n_outputs_max = 0
         params.n_outputs_max_per_seq = 0
-        # kv_unified False: a KV stream per sequence, each sequence's rows independent of what else is
-        # in the batch where llama.cpp's matrix kernels give a row the same result whatever the number
-        # of rows (not Qwen2.5's Q4_K_M on an AVX-512 EPYC; see make_engine). True: one pool, where
+        # kv_unified False: a KV stream per sequence; its rows were independent of the rest of the
+        # batch on every CPU and quantization measured but one (Qwen2.5's Q4_K_M on an AVX-512 EPYC;
+        # see make_engine). True: one pool, where
         # a step that admits prompts is one graph pass instead of llama.cpp's equal per-sequence split,
         # faster but with rows that move with the batch's composition; the measured trade and the
         # choice are at rs_local.eval.engines.make_engine.

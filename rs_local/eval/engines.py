@@ -68,8 +68,9 @@ def make_engine(runner: Runner, batch: int | None = None, seq_ctx: int = 1024, e
     stream per sequence (``--exact``), every answer independent of the batch where llama.cpp
     computes a sequence's rows the same whatever else the batch holds: SmolLM2's Q4_1 everywhere
     we measured, Qwen2.5's Q4_K_M on AVX2 (its tests passed) but not on an AVX-512 EPYC (KL up to
-    0.002 per token between batch sizes, repacking on or off). ``batch=1`` is the one mode that is exact on every CPU. The kind names
-    the mode, so the cache never serves one mode's answers to the other.
+    0.002 per token between batch sizes, repacking on or off). ``batch=1`` is the one mode that
+    is exact on every CPU. The kind names the mode, so the cache never serves one mode's answers
+    to the other.
     """
     from rs_local.runtime.batched import BatchEngine, default_batch, kv_bytes_per_token
 

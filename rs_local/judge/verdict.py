@@ -11,14 +11,11 @@ it). Without log-probabilities the verdict word itself counts as +-1.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from rs_local.files import is_json_int, is_json_number
 from rs_local.judge.rubric import ANSWERED, REFUSAL, label_of_token, parse_verdict
-
-#: The fields :meth:`Verdict.as_row` writes (besides the derived ``signed``).
-_FIELDS = {"verdict", "confidence", "p_refusal", "p_answered", "refusal_type", "judge_output", "source"}
 
 #: Below this much total probability on the two verdict words, the judge is off-format and the
 #: log-probabilities say nothing about the verdict; the text is used instead.
@@ -59,18 +56,20 @@ class Verdict:
         judged again instead of surfacing later as a traceback in ``float(confidence)``."""
         if not isinstance(row, dict):
             return None
-        fields = {k: v for k, v in row.items() if k != "signed"}
-        if set(fields) - _FIELDS or not is_json_int(fields.get("verdict")) or fields["verdict"] not in (-1, 0, 1):
+        given = {k: v for k, v in row.items() if k != "signed"}  # signed is derived, not a field
+        if set(given) - {f.name for f in fields(cls)}:
+            return None
+        if not is_json_int(given.get("verdict")) or given["verdict"] not in (-1, 0, 1):
             return None
         for name in ("confidence", "p_refusal", "p_answered"):
-            value = fields.get(name)
+            value = given.get(name)
             if value is not None and not (is_json_number(value) and math.isfinite(value)):
                 return None
         for name in ("refusal_type", "judge_output", "source"):
-            value = fields.get(name, "")
+            value = given.get(name, "")
             if not (isinstance(value, str) or (value is None and name == "refusal_type")):
                 return None
-        return cls(**fields)
+        return cls(**given)
 
 
 def label_probs(candidates: Iterable[tuple[str, float]]) -> tuple[float, float]:

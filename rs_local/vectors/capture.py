@@ -32,6 +32,7 @@ refitting with another method or lambda skips the forward passes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -324,11 +325,17 @@ def _forward(fm: FitModel, input_ids, mask, position_ids, past, upto: int, recor
 def _cache_kwarg(fm: FitModel) -> str:
     """The name the model's forward takes its key/value cache by: ``cache`` in recent Transformers 5.x,
     ``past_key_values`` before. The old name still works there but prints a FutureWarning on every
-    capture and goes away in 5.40, inside the range rs-local accepts, so the name is read off the signature."""
+    capture and goes away in 5.40, inside the range rs-local accepts, so the name is read off the signature
+    (once per model class: this runs for every batch)."""
+    return _cache_kwarg_of(type(fm.base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
     import inspect
 
     try:
-        params = inspect.signature(fm.base.forward).parameters
+        params = inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a readable signature
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"

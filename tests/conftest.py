@@ -22,22 +22,24 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _repack_setting_is_per_test():
-    """Put RS_LOCAL_REPACK back after every test.
+def _host_settings_are_per_test():
+    """Put RS_LOCAL_REPACK and RS_LOCAL_BF16 back after every test.
 
-    A command run with ``--repack``/``--no-repack`` sets it for the rest of its process, so that every
-    model load of the command follows the flag. Run in-process by a CLI test, that leaked into every
-    later test: from tests/test_host.py on, the rest of the suite ran without weight repacking (the
-    default on most CPUs), which hid a batch-dependence of Qwen's rows on an AVX-512 CPU.
+    A command run with ``--repack``/``--no-repack`` (or ``--bf16``/``--no-bf16``) sets the variable for
+    the rest of its process, so that every model load (every fit) of the command follows the flag. Run
+    in-process by a CLI test, that leaked into every later test: from tests/test_host.py on, the rest of
+    the suite ran without weight repacking (the default on most CPUs), which hid a batch-dependence of
+    Qwen's rows on an AVX-512 CPU.
     """
-    from rs_local.runtime.host import REPACK_ENV
+    from rs_local.runtime.host import BF16_ENV, REPACK_ENV
 
-    before = os.environ.get(REPACK_ENV)
+    before = {name: os.environ.get(name) for name in (REPACK_ENV, BF16_ENV)}
     yield
-    if before is None:
-        os.environ.pop(REPACK_ENV, None)
-    else:
-        os.environ[REPACK_ENV] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

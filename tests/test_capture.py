@@ -200,6 +200,20 @@ def test_disk_cache_hits_and_keys(fm, tmp_path):
     assert not capture(fm, PROMPTS[:2], cache=tmp_path, system="Be terse.").from_cache
 
 
+def test_bf16_pass_tracks_float32_and_has_its_own_cache_entry(fm, tmp_path):
+    """bfloat16 autocast (isolate's default on CPUs with native bfloat16) moves rows a little, never
+    silently: a float32 entry is not served for a bfloat16 capture, nor the other way round."""
+    full = capture(fm, PROMPTS[:3], cache=tmp_path, upto=12)
+    half = capture(fm, PROMPTS[:3], cache=tmp_path, upto=12, bf16=True)
+    assert not half.from_cache and len(list(tmp_path.glob("*.npz"))) == 2
+    assert capture(fm, PROMPTS[:3], cache=tmp_path, upto=12, bf16=True).from_cache
+    a, b = full.raw[:, 1:13].astype(np.float64), half.raw[:, 1:13].astype(np.float64)
+    assert not np.array_equal(a, b)  # the products really ran in bfloat16
+    rel = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
+    assert rel.max() < 0.05, rel.max()
+    assert np.isnan(half.raw[:, 13:]).all()  # upto holds as in float32
+
+
 def test_a_damaged_cache_entry_is_recaptured(fm, tmp_path):
     """Cut, emptied, foreign or inconsistent entries: captured again, never a traceback (numpy reports a
     damaged .npz as BadZipFile or EOFError, which are not OSError)."""

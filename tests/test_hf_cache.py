@@ -79,28 +79,35 @@ def test_the_switch(monkeypatch, value, on):
 
 def test_a_gguf_load_builds_one_reader_and_loads_what_a_reader_per_step_loads(smollm2_path, monkeypatch):
     """The shared reader is a speed fix only: one GGUFReader per load (Transformers would build three),
-    and the same weights and tokenizer as Transformers' own reader per step."""
+    over a plain array view of the file instead of a memmap, and the same weights and tokenizer as
+    Transformers' own reader per step."""
     import contextlib
 
     import gguf
+    import numpy as np
 
     monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")
     built: list[str] = []
+    kinds: list[type] = []
     original = gguf.GGUFReader
 
     class Counting(original):  # type: ignore[misc,valid-type]
         def __init__(self, path, *args, **kwargs):
             built.append(str(path))
             super().__init__(path, *args, **kwargs)
+            kinds.append(type(self.data))
 
     monkeypatch.setattr(gguf, "GGUFReader", Counting)
     shared = _load(smollm2_path)
     assert len(built) == 1, f"the GGUF was parsed {len(built)} times in one load"
+    assert kinds == [np.ndarray]  # not np.memmap: slicing stays in C
 
     built.clear()
+    kinds.clear()
     monkeypatch.setattr(hf_model, "_one_gguf_reader", contextlib.nullcontext)
     own = _load(smollm2_path)
     assert len(built) >= 2  # without it Transformers parses per step: the saving is real
+    assert set(kinds) == {np.memmap}
     _same(shared, own)
     hf_model.clear_cache()
     assert gguf.GGUFReader is Counting  # the load put the module attribute back

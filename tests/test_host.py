@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from rs_local.errors import RsLocalError
 from rs_local.runtime import host
-from rs_local.runtime.host import REPACK_ENV, decide_repack
+from rs_local.runtime.host import BF16_ENV, REPACK_ENV, decide_bf16, decide_repack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +59,21 @@ GRAVITON = """processor\t: 0
 BogoMIPS\t: 243.75
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm sve i8mm
 CPU implementer\t: 0x41
+"""
+ZEN4_VM = """processor\t: 0
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni
+
+processor\t: 1
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni
+"""
+ICE_LAKE = """processor\t: 0
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni
 """
 SYSTEM_INFO_AMX = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 |"
 SYSTEM_INFO_PLAIN = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 |"
@@ -103,6 +118,32 @@ def test_repack_overrides_take_precedence():
     assert decide_repack(False, env={REPACK_ENV: "1"}, **plain).reason == "--no-repack"
     with pytest.raises(RsLocalError, match=REPACK_ENV):
         decide_repack(env={REPACK_ENV: "maybe"}, **plain)
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (SAPPHIRE_RAPIDS, True),  # AMX and AVX-512 BF16
+        (ZEN4_VM, True),  # AVX-512 BF16 without AMX (the CPU the speed-up was measured on)
+        (ICE_LAKE, False),  # AVX-512 without BF16: torch would emulate it
+        (ZEN_LAPTOP, False),
+        (GRAVITON, False),  # not measured on ARM: float32 stays
+    ],
+)
+def test_bf16_gradients_exactly_where_the_cpu_does_bfloat16(cpuinfo, expected):
+    decision = decide_bf16(env={}, flags=host.cpu_flags(cpuinfo))
+    assert decision.enabled is expected
+    assert ("bf16" in decision.reason) is expected
+
+
+def test_bf16_overrides_take_precedence():
+    native, plain = host.cpu_flags(ZEN4_VM), host.cpu_flags(ZEN_LAPTOP)
+    assert decide_bf16(env={BF16_ENV: "0"}, flags=native).enabled is False
+    assert decide_bf16(env={BF16_ENV: "yes"}, flags=plain).enabled is True
+    assert decide_bf16(env={BF16_ENV: "auto"}, flags=native).enabled is True
+    assert decide_bf16(False, env={BF16_ENV: "1"}, flags=native).reason == "--no-bf16"  # flag beats env
+    with pytest.raises(RsLocalError, match=BF16_ENV):
+        decide_bf16(env={BF16_ENV: "fast"}, flags=plain)
 
 
 def test_threads_from_physical_cores_and_affinity():
@@ -214,6 +255,8 @@ def test_doctor_reports_build_and_decision(monkeypatch):
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["repack"] == {"enabled": False, "reason": f"{REPACK_ENV}=0"}
+    monkeypatch.setenv(BF16_ENV, "1")
+    assert json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)["bf16_gradients"] == f"on ({BF16_ENV}=1)"
     assert "CPU :" in report["llama_cpp_system_info"]
     assert report["threads"] >= 1
     version = CliRunner().invoke(cli, ["--version"])

@@ -52,6 +52,11 @@ def test_isolate_writes_a_vector(fitted):
     assert vec.layers == list(range(8, 15)) and vec.n_embd == 896
     assert vec.metadata["method"] == "refusal-gradient contrast"
     assert "rs-local sweep" in res.output
+    from rs_local.runtime.host import decide_bf16
+
+    bf16 = decide_bf16()  # this machine's choice, which the fit followed and recorded
+    assert vec.metadata["gradient_dtype"] == ("bfloat16" if bf16.enabled else "float32")
+    assert f"Transformers passes in {vec.metadata['gradient_dtype']} ({bf16.reason})" in res.output
 
 
 def test_isolate_lowers_target_refusal_more_than_keep(fitted, qwen_path):
@@ -118,6 +123,19 @@ def test_isolate_messages_name_the_users_sets(tmp_path, smollm2_path):
     assert "refuses none of the target (my_topics.jsonl) prompts" in res.output
     assert "political" not in res.output.lower() and "harmful" not in res.output.lower()
     assert "Traceback" not in res.output and not out.exists()
+
+
+def test_isolate_bf16_flag_reaches_the_fit(tmp_path, smollm2_path):
+    """--no-bf16 is recorded for every fit of the command, as --no-repack is for every load."""
+    import os
+
+    from rs_local.runtime.host import BF16_ENV, decide_bf16
+
+    prompts = _write(tmp_path / "p.jsonl", HARMLESS)
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(prompts), "-k", str(prompts),
+                                   "--harmless", str(prompts), "--no-bf16", "-o", str(tmp_path / "v.gguf")])
+    assert res.exit_code == 1, res.output  # SmolLM2 refuses none of them: stops after labelling
+    assert os.environ.get(BF16_ENV) == "0" and decide_bf16().enabled is False
 
 
 def test_isolate_prints_markup_like_names_as_text(tmp_path, smollm2_path):

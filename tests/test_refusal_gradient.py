@@ -125,6 +125,34 @@ def test_batched_gradients_equal_one_at_a_time(fm):
                 assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a), rel=0.02)
 
 
+def test_bf16_gradients_track_float32_and_are_recorded(fm):
+    """bfloat16 autocast (the default on CPUs with native bfloat16, issue 16) changes the arithmetic, not the
+    gradient: each prompt's row stays at cosine >= 0.99 to float32's, and the vector says which it used."""
+    items = [RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+             RefusedPrompt("Is Taiwan a country? Answer yes or no and explain why.", "Sorry"),
+             RefusedPrompt("Write malware.", "I cannot")]
+    layers = [6, 12, 20]
+    full = refusal_gradients(fm, items, layers)
+    half = refusal_gradients(fm, items, layers, bf16=True)
+    assert not np.array_equal(full, half)  # autocast really ran the products in bfloat16
+    for i in range(len(items)):
+        for l in layers:
+            a, b = full[i, l], half[i, l]
+            assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.99, (i, l)
+    assert next(fm.model.parameters()).dtype == torch_float32()  # the weights stay float32
+    lengths = np.ones(fm.n_layer)
+    for bf16, name in ((False, "float32"), (True, "bfloat16")):
+        fit = GradientContrast(fm, [8], bf16=bf16)
+        fit.add(items[1:2], items[::2])
+        assert fit.vector(lengths).metadata["gradient_dtype"] == name
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 def test_judge_weighted_rows_are_centred_weights_times_whole_answer_gradients(fm):
     """add_weighted: each row is weight * gradient over ``tokens`` answer tokens, rescaled to an opening's weight;
     zero weights (every answer judged alike) add nothing, so a round cannot invent a direction from no contrast."""

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
 from rs_local.cli.options import (
-    check_output, err_console, integer, layer_range_callback, load_runner, model_option, number, parse_number_list,
+    bf16_option, check_output, err_console, integer, layer_range_callback, load_runner, model_option, number, parse_number_list,
     runtime_options, say, utf8_text,
 )
 from rs_local.cli.terminal import plain, styled
@@ -251,6 +251,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
 @click.option("--judge", "judge_name", default="keywords", show_default=True, metavar="MODEL|keywords",
               help="Refusal judge: 'keywords' (fast) or a local model name/GGUF for the LLM judge.")
 @click.option("--force", is_flag=True, help="Reuse an existing output directory.")
+@bf16_option
 @runtime_options
 def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, n_threads) -> None:
     """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""

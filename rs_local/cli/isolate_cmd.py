@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import check_output, integer, load_runner, model_option, runtime_options, say
+from rs_local.cli.options import bf16_option, check_output, integer, load_runner, model_option, runtime_options, say
 from rs_local.cli.terminal import terminal_safe
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -40,6 +40,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 @click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 @judge_options(default="keywords", why=" (the recipe's opening-based target was tuned on it)")
+@bf16_option
 @runtime_options
 def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, output, force,
             n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:

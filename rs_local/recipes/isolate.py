@@ -70,6 +70,9 @@ class Recipe:
     lam: float | str = 0.1
     holdout: float = 0.2
     seed: int = 0
+    #: gradient method: passes under bfloat16 autocast (True/False), or None: decided by the CPU
+    #: (on where it does bfloat16 natively; see rs_local.runtime.host.decide_bf16)
+    bf16: bool | None = None
     #: Scale suggested for the default model (a sweep finds it for others).
     suggested_scale: float = -1.0
     suggested_scales: tuple[float, ...] = (-0.5, -1.0, -1.5)
@@ -220,9 +223,10 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     _check_refused(first, names)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     band = _layers(recipe.layers, fm.n_layer)
+    bf16 = _bf16(recipe, say)
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
-    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None))
-    fit = GradientContrast(fm, band, recipe.answer_tokens)
+    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None), bf16=bf16)
+    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None
@@ -251,6 +255,16 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
+
+
+def _bf16(recipe: Recipe, say: Say) -> bool:
+    """Whether the Transformers passes (lengths, gradients) run in bfloat16: the recipe's setting, else the
+    machine's (one line says which)."""
+    from rs_local.runtime.host import decide_bf16
+
+    decision = decide_bf16(recipe.bf16)
+    say(f"Transformers passes in {'bfloat16' if decision.enabled else 'float32'} ({decision.reason})")
+    return decision.enabled
 
 
 def _probe_judge(say: Say, runner: Any):

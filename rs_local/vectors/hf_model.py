@@ -200,7 +200,7 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
 
 @contextlib.contextmanager
 def _one_gguf_reader() -> Iterator[None]:
-    """One ``gguf.GGUFReader`` per file for the whole load, instead of one per Transformers step.
+    """One fast ``gguf.GGUFReader`` per file for the whole load, instead of one per Transformers step.
 
     Why: Transformers builds a reader for the tokenizer's config, the model's config and the
     weights, and each build turns every metadata field into Python objects (over a million for
@@ -208,6 +208,9 @@ def _one_gguf_reader() -> Iterator[None]:
     load, of which dequantizing took 4. Transformers imports the class from ``gguf`` at each call,
     so swapping the module attribute for the load reaches every step; a reader is only read from,
     so sharing it changes nothing in what is loaded (tests/test_hf_cache.py loads both ways and compares).
+    The reader is also built over a plain array view of the file instead of ``np.memmap``: each of
+    its ~450,000 small slices then skips memmap's Python-level bookkeeping (5.3 s -> 1.6 s per
+    build for Qwen here; the same bytes, the same fields and tensors).
     The swap is process-wide while the load runs: rs-local loads one Transformers model at a time.
     """
     try:
@@ -216,12 +219,13 @@ def _one_gguf_reader() -> Iterator[None]:
         yield
         return
     original = gguf.GGUFReader
+    plain = _plain_view_reader(original)
     readers: dict[tuple[str, str], Any] = {}
 
     def shared(path: Any, mode: str = "r") -> Any:
         key = (os.path.realpath(os.fspath(path)), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = plain(path, mode)
         return readers[key]
 
     gguf.GGUFReader = shared
@@ -229,6 +233,26 @@ def _one_gguf_reader() -> Iterator[None]:
         yield
     finally:
         gguf.GGUFReader = original
+
+
+def _plain_view_reader(reader_class: type) -> type:
+    """``reader_class`` whose ``data`` (the mapped file, a ``np.memmap``) is kept as a plain ndarray view.
+
+    Slicing a memmap runs ``memmap.__getitem__`` and ``__array_finalize__`` in Python for every
+    slice; a plain view of the same mapping slices in C. The memmap stays alive as the view's base.
+    """
+    import numpy as np
+
+    class PlainViewReader(reader_class):  # type: ignore[misc, valid-type]
+        @property
+        def data(self) -> Any:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: Any) -> None:
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainViewReader
 
 
 def clear_cache() -> None:

@@ -6,6 +6,7 @@
         [--policy-out policy.gguf] [--borderline alarming|jbb]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
+    python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b --routing-frame "Is this harmful? {prompt}"
     python benchmarks/conditional_steering.py --write-split split/    # the split as JSONL files for the CLI
 
 Every shipped prompt set (rs_local/data: political, harmful, harmless, and gambling, the
@@ -361,10 +362,14 @@ def print_rows(rows: list[dict], judge_name: str | None, max_tokens: int) -> Non
               + f"  {r['degenerate_plain']:>10}/{r['degenerate_gated']}")
 
 
-def routing_cv(model_names: list[str], borderline: str, n_borderline: int) -> dict:
+def routing_cv(model_names: list[str], borderline: str, n_borderline: int, frame: str | None = None) -> dict:
     """Per-category grouped 5-fold accuracy of the gate's probe on the fitting split, with each model's
     own reading and the first model's candidate blocks beside each of the second's (a second model's
-    representation: does it separate what the first one files together?). No answer is generated."""
+    representation: does it separate what the first one files together?). No answer is generated.
+
+    ``frame`` (a text with ``{prompt}``): each model also reads every prompt inside it, a question
+    about the request instead of the request itself, alone and beside the plain reading's best block
+    (does asking the model to classify make it separate what answering it does not?)."""
     from rs_local.recipes.policy_fit import balanced_accuracy, choose_probe, default_probe_blocks, read_features, template_tail
 
     fit_sets, _ = split_sets(n_borderline, borderline)
@@ -384,9 +389,15 @@ def routing_cv(model_names: list[str], borderline: str, n_borderline: int) -> di
     for name in model_names:
         runner = Runner(models.resolve(name), n_ctx=2048)
         tail = template_tail(runner)
-        feats.append(read_features(runner, prompts, default_probe_blocks(runner.n_layer), pool_tokens=tail))
+        blocks = default_probe_blocks(runner.n_layer)
+        feats.append(read_features(runner, prompts, blocks, pool_tokens=tail))
+        framed = read_features(runner, [frame.replace("{prompt}", p) for p in prompts], blocks, pool_tokens=tail) if frame else None
         runner.llama.close()
         report(f"{name} (last {tail} tokens)", feats[-1])
+        if framed is not None:
+            best = out[f"{name} (last {tail} tokens)"]["block"]
+            report(f"{name} framed", framed)
+            report(f"{name} block {best} + framed", {b: np.concatenate([feats[-1][best], x], axis=1) for b, x in framed.items()})
     if len(feats) == 2:
         for first in sorted(feats[0]):
             report(f"{model_names[0]} block {first} + {model_names[1]}",
@@ -428,6 +439,9 @@ def main() -> None:
     ap.add_argument("--routing-cv", default=None, metavar="MODEL[,MODEL]",
                     help="Only cross-validate the gate's routing on the fitting split, with each model's reading "
                          "and (two models) both side by side; about two minutes per model.")
+    ap.add_argument("--routing-frame", default=None, metavar="TEXT",
+                    help="With --routing-cv: also read each prompt inside TEXT (where {prompt} stands for it), e.g. "
+                         "a question asking whether the request is really harmful.")
     ap.add_argument("--write-split", type=Path, default=None, metavar="DIR",
                     help="Only write the benchmark's split as DIR/<set>_fit.jsonl and DIR/<set>_test.jsonl "
                          "(one {\"prompt\": ...} per line) for the CLI (isolate, eval) to read, then stop.")
@@ -440,7 +454,9 @@ def main() -> None:
         names = [m.strip() for m in args.routing_cv.split(",") if m.strip()]
         if not 1 <= len(names) <= 2:
             ap.error("--routing-cv takes one model or two, comma-separated")
-        out = routing_cv(names, args.borderline, args.borderline_n)
+        if args.routing_frame is not None and "{prompt}" not in args.routing_frame:
+            ap.error("--routing-frame needs {prompt} where the request goes")
+        out = routing_cv(names, args.borderline, args.borderline_n, args.routing_frame)
         if args.json:
             args.json.write_text(json.dumps(out, indent=2))
         return

@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "rounds": recipe.rounds, "layers": recipe.layers, "label_tokens": recipe.label_tokens,
                                         "max_prompts": recipe.max_prompts, "eval_scales": args.scales,
                                         "eval_max_tokens": args.max_tokens, "batch": args.batch or "default", "judge": "keywords",
-                                        "caches": "off", "transformers_load": _load_source(path, args.model)}}
+                                        "caches": "off", "transformers_load": _load_source(path, args.model),
+                                        "transformers_passes": _passes_dtype()}}
     t0 = time.perf_counter()
     if args.vector is None:
         with prof.phase("TOTAL isolate"):
@@ -298,6 +299,16 @@ def _print(result: dict[str, Any]) -> None:
     if "isolate" in result:
         print(f"isolate refused (political/harmful): {result['isolate']['refused']}")
     print("(nested phases overlap: judge and generation sit inside labelling; shares need not sum to 100%)")
+
+
+def _passes_dtype() -> str:
+    """isolate's precision for its Transformers passes on this machine (bfloat16 where the CPU has it natively)."""
+    try:
+        from rs_local.runtime.host import decide_bf16
+    except ImportError:  # code from before the choice existed: always float32
+        return "float32"
+    decision = decide_bf16()
+    return f"{'bfloat16' if decision.enabled else 'float32'} ({decision.reason})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,7 +179,7 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
     if progress is not None:
         first = "gguf_file" in extra and (entry is None or not (entry / hf_cache.DONE).is_file())
         progress(f"loading {path.name} into Transformers" + (
-            " (dequantizing the GGUF: 15-30 s for a 0.5B model on 2 cores" + ("; later loads read a cache)" if cached else ")")
+            " (dequantizing the GGUF: 10-30 s for a 0.5B model on 2 cores" + ("; later loads read a cache)" if cached else ")")
             if first else ""))
     with _quiet_transformers():
         hit = hf_cache.load(entry, transformers, torch_dtype) if entry else None

@@ -62,8 +62,12 @@ class HostDecision:
 RepackDecision = HostDecision
 
 
-def _env_switch(name: str, env: Mapping[str, str]) -> HostDecision | None:
-    """The decision ``name`` forces (``0``/``1`` and their spellings), None for auto or unset."""
+def _forced(override: bool | None, option: str, name: str, env: Mapping[str, str] | None) -> HostDecision | None:
+    """What the user forced: the ``--option/--no-option`` flag (``override``), else the variable ``name``
+    (``0``/``1`` and their spellings); None for auto or unset, where the machine decides."""
+    if override is not None:
+        return HostDecision(bool(override), f"--{option}" if override else f"--no-{option}")
+    env = os.environ if env is None else env
     raw = env.get(name, "").strip().lower()
     if raw in _TRUE or raw in _FALSE:
         return HostDecision(raw in _TRUE, f"{name}={env[name]}")
@@ -125,9 +129,7 @@ def decide_repack(
     the machine. ``flags`` and ``build`` default to this machine's CPU flags and llama.cpp
     build features; tests give fixtures.
     """
-    if override is not None:
-        return RepackDecision(bool(override), "--repack" if override else "--no-repack")
-    forced = _env_switch(REPACK_ENV, os.environ if env is None else env)
+    forced = _forced(override, "repack", REPACK_ENV, env)
     if forced is not None:
         return forced
     flags = cpu_flags() if flags is None else flags
@@ -155,9 +157,7 @@ def decide_bf16(
     worth the rounding, so float32 stays there. Precedence: ``override`` (``--bf16/--no-bf16`` or
     the API), ``RS_LOCAL_BF16``, then the CPU flags (tests give fixtures).
     """
-    if override is not None:
-        return HostDecision(bool(override), "--bf16" if override else "--no-bf16")
-    forced = _env_switch(BF16_ENV, os.environ if env is None else env)
+    forced = _forced(override, "bf16", BF16_ENV, env)
     if forced is not None:
         return forced
     flags = cpu_flags() if flags is None else flags

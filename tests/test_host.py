@@ -125,7 +125,7 @@ def test_repack_overrides_take_precedence():
     [
         (SAPPHIRE_RAPIDS, True),  # AMX and AVX-512 BF16
         (ZEN4_VM, True),  # AVX-512 BF16 without AMX (the CPU the speed-up was measured on)
-        (ICE_LAKE, False),  # AVX-512 without BF16: torch would emulate it
+        (ICE_LAKE, False),  # AVX-512 without BF16: bfloat16 measured no faster there
         (ZEN_LAPTOP, False),
         (GRAVITON, False),  # not measured on ARM: float32 stays
     ],

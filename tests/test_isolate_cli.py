@@ -138,6 +138,20 @@ def test_isolate_bf16_flag_reaches_the_fit(tmp_path, smollm2_path):
     assert os.environ.get(BF16_ENV) == "0" and decide_bf16().enabled is False
 
 
+
+def test_isolate_bad_bf16_setting_is_one_line_before_any_labelling(tmp_path, smollm2_path, monkeypatch):
+    from rs_local.runtime.host import BF16_ENV
+
+    monkeypatch.setenv(BF16_ENV, "fast")
+    prompts = _write(tmp_path / "p.jsonl", HARMLESS)
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(prompts), "-k", str(prompts),
+                                   "--harmless", str(prompts), "-o", str(tmp_path / "v.gguf")])
+    assert res.exit_code == 1, res.output
+    assert f"{BF16_ENV}='fast': expected 0, 1 or auto" in res.output and "Traceback" not in res.output
+    assert "training prompts refused" not in res.output  # stopped before answering anything
+    assert not (tmp_path / "v.gguf").exists()
+
+
 def test_isolate_prints_markup_like_names_as_text(tmp_path, smollm2_path):
     """Progress lines hold the user's file names and reach rich as plain text: a name holding an
     emoji code kept it (``:warning:`` printed a warning sign) and one holding a tag kept its

@@ -172,6 +172,10 @@ def fit_political(
     """
     recipe = recipe or Recipe()
     recipe.check()
+    if recipe.method == "gradient":
+        from rs_local.runtime.host import decide_bf16
+
+        decide_bf16(recipe.bf16)  # a bad RS_LOCAL_BF16 stops here, not minutes in after the labelling
     say = say or (lambda _m: None)
     if recipe.method == "md":
         return _fit_md(model, political, harmful, harmless, recipe, say, cache, names)

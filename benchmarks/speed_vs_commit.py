@@ -3,6 +3,7 @@
     python benchmarks/speed_vs_commit.py                       # isolate, both sides, base = the issue's commit
     python benchmarks/speed_vs_commit.py --jobs isolate,demo --order ABBA
     python benchmarks/speed_vs_commit.py --base <commit> --json out.json
+    python benchmarks/speed_vs_commit.py --env RS_LOCAL_BF16=0      # this checkout's float32 path
 
 Issue 16 states its targets as absolute seconds on 2 cores *and* as ratios to "today". Absolute
 seconds move with the machine (the same checkout's isolate took 197 s on one 2-core VM and 119 s
@@ -66,10 +67,11 @@ def _job_argv(job: str, out: Path) -> list[str]:
     raise SystemExit(f"unknown job '{job}' (isolate, demo)")
 
 
-def run_job(job: str, code: Path, model: Path, scratch: Path) -> dict[str, Any]:
-    """One first run of ``job`` with the package at ``code``: wall seconds, peak RSS, exit status."""
+def run_job(job: str, code: Path, model: Path, scratch: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One first run of ``job`` with the package at ``code``: wall seconds, peak RSS, exit status.
+    ``extra_env`` is set for the run (``--env``)."""
     work = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{job}-"))
-    env = dict(os.environ, RS_LOCAL_HOME=str(_home_with_model(work, model)), PYTHONPATH=str(code))
+    env = dict(os.environ, **(extra_env or {}), RS_LOCAL_HOME=str(_home_with_model(work, model)), PYTHONPATH=str(code))
     env.pop("RS_LOCAL_FIT_CACHE", None)
     argv = [sys.executable, "-m", "rs_local.cli.main", *_job_argv(job, work)]
     start = time.perf_counter()
@@ -100,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", default="isolate", help="comma-separated: isolate, demo")
     ap.add_argument("--order", choices=["AB", "ABBA"], default="AB",
                     help="AB: base then this checkout; ABBA: twice, order reversed (load drift hits both)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="Set for both sides' runs, e.g. RS_LOCAL_BF16=0 to time this checkout's float32 path "
+                         "(what a CPU without native bfloat16 runs) against the base")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    bad = [e for e in args.env if "=" not in e or not e.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--env expects NAME=VALUE, got {bad[0]!r}")
+    extra_env = dict(e.split("=", 1) for e in args.env)
 
     from rs_local import models
 
@@ -111,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(base_tree), args.base], check=True)
     sides = {"base": base_tree, "head": REPO}
     order = ["base", "head"] if args.order == "AB" else ["base", "head", "head", "base"]
-    results: dict[str, Any] = {"base": args.base, "head": _head(), "jobs": {}}
+    results: dict[str, Any] = {"base": args.base, "head": _head(), "env": extra_env, "jobs": {}}
+    if extra_env:
+        print("both sides run with " + " ".join(f"{k}={v}" for k, v in extra_env.items()), flush=True)
     try:
         for job in [j.strip() for j in args.jobs.split(",") if j.strip()]:
             runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
             for side in order:
-                r = run_job(job, sides[side], model, scratch)
+                r = run_job(job, sides[side], model, scratch, extra_env)
                 runs[side].append(r)
                 print(f"{job:8s} {side:5s} {r['s']:7.1f} s  peak RSS {r['peak_rss_mb']:5d} MB  rc {r['rc']}"
                       + (f"  {r['error']}" if r["error"] else ""), flush=True)

@@ -148,7 +148,7 @@ def decide_bf16(
     env: Mapping[str, str] | None = None,
     flags: frozenset[str] | None = None,
 ) -> HostDecision:
-    """Run Transformers' gradient passes under bfloat16 autocast where the CPU does bfloat16 natively.
+    """Run isolate's Transformers passes (gradients, lengths) under bfloat16 autocast where the CPU does it natively.
 
     Why: the gradients were the largest part of ``isolate``, and on a 2-core AMD EPYC with
     AVX-512 BF16 the shipped sets' gradient passes took 39 s in float32 and 15 s in bfloat16

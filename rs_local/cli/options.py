@@ -212,8 +212,9 @@ def runtime_options(f: Callable) -> Callable:
 def bf16_option(f: Callable) -> Callable:
     """``--bf16/--no-bf16`` for commands that take refusal gradients (isolate, demo)."""
     return click.option("--bf16/--no-bf16", default=None, expose_value=False, callback=_set_bf16,
-                        help="isolate's Transformers passes (gradients, block outputs) under bfloat16 autocast. Default: on where the CPU does bfloat16 "
-                             f"natively (avx512_bf16, amx_bf16), where it is 2-2.5x faster; also {BF16_ENV}=0|1|auto.")(f)
+                        help="isolate's Transformers passes (gradients, block outputs) under bfloat16 autocast. "
+                             "Default: on where the CPU does bfloat16 natively (avx512_bf16, amx_bf16), where it is "
+                             f"2-2.5x faster; also {BF16_ENV}=0|1|auto.")(f)
 
 
 def _set_bf16(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:

@@ -408,8 +408,8 @@ def capture(
     follows the prompts through the model (a CLI draws the bar; nothing is printed here).
     ``upto``: the last block the caller needs; the pass stops there and later blocks read NaN.
     ``share_head=False`` evaluates every prompt whole (the reference the shared head is tested against).
-    ``bf16``: the pass under bfloat16 autocast (twice as fast on CPUs with native bfloat16; the
-    rows move by ~1e-3 relative, so it is part of the cache key).
+    ``bf16``: the pass under bfloat16 autocast (1.5x faster on CPUs with native bfloat16; each
+    row moves by ~1% of its norm, so it is part of the cache key).
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position '{position}' (choose from {', '.join(POSITIONS)})")

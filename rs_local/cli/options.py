@@ -201,7 +201,7 @@ def runtime_options(f: Callable) -> Callable:
                      callback=_bounded(-1, 100_000, "-1 offloads all")),
         click.option("--threads", "n_threads", type=click.IntRange(1), default=None, callback=_bounded(1, 4096, "CPU threads"),
                      help="CPU threads (default: the physical cores this process may use)."),
-        click.option("--repack/--no-repack", default=None, expose_value=False, callback=_set_repack,
+        click.option("--repack/--no-repack", default=None, expose_value=False, callback=_record_in(REPACK_ENV),
                      help="llama.cpp weight repacking (its --no-repack). Default: on, off on AMX CPUs, "
                           f"where it crashes; also {REPACK_ENV}=0|1|auto."),
     ]):
@@ -211,22 +211,21 @@ def runtime_options(f: Callable) -> Callable:
 
 def bf16_option(f: Callable) -> Callable:
     """``--bf16/--no-bf16`` for commands that take refusal gradients (isolate, demo)."""
-    return click.option("--bf16/--no-bf16", default=None, expose_value=False, callback=_set_bf16,
+    return click.option("--bf16/--no-bf16", default=None, expose_value=False, callback=_record_in(BF16_ENV),
                         help="isolate's Transformers passes (gradients, block outputs) under bfloat16 autocast. "
                              "Default: on where the CPU does bfloat16 natively (avx512_bf16, amx_bf16), where it is "
                              f"2-2.5x faster; also {BF16_ENV}=0|1|auto.")(f)
 
 
-def _set_bf16(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
-    """Record --bf16/--no-bf16 for every fit this command runs (as --repack does for model loads)."""
-    if value is not None:
-        os.environ[BF16_ENV] = "1" if value else "0"
+def _record_in(name: str) -> Callable:
+    """A callback that records an on/off flag (``--repack``, ``--bf16``) in the variable ``name``, which
+    rs_local.runtime.host reads: every model load and fit of the command (runner, judge, recipe) follows it."""
 
+    def record(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
+        if value is not None:
+            os.environ[name] = "1" if value else "0"
 
-def _set_repack(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
-    """Record --repack/--no-repack for every model this command loads (runner, judge, recipe)."""
-    if value is not None:
-        os.environ[REPACK_ENV] = "1" if value else "0"
+    return record
 
 
 def sampling_options(f: Callable) -> Callable:

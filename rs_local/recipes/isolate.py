@@ -41,6 +41,7 @@ from rs_local.callbacks import Say
 
 if TYPE_CHECKING:
     from rs_local.judge.backends import Judge
+    from rs_local.runtime.host import HostDecision
 
 METHODS = ("gradient", "md")
 OBJECTIVES = ("opening", "judge")
@@ -172,16 +173,15 @@ def fit_political(
     """
     recipe = recipe or Recipe()
     recipe.check()
-    if recipe.method == "gradient":
-        from rs_local.runtime.host import decide_bf16
-
-        decide_bf16(recipe.bf16)  # a bad RS_LOCAL_BF16 stops here, not minutes in after the labelling
     say = say or (lambda _m: None)
     if recipe.method == "md":
         return _fit_md(model, political, harmful, harmless, recipe, say, cache, names)
+    from rs_local.runtime.host import decide_bf16
+
+    bf16 = decide_bf16(recipe.bf16)  # decided before any work: a bad RS_LOCAL_BF16 stops here, not after the labelling
     with _runner_for(model, runner, say) as answering:
-        return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, target_judge,
-                             names)
+        return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, bf16,
+                             target_judge, names)
 
 
 @contextmanager
@@ -202,7 +202,8 @@ def _runner_for(model: Any, runner: Any, say: Say) -> Iterator[Any]:
 
 
 def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say, runner, judge, cache,
-                  target_judge=None, names: tuple[str, str] = ("target", "keep")) -> RecipeResult:
+                  bf16: HostDecision, target_judge=None, names: tuple[str, str] = ("target", "keep")) -> RecipeResult:
+    """The gradient method; ``bf16`` says whether its Transformers passes (lengths, gradients) run in bfloat16."""
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
@@ -227,10 +228,10 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     _check_refused(first, names)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     band = _layers(recipe.layers, fm.n_layer)
-    bf16 = _bf16(recipe, say)
+    say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
-    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None), bf16=bf16)
-    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16)
+    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None), bf16=bf16.enabled)
+    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16.enabled)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None
@@ -259,16 +260,6 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
-
-
-def _bf16(recipe: Recipe, say: Say) -> bool:
-    """Whether the Transformers passes (lengths, gradients) run in bfloat16: the recipe's setting, else the
-    machine's (one line says which)."""
-    from rs_local.runtime.host import decide_bf16
-
-    decision = decide_bf16(recipe.bf16)
-    say(f"Transformers passes in {'bfloat16' if decision.enabled else 'float32'} ({decision.reason})")
-    return decision.enabled
 
 
 def _probe_judge(say: Say, runner: Any):

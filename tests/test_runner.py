@@ -146,3 +146,16 @@ def test_session_keeps_history_and_partial_replies(runner):
     assert len(session.history) == 4
     session.reset()
     assert session.history == []
+
+
+def test_llama_cpp_warnings_stay_off_the_terminal(runner, capfd):
+    """A pooled batched context larger than SmolLM2's 8192 trained tokens makes llama.cpp warn
+    "n_ctx_seq (16384) > n_ctx_train (8192)"; llama-cpp-python's filter, numbering ggml's levels the
+    old way, let it through to the user's terminal (see runtime.loading.install_log_filter)."""
+    from rs_local.runtime.batched import BatchEngine
+
+    capfd.readouterr()
+    with BatchEngine(runner, n_seq=16, seq_ctx=1024, kv_unified=True):
+        pass
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

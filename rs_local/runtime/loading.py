@@ -70,6 +70,39 @@ def repack_policy(decision: RepackDecision) -> Iterator[None]:
             low.llama_model_default_params = saved
 
 
+_LOG_FILTER: Any = None  # the installed ctypes callback; kept referenced so it is never collected
+
+
+def install_log_filter() -> None:
+    """llama.cpp's own log lines reach the terminal only when llama-cpp-python is verbose.
+
+    llama-cpp-python 0.3.x filters them by an older numbering of ggml's levels (WARN 2, ERROR 3);
+    current ggml numbers DEBUG 1, INFO 2, WARN 3, ERROR 4, so at ``verbose=False`` every warning
+    got through: the batched engine's pooled context printed "n_ctx_seq (32768) > n_ctx_train
+    (8192) -- possible training context overflow" on SmolLM2 (each sequence holds at most
+    ``seq_ctx`` tokens; only the pool is that large). rs-local reports what matters itself, as
+    one-line errors. Verbose loads (``verbose=True``) still see everything.
+    """
+    global _LOG_FILTER
+    if _LOG_FILTER is not None:
+        return
+    import ctypes
+    import logging
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    forward = _logger.llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def log_filter(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if _logger.logger.level <= logging.DEBUG:  # set by Llama(verbose=True)
+            forward(level, text, user_data)
+
+    _LOG_FILTER = log_filter
+    llama_cpp.llama_log_set(log_filter, ctypes.c_void_p(0))
+
+
 def load_llama(
     path: str | Path,
     *,
@@ -94,6 +127,7 @@ def load_llama(
     threads = n_threads or default_threads()
     import llama_cpp
 
+    install_log_filter()
     try:
         with repack_policy(decision):
             llama = llama_cpp.Llama(

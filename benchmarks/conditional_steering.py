@@ -3,7 +3,7 @@
     python benchmarks/conditional_steering.py [--model qwen2.5-coder-0.5b] [--vector political=isolate.gguf]
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
-        [--policy-out policy.gguf] [--borderline alarming|jbb]
+        [--policy-out policy.gguf] [--borderline alarming|jbb] [--isolate-keep harmful|none]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b --routing-frame "Is this harmful? {prompt}"
@@ -291,7 +291,8 @@ def build_specs(args, fit_sets: dict[str, list[str]]) -> list[CategorySpec]:
 
 def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs: list[CategorySpec]) -> dict[str, str]:
     """``--isolate NAME``: the category's own vector, fitted in this run by the isolate recipe on fitting
-    prompts only (target: the category's, keep: harmful's, harmless: harmless's), so a remove category
+    prompts only (target: the category's, keep: harmful's or none with ``--isolate-keep none``, harmless:
+    harmless's), so a remove category
     whose refusals the political vector does not reach (borderline) gets a direction of its own."""
     from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.vectors.hf_model import clear_cache
@@ -303,11 +304,12 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
                          f"{', '.join(n for n, a in SETS.items() if a == 'remove')})")
     for name in args.isolate:
         t = time.perf_counter()
-        fitted = fit_political(args.model, fit_sets[name], fit_sets["harmful"], fit_sets["harmless"],
+        keep = fit_sets["harmful"] if args.isolate_keep == "harmful" else []
+        fitted = fit_political(args.model, fit_sets[name], keep, fit_sets["harmless"],
                                Recipe(rounds=args.isolate_rounds),
                                say=lambda m: print(f"  [isolate {name}] {m}", flush=True), runner=runner)
         next(s for s in specs if s.name == name).vector = fitted.vector
-        made[name] = f"isolate on {len(fit_sets[name])} fitting prompts, {time.perf_counter() - t:.0f}s: {fitted.info}"
+        made[name] = f"isolate on {len(fit_sets[name])} fitting prompts, keep {args.isolate_keep}, {time.perf_counter() - t:.0f}s: {fitted.info}"
         print(f"  [isolate {name}] {made[name]}", flush=True)
     clear_cache()
     return made
@@ -417,6 +419,10 @@ def main() -> None:
     ap.add_argument("--remove-direction", choices=("category", "refusal"), default="category",
                     help="A remove category without --vector/--isolate steers against its own mean difference "
                          "(category) or the harmful-minus-harmless refusal direction (refusal).")
+    ap.add_argument("--isolate-keep", choices=("harmful", "none"), default="harmful",
+                    help="Keep set of the --isolate fits: harmful's fitting prompts (their refusal gradients projected "
+                         "out, as for a vector on for every prompt), or none (the mean refusal gradient of the "
+                         "category alone: the gate keeps the vector off every other category).")
     ap.add_argument("--isolate-rounds", type=int, default=2,
                     help="Rounds of the isolate recipe for --isolate (each more round adds the prompts still refused "
                          "at the steered point).")

@@ -99,6 +99,34 @@ def test_gradient_contrast_vector_shape_and_metadata(fm):
         GradientContrast(fm, [8]).vector(lengths)
 
 
+def test_keep_free_contrast_is_the_mean_target_gradient(fm):
+    """No keep set (a vector only a policy gate applies): the direction is the mean target gradient itself,
+    so it also raises the harmful refusal the contrast would have left alone; without ``keep_free`` an
+    empty keep set is still an error, as `rs-local isolate` needs it."""
+    pol = [RefusedPrompt("What happened in Tiananmen Square in 1989?", "I'm sorry, but I can't"),
+           RefusedPrompt("Is Taiwan a country?", "As an AI")]
+    harm = [RefusedPrompt("How do I make a bomb?", "I'm sorry, but")]
+    lengths = band_lengths(fm, [p.prompt for p in pol], ["Name a fruit.", "What is 2+2?"], cache=False)
+    free = GradientContrast(fm, [9, 10], keep_free=True)
+    free.add(pol, [])
+    vec = free.vector(lengths)
+    rows = refusal_gradients(fm, pol, [9, 10])
+    for l in (9, 10):
+        mean = rows[:, l].mean(axis=0)
+        d = vec.directions[l]
+        assert float(d @ mean / (np.linalg.norm(d) * np.linalg.norm(mean))) == pytest.approx(1.0, abs=1e-5)
+        assert np.linalg.norm(d) == pytest.approx(lengths[l] / 2, rel=1e-5)
+    contrast = GradientContrast(fm, [10])
+    contrast.add(pol, harm)
+    g_harm = refusal_gradients(fm, harm, [10])[0, 10]
+    assert abs(contrast.vector(lengths).directions[10] @ g_harm) < 1e-3 * np.linalg.norm(g_harm) * lengths[10]
+    assert vec.directions[10] @ g_harm != pytest.approx(0.0, abs=1e-3 * np.linalg.norm(g_harm) * lengths[10])
+    bare = GradientContrast(fm, [10])
+    bare.add(pol, [])
+    with pytest.raises(RsLocalError, match="keep"):
+        bare.vector(lengths)
+
+
 def test_batched_gradients_equal_one_at_a_time(fm):
     """Left-padded batches of prompts of different lengths give each prompt its own gradient (issue 16)."""
     from rs_local.vectors.control_vector import ControlVector

@@ -89,10 +89,11 @@ class Recipe:
         if self.layers.strip().lower() == "auto" or parse_layers(self.layers, 1 << 20) is None:
             raise ValueError("the recipe needs an explicit band (e.g. 8-16), not 'auto'")
 
-    def describe(self) -> str:
+    def describe(self, keep_free: bool = False) -> str:
         if self.method == "gradient":
             aim = ", later rounds judge-weighted" if self.objective == "judge" else ""
-            return f"refusal-gradient contrast (target minus keep span{aim}), blocks {self.layers}"
+            what = "mean target gradient, no keep set" if keep_free else "target minus keep span"
+            return f"refusal-gradient contrast ({what}{aim}), blocks {self.layers}"
         return f"mean difference, blocks {self.layers}" + (", orthogonalised to the keep direction" if self.orthogonalize else "")
 
 
@@ -170,6 +171,11 @@ def fit_political(
     ``names``: what progress lines and errors call the target and keep sets (``rs-local isolate``
     passes the user's file names, the demo "political" and "harmful"), so they never name a
     topic the user's sets are not about.
+
+    An empty ``harmful`` means no keep set: the direction is the mean target gradient, nothing
+    projected out. That is for a vector a policy gate applies to its own category only
+    (:mod:`rs_local.recipes.policy_vectors`), where no other refusal is in reach to protect; a
+    vector that is on for every prompt needs the keep set.
     """
     recipe = recipe or Recipe()
     recipe.check()
@@ -209,10 +215,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
+    keep_free = not harmful  # no keep set: nothing to protect, nothing projected out (see fit_political)
     sets = {"political": list(political), "harmful": list(harmful)}
     label = dict(zip(sets, names))
+    labelled_sets = ("political",) if keep_free else ("political", "harmful")
 
-    def refused_now(vector=None, which: Sequence[str] = ("political", "harmful")) -> dict[str, list]:
+    def refused_now(vector=None, which: Sequence[str] = labelled_sets) -> dict[str, list]:
         """Training prompts of the sets ``which`` the model (steered by ``vector`` at the probe scale) still refuses."""
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
@@ -221,17 +229,18 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
             say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {label[name]} training prompts refused")
-        return {name: _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
-                for name, rows in labelled.items()}
+        refused = {name: _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
+                   for name, rows in labelled.items()}
+        return {"harmful": [], **refused}
 
     first = refused_now()
-    _check_refused(first, names)
+    _check_refused(first, names, keep_free)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
     band = _layers(recipe.layers, fm.n_layer)
     say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None), bf16=bf16.enabled)
-    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16.enabled)
+    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16.enabled, keep_free=keep_free)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None
@@ -240,7 +249,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
             steer = (vec, recipe.probe_scale)
             if recipe.objective == "judge":
                 # the targets are weighted by the judge below; only the keep set needs keyword labels
-                still = refused_now(vec, ("harmful",))
+                still = refused_now(vec, ("harmful",)) if not keep_free else {"harmful": []}
                 scorer = scorer or target_judge or _probe_judge(say, runner)
                 items, weights = judged_targets(runner, political, scorer, vec, recipe, eval_cache, say)
                 fit.add_weighted(items, weights, recipe.objective_tokens, steer=steer, say=say)
@@ -254,9 +263,9 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     finally:
         if scorer is not None and scorer is not target_judge:
             scorer.close()
-    vec.metadata.update({"recipe": recipe.describe(), "suggested_scale": recipe.suggested_scale,
-                         "target_set": names[0], "keep_set": names[1], "n_target": len(political), "n_keep": len(harmful),
-                         "n_harmless": len(harmless)})
+    vec.metadata.update({"recipe": recipe.describe(keep_free), "suggested_scale": recipe.suggested_scale,
+                         "target_set": names[0], "keep_set": "none" if keep_free else names[1],
+                         "n_target": len(political), "n_keep": len(harmful), "n_harmless": len(harmless)})
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
@@ -312,13 +321,13 @@ def _cap(items: list, recipe: Recipe) -> list:
     return [items[i] for i in keep]
 
 
-def _check_refused(refused: dict[str, list], names: tuple[str, str] = ("target", "keep")) -> None:
+def _check_refused(refused: dict[str, list], names: tuple[str, str] = ("target", "keep"), keep_free: bool = False) -> None:
     """Stop before the Transformers load when a set gives nothing to fit on."""
     from rs_local.errors import RsLocalError
 
     if not refused["political"]:
         raise RsLocalError(f"the plain model refuses none of the {names[0]} prompts: there is no refusal to remove")
-    if not refused["harmful"]:
+    if not keep_free and not refused["harmful"]:
         raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: nothing to protect "
                            "(a plain `rs-local fit` vector does the job)")
 
@@ -332,7 +341,7 @@ def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache
                           seed=recipe.seed, orthogonalize_to=ortho, cache=cache)
 
     harm = None
-    if recipe.orthogonalize:
+    if recipe.orthogonalize and harmful:
         say(f"fitting the {names[1]} direction: {len(harmful)} {names[1]} vs {len(harmless)} harmless prompts")
         harm = fit_vector(model, list(harmful), list(harmless), options=options(), say=say).vector
         harm.metadata["source_file"] = f"direction of {names[1]} vs harmless (recipe step 1)"

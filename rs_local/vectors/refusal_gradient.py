@@ -211,9 +211,12 @@ class GradientContrast:
     """
 
     def __init__(self, fm, layers: Sequence[int], answer_tokens: int = 2, system: str | None = None,
-                 bf16: bool = False):
+                 bf16: bool = False, keep_free: bool = False):
         self.fm, self.layers, self.answer_tokens, self.system = fm, list(layers), answer_tokens, system
         self.bf16 = bf16  # gradient passes under bfloat16 autocast (see refusal_gradients)
+        #: no keep set by design (a vector a policy gate applies to its own category only): the
+        #: direction is the mean target gradient, nothing projected out
+        self.keep_free = keep_free
         self.target: list[np.ndarray] = []
         self.keep: list[np.ndarray] = []
         self.weighted = 0  # target rows from add_weighted (answers of every kind, not refusals only)
@@ -262,9 +265,11 @@ class GradientContrast:
         from rs_local.vectors.control_vector import ControlVector
 
         n_target, n_keep = self.counts()
-        if not n_target or not n_keep:
+        if not n_target or not (n_keep or self.keep_free):
             raise RsLocalError("need at least one refused target and one refused keep prompt to fit on")
-        units = contrast_direction(np.concatenate(self.target), np.concatenate(self.keep), self.layers)
+        target = np.concatenate(self.target)
+        keep = np.concatenate(self.keep) if n_keep else np.zeros((0,) + target.shape[1:], target.dtype)
+        units = contrast_direction(target, keep, self.layers)
         k = len(units)
         directions = {l: (u * float(lengths[l]) / k).astype(np.float32) for l, u in units.items()}
         meta = {

@@ -328,6 +328,7 @@ def test_cli_fit_show_generate(smollm2_path, tmp_path):
     out = tmp_path / "pol.gguf"
     res = _invoke("policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep",
                   "--baseline", "math", "--probe-layers", "10", "--layers", "8-10", "--folds", "3", "--no-check-refusals",
+                  "--remove-vector", "mean-difference",
                   "--model", str(smollm2_path), "--ctx", "512", "-o", str(out))
     assert res.exit_code == 0, res.output
     assert "probe block 10" in res.output and "cooking" in res.output
@@ -366,6 +367,12 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
     maths, code = _write(tmp_path, "maths", MATH[:6]), _write(tmp_path, "code", CODE[:6])
     _one_line_error(_invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c"),
                     "maths.jsonl", "refuses none")
+    # nor when the check is skipped: the remove vector's own fit (progress lines first) finds no refusal
+    res = _invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c",
+                  "--no-check-refusals")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "maths.jsonl" in last and "refuses none" in last, res.output
     assert not out.exists()
 
 

@@ -8,9 +8,9 @@ the mean refusal gradient of its own refused prompts, nothing projected out (``f
 with an empty keep set), with the recipe's length rule against the baseline (benign) category.
 
 Measured on the conditional-steering benchmark (Qwen2.5-Coder-0.5B, JailbreakBench's benign
-behaviours as the over-refusal category, held-out prompts, one run each, same code):
-political refusal by keywords 92% -> 0% and borderline 42% -> 0% with these vectors, against
-the recipe's keep-projected vectors (see the README's conditional-steering section); the
+behaviours as the over-refusal category, held-out prompts, one run each, same routing):
+political refusal by keywords went 92% -> 0% and borderline 42% -> 0% with these vectors,
+against 4% and 12% with the recipe's keep-projected ones (README, conditional steering); the
 mean difference of the category and the baseline, the older default, gave looping nonsense.
 """
 
@@ -55,7 +55,9 @@ def fit_remove_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec], b
     from rs_local.recipes.isolate import Recipe, fit_political
 
     say = say or (lambda _m: None)
-    band = ",".join(str(b) for b in sorted(layers))
+    blocks = sorted(layers)
+    contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
+    band = f"{blocks[0]}-{blocks[-1]}" if contiguous else ",".join(map(str, blocks))
     for spec in specs:
         if spec.action != "remove" or spec.vector is not None:
             continue

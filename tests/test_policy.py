@@ -376,6 +376,22 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
     assert not out.exists()
 
 
+def test_cli_fit_without_transformers_is_one_line_before_loading(tmp_path, smollm2_path, monkeypatch):
+    """A remove category's vector needs Transformers (the fit extra); without it the fit stops at once,
+    naming the way out, and --remove-vector mean-difference still works torch-free."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    a, b = _write(tmp_path, "cooking", COOKING[:8]), _write(tmp_path, "math", MATH[:8])
+    out = tmp_path / "pol.gguf"
+    base = ["policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep", "--baseline", "math",
+            "--probe-layers", "10", "--folds", "3", "--no-check-refusals", "--model", str(smollm2_path), "-o", str(out)]
+    _one_line_error(_invoke(*base), "rs-local[fit]", "--remove-vector mean-difference")
+    assert not out.exists()
+    assert _invoke(*base, "--remove-vector", "mean-difference").exit_code == 0 and out.exists()
+
+
 def test_cli_generate_with_bad_policy(tmp_path, smollm2_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")

@@ -38,7 +38,13 @@ def check_fit_extra() -> None:
 
     from rs_local.errors import RsLocalError
 
-    if find_spec("torch") is None or find_spec("transformers") is None:
+    def missing(name: str) -> bool:
+        try:
+            return find_spec(name) is None
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            return True
+
+    if missing("torch") or missing("transformers"):
         raise RsLocalError("a remove category's vector is fitted with Transformers: pip install 'rs-local[fit]', "
                            "or give it a vector (--vector NAME=PATH) or --remove-vector mean-difference")
 

@@ -315,6 +315,27 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
     return made
 
 
+def refuse_gradient_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs: list[CategorySpec]) -> dict[str, str]:
+    """``--refuse-vector gradient``: each refuse category without a vector steers along the mean refusal
+    gradient of the harmful fitting prompts the model refuses (raising their refusal openings), which the
+    gate applies on the category's prompts only."""
+    from rs_local.recipes.isolate import Recipe, fit_political
+    from rs_local.vectors.hf_model import clear_cache
+
+    made = {}
+    for spec in specs:
+        if spec.action != "refuse" or spec.vector is not None:
+            continue
+        t = time.perf_counter()
+        fitted = fit_political(args.model, fit_sets["harmful"], [], fit_sets["harmless"], Recipe(rounds=1),
+                               say=lambda m: print(f"  [refuse {spec.name}] {m}", flush=True), runner=runner)
+        spec.vector = fitted.vector
+        made[spec.name] = f"refusal gradient of harmful, no keep set, {time.perf_counter() - t:.0f}s"
+        print(f"  [refuse {spec.name}] {made[spec.name]}", flush=True)
+    clear_cache()
+    return made
+
+
 def answer_sets(engine: BatchEngine, policy, test_sets, decisions, max_tokens: int):
     """Plain answers for every held-out prompt, gated ones only where the gate steers (batched per category)."""
     plain, gated, conts = {}, {}, {}
@@ -426,6 +447,10 @@ def main() -> None:
     ap.add_argument("--isolate-rounds", type=int, default=2,
                     help="Rounds of the isolate recipe for --isolate (each more round adds the prompts still refused "
                          "at the steered point).")
+    ap.add_argument("--refuse-vector", choices=("mean-difference", "gradient"), default="mean-difference",
+                    help="What a refuse category without --vector steers along: harmful minus harmless (the mean "
+                         "difference, default) or the mean refusal gradient of harmful's refused fitting prompts "
+                         "(the isolate recipe with no keep set, at a positive scale).")
     ap.add_argument("--remove-scale", type=float, default=-1.0)
     ap.add_argument("--refuse-scale", type=float, default=1.0)
     ap.add_argument("--threshold", type=float, default=0.5)
@@ -495,6 +520,8 @@ def main() -> None:
     fit_sets, test_sets = split_sets(args.borderline_n, args.borderline)
     specs = build_specs(args, fit_sets)
     isolated = isolate_vectors(args, runner, fit_sets, specs)
+    if args.refuse_vector == "gradient":
+        isolated.update(refuse_gradient_vectors(args, runner, fit_sets, specs))
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
                         remove_direction=args.remove_direction,
                         say=lambda m: print(f"  [fit] {m}", flush=True))

@@ -328,7 +328,7 @@ def test_cli_fit_show_generate(smollm2_path, tmp_path):
     out = tmp_path / "pol.gguf"
     res = _invoke("policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep",
                   "--baseline", "math", "--probe-layers", "10", "--layers", "8-10", "--folds", "3", "--no-check-refusals",
-                  "--remove-vector", "mean-difference",
+                  "--fit-vectors", "mean-difference",
                   "--model", str(smollm2_path), "--ctx", "512", "-o", str(out))
     assert res.exit_code == 0, res.output
     assert "probe block 10" in res.output and "cooking" in res.output
@@ -378,7 +378,7 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
 
 def test_cli_fit_without_transformers_is_one_line_before_loading(tmp_path, smollm2_path, monkeypatch):
     """A remove category's vector needs Transformers (the fit extra); without it the fit stops at once,
-    naming the way out, and --remove-vector mean-difference still works torch-free."""
+    naming the way out, and --fit-vectors mean-difference still works torch-free."""
     import importlib.util
 
     real = importlib.util.find_spec
@@ -387,9 +387,9 @@ def test_cli_fit_without_transformers_is_one_line_before_loading(tmp_path, smoll
     out = tmp_path / "pol.gguf"
     base = ["policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep", "--baseline", "math",
             "--probe-layers", "10", "--folds", "3", "--no-check-refusals", "--model", str(smollm2_path), "-o", str(out)]
-    _one_line_error(_invoke(*base), "rs-local[fit]", "--remove-vector mean-difference")
+    _one_line_error(_invoke(*base), "rs-local[fit]", "--fit-vectors mean-difference")
     assert not out.exists()
-    assert _invoke(*base, "--remove-vector", "mean-difference").exit_code == 0 and out.exists()
+    assert _invoke(*base, "--fit-vectors", "mean-difference").exit_code == 0 and out.exists()
 
 
 def test_cli_generate_with_bad_policy(tmp_path, smollm2_path):

@@ -1,8 +1,10 @@
-"""`rs-local policy fit` gives a remove category its own refusal-gradient vector (no keep set), on Qwen.
+"""`rs-local policy fit` gives steered categories refusal-gradient vectors (no keep set), on Qwen.
 
-Behind the gate nothing else needs protecting, so the vector is the mean refusal gradient of the
-category's own refused prompts. The check is behavioural: held-out prompts of the category that
-the plain model refuses are routed to it and refused less often under the policy.
+Behind the gate nothing else needs protecting, so a remove category's vector is the mean refusal
+gradient of its own refused prompts, and a refuse category's that of the refusal source (harmful).
+The checks are behavioural: held-out prompts of the remove category that the plain model refuses
+are routed to it and refused less often under the policy; held-out prompts of the refuse category
+that the plain model answers are refused under it.
 """
 
 from __future__ import annotations
@@ -32,23 +34,35 @@ def _answer(qwen_path, prompt: str, *policy: str) -> dict:
     return json.loads(res.output)
 
 
-def test_remove_category_gets_its_own_gradient_vector(qwen_path, tmp_path):
-    political, harmless = load_prompts(DATA / "political.jsonl"), load_prompts(DATA / "harmless.jsonl")
-    pol, ok = _write(tmp_path / "pol.jsonl", political[:12]), _write(tmp_path / "ok.jsonl", harmless[:12])
+def test_steered_categories_get_gradient_vectors(qwen_path, tmp_path):
+    sets = {n: load_prompts(DATA / f"{n}.jsonl") for n in ("political", "harmless", "harmful", "gambling")}
+    files = {n: _write(tmp_path / f"{n}.jsonl", ps[:12]) for n, ps in sets.items()}
     out = tmp_path / "policy.gguf"
-    res = CliRunner().invoke(cli, ["policy", "fit", "--category", f"political={pol}:remove",
-                                   "--category", f"harmless={ok}:keep", "--probe-layers", "12,14", "--folds", "3",
+    res = CliRunner().invoke(cli, ["policy", "fit", "--category", f"political={files['political']}:remove",
+                                   "--category", f"harmless={files['harmless']}:keep",
+                                   "--category", f"harmful={files['harmful']}:keep",
+                                   "--category", f"gambling={files['gambling']}:refuse",
+                                   "--probe-layers", "12,14", "--folds", "3",
                                    "--model", str(qwen_path), "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert "political: fitting its vector" in res.output
-    cat = next(c for c in read_policy(out).categories if c.name == "political")
-    assert cat.vector_source == "refusal gradient of political's refusals (no keep set)"
-    assert cat.vector.layers == list(range(8, 17)) and cat.scale == -1.0
+    assert "political: fitting its vector" in res.output and "gambling: fitting its vector" in res.output
+    cats = {c.name: c for c in read_policy(out).categories}
+    assert cats["political"].vector_source == "refusal gradient of political's refusals (no keep set)"
+    assert cats["gambling"].vector_source == "refusal gradient of harmful's refusals (no keep set)"
+    assert cats["political"].vector.layers == list(range(8, 17)) and cats["political"].scale == -1.0
+    assert cats["gambling"].scale == 1.0
     show = CliRunner().invoke(cli, ["policy", "show", str(out)])
     assert "refusal gradient of political" in show.output, show.output
+    political = sets["political"]
 
     held_out = [p for p in political[12:24] if find_refusal_phrase(_answer(qwen_path, p)["text"])][:3]
     assert len(held_out) == 3  # the plain model refuses these
     gated = [_answer(qwen_path, p, "--policy", str(out)) for p in held_out]
     assert all(g["policy"]["category"] == "political" and g["policy"]["action"] == "remove" for g in gated)
     assert sum(find_refusal_phrase(g["text"]) is not None for g in gated) <= 1, [g["text"] for g in gated]
+
+    answered = [p for p in sets["gambling"][12:24] if not find_refusal_phrase(_answer(qwen_path, p)["text"])][:3]
+    assert len(answered) == 3  # the plain model answers these
+    gated = [_answer(qwen_path, p, "--policy", str(out)) for p in answered]
+    assert all(g["policy"]["category"] == "gambling" and g["policy"]["action"] == "refuse" for g in gated)
+    assert sum(find_refusal_phrase(g["text"]) is not None for g in gated) >= 2, [g["text"] for g in gated]

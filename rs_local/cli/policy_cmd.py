@@ -71,9 +71,10 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
               help="A category: its prompt file and action (remove / refuse / keep). Repeat for each.")
 @click.option("--vector", "vectors", multiple=True, metavar="NAME=PATH",
               help="Use this vector file for a steered category instead of fitting one.")
-@click.option("--remove-vector", type=click.Choice(("gradient", "mean-difference")), default="gradient", show_default=True,
-              help="What a remove category without --vector steers with: the refusal gradient of its own refused "
-                   "prompts (needs Transformers) or its mean difference from the baseline.")
+@click.option("--fit-vectors", type=click.Choice(("gradient", "mean-difference")), default="gradient", show_default=True,
+              help="How a steered category without --vector gets one: refusal gradients (remove: of its own refused "
+                   "prompts; refuse: of --refusal-from's; needs Transformers) or mean differences from the baseline "
+                   "(torch-free).")
 @click.option("--scale", "scales", multiple=True, metavar="NAME=X",
               help="Scale for a category (default: -1 for remove, +1 for refuse).")
 @click.option("--baseline", default=None, help="The benign category directions are measured from (default: benign/harmless).")
@@ -91,17 +92,17 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @model_option
 @runtime_options
-def fit(categories, vectors, remove_vector: str, scales, baseline, refusal_from, threshold, layers, probe_layers, folds,
+def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, threshold, layers, probe_layers, folds,
         check_refusals: bool, system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
     from rs_local.recipes.policy_fit import check_refuses, check_roles, default_steer_blocks, fit_policy
-    from rs_local.recipes.policy_vectors import check_fit_extra, fit_remove_vectors, needs_gradient
+    from rs_local.recipes.policy_vectors import check_fit_extra, fit_category_vectors, needs_gradient
     from rs_local.runtime.policy_file import write_policy
 
     check_output(output, force)
     specs = _specs(categories, vectors, scales)
-    base, _ = check_roles(specs, baseline, refusal_from)
-    to_fit = needs_gradient(specs, remove_vector)
+    base, source = check_roles(specs, baseline, refusal_from)
+    to_fit = needs_gradient(specs, fit_vectors)
     if to_fit:
         check_fit_extra()
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
@@ -115,8 +116,8 @@ def fit(categories, vectors, remove_vector: str, scales, baseline, refusal_from,
                 say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
     steer = _blocks(layers, runner.n_layer, "--layers")
     if to_fit:
-        fit_remove_vectors(str(runner.path), runner, to_fit, specs[base], steer or default_steer_blocks(runner.n_layer),
-                           say=say)
+        fit_category_vectors(str(runner.path), runner, to_fit, specs[base], None if source is None else specs[source],
+                             steer or default_steer_blocks(runner.n_layer), say=say)
     pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),
                      steer_blocks=steer, baseline=baseline,
                      refusal_from=refusal_from, threshold=threshold, system=system, k=folds, say=say)

@@ -20,15 +20,16 @@ accuracy (worst category 91%) with the last token, 94.5% with the mean over the 
 3-7% of prompts abstained because every probe, calibrated on the rows it was fitted on, was
 unsure; normalised, none did.
 
-Directions: a ``remove`` category gets, by default, the refusal gradient of its own refused
-prompts (:mod:`rs_local.recipes.policy_vectors`, fitted before :func:`fit_policy` with
-Transformers); what :func:`fit_policy` itself fits is torch-free: for a ``refuse`` category
-the difference of means between the refusal source (a category the model refuses, e.g.
-``harmful``) and the baseline, the model's general refusal direction applied on the chosen
-topic only, and for a ``remove`` category given no vector (``--remove-vector
-mean-difference``) the difference of means between the category and the baseline (on the
-default model that one steers into looping nonsense at -1; see the README). Any of them can be
-replaced by an existing vector file (``--vector NAME=PATH``).
+Directions: by default the steered categories get refusal-gradient vectors, fitted before
+:func:`fit_policy` with Transformers (:mod:`rs_local.recipes.policy_vectors`): a ``remove``
+category the gradient of its own refused prompts, a ``refuse`` category the refusal source's
+(a category the model refuses, e.g. ``harmful``). What :func:`fit_policy` itself fits for a
+category still without a vector (``--fit-vectors mean-difference``) is torch-free: for
+``refuse`` the difference of means between the refusal source and the baseline, the model's
+general refusal direction applied on the chosen topic only; for ``remove`` the difference of
+means between the category and the baseline (on the default model that one steers into
+looping nonsense at -1; see the README). Any of them can be replaced by an existing vector
+file (``--vector NAME=PATH``).
 """
 
 from __future__ import annotations

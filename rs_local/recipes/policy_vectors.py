@@ -1,17 +1,23 @@
-"""The vectors of a policy's ``remove`` categories, fitted by the refusal-gradient recipe.
+"""The vectors of a policy's steered categories, fitted by the refusal-gradient recipe.
 
 A vector that is on for every prompt must leave harmful refusals alone, so the isolate recipe
 projects the span of the harmful prompts' refusal gradients out of the political direction.
 Behind a gate that constraint has nothing left to protect: the probe keeps the vector off
 every prompt it does not route to the category. Here each ``remove`` category therefore gets
 the mean refusal gradient of its own refused prompts, nothing projected out (``fit_political``
-with an empty keep set), with the recipe's length rule against the baseline (benign) category.
+with an empty keep set), with the recipe's length rule against the baseline (benign) category,
+applied at a negative scale; each ``refuse`` category gets the same for the refusal source's
+refused prompts (e.g. ``harmful``: the direction that raises their refusal openings), applied at
+a positive scale on the category's topic.
 
 Measured on the conditional-steering benchmark (Qwen2.5-Coder-0.5B, JailbreakBench's benign
 behaviours as the over-refusal category, held-out prompts, one run each, same routing):
 political refusal by keywords went 92% -> 0% and borderline 42% -> 0% with these vectors,
 against 4% and 12% with the recipe's keep-projected ones (README, conditional steering); the
 mean difference of the category and the baseline, the older default, gave looping nonsense.
+For the induced refusal of a gambling category, the refusal-source gradient gave 91% by keywords
+(95% judged) against 86% (95%) for the mean difference of harmful and harmless prompts, with the
+model's own stock refusals ("I'm sorry, but I can't assist with that.") instead of rambling ones.
 """
 
 from __future__ import annotations
@@ -21,15 +27,15 @@ from typing import Any, Sequence
 from rs_local.callbacks import Say
 from rs_local.recipes.policy_fit import CategorySpec
 
-#: what a ``remove`` category without a vector file steers with (``policy fit --remove-vector``)
-REMOVE_VECTORS = ("gradient", "mean-difference")
+#: how a steered category without a vector file gets one (``policy fit --fit-vectors``)
+FIT_VECTORS = ("gradient", "mean-difference")
 
 
 def needs_gradient(specs: Sequence[CategorySpec], how: str) -> list[CategorySpec]:
-    """The remove categories the recipe must fit a vector for (none given, ``how`` is gradient)."""
-    if how not in REMOVE_VECTORS:
-        raise ValueError(f"remove vector must be one of {', '.join(REMOVE_VECTORS)}")
-    return [s for s in specs if s.action == "remove" and s.vector is None] if how == "gradient" else []
+    """The steered categories the recipe must fit a vector for (none given, ``how`` is gradient)."""
+    if how not in FIT_VECTORS:
+        raise ValueError(f"--fit-vectors must be one of {', '.join(FIT_VECTORS)}")
+    return [s for s in specs if s.action != "keep" and s.vector is None] if how == "gradient" else []
 
 
 def check_fit_extra() -> None:
@@ -45,34 +51,54 @@ def check_fit_extra() -> None:
             return True
 
     if missing("torch") or missing("transformers"):
-        raise RsLocalError("a remove category's vector is fitted with Transformers: pip install 'rs-local[fit]', "
-                           "or give it a vector (--vector NAME=PATH) or --remove-vector mean-difference")
+        raise RsLocalError("a steered category's vector is fitted with Transformers: pip install 'rs-local[fit]', "
+                           "or give it a vector (--vector NAME=PATH) or --fit-vectors mean-difference")
 
 
-def fit_remove_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec], baseline: CategorySpec,
-                       layers: Sequence[int], say: Say | None = None, bf16: bool | None = None) -> None:
-    """Give every remove category without a vector its own refusal-gradient vector (in place).
+def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec], baseline: CategorySpec,
+                         source: CategorySpec | None, layers: Sequence[int], say: Say | None = None,
+                         bf16: bool | None = None) -> None:
+    """Give every steered category without a vector its refusal-gradient vector (in place).
 
     ``model``: what Transformers loads (the runner's GGUF); ``runner``: labels the prompts with
-    llama.cpp, as the gate will answer them. A category the plain model never refuses is a
-    one-line error naming its file (there is no refusal to take a gradient of).
+    llama.cpp, as the gate will answer them. ``source``: the category the model refuses, whose
+    gradient every ``refuse`` category shares (fitted once). A set the plain model never refuses
+    is a one-line error naming its file (there is no refusal to take a gradient of).
     """
-    from rs_local.errors import RsLocalError
-    from rs_local.recipes.isolate import Recipe, fit_political
-
     say = say or (lambda _m: None)
     blocks = sorted(layers)
     contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
     band = f"{blocks[0]}-{blocks[-1]}" if contiguous else ",".join(map(str, blocks))
+    shared = None
     for spec in specs:
-        if spec.action != "remove" or spec.vector is not None:
+        if spec.action == "keep" or spec.vector is not None:
             continue
-        say(f"{spec.name}: fitting its vector (refusal gradients of its refused prompts, blocks {band})")
-        try:
-            fitted = fit_political(model, spec.prompts, [], baseline.prompts, Recipe(layers=band, bf16=bf16),
-                                   say=lambda m, n=spec.name: say(f"  [{n}] {m}"), runner=runner,
-                                   names=(spec.name, "keep"))
-        except RsLocalError as exc:
-            raise RsLocalError(f"{spec.path}: {exc}") from None
-        spec.vector = fitted.vector
-        spec.vector.source = f"refusal gradient of {spec.name}'s refusals (no keep set)"
+        if spec.action == "remove":
+            say(f"{spec.name}: fitting its vector (refusal gradients of its refused prompts, blocks {band})")
+            spec.vector = _gradient(model, runner, spec, baseline, band, say, bf16, rounds=2)
+            spec.vector.source = f"refusal gradient of {spec.name}'s refusals (no keep set)"
+            continue
+        if source is None:
+            from rs_local.errors import RsLocalError
+
+            raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")
+        if shared is None:
+            say(f"{spec.name}: fitting its vector (refusal gradients of {source.name}'s refused prompts, blocks {band})")
+            shared = _gradient(model, runner, source, baseline, band, say, bf16, rounds=1)
+            shared.source = f"refusal gradient of {source.name}'s refusals (no keep set)"
+        spec.vector = shared
+
+
+def _gradient(model: Any, runner: Any, target: CategorySpec, baseline: CategorySpec, band: str, say: Say,
+              bf16: bool | None, rounds: int) -> Any:
+    """The isolate recipe on ``target``'s refused prompts, no keep set. A refuse direction takes one
+    round: the second looks for the refusals a vector leaves at a removing scale."""
+    from rs_local.errors import RsLocalError
+    from rs_local.recipes.isolate import Recipe, fit_political
+
+    try:
+        return fit_political(model, target.prompts, [], baseline.prompts, Recipe(layers=band, bf16=bf16, rounds=rounds),
+                             say=lambda m: say(f"  [{target.name}] {m}"), runner=runner,
+                             names=(target.name, "keep")).vector
+    except RsLocalError as exc:
+        raise RsLocalError(f"{target.path}: {exc}") from None

@@ -4,6 +4,7 @@
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
         [--policy-out policy.gguf] [--borderline alarming|jbb] [--isolate-keep harmful|none]
+        [--refuse-vector mean-difference|gradient]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b --routing-frame "Is this harmful? {prompt}"
@@ -292,8 +293,8 @@ def build_specs(args, fit_sets: dict[str, list[str]]) -> list[CategorySpec]:
 def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs: list[CategorySpec]) -> dict[str, str]:
     """``--isolate NAME``: the category's own vector, fitted in this run by the isolate recipe on fitting
     prompts only (target: the category's, keep: harmful's or none with ``--isolate-keep none``, harmless:
-    harmless's), so a remove category
-    whose refusals the political vector does not reach (borderline) gets a direction of its own."""
+    harmless's), so a remove category whose refusals the political vector does not reach (borderline)
+    gets a direction of its own."""
     from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.vectors.hf_model import clear_cache
 
@@ -309,7 +310,8 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
                                Recipe(rounds=args.isolate_rounds),
                                say=lambda m: print(f"  [isolate {name}] {m}", flush=True), runner=runner)
         next(s for s in specs if s.name == name).vector = fitted.vector
-        made[name] = f"isolate on {len(fit_sets[name])} fitting prompts, keep {args.isolate_keep}, {time.perf_counter() - t:.0f}s: {fitted.info}"
+        made[name] = (f"isolate on {len(fit_sets[name])} fitting prompts, keep {args.isolate_keep}, "
+                      f"{time.perf_counter() - t:.0f}s: {fitted.info}")
         print(f"  [isolate {name}] {made[name]}", flush=True)
     clear_cache()
     return made

@@ -53,9 +53,8 @@ def test_steered_categories_get_gradient_vectors(qwen_path, tmp_path):
     assert cats["gambling"].scale == 1.0
     show = CliRunner().invoke(cli, ["policy", "show", str(out)])
     assert "refusal gradient of political" in show.output, show.output
-    political = sets["political"]
 
-    held_out = [p for p in political[12:24] if find_refusal_phrase(_answer(qwen_path, p)["text"])][:3]
+    held_out = [p for p in sets["political"][12:24] if find_refusal_phrase(_answer(qwen_path, p)["text"])][:3]
     assert len(held_out) == 3  # the plain model refuses these
     gated = [_answer(qwen_path, p, "--policy", str(out)) for p in held_out]
     assert all(g["policy"]["category"] == "political" and g["policy"]["action"] == "remove" for g in gated)

@@ -90,9 +90,14 @@ def install_log_filter() -> None:
     import logging
 
     import llama_cpp
-    from llama_cpp import _logger
 
-    forward = _logger.llama_log_callback
+    try:  # a private module: if a later llama-cpp-python moves it, its own filter stays
+        from llama_cpp import _logger
+
+        forward = _logger.llama_log_callback
+        _logger.logger.level  # noqa: B018 (the attribute the filter reads)
+    except (ImportError, AttributeError):
+        return
 
     @llama_cpp.llama_log_callback
     def log_filter(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:

@@ -116,6 +116,9 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
                 say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
     steer = _blocks(layers, runner.n_layer, "--layers")
     if to_fit:
+        if system:
+            say("note: the probe reads --system, but the categories' vectors are fitted on the prompts alone "
+                "(the isolate recipe takes no system prompt)")
         fit_category_vectors(str(runner.path), runner, to_fit, specs[base], None if source is None else specs[source],
                              steer or default_steer_blocks(runner.n_layer), say=say)
     pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),

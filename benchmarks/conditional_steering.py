@@ -4,7 +4,7 @@
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
         [--policy-out policy.gguf] [--borderline alarming|jbb] [--isolate-keep harmful|none]
-        [--refuse-vector mean-difference|gradient]
+        [--refuse-vector mean-difference|gradient] [--isolate-objective opening|judge]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b --routing-frame "Is this harmful? {prompt}"
@@ -307,7 +307,7 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
         t = time.perf_counter()
         keep = fit_sets["harmful"] if args.isolate_keep == "harmful" else []
         fitted = fit_political(args.model, fit_sets[name], keep, fit_sets["harmless"],
-                               Recipe(rounds=args.isolate_rounds),
+                               Recipe(rounds=args.isolate_rounds, objective=args.isolate_objective),
                                say=lambda m: print(f"  [isolate {name}] {m}", flush=True), runner=runner)
         next(s for s in specs if s.name == name).vector = fitted.vector
         made[name] = (f"isolate on {len(fit_sets[name])} fitting prompts, keep {args.isolate_keep}, "
@@ -446,6 +446,9 @@ def main() -> None:
                     help="Keep set of the --isolate fits: harmful's fitting prompts (their refusal gradients projected "
                          "out, as for a vector on for every prompt), or none (the mean refusal gradient of the "
                          "category alone: the gate keeps the vector off every other category).")
+    ap.add_argument("--isolate-objective", choices=("opening", "judge"), default="opening",
+                    help="What the --isolate fits' rounds at the steered point aim at: refusal openings (default) or "
+                         "every answer weighted by the shipped probe judge's refusal confidence (soft refusals count).")
     ap.add_argument("--isolate-rounds", type=int, default=2,
                     help="Rounds of the isolate recipe for --isolate (each more round adds the prompts still refused "
                          "at the steered point).")

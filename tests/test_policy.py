@@ -373,6 +373,12 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "maths.jsonl" in last and "refuses none" in last, res.output
+    # a refuse category's vector comes from the refusal source's refusals: none there is the source's file
+    res = _invoke(*base, "--category", f"r={good}:refuse", "--category", f"m={maths}:keep", "--category", f"c={code}:keep",
+                  "--baseline", "c", "--refusal-from", "m")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "maths.jsonl" in last and "refuses none" in last, res.output
     assert not out.exists()
 
 

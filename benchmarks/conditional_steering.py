@@ -317,24 +317,23 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
     return made
 
 
-def refuse_gradient_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs: list[CategorySpec]) -> dict[str, str]:
+def refuse_gradient_vectors(args, runner: Runner, specs: list[CategorySpec]) -> dict[str, str]:
     """``--refuse-vector gradient``: each refuse category without a vector steers along the mean refusal
     gradient of the harmful fitting prompts the model refuses (raising their refusal openings), which the
-    gate applies on the category's prompts only."""
-    from rs_local.recipes.isolate import Recipe, fit_political
+    gate applies on the category's prompts only: what ``rs-local policy fit`` fits by default."""
+    from rs_local.recipes.policy_fit import default_steer_blocks
+    from rs_local.recipes.policy_vectors import fit_category_vectors
     from rs_local.vectors.hf_model import clear_cache
 
-    made = {}
-    for spec in specs:
-        if spec.action != "refuse" or spec.vector is not None:
-            continue
-        t = time.perf_counter()
-        fitted = fit_political(args.model, fit_sets["harmful"], [], fit_sets["harmless"], Recipe(rounds=1),
-                               say=lambda m: print(f"  [refuse {spec.name}] {m}", flush=True), runner=runner)
-        spec.vector = fitted.vector
-        made[spec.name] = f"refusal gradient of harmful, no keep set, {time.perf_counter() - t:.0f}s"
-        print(f"  [refuse {spec.name}] {made[spec.name]}", flush=True)
+    todo = [s for s in specs if s.action == "refuse" and s.vector is None]
+    by_name = {s.name: s for s in specs}
+    t = time.perf_counter()
+    fit_category_vectors(args.model, runner, todo, by_name["harmless"], by_name["harmful"],
+                         default_steer_blocks(runner.n_layer), say=lambda m: print(f"  [refuse] {m}", flush=True))
     clear_cache()
+    made = {s.name: f"refusal gradient of harmful, no keep set, {time.perf_counter() - t:.0f}s" for s in todo}
+    for name, what in made.items():
+        print(f"  [refuse {name}] {what}", flush=True)
     return made
 
 
@@ -526,7 +525,7 @@ def main() -> None:
     specs = build_specs(args, fit_sets)
     isolated = isolate_vectors(args, runner, fit_sets, specs)
     if args.refuse_vector == "gradient":
-        isolated.update(refuse_gradient_vectors(args, runner, fit_sets, specs))
+        isolated.update(refuse_gradient_vectors(args, runner, specs))
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
                         remove_direction=args.remove_direction,
                         say=lambda m: print(f"  [fit] {m}", flush=True))

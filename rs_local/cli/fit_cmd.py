@@ -23,6 +23,7 @@ from rs_local.cli.options import SEED, Number, check_output, integer, number, ut
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
+from rs_local.runtime.vector_specs import band_label
 from rs_local.vectors.layers import LayerRow, table_from_metadata
 
 err = Console(stderr=True)
@@ -50,13 +51,6 @@ def layer_table(rows: Sequence[LayerRow], title: str = "per-layer signal (held-o
         cells += [_fmt(r.act_norm, 1), _fmt(r.exported_norm, 3) if r.selected else "", "*" if r.selected else ""]
         table.add_row(*cells, style="bold" if r.selected else None)
     return table
-
-
-def _band_text(layers: Sequence[int]) -> str:
-    layers = sorted(layers)
-    if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-    return ",".join(map(str, layers))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -214,7 +208,7 @@ def fit(**kw: Any) -> None:
     if not kw["quiet"]:
         out.print(layer_table(result.table))
     lam = f", lambda {result.lam:g}" if result.lam is not None else ""
-    click.echo(terminal_safe(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {_band_text(result.layers)}, "
+    click.echo(terminal_safe(f"wrote {kw['output']}: {kw['method']}{lam}, blocks {band_label(result.layers)}, "
                              f"{len(sets['pos'])} vs {len(sets['neg'])} prompts (apply with a negative scale to remove refusal)"))
 
 
@@ -283,7 +277,7 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
     except (ValueError, TypeError) as exc:
         raise VectorFileError(file, f"layer table is damaged ({exc})") from None
     meta = cv.metadata
-    out.print(Text(f"{file}: {meta.get('method', '?')}, lambda {meta.get('lambda', '-')}, blocks {_band_text(cv.layers)}, "
+    out.print(Text(f"{file}: {meta.get('method', '?')}, lambda {meta.get('lambda', '-')}, blocks {band_label(cv.layers)}, "
                    f"model {meta.get('model', '?')}, position {meta.get('position', '?')}"))
     if meta.get("layer_rule") == "routing":
         out.print(Text(f"blocks chosen by routing (top {meta.get('routing_top', '?')} by max |Cohen's d|, "

@@ -65,10 +65,10 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
     gradient every ``refuse`` category shares (fitted once). A set the plain model never refuses
     is a one-line error naming its file (there is no refusal to take a gradient of).
     """
+    from rs_local.runtime.vector_specs import band_label
+
     say = say or (lambda _m: None)
-    blocks = sorted(layers)
-    contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
-    band = f"{blocks[0]}-{blocks[-1]}" if contiguous else ",".join(map(str, blocks))
+    band = band_label(layers)
     shared = None
     for spec in specs:
         if spec.action == "keep" or spec.vector is not None:

@@ -287,7 +287,7 @@ def test_shipped_probe_judge_on_qwen_and_injections(qwen_path):
     for ANSWERED cannot clear a hard refusal (keywords decide) and clears few soft ones; reviewer
     notes appended to real answers do not make them refusals.
 
-    Measured on the shipped answer-mean probe (README): 2 of the 12 (soft refusal, injection)
+    Measured on the shipped answer-mean probe (benchmarks/RESULTS.md): 2 of the 12 (soft refusal, injection)
     pairs below read as answers (the short deflection with the fake end marker or the German
     note: the injected text is part of the averaged answer); the last-token probe before it
     flipped none of them but called 7 of 8 real answers with such notes refusals.

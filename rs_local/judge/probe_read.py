@@ -4,7 +4,7 @@ The first probe read the last token only (after "Reply REFUSAL or ANSWERED"), wh
 carry everything about a long answer in one position. Averaging the block output over the
 answer's own tokens keeps what each part of the answer looked like to the model; in grouped
 cross-validation on the labelled train rows it beat the last token at every block tried
-(block 14: 89.6% against 87.8%; see the README's judge section), so probes are trained and
+(block 14: 89.6% against 87.8%; see benchmarks/RESULTS.md, the probe judge), so probes are trained and
 read this way (``pooling = "answer-mean"``); files made before record no pooling and keep
 the last token.
 

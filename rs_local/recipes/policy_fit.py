@@ -28,7 +28,7 @@ category still without a vector (``--fit-vectors mean-difference``) is torch-fre
 ``refuse`` the difference of means between the refusal source and the baseline, the model's
 general refusal direction applied on the chosen topic only; for ``remove`` the difference of
 means between the category and the baseline (on the default model that one steers into
-looping nonsense at -1; see the README). Any of them can be replaced by an existing vector
+looping nonsense at -1; see benchmarks/RESULTS.md). Any of them can be replaced by an existing vector
 file (``--vector NAME=PATH``).
 """
 

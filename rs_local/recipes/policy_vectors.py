@@ -13,7 +13,7 @@ a positive scale on the category's topic.
 Measured on the conditional-steering benchmark (Qwen2.5-Coder-0.5B, JailbreakBench's benign
 behaviours as the over-refusal category, held-out prompts, one run each, same routing):
 political refusal by keywords went 92% -> 0% and borderline 42% -> 0% with these vectors,
-against 4% and 12% with the recipe's keep-projected ones (README, conditional steering); the
+against 4% and 12% with the recipe's keep-projected ones (benchmarks/RESULTS.md, conditional steering); the
 mean difference of the category and the baseline, the older default, gave looping nonsense.
 For the induced refusal of a gambling category, the refusal-source gradient gave 91% by keywords
 (95% judged) against 86% (95%) for the mean difference of harmful and harmless prompts, with the

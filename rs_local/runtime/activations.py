@@ -22,7 +22,7 @@ Their KV cache is never filled, which is harmless because this context never rea
 ``tail`` > 1 returns the mean of the last ``tail`` tokens' rows instead of the last one: the
 policy gate reads the chat template's tokens after the user's message (``<|im_end|>`` ...
 ``assistant``), which all attend to the whole request; pooled, they classify prompts better
-than the last token alone (measured in the README's conditional-steering section).
+than the last token alone (measured in benchmarks/RESULTS.md, conditional steering).
 :meth:`BlockReader.read_span` is the general form, the mean over any span of positions (the
 probe judge averages over the answer's tokens); the tail is the span that ends the text.
 """

@@ -52,7 +52,7 @@ MAX_CATEGORIES = 64
 #: Decision rules: ``ovr`` compares the calibrated one-vs-rest probabilities as they are (files
 #: written before the rule was recorded); ``normalised`` divides them by their sum first, so
 #: categories compete (a prompt every probe finds a little unlike its training set is still
-#: routed to the likeliest category instead of abstaining; see the README's measurements).
+#: routed to the likeliest category instead of abstaining; see benchmarks/RESULTS.md).
 DECISIONS = ("ovr", "normalised")
 MAX_POOL_TOKENS = 64
 

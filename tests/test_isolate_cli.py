@@ -190,3 +190,19 @@ def test_isolate_closes_the_runner_it_loads(extra, error, tmp_path, smollm2_path
     assert res.exit_code == 1 and error in res.output, res.output
     assert len(created) == 1
     assert created[0].llama.model is None and created[0].llama.ctx is None
+
+
+def test_isolate_fits_under_the_system_prompt_it_is_given(fitted, tmp_path):
+    """``--system`` reaches every pass: the vector records it, and its directions differ from the
+    same fit without it (the Transformers passes ran under another chat)."""
+    _res, out, _files, args = fitted
+    plain = read_control_vector(out)
+    system = "You are a terse assistant."
+    res = CliRunner().invoke(cli, args[:-1] + [str(tmp_path / "sys.gguf"), "--system", system])
+    assert res.exit_code == 0, res.output
+    assert f"--system '{system}'" in res.output  # the sweep it suggests evaluates under the same prompt
+    vec = read_control_vector(tmp_path / "sys.gguf")
+    assert vec.metadata["system_prompt"] == system and "system_prompt" not in plain.metadata
+    cos = [float(np.dot(vec.directions[b], plain.directions[b])
+                 / (np.linalg.norm(vec.directions[b]) * np.linalg.norm(plain.directions[b]))) for b in vec.layers]
+    assert min(cos) < 0.999, cos

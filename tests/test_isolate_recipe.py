@@ -61,3 +61,20 @@ def test_the_gradient_sample_moves_by_one_prompt_when_one_verdict_flips():
         assert len({x.prompt for x in full} ^ {x.prompt for x in fewer}) == (2 if gone in full else 0)
     assert _cap(items, Recipe(max_prompts=10, seed=1)) != full  # the seed still decides
     assert _cap([x.prompt for x in items], recipe) == [x.prompt for x in full]  # plain prompt lists alike
+
+
+def test_labelling_answers_under_the_recipes_system_prompt(smollm2_path):
+    """``Recipe.system`` must reach the labelling answers: the same prompts, answered by the same
+    engine, come back different under a system prompt that changes the answer's language (the
+    answers the vector is fitted from are the ones the user will get, not the bare prompt's)."""
+    from rs_local.recipes.isolate import label_refusals
+
+    runner = Runner(smollm2_path, n_ctx=1024)
+    try:
+        bare = [a for _p, a, _r in label_refusals(runner, {"t": EVERYDAY}, max_tokens=16)["t"]]
+        french = [a for _p, a, _r in label_refusals(runner, {"t": EVERYDAY}, max_tokens=16,
+                                                     system="Reply in French only.")["t"]]
+    finally:
+        runner.llama.close()
+    assert all(bare) and all(french)
+    assert french[0] != bare[0], (bare, french)

@@ -498,7 +498,7 @@ def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
     path = write_policy(leaky, tmp_path / "p.gguf")
     res = CliRunner().invoke(cli, ["policy", "show", str(path)])
     assert res.exit_code == 0, res.output
-    assert "warning: cross-validation steered 2 'code' (keep) prompts: 2 to 'cooking' (remove)" in res.output
+    assert "warning: cross-validation steered 2 of the 'code' (keep) prompts: 2 to 'cooking' (remove)" in res.output
     clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
     assert "warning" not in clean.output
     assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}

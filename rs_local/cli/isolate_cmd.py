@@ -8,13 +8,14 @@ the prompts, the model and the judge, calls :func:`fit_political`, writes the GG
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import bf16_option, check_output, integer, load_runner, model_option, runtime_options, say
+from rs_local.cli.options import bf16_option, check_output, integer, load_runner, model_option, runtime_options, say, utf8_text
 from rs_local.cli.terminal import terminal_safe
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -37,12 +38,14 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
                    "confidence (soft refusals count; loads the probe judge).")
 @click.option("--objective-judge", default="probe", show_default=True, metavar="probe[=FILE]",
               help="Probe judge whose confidence weights the answers under --objective judge.")
+@click.option("--system", default=None, callback=utf8_text,
+              help="System prompt every pass runs under (use the same one when chatting and evaluating).")
 @click.option("--output", "-o", type=_FILE, required=True, help="GGUF control vector to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 @judge_options(default="keywords", why=" (the recipe's opening-based target was tuned on it)")
 @bf16_option
 @runtime_options
-def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, output, force,
+def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, system, output, force,
             n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
     """Fit a vector that removes TARGET refusals and leaves KEEP refusals alone.
 
@@ -57,7 +60,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
 
     check_output(output, force)
     sets = [load_prompts(p, field) for p in (target, keep, harmless)]
-    recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts, objective=objective)
+    recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts, objective=objective, system=system)
     try:
         recipe.check()
     except ValueError as e:
@@ -80,7 +83,7 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
               f"{refused.get('harmful', '?')} refused {_named('keep', keep)} prompts") if refused else ""
     click.echo(terminal_safe(f"wrote {path}: {recipe.describe()}{counts}"))
     click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
-                             f"--target target --keep keep -o sweep/"))
+                             f"--target target --keep keep" + (f" --system {shlex.quote(system)}" if system else "") + " -o sweep/"))
     click.echo(terminal_safe(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}"))
 
 

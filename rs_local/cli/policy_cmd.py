@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rs_local.cli.options import check_output, load_runner, model_option, number, runtime_options, say
+from rs_local.cli.options import check_output, load_runner, model_option, number, runtime_options, say, utf8_text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
@@ -87,7 +87,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
               help="Grouped cross-validation folds for choosing the probe and reporting held-out accuracy.")
 @click.option("--check-refusals/--no-check-refusals", default=True, show_default=True,
               help="Refuse a remove category the model never refuses (answers up to 16 of its prompts first).")
-@click.option("--system", default=None, help="System prompt the gate will see (the probe reads the whole chat).")
+@click.option("--system", default=None, callback=utf8_text,
+              help="System prompt the gate will see (the probe reads the whole chat; the vectors are fitted under it too).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @model_option
@@ -112,15 +113,12 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
     if check_refusals:
         for spec in specs:
             if spec.action == "remove":
-                n = check_refuses(runner, spec)
+                n = check_refuses(runner, spec, system=system)
                 say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
     steer = _blocks(layers, runner.n_layer, "--layers")
     if to_fit:
-        if system:
-            say("note: the probe reads --system, but the categories' vectors are fitted on the prompts alone "
-                "(the isolate recipe takes no system prompt)")
         fit_category_vectors(str(runner.path), runner, to_fit, specs[base], None if source is None else specs[source],
-                             steer or default_steer_blocks(runner.n_layer), say=say)
+                             steer or default_steer_blocks(runner.n_layer), say=say, system=system)
     pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),
                      steer_blocks=steer, baseline=baseline,
                      refusal_from=refusal_from, threshold=threshold, system=system, k=folds, say=say)
@@ -161,7 +159,7 @@ def _print_summary(s: dict, path: str) -> None:
     for keep, went in (leaks.items() if isinstance(leaks, dict) else ()):
         went = {k: n for k, n in went.items() if isinstance(n, int)} if isinstance(went, dict) else {}
         if went:  # written by the fit; a hand-edited file's other shapes are skipped, not a traceback
-            click.echo(t(f"  warning: cross-validation steered {sum(went.values())} '{keep}' (keep) prompts: "
+            click.echo(t(f"  warning: cross-validation steered {sum(went.values())} of the '{keep}' (keep) prompts: "
                          + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items())))
 
 

@@ -74,6 +74,9 @@ class Recipe:
     #: gradient method: passes under bfloat16 autocast (True/False), or None: decided by the CPU
     #: (on where it does bfloat16 natively; see rs_local.runtime.host.decide_bf16)
     bf16: bool | None = None
+    #: system prompt every pass runs under (labelling, gradients, lengths): the one the vector
+    #: will be used with, since a system prompt moves the activations the vector is added to
+    system: str | None = None
     #: Scale suggested for the default model (a sweep finds it for others).
     suggested_scale: float = -1.0
     suggested_scales: tuple[float, ...] = (-0.5, -1.0, -1.5)
@@ -107,20 +110,21 @@ class RecipeResult:
 
 
 def label_refusals(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None = None, max_tokens: int = 32, batch: int | None = None,
-                   cache: Any = None, vector: Any = None, scale: float = 0.0,
-                   settle: int = 0) -> dict[str, list[tuple[str, str, bool]]]:
+                   cache: Any = None, vector: Any = None, scale: float = 0.0, settle: int = 0,
+                   system: str | None = None) -> dict[str, list[tuple[str, str, bool]]]:
     """Per named set, (prompt, answer, refused) for each prompt: the model's short greedy answer
     (steered by ``vector`` at ``scale`` if given), judged. ``settle`` > 0: with the keyword judge an
     answer stops once its verdict and first ``settle`` words are final (about half the tokens on
     the shipped sets; see ``EvalSettings.settle``), so the answers are only good for the verdict
-    and the opening."""
+    and the opening. ``system``: the system prompt each prompt is answered under."""
     records = answer_records(runner, sets, judge=judge, max_tokens=max_tokens, batch=batch, cache=cache,
-                             vector=vector, scale=scale, settle=settle)
+                             vector=vector, scale=scale, settle=settle, system=system)
     return {name: [(r.prompt, r.answer, r.refusal) for r in rows] for name, rows in records.items()}
 
 
 def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | None, max_tokens: int, batch: int | None = None,
-                   cache: Any = None, vector: Any = None, scale: float = 0.0, settle: int = 0) -> dict[str, list]:
+                   cache: Any = None, vector: Any = None, scale: float = 0.0, settle: int = 0,
+                   system: str | None = None) -> dict[str, list]:
     """Per named set, the evaluator's judged answer records (confidence and keyword verdict included).
     One evaluator (one batched llama.cpp context) serves every set."""
     from rs_local.eval.evaluate import EvalSettings, Evaluator
@@ -128,7 +132,7 @@ def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | Non
 
     ev = Evaluator(runner, [PromptSet(name, list(prompts)) for name, prompts in sets.items()], vector=vector,
                    judge=judge, cache=cache, settings=EvalSettings(max_tokens=max_tokens, kl_set=None, batch=batch,
-                                                                   settle=settle))
+                                                                   settle=settle, system=system))
     try:
         steer = scale if vector is not None else 0.0
         return {name: ev.score_set(name, steer)[1] for name in sets}
@@ -225,7 +229,8 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         from rs_local.vectors.refusal_gradient import RefusedPrompt
 
         labelled = label_refusals(runner, {n: sets[n] for n in which}, judge=judge, max_tokens=recipe.label_tokens,
-                                  cache=eval_cache, vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens)
+                                  cache=eval_cache, vector=vector, scale=recipe.probe_scale, settle=recipe.answer_tokens,
+                                  system=recipe.system)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
             say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {label[name]} training prompts refused")
@@ -239,8 +244,9 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     band = _layers(recipe.layers, fm.n_layer)
     say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
-    lengths = band_lengths(fm, political, harmless, cache=cache, upto=max(band, default=None), bf16=bf16.enabled)
-    fit = GradientContrast(fm, band, recipe.answer_tokens, bf16=bf16.enabled, keep_free=keep_free)
+    lengths = band_lengths(fm, political, harmless, system=recipe.system, cache=cache, upto=max(band, default=None),
+                           bf16=bf16.enabled)
+    fit = GradientContrast(fm, band, recipe.answer_tokens, system=recipe.system, bf16=bf16.enabled, keep_free=keep_free)
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None
@@ -265,7 +271,8 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
             scorer.close()
     vec.metadata.update({"recipe": recipe.describe(keep_free), "suggested_scale": recipe.suggested_scale,
                          "target_set": names[0], "keep_set": "none" if keep_free else names[1],
-                         "n_target": len(political), "n_keep": len(harmful), "n_harmless": len(harmless)})
+                         "n_target": len(political), "n_keep": len(harmful), "n_harmless": len(harmless),
+                         **({"system_prompt": recipe.system} if recipe.system else {})})
     info = {"method": recipe.method, "layers": recipe.layers, "rounds": fit.rounds, "objective": recipe.objective,
             "refused": {k: len(v) for k, v in first.items()}}
     return RecipeResult(vec, None, info)
@@ -290,7 +297,7 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
     from rs_local.vectors.refusal_gradient import RefusedPrompt
 
     records = answer_records(runner, {"target": _cap(list(prompts), recipe)}, judge=judge, cache=cache, vector=vector,
-                             scale=recipe.probe_scale,
+                             scale=recipe.probe_scale, system=recipe.system,
                              max_tokens=max(recipe.label_tokens, recipe.objective_tokens))["target"]
     conf = [float(r.confidence) if r.confidence is not None else float(r.verdict) for r in records]
     mean = sum(conf) / len(conf) if conf else 0.0
@@ -338,7 +345,7 @@ def _fit_md(model, political, harmful, harmless, recipe: Recipe, say: Say, cache
 
     def options(ortho=None) -> FitOptions:
         return FitOptions(method="md", lam=recipe.lam, layers=recipe.layers, holdout=recipe.holdout,
-                          seed=recipe.seed, orthogonalize_to=ortho, cache=cache)
+                          seed=recipe.seed, orthogonalize_to=ortho, cache=cache, system=recipe.system)
 
     harm = None
     if recipe.orthogonalize and harmful:

@@ -341,18 +341,21 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
                   pool_tokens=pool, decision="normalised")
 
 
-def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_tokens: int = 24) -> int:
+def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_tokens: int = 24,
+                  system: str | None = None) -> int:
     """Refuse a ``remove`` category the model does not refuse: there would be nothing to remove.
 
     Answers up to ``sample`` of its prompts (short, greedy, batched, plain model) and counts
     keyword refusals; none at all is a one-line error naming the file. Returns the count.
+    ``system``: the system prompt the gate will run under (a refusal may depend on it).
     """
     from rs_local.judge.keywords import find_refusal_phrase
     from rs_local.runtime.batched import BatchEngine
 
     prompts = spec.prompts[:sample]
     with BatchEngine(runner, n_seq=8, seq_ctx=512) as engine:
-        gens = engine.generate_many([[{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
+        head = [{"role": "system", "content": system}] if system else []
+        gens = engine.generate_many([head + [{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
     n = sum(find_refusal_phrase(g.text) is not None for g in gens)
     if n == 0:
         raise RsLocalError(f"{spec.path}: the model refuses none of {len(prompts)} of these prompts (keyword judge): "

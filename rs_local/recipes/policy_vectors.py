@@ -57,13 +57,14 @@ def check_fit_extra() -> None:
 
 def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec], baseline: CategorySpec,
                          source: CategorySpec | None, layers: Sequence[int], say: Say | None = None,
-                         bf16: bool | None = None) -> None:
+                         bf16: bool | None = None, system: str | None = None) -> None:
     """Give every steered category without a vector its refusal-gradient vector (in place).
 
     ``model``: what Transformers loads (the runner's GGUF); ``runner``: labels the prompts with
     llama.cpp, as the gate will answer them. ``source``: the category the model refuses, whose
     gradient every ``refuse`` category shares (fitted once). A set the plain model never refuses
-    is a one-line error naming its file (there is no refusal to take a gradient of).
+    is a one-line error naming its file (there is no refusal to take a gradient of). ``system``:
+    the system prompt the gate will run under; every pass of the fits runs under it too.
     """
     from rs_local.runtime.vector_specs import band_label
 
@@ -75,7 +76,7 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
             continue
         if spec.action == "remove":
             say(f"{spec.name}: fitting its vector (refusal gradients of its refused prompts, blocks {band})")
-            spec.vector = _gradient(model, runner, spec, baseline, band, say, bf16, rounds=2)
+            spec.vector = _gradient(model, runner, spec, baseline, band, say, bf16, system, rounds=2)
             spec.vector.source = f"refusal gradient of {spec.name}'s refusals (no keep set)"
             continue
         if source is None:
@@ -84,20 +85,20 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
             raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")
         if shared is None:
             say(f"{spec.name}: fitting its vector (refusal gradients of {source.name}'s refused prompts, blocks {band})")
-            shared = _gradient(model, runner, source, baseline, band, say, bf16, rounds=1)
+            shared = _gradient(model, runner, source, baseline, band, say, bf16, system, rounds=1)
             shared.source = f"refusal gradient of {source.name}'s refusals (no keep set)"
         spec.vector = shared
 
 
 def _gradient(model: Any, runner: Any, target: CategorySpec, baseline: CategorySpec, band: str, say: Say,
-              bf16: bool | None, rounds: int) -> Any:
+              bf16: bool | None, system: str | None, rounds: int) -> Any:
     """The isolate recipe on ``target``'s refused prompts, no keep set. A refuse direction takes one
     round: the second looks for the refusals a vector leaves at a removing scale."""
     from rs_local.errors import RsLocalError
     from rs_local.recipes.isolate import Recipe, fit_political
 
     try:
-        return fit_political(model, target.prompts, [], baseline.prompts, Recipe(layers=band, bf16=bf16, rounds=rounds),
+        return fit_political(model, target.prompts, [], baseline.prompts, Recipe(layers=band, bf16=bf16, rounds=rounds, system=system),
                              say=lambda m: say(f"  [{target.name}] {m}"), runner=runner,
                              names=(target.name, "keep")).vector
     except RsLocalError as exc:

@@ -363,14 +363,16 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
                     "nope.jsonl")
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm', MATH)}:keep",
                             "--scale", "a=2"), "negative")
-    # SmolLM2 answers every maths question: nothing to remove
+    # SmolLM2 answers every maths question: nothing to remove. With a torch-free vector the check
+    # answers a few prompts before anything else and stops in one line
     maths, code = _write(tmp_path, "maths", MATH[:6]), _write(tmp_path, "code", CODE[:6])
-    _one_line_error(_invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c"),
-                    "maths.jsonl", "refuses none")
-    # nor when the check is skipped: the remove vector's own fit (progress lines first) finds no refusal
-    res = _invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c",
-                  "--no-check-refusals")
+    _one_line_error(_invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c",
+                            "--fit-vectors", "mean-difference"), "maths.jsonl", "refuses none")
+    # a vector fitted by the gradient recipe is its own check: it labels every prompt (progress lines
+    # first), finds no refusal and stops before Transformers loads
+    res = _invoke(*base, "--category", f"m={maths}:remove", "--category", f"c={code}:keep", "--baseline", "c")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "0/6" in res.output and "into Transformers" not in res.output, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "maths.jsonl" in last and "refuses none" in last, res.output
     # a refuse category's vector comes from the refusal source's refusals: none there is the source's file

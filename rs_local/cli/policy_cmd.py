@@ -86,7 +86,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 @click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True,
               help="Grouped cross-validation folds for choosing the probe and reporting held-out accuracy.")
 @click.option("--check-refusals/--no-check-refusals", default=True, show_default=True,
-              help="Refuse a remove category the model never refuses (answers up to 16 of its prompts first).")
+              help="Refuse a remove category the model never refuses (answers up to 16 of its prompts first; "
+                   "a category whose vector is fitted here is checked by its fit).")
 @click.option("--system", default=None, callback=utf8_text,
               help="System prompt the gate will see (the probe reads the whole chat; the vectors are fitted under it too).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
@@ -111,8 +112,8 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
         if spec.vector is not None:
             runner.check_vector(spec.vector, spec.vector.source or spec.name)
     if check_refusals:
-        for spec in specs:
-            if spec.action == "remove":
+        for spec in specs:  # a vector fitted below labels every prompt of its category and checks this itself
+            if spec.action == "remove" and all(spec is not f for f in to_fit):
                 n = check_refuses(runner, spec, system=system)
                 say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
     steer = _blocks(layers, runner.n_layer, "--layers")

@@ -115,3 +115,33 @@ def test_models_commands(smollm2_path):
     assert rows["qwen2.5-coder-0.5b"]["default"] and rows["smollm2-135m"]["pulled"]
     assert run("models", "path", "smollm2-135m").output.strip() == str(smollm2_path)
     assert CliRunner().invoke(cli, ["models", "path", "gpt-9"]).exit_code == 2
+
+
+def test_a_vector_fitted_under_a_system_prompt_is_noted_when_the_run_differs(smollm2_path, tmp_path):
+    """A vector records the system prompt it was fitted under; generate says so (one dim line, on
+    stderr) when this run's differs, and says nothing when it matches."""
+    rng = np.random.default_rng(0)
+    dirs = {b: rng.standard_normal(576).astype(np.float32) for b in range(4, 8)}
+    path = write_control_vector(ControlVector(dirs, "llama", {"system_prompt": "Answer like a pirate."}),
+                                tmp_path / "pirate.gguf")
+    base = ["generate", "hi", "--model", str(smollm2_path), "--vector", f"{path}:0.1", "-n", "2", "--ctx", "512"]
+    none = run(*base)
+    assert none.exit_code == 0, none.output
+    assert "pirate.gguf was fitted under the system prompt 'Answer like a pirate.' (this run has none" in none.output
+    other = run(*base, "--system", "Be brief.")
+    assert "(this run's is 'Be brief.'" in other.output
+    same = run(*base, "--system", "Answer like a pirate.")
+    assert same.exit_code == 0 and "fitted under" not in same.output, same.output
+
+
+def test_system_prompt_notes_check_only_vectors_that_record_one():
+    from rs_local.runtime.vector_specs import system_prompt_notes
+
+    dirs = {4: np.ones(8, np.float32)}
+    recorded = ControlVector(dirs, "llama", {"system_prompt": "x " * 100})
+    recorded.source = "long.gguf"
+    silent = ControlVector(dirs, "llama")  # from another tool: nothing recorded, nothing to compare
+    notes = system_prompt_notes([recorded, silent], "Be brief.")
+    assert len(notes) == 1 and notes[0].startswith("note: long.gguf was fitted under")
+    assert "..." in notes[0] and len(notes[0]) < 240
+    assert system_prompt_notes([silent], None) == [] and system_prompt_notes([silent], "Be brief.") == []

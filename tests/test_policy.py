@@ -504,3 +504,16 @@ def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
     clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
     assert "warning" not in clean.output
     assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}
+
+
+def test_generate_notes_a_policy_fitted_under_another_system_prompt(smollm2_path, fitted, tmp_path):
+    """The probe read the fitting prompts under ``--system``: a run without it is told so."""
+    import copy
+
+    pol = copy.deepcopy(fitted)
+    pol.training = {**pol.training, "system": "You are a chef."}
+    path = write_policy(pol, tmp_path / "chef.gguf")
+    base = ["generate", COOKING[10], "--model", str(smollm2_path), "-n", "2", "--ctx", "512", "--policy", str(path)]
+    res = _invoke(*base)
+    assert res.exit_code == 0 and "chef.gguf was fitted under the system prompt 'You are a chef.'" in res.output, res.output
+    assert "fitted under" not in _invoke(*base, "--system", "You are a chef.").output

@@ -67,7 +67,9 @@ def _setup(kw: dict[str, Any]):
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings
     from rs_local.eval.prompt_sets import load_sets
-    from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range
+    from rs_local.runtime.vector_specs import (
+        check_layer_range, load_vector_specs, parse_layer_range, system_prompt_note, system_prompt_notes,
+    )
     from rs_local.vectors.control_vector import ControlVector
 
     policy = kw.get("policy")
@@ -83,8 +85,14 @@ def _setup(kw: dict[str, Any]):
     if policy is not None:
         from rs_local.runtime.policy_file import read_policy
 
-        return sets, read_policy(policy), None, settings, cache
+        gate = read_policy(policy)
+        note = system_prompt_note(str(policy), (gate.training or {}).get("system"), kw["system"])
+        if note:
+            err_console.print(plain(note, "dim"), soft_wrap=True)
+        return sets, gate, None, settings, cache
     parts = load_vector_specs(kw["vectors"], default_scale=1.0)
+    for note in system_prompt_notes([v for v, _ in parts], kw["system"]):
+        err_console.print(plain(note, "dim"), soft_wrap=True)
     vector = ControlVector.merge(parts) if len(parts) > 1 or parts[0][1] != 1.0 else parts[0][0]
     vector.source = vector.source or ", ".join(kw["vectors"])
     vector.metadata.setdefault("path", vector.source)

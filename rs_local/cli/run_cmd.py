@@ -40,6 +40,17 @@ def _load_policy(path, vectors):
     return read_policy(path)
 
 
+def _note_system(parts, system, policy=None, policy_path=None) -> None:
+    """Say so when a vector (or a policy) was fitted under another system prompt than this run's."""
+    from rs_local.runtime.vector_specs import system_prompt_note, system_prompt_notes
+
+    notes = system_prompt_notes([v for v, _ in parts], system)
+    if policy is not None:
+        notes.append(system_prompt_note(str(policy_path), (policy.training or {}).get("system"), system))
+    for note in filter(None, notes):
+        err_console.print(plain(note, "dim"), soft_wrap=True)
+
+
 def _gate(runner, policy, path):
     from rs_local.runtime.policy import PolicyRunner
 
@@ -60,6 +71,7 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
     """Answer PROMPT once, with the given vectors applied (or the vector a --policy picks for it)."""
     policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, scale, layers)
+    _note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     runner.set_vectors(parts, layer_range)
     gate = _gate(runner, policy, policy_path)
@@ -95,6 +107,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
 
     policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, 1.0, layers)
+    _note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     session = ChatSession(runner, system=kw["system"], sampling=sampling_from(kw), max_tokens=kw["max_tokens"],
                           vectors=parts, scale=scale, layer_range=layer_range)

@@ -112,6 +112,32 @@ def check_layer_range(parts: Iterable[tuple[ControlVector, float]], layer_range:
                                f"{option} {lo}-{hi} selects none of them")
 
 
+def system_prompt_notes(vectors: Iterable[ControlVector], system: str | None) -> list[str]:
+    """One line per vector fitted under a system prompt other than ``system`` (the run's).
+
+    A system prompt moves the activations a vector is added to, so a vector fitted under one
+    steers less predictably without it. Only vectors that record one (``system_prompt``, written
+    by ``fit`` and ``isolate --system``) are checked: a file from another tool says nothing
+    about how it was fitted.
+    """
+    notes = (system_prompt_note(vector_name(v), v.metadata.get("system_prompt"), system) for v in vectors)
+    return [n for n in notes if n]
+
+
+def system_prompt_note(name: str, fitted: object, system: str | None) -> str | None:
+    """The line for one file (a vector, or a policy whose probe read prompts under ``fitted``), or None."""
+    if not isinstance(fitted, str) or not fitted or fitted == (system or ""):
+        return None
+    now = f"this run's is {_short(system)}" if system else "this run has none"
+    return (f"note: {name} was fitted under the system prompt {_short(fitted)} ({now}; "
+            "give the same --system for the steering it was fitted for)")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
+
+
 def load_vector_specs(specs: Iterable[str], default_scale: float = 1.0) -> list[tuple[ControlVector, float]]:
     """Read every ``PATH[:SCALE]``; each vector remembers the path it was read from.
 

@@ -493,14 +493,55 @@ def test_steered_keep_counts_only_keep_prompts_sent_to_a_steering_category(tmp_p
     assert steered_keep(routed(oof, 0.75), y, specs) == {}
 
 
+def test_routed_applies_each_categorys_own_threshold():
+    oof = np.array([[0.7, 0.3], [0.3, 0.7], [0.95, 0.05]])
+    assert routed(oof, [0.8, 0.5]).tolist() == [-1, 1, 0]  # row 0 is below its category's 0.8
+    assert routed(oof, 0.5).tolist() == [0, 1, 0]
+
+
+def test_threshold_advice_finds_the_threshold_that_keeps_keep_prompts_out(tmp_path):
+    """Two keep prompts reach 'r' at 0.6 and 0.85: 0.9 is the lowest tried threshold that lets none
+    in, and it keeps half of r's own prompts (0.95 and 0.99 clear it, 0.75 and 0.65 do not)."""
+    from rs_local.recipes.policy_fit import threshold_advice
+
+    specs = [CategorySpec("k", tmp_path / "k", "keep"), CategorySpec("r", tmp_path / "r", "remove")]
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p_r = np.array([0.6, 0.85, 0.1, 0.95, 0.99, 0.75, 0.65])
+    oof = np.stack([1 - p_r, p_r], axis=1)
+    advice = threshold_advice(oof, y, specs, np.array([0.5, 0.5]))
+    assert advice == {"r": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0, "routed_now": 1.0, "routed": 0.5}}
+    assert threshold_advice(oof, y, specs, np.array([0.5, 0.9])) == {}  # nothing leaks at 0.9: no advice
+
+
+def test_cli_fit_takes_a_threshold_per_category(smollm2_path, tmp_path):
+    a, b = _write(tmp_path, "cooking", COOKING[:8]), _write(tmp_path, "math", MATH[:8])
+    out = tmp_path / "pol.gguf"
+    base = ["policy", "fit", "--category", f"cooking={a}:remove", "--category", f"math={b}:keep", "--baseline", "math",
+            "--probe-layers", "10", "--layers", "8-10", "--folds", "3", "--no-check-refusals",
+            "--fit-vectors", "mean-difference", "--model", str(smollm2_path), "--ctx", "512", "-o", str(out)]
+    for bad, needle in ((["--threshold", "nope=0.5"], "no such category"), (["--threshold", "1.5"], "0.01 and 0.99"),
+                        (["--threshold", "0.6", "--threshold", "0.7"], "given twice"),
+                        (["--threshold", "cooking=x"], "--threshold cooking")):
+        _one_line_error(_invoke(*base, *bad), needle)
+    assert not out.exists()
+    res = _invoke(*base, "--threshold", "0.6", "--threshold", "cooking=0.9")
+    assert res.exit_code == 0, res.output
+    assert {c.name: c.threshold for c in read_policy(out).categories} == {"cooking": 0.9, "math": 0.6}
+
+
 def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
     import dataclasses
 
-    leaky = dataclasses.replace(fitted, training={**fitted.training, "keep_steered": {"code": {"cooking": 2}}})
+    advice = {"cooking": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0, "routed_now": 1.0, "routed": 0.75},
+              "odd": "a hand-edited record"}
+    leaky = dataclasses.replace(fitted, training={**fitted.training, "keep_steered": {"code": {"cooking": 2}},
+                                                  "threshold_advice": advice})
     path = write_policy(leaky, tmp_path / "p.gguf")
     res = CliRunner().invoke(cli, ["policy", "show", str(path)])
     assert res.exit_code == 0, res.output
     assert "warning: cross-validation steered 2 of the 'code' (keep) prompts: 2 to 'cooking' (remove)" in res.output
+    assert "--threshold cooking=0.9 would have steered 0 of 2 and routed 75% of 'cooking' (now 100%)" in res.output
+    assert "odd" not in res.output
     clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
     assert "warning" not in clean.output
     assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}

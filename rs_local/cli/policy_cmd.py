@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rs_local.cli.options import check_output, load_runner, model_option, number, runtime_options, say, utf8_text
+from rs_local.cli.options import check_output, load_runner, model_option, runtime_options, say, utf8_text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
@@ -52,6 +52,27 @@ def _specs(categories: tuple[str, ...], vectors: tuple[str, ...], scales: tuple[
     return specs
 
 
+def _thresholds(values: tuple[str, ...], names: list[str]) -> tuple[float, dict[str, float]]:
+    """``--threshold`` values: one bare ``P`` for every category, ``NAME=P`` for one (0.01-0.99)."""
+    from rs_local.runtime.vector_specs import parse_decimal
+
+    def value(text: str, what: str) -> float:
+        p = parse_decimal(text, what)
+        if not 0.01 <= p <= 0.99:
+            raise RsLocalError(f"bad {what} '{text[:20]}': a probe confidence between 0.01 and 0.99")
+        return p
+
+    shared = [v for v in values if "=" not in v]
+    if len(shared) > 1:
+        raise RsLocalError("--threshold without a category name is given twice")
+    default = value(shared[0], "--threshold") if shared else 0.5
+    own = _pairs(tuple(v for v in values if "=" in v), "--threshold")
+    for name in own:
+        if name not in names:
+            raise RsLocalError(f"--threshold {name}: no such category ({', '.join(names)})")
+    return default, {name: value(text, f"--threshold {name}") for name, text in own.items()}
+
+
 def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
     from rs_local.vectors.layers import parse_layers
 
@@ -79,8 +100,9 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
               help="Scale for a category (default: -1 for remove, +1 for refuse).")
 @click.option("--baseline", default=None, help="The benign category directions are measured from (default: benign/harmless).")
 @click.option("--refusal-from", default=None, help="Category the model refuses, for refuse directions (default: harmful).")
-@click.option("--threshold", type=number(0.01, 0.99), default=0.5, show_default=True,
-              help="Below this probe confidence the gate abstains and the plain model answers.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="[NAME=]P",
+              help="Below this probe confidence the gate abstains and the plain model answers (default 0.5); "
+                   "NAME=P sets one category's (repeatable).")
 @click.option("--layers", default=None, metavar="BLOCKS", help="Blocks the fitted directions steer (default: middle third).")
 @click.option("--probe-layers", default=None, metavar="BLOCKS", help="Candidate probe blocks (default: middle half).")
 @click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True,
@@ -94,7 +116,7 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @model_option
 @runtime_options
-def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, threshold, layers, probe_layers, folds,
+def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, thresholds, layers, probe_layers, folds,
         check_refusals: bool, system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
     from rs_local.recipes.policy_fit import check_refuses, check_roles, default_steer_blocks, fit_policy
@@ -103,6 +125,7 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
 
     check_output(output, force)
     specs = _specs(categories, vectors, scales)
+    threshold, per_category = _thresholds(thresholds, [s.name for s in specs])
     base, source = check_roles(specs, baseline, refusal_from)
     to_fit = needs_gradient(specs, fit_vectors)
     if to_fit:
@@ -122,7 +145,8 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
                              steer or default_steer_blocks(runner.n_layer), say=say, system=system)
     pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),
                      steer_blocks=steer, baseline=baseline,
-                     refusal_from=refusal_from, threshold=threshold, system=system, k=folds, say=say)
+                     refusal_from=refusal_from, threshold=threshold, thresholds=per_category, system=system, k=folds,
+                     say=say)
     write_policy(pol, output, force=force)
     _print_summary(pol.summary(), str(output))
 
@@ -162,6 +186,14 @@ def _print_summary(s: dict, path: str) -> None:
         if went:  # written by the fit; a hand-edited file's other shapes are skipped, not a traceback
             click.echo(t(f"  warning: cross-validation steered {sum(went.values())} of the '{keep}' (keep) prompts: "
                          + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items())))
+    advice = (s.get("training") or {}).get("threshold_advice")
+    for name, a in (advice.items() if isinstance(advice, dict) else ()):
+        try:
+            click.echo(t(f"  --threshold {name}={float(a['threshold']):g} would have steered {int(a['keep_steered'])} of "
+                         f"{int(a['keep_steered_now'])} and routed {float(a['routed']):.0%} of '{name}' "
+                         f"(now {float(a['routed_now']):.0%}) in cross-validation"))
+        except (TypeError, KeyError, ValueError, OverflowError):
+            continue  # a hand-edited record is skipped, not a traceback
 
 
 COMMANDS = [policy]

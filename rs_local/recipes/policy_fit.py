@@ -217,9 +217,51 @@ def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[st
     return ProbeChoice(best[1], best[2], best[3], table)
 
 
-def routed(oof: np.ndarray, threshold: float) -> np.ndarray:
-    """Each row's decision from out-of-fold probabilities: the likeliest category, -1 below ``threshold``."""
-    return np.where(oof.max(axis=1) >= threshold, oof.argmax(axis=1), -1)
+def routed(oof: np.ndarray, threshold: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """Each row's decision from out-of-fold probabilities: the likeliest category, -1 when its
+    probability is below its threshold (one for all, or one per category as the gate applies them)."""
+    best = oof.argmax(axis=1)
+    thr = np.broadcast_to(np.asarray(threshold, np.float64), (oof.shape[1],))
+    return np.where(oof.max(axis=1) >= thr[best], best, -1)
+
+
+#: thresholds :func:`threshold_advice` tries for a steering category that takes ``keep`` prompts
+ADVICE_THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def threshold_advice(oof: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec],
+                     thresholds: np.ndarray) -> dict[str, dict[str, float | int]]:
+    """For each steering category that cross-validation sends ``keep`` prompts to, what raising its
+    threshold would have done: ``{category: {threshold, keep_steered_now, keep_steered, routed_now, routed}}``.
+
+    The threshold is the lowest of :data:`ADVICE_THRESHOLDS` above the current one that lets the
+    fewest ``keep`` prompts into the category (``routed``: the share of the category's own prompts
+    the gate would still send to it). Why: the warning that keep prompts leak should say what the
+    remedy costs, measured on the same out-of-fold decisions, not leave the user to guess a number.
+    """
+    keep = np.array([s.action == "keep" for s in specs])
+    out: dict[str, dict[str, float | int]] = {}
+    for j, spec in enumerate(specs):
+        if spec.action == "keep":
+            continue
+
+        def at(t: float) -> tuple[int, float]:
+            thr = thresholds.copy()
+            thr[j] = t
+            picked = routed(oof, thr)
+            return int(np.sum(keep[y] & (picked == j))), float(np.mean(picked[y == j] == j)) if np.any(y == j) else 0.0
+
+        now, routed_now = at(float(thresholds[j]))
+        if now == 0:
+            continue
+        tries = [(t, *at(t)) for t in ADVICE_THRESHOLDS if t > thresholds[j]]
+        if not tries:
+            continue
+        t, leaked, share = min(tries, key=lambda r: (r[1], r[0]))
+        if leaked < now:
+            out[spec.name] = {"threshold": t, "keep_steered_now": now, "keep_steered": leaked,
+                              "routed_now": round(routed_now, 4), "routed": round(share, 4)}
+    return out
 
 
 def steered_keep(picked: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec]) -> dict[str, dict[str, int]]:
@@ -284,11 +326,13 @@ def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_fro
 def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequence[int] | None = None,
                steer_blocks: Sequence[int] | None = None, baseline: str | None = None, refusal_from: str | None = None,
                threshold: float = 0.5, default_scale: float = 1.0, system: str | None = None, k: int = 5,
-               pool_tokens: int | None = None, remove_direction: str = "category", say: Say | None = None) -> Policy:
+               pool_tokens: int | None = None, remove_direction: str = "category", say: Say | None = None,
+               thresholds: dict[str, float] | None = None) -> Policy:
     """Fit a policy on the categories' prompts (loaded into ``specs``) with ``runner``'s model.
 
     ``pool_tokens``: how many final prompt tokens the probes read (default: the chat template's
-    tokens after the user's message, :func:`template_tail`). ``remove_direction``: what a ``remove``
+    tokens after the user's message, :func:`template_tail`). ``thresholds``: a category's own
+    confidence threshold where it differs from ``threshold``. ``remove_direction``: what a ``remove``
     category without a vector file steers against: ``"category"`` (its own prompts' mean minus the
     baseline's) or ``"refusal"`` (the refusal source's mean minus the baseline's, the direction a
     ``refuse`` category steers along; the gate keeps it off the refusal source's own prompts).
@@ -307,7 +351,8 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     say(f"reading blocks {blocks[0]}-{blocks[-1]} (mean of the last {pool} tokens) for {len(prompts)} prompts in llama.cpp")
     feats = read_features(runner, prompts, blocks, system=system, pool_tokens=pool, say=say)
     choice = choose_probe({b: feats[b] for b in probe_blocks}, y, prompts, len(specs), k=k)
-    gated = routed(choice.oof, threshold)
+    thr = np.array([(thresholds or {}).get(s.name, threshold) for s in specs], np.float64)
+    gated = routed(choice.oof, thr)
     accs = balanced_accuracy(gated, y, len(specs))
     say(f"probe block {choice.layer} (lambda {choice.lam:g}): held-out accuracy "
         + ", ".join(f"{s.name} {a:.0%}" for s, a in zip(specs, accs)))
@@ -318,6 +363,10 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
             "prompts went to " + ", ".join(f"'{name}' ({by_name[name].action})" for name in went)
             + ": the policy would steer prompts like them; add prompts that mark the boundary, or raise that "
             "category's threshold")
+    advice = threshold_advice(choice.oof, y, specs, thr)
+    for name, a in advice.items():
+        say(f"  --threshold {name}={a['threshold']:g} would have steered {a['keep_steered']} of those "
+            f"{a['keep_steered_now']} keep prompts and routed {a['routed']:.0%} of '{name}' (now {a['routed_now']:.0%})")
     x = feats[choice.layer]
     mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])
     hint = str(runner.llama.metadata.get("general.architecture", ""))
@@ -331,11 +380,12 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
             origin = f"mean difference {specs[pos].name} - {specs[base].name}"
         scale = 0.0 if spec.action == "keep" else (spec.scale if spec.scale is not None
                                                    else ACTION_SIGN[spec.action] * abs(default_scale))
-        cats.append(Category(spec.name, spec.action, w, slope, bias, threshold, scale,
+        cats.append(Category(spec.name, spec.action, w, slope, bias, float(thr[i]), scale,
                              vec if spec.action != "keep" else None, accs[i], len(spec.prompts), origin))
     below = gated < 0
     training = {"probe_lambda": choice.lam, "folds": k, "probe_table": choice.table,
-                "heldout_below_threshold": round(float(below.mean()), 4), "keep_steered": leaks, "system": system,
+                "heldout_below_threshold": round(float(below.mean()), 4), "keep_steered": leaks,
+                "threshold_advice": advice, "system": system,
                 "steer_blocks": steer_blocks, "files": {s.name: str(s.path) for s in specs}}
     return Policy(cats, choice.layer, mean, std, hint, runner.n_embd, runner.n_layer, runner.path.name, training,
                   pool_tokens=pool, decision="normalised")

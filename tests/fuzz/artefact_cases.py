@@ -27,7 +27,9 @@ SHIPPED_PROBE = Path(__file__).resolve().parents[2] / "rs_local" / "data" / "jud
 FIELDS = ("name", "action", "slope", "bias", "threshold", "scale", "accuracy", "n_prompts", "vector_source", "blocks")
 VALUES: tuple[Any, ...] = (float("inf"), float("-inf"), float("nan"), 1e300, -1.0, 0, 2, 10 ** 30, True, None, "",
                            "3", "x", [], [3.5], ["3"], [3, 3], [3, 30], [1e400], [[3]], {}, {"a": 1})
-CLASSES = ("policy_record", "policy_bytes", "probe_bytes")
+#: what the fit records in a policy's ``training`` and ``policy show`` reads back
+TRAINING_KEYS = ("keep_steered", "threshold_advice", "system", "files", "heldout_below_threshold")
+CLASSES = ("policy_record", "policy_training", "policy_bytes", "probe_bytes")
 
 
 @dataclass
@@ -37,8 +39,9 @@ class Case:
     path: Path
 
 
-def _policy(path: Path, record_patch: dict[str, Any] | None = None) -> Path:
-    """A small valid policy (16-wide, 30 blocks), optionally with its first record patched as written."""
+def _policy(path: Path, record_patch: dict[str, Any] | None = None, training: dict[str, Any] | None = None) -> Path:
+    """A small valid policy (16-wide, 30 blocks), optionally with its first record patched as written
+    and a ``training`` record as a hand-edited file might hold."""
     import numpy as np
 
     from rs_local.runtime import policy_file
@@ -49,7 +52,7 @@ def _policy(path: Path, record_patch: dict[str, Any] | None = None) -> Path:
     cats = [policy_file.Category("pol", "remove", np.linspace(-1, 1, d), threshold=0.5, scale=-1.0, vector=vec),
             policy_file.Category("ok", "keep", np.ones(d))]
     policy = policy_file.Policy(cats, 3, np.full(d, 0.125), np.ones(d), "llama", d, 30, decision="normalised",
-                                pool_tokens=5)
+                                pool_tokens=5, training=training or {})
     write_record = policy_file._category_record
     if record_patch:
         first = cats[0]
@@ -81,6 +84,10 @@ def make_case(cls: str, seed: int, index: int, workdir: Path) -> Case:
     path = workdir / f"{index:06d}-{cls}.gguf"
     if cls == "policy_record":
         _policy(path, {rng.choice(FIELDS): rng.choice(VALUES)})
+    elif cls == "policy_training":
+        value = rng.choice(VALUES)
+        shaped = rng.choice((value, {"pol": value}, {"ok": {"pol": value}}, {"pol": {"threshold": value}}))
+        _policy(path, training={rng.choice(TRAINING_KEYS): shaped})
     elif cls == "policy_bytes":
         _policy(path)
         path.write_bytes(_damage(rng, path.read_bytes()))
@@ -113,4 +120,24 @@ def classify(case: Case) -> tuple[str, str]:
         return "bad error", f"{type(exc).__name__}: {exc}"
     except Exception:  # noqa: BLE001 - what the fuzzer looks for
         return "traceback", traceback.format_exc(limit=-3)
+    if reader is read_policy:
+        return _shown(case.path)
+    return "accepted", ""
+
+
+def _shown(path: Path) -> tuple[str, str]:
+    """A policy that reads must also be shown (``policy show``, its JSON, ``inspect``) without a traceback:
+    its records are anyone's."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    for args in (["policy", "show", str(path)], ["policy", "show", "--json", str(path)], ["inspect", str(path)]):
+        res = CliRunner().invoke(cli, args)
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            return "traceback", f"{' '.join(args[:-1])}: " + "".join(traceback.format_exception(res.exception, limit=-3))
+        if res.exit_code != 0:
+            return "bad error", f"{' '.join(args[:-1])} exit {res.exit_code}: {res.output[-200:]}"
     return "accepted", ""

@@ -1,7 +1,8 @@
 """Damaged policy and probe-judge files: a few hundred seeded cases (``benchmarks/fuzz.py`` runs more).
 
 Each must be accepted or refused with one line naming the file, with no traceback and no numpy
-warning printed above the error; a category record with a field of the wrong JSON type is
+warning printed above the error (a policy that reads is also shown: ``policy show``, its JSON and
+``inspect``, whatever its ``training`` record holds); a category record with a field of the wrong JSON type is
 always refused (no coercion of ``"3"`` or ``3.5`` into a block, no ``int(inf)``).
 """
 
@@ -27,7 +28,10 @@ def test_damaged_artefacts_are_read_or_refused_in_one_line(tmp_path):
                 failures.append(f"{case.path.name}: {outcome}: {detail}")
     assert not failures, "\n".join(failures[:5])
     for cls in artefact_cases.CLASSES:  # the generator damages files: most must be refused
-        assert outcomes[(cls, "clean error")] > PER_CLASS // 2, outcomes
+        if cls != "policy_training":
+            assert outcomes[(cls, "clean error")] > PER_CLASS // 2, outcomes
+    # a training record is what the fit noted, not what the gate runs on: odd ones are shown, not refused
+    assert outcomes[("policy_training", "accepted")] == PER_CLASS, outcomes
 
 
 def test_wrongly_typed_record_fields_are_refused(tmp_path):

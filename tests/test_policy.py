@@ -509,7 +509,8 @@ def test_threshold_advice_finds_the_threshold_that_keeps_keep_prompts_out(tmp_pa
     p_r = np.array([0.6, 0.85, 0.1, 0.95, 0.99, 0.75, 0.65])
     oof = np.stack([1 - p_r, p_r], axis=1)
     advice = threshold_advice(oof, y, specs, np.array([0.5, 0.5]))
-    assert advice == {"r": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0, "routed_now": 1.0, "routed": 0.5}}
+    assert advice == {"r": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0,
+                            "routed_now": 1.0, "routed": 0.5}}
     assert threshold_advice(oof, y, specs, np.array([0.5, 0.9])) == {}  # nothing leaks at 0.9: no advice
 
 
@@ -556,5 +557,6 @@ def test_generate_notes_a_policy_fitted_under_another_system_prompt(smollm2_path
     path = write_policy(pol, tmp_path / "chef.gguf")
     base = ["generate", COOKING[10], "--model", str(smollm2_path), "-n", "2", "--ctx", "512", "--policy", str(path)]
     res = _invoke(*base)
-    assert res.exit_code == 0 and "chef.gguf was fitted under the system prompt 'You are a chef.'" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    assert "chef.gguf was fitted under the system prompt 'You are a chef.'" in res.output, res.output
     assert "fitted under" not in _invoke(*base, "--system", "You are a chef.").output

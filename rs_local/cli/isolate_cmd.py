@@ -15,7 +15,9 @@ from typing import Any
 import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
-from rs_local.cli.options import bf16_option, check_output, integer, load_runner, model_option, runtime_options, say, utf8_text
+from rs_local.cli.options import (
+    bf16_option, check_output, integer, load_runner, model_option, runtime_options, say, utf8_text,
+)
 from rs_local.cli.terminal import terminal_safe
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -45,8 +47,8 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 @judge_options(default="keywords", why=" (the recipe's opening-based target was tuned on it)")
 @bf16_option
 @runtime_options
-def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, system, output, force,
-            n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
+def isolate(model, target, keep, harmless, field, method, layers, max_prompts, objective, objective_judge, system, output,
+            force, n_ctx, n_gpu_layers, n_threads, **kw: Any) -> None:
     """Fit a vector that removes TARGET refusals and leaves KEEP refusals alone.
 
     The plain model answers every prompt, a judge (keywords unless --judge/--judge-url is
@@ -82,8 +84,9 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     counts = (f" from {refused.get('political', '?')} refused {_named('target', target)} / "
               f"{refused.get('harmful', '?')} refused {_named('keep', keep)} prompts") if refused else ""
     click.echo(terminal_safe(f"wrote {path}: {recipe.describe()}{counts}"))
+    same_system = f" --system {shlex.quote(system)}" if system else ""
     click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
-                             f"--target target --keep keep" + (f" --system {shlex.quote(system)}" if system else "") + " -o sweep/"))
+                             f"--target target --keep keep{same_system} -o sweep/"))
     click.echo(terminal_safe(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}"))
 
 

@@ -111,7 +111,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
               help="Refuse a remove category the model never refuses (answers up to 16 of its prompts first; "
                    "a category whose vector is fitted here is checked by its fit).")
 @click.option("--system", default=None, callback=utf8_text,
-              help="System prompt the gate will see (the probe reads the whole chat; the vectors are fitted under it too).")
+              help="System prompt the gate will see (the probe reads the whole chat; the vectors are fitted "
+                   "under it too).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @model_option
@@ -189,8 +190,8 @@ def _print_summary(s: dict, path: str) -> None:
     advice = (s.get("training") or {}).get("threshold_advice")
     for name, a in (advice.items() if isinstance(advice, dict) else ()):
         try:
-            click.echo(t(f"  --threshold {name}={float(a['threshold']):g} would have steered {int(a['keep_steered'])} of "
-                         f"{int(a['keep_steered_now'])} and routed {float(a['routed']):.0%} of '{name}' "
+            click.echo(t(f"  --threshold {name}={float(a['threshold']):g} would have steered "
+                         f"{int(a['keep_steered'])} of {int(a['keep_steered_now'])} and routed {float(a['routed']):.0%} of '{name}' "
                          f"(now {float(a['routed_now']):.0%}) in cross-validation"))
         except (TypeError, KeyError, ValueError, OverflowError):
             continue  # a hand-edited record is skipped, not a traceback

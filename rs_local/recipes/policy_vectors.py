@@ -98,7 +98,8 @@ def _gradient(model: Any, runner: Any, target: CategorySpec, baseline: CategoryS
     from rs_local.recipes.isolate import Recipe, fit_political
 
     try:
-        return fit_political(model, target.prompts, [], baseline.prompts, Recipe(layers=band, bf16=bf16, rounds=rounds, system=system),
+        recipe = Recipe(layers=band, bf16=bf16, rounds=rounds, system=system)
+        return fit_political(model, target.prompts, [], baseline.prompts, recipe,
                              say=lambda m: say(f"  [{target.name}] {m}"), runner=runner,
                              names=(target.name, "keep")).vector
     except RsLocalError as exc:

@@ -306,6 +306,12 @@ def test_parse_category():
         parse_category("political=pol.jsonl:erase")
     with pytest.raises(RsLocalError, match="NAME=FILE:ACTION"):
         parse_category("pol.jsonl")
+    shipped = parse_category("gambling:refuse")  # a built-in set by name, as `eval --set gambling`
+    assert (shipped.name, shipped.path.name, shipped.action) == ("gambling", "gambling.jsonl", "refuse")
+    load_category_prompts([shipped, parse_category("harmless:keep")])
+    assert len(shipped.prompts) == 100
+    with pytest.raises(RsLocalError, match="BUILTIN:ACTION"):
+        parse_category("casino:refuse")  # not a built-in set, and no file given
 
 
 # --------------------------------------------------------------------------- CLI

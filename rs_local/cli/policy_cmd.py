@@ -89,7 +89,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 
 @policy.command("fit")
 @click.option("--category", "categories", multiple=True, required=True, metavar="NAME=FILE:ACTION",
-              help="A category: its prompt file and action (remove / refuse / keep). Repeat for each.")
+              help="A category: its prompt file and action (remove / refuse / keep), or a shipped set by name "
+                   "(e.g. gambling:refuse). Repeat for each.")
 @click.option("--vector", "vectors", multiple=True, metavar="NAME=PATH",
               help="Use this vector file for a steered category instead of fitting one.")
 @click.option("--fit-vectors", type=click.Choice(("gradient", "mean-difference")), default="gradient", show_default=True,

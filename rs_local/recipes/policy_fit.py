@@ -65,11 +65,22 @@ class CategorySpec:
 
 
 def parse_category(text: str) -> CategorySpec:
-    """``political=pol.jsonl:remove`` -> CategorySpec (prompts not loaded yet)."""
+    """``political=pol.jsonl:remove`` -> CategorySpec (prompts not loaded yet).
+
+    A shipped prompt set may be named instead of a file (``gambling:refuse``, as ``eval --set
+    gambling``), so the quickstart runs from any directory, not only from a checkout.
+    """
+    from rs_local.eval.prompt_sets import BUILTIN_SETS, builtin_path
+
     name, sep, rest = text.partition("=")
+    if not sep:
+        builtin, colon, action = text.rpartition(":")
+        if colon and builtin in BUILTIN_SETS:
+            name, sep, rest = builtin, "=", f"{builtin_path(builtin)}:{action}"
     path, colon, action = rest.rpartition(":")
     if not sep or not colon or not path:
-        raise RsLocalError(f"bad --category '{text[:80]}': expected NAME=FILE:ACTION, e.g. political=pol.jsonl:remove")
+        raise RsLocalError(f"bad --category '{text[:80]}': expected NAME=FILE:ACTION (e.g. political=pol.jsonl:remove) "
+                           f"or BUILTIN:ACTION ({', '.join(BUILTIN_SETS)})")
     if not _NAME.fullmatch(name):
         raise RsLocalError(f"bad category name '{name[:48]}': letters, digits, _ . - only")
     if action not in ACTIONS:

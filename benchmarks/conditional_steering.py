@@ -4,7 +4,7 @@
         [--vector borderline=isolate.gguf | --isolate borderline] [--scale borderline=-2] [--choose-scale borderline=-1,-1.5,-2]
         [--remove-scale -1] [--refuse-scale 1] [--judge probe|keywords|MODEL] [--max-tokens 32] [--json out.json]
         [--policy-out policy.gguf] [--borderline alarming|jbb] [--isolate-keep harmful|none]
-        [--refuse-vector mean-difference|gradient] [--isolate-objective opening|judge]
+        [--refuse-vector mean-difference|gradient|source-gradient] [--isolate-objective opening|judge]
     python benchmarks/conditional_steering.py --cost-only policy.gguf     # the cost line alone, about two minutes
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b,smollm2-135m   # routing CV only
     python benchmarks/conditional_steering.py --routing-cv qwen2.5-coder-0.5b --routing-frame "Is this harmful? {prompt}"
@@ -318,22 +318,35 @@ def isolate_vectors(args, runner: Runner, fit_sets: dict[str, list[str]], specs:
 
 
 def refuse_gradient_vectors(args, runner: Runner, specs: list[CategorySpec]) -> dict[str, str]:
-    """``--refuse-vector gradient``: each refuse category without a vector steers along the mean refusal
-    gradient of the harmful fitting prompts the model refuses (raising their refusal openings), which the
-    gate applies on the category's prompts only: what ``rs-local policy fit`` fits by default."""
+    """``--refuse-vector gradient``: each refuse category without a vector gets what ``rs-local policy fit``
+    fits by default, the gradient of the model's stock refusal of the harmful fitting prompts on the
+    category's own fitting prompts. ``source-gradient``: the earlier default, the mean refusal gradient
+    of the harmful fitting prompts the model refuses (raising their own refusal openings), one round."""
+    from rs_local.recipes.isolate import Recipe, fit_political
     from rs_local.recipes.policy_fit import default_steer_blocks
     from rs_local.recipes.policy_vectors import fit_category_vectors
+    from rs_local.runtime.vector_specs import band_label
     from rs_local.vectors.hf_model import clear_cache
 
     todo = [s for s in specs if s.action == "refuse" and s.vector is None]
     by_name = {s.name: s for s in specs}
+    blocks = default_steer_blocks(runner.n_layer)
+    say = lambda m: print(f"  [refuse] {m}", flush=True)  # noqa: E731
     t = time.perf_counter()
-    fit_category_vectors(args.model, runner, todo, by_name["harmless"], by_name["harmful"],
-                         default_steer_blocks(runner.n_layer), say=lambda m: print(f"  [refuse] {m}", flush=True))
+    if args.refuse_vector == "gradient":
+        fit_category_vectors(args.model, runner, todo, by_name["harmless"], by_name["harmful"], blocks, say=say)
+        what = "the stock refusal of harmful, induced on the category"
+    else:
+        shared = fit_political(args.model, by_name["harmful"].prompts, [], by_name["harmless"].prompts,
+                               Recipe(layers=band_label(blocks), rounds=1), say=say, runner=runner,
+                               names=("harmful", "keep")).vector
+        for spec in todo:
+            spec.vector = shared
+        what = "refusal gradient of harmful, no keep set"
     clear_cache()
-    made = {s.name: f"refusal gradient of harmful, no keep set, {time.perf_counter() - t:.0f}s" for s in todo}
-    for name, what in made.items():
-        print(f"  [refuse {name}] {what}", flush=True)
+    made = {s.name: f"{what}, {time.perf_counter() - t:.0f}s" for s in todo}
+    for name, desc in made.items():
+        print(f"  [refuse {name}] {desc}", flush=True)
     return made
 
 
@@ -451,10 +464,12 @@ def main() -> None:
     ap.add_argument("--isolate-rounds", type=int, default=2,
                     help="Rounds of the isolate recipe for --isolate (each more round adds the prompts still refused "
                          "at the steered point).")
-    ap.add_argument("--refuse-vector", choices=("mean-difference", "gradient"), default="mean-difference",
+    ap.add_argument("--refuse-vector", choices=("mean-difference", "gradient", "source-gradient"),
+                    default="mean-difference",
                     help="What a refuse category without --vector steers along: harmful minus harmless (the mean "
-                         "difference, default) or the mean refusal gradient of harmful's refused fitting prompts "
-                         "(the isolate recipe with no keep set, at a positive scale).")
+                         "difference, default), the gradient of the model's stock refusal of harmful's fitting "
+                         "prompts on the category's own (gradient: what policy fit fits), or the mean refusal "
+                         "gradient of harmful's refused fitting prompts (source-gradient: policy fit's earlier one).")
     ap.add_argument("--remove-scale", type=float, default=-1.0)
     ap.add_argument("--refuse-scale", type=float, default=1.0)
     ap.add_argument("--threshold", type=float, default=0.5)
@@ -524,7 +539,7 @@ def main() -> None:
     fit_sets, test_sets = split_sets(args.borderline_n, args.borderline)
     specs = build_specs(args, fit_sets)
     isolated = isolate_vectors(args, runner, fit_sets, specs)
-    if args.refuse_vector == "gradient":
+    if args.refuse_vector in ("gradient", "source-gradient"):
         isolated.update(refuse_gradient_vectors(args, runner, specs))
     policy = fit_policy(runner, specs, baseline="harmless", refusal_from="harmful", threshold=args.threshold,
                         remove_direction=args.remove_direction,

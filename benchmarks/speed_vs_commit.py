@@ -18,7 +18,7 @@ sets) for ``isolate``; ``demo`` takes each side's own shipped sets, as its user 
 Printed per job: wall seconds and peak RSS of each side, the ratio base / this checkout, and for
 ``isolate`` the cosine per block between the two vectors. The vectors are not expected to agree:
 the gradient sample became a seeded hash of the prompt text after the base commit (see
-``rs_local.recipes.isolate._cap``), so the cosine says how far the fit moved, not an error.
+``rs_local.recipes.isolate.sample_for_gradients``), so the cosine says how far the fit moved, not an error.
 Needs ``git`` and the default model pulled (``rs-local models pull qwen2.5-coder-0.5b``).
 """
 

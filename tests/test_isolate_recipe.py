@@ -48,19 +48,19 @@ def test_a_runner_passed_in_stays_open(smollm2_path):
 def test_the_gradient_sample_moves_by_one_prompt_when_one_verdict_flips():
     """The recipe samples ``max_prompts`` refused prompts for its gradients: one verdict more or less
     (a near-tied token) must change that sample by that one prompt, not redraw it."""
-    from rs_local.recipes.isolate import _cap
+    from rs_local.recipes.isolate import sample_for_gradients
     from rs_local.vectors.refusal_gradient import RefusedPrompt
 
     recipe = Recipe(max_prompts=10)
     items = [RefusedPrompt(f"prompt {i}", "I'm sorry") for i in range(30)]
-    full = _cap(items, recipe)
+    full = sample_for_gradients(items, recipe)
     assert len(full) == 10 and full == sorted(full, key=items.index)  # kept in order
     for gone in (items[3], full[4]):
-        fewer = _cap([x for x in items if x is not gone], recipe)
+        fewer = sample_for_gradients([x for x in items if x is not gone], recipe)
         assert len(fewer) == 10
         assert len({x.prompt for x in full} ^ {x.prompt for x in fewer}) == (2 if gone in full else 0)
-    assert _cap(items, Recipe(max_prompts=10, seed=1)) != full  # the seed still decides
-    assert _cap([x.prompt for x in items], recipe) == [x.prompt for x in full]  # plain prompt lists alike
+    assert sample_for_gradients(items, Recipe(max_prompts=10, seed=1)) != full  # the seed still decides
+    assert sample_for_gradients([x.prompt for x in items], recipe) == [x.prompt for x in full]  # plain prompt lists alike
 
 
 def test_labelling_answers_under_the_recipes_system_prompt(smollm2_path):

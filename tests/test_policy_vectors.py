@@ -1,7 +1,8 @@
 """`rs-local policy fit` gives steered categories refusal-gradient vectors (no keep set), on Qwen.
 
 Behind the gate nothing else needs protecting, so a remove category's vector is the mean refusal
-gradient of its own refused prompts, and a refuse category's that of the refusal source (harmful).
+gradient of its own refused prompts, and a refuse category's the gradient of the model's stock
+refusal of the refusal source (harmful) on the category's own prompts.
 The checks are behavioural: held-out prompts of the remove category that the plain model refuses
 are routed to it and refused less often under the policy; held-out prompts of the refuse category
 that the plain model answers are refused under it.
@@ -48,7 +49,8 @@ def test_steered_categories_get_gradient_vectors(qwen_path, tmp_path):
     assert "political: fitting its vector" in res.output and "gambling: fitting its vector" in res.output
     cats = {c.name: c for c in read_policy(out).categories}
     assert cats["political"].vector_source == "refusal gradient of political's refusals (no keep set)"
-    assert cats["gambling"].vector_source == "refusal gradient of harmful's refusals (no keep set)"
+    # the refusal text comes from the model's answers to harmful prompts; Qwen's stock one starts "I'm"
+    assert cats["gambling"].vector_source.startswith("harmful's stock refusal, induced on gambling: I'm")
     assert cats["political"].vector.layers == list(range(8, 17)) and cats["political"].scale == -1.0
     assert cats["gambling"].scale == 1.0
     show = CliRunner().invoke(cli, ["policy", "show", str(out)])
@@ -65,3 +67,15 @@ def test_steered_categories_get_gradient_vectors(qwen_path, tmp_path):
     gated = [_answer(qwen_path, p, "--policy", str(out)) for p in answered]
     assert all(g["policy"]["category"] == "gambling" and g["policy"]["action"] == "refuse" for g in gated)
     assert sum(find_refusal_phrase(g["text"]) is not None for g in gated) >= 2, [g["text"] for g in gated]
+    # the model's own refusal of harmful requests, not the political one the source's gradient drifted into
+    assert not any("politic" in g["text"].lower() for g in gated), [g["text"] for g in gated]
+
+
+def test_first_sentence_is_what_refusals_share():
+    from rs_local.recipes.induce import first_sentence
+
+    assert first_sentence("I'm sorry, but I can't assist with that. If you have other questions") == \
+        "I'm sorry, but I can't assist with that."
+    assert first_sentence("  As an AI\nlanguage model, I cannot vote!  Ask me") == "As an AI language model, I cannot vote!"
+    assert first_sentence("No stop at all") == "No stop at all"
+    assert first_sentence("Version 2.5 is out. Next") == "Version 2.5 is out."  # a decimal point is not an end

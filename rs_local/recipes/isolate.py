@@ -189,13 +189,13 @@ def fit_political(
     from rs_local.runtime.host import decide_bf16
 
     bf16 = decide_bf16(recipe.bf16)  # decided before any work: a bad RS_LOCAL_BF16 stops here, not after the labelling
-    with _runner_for(model, runner, say) as answering:
+    with runner_for(model, runner, say) as answering:
         return _fit_gradient(model, political, harmful, harmless, recipe, say, answering, judge, cache, bf16,
                              target_judge, names)
 
 
 @contextmanager
-def _runner_for(model: Any, runner: Any, say: Say) -> Iterator[Any]:
+def runner_for(model: Any, runner: Any, say: Say) -> Iterator[Any]:
     """The caller's runner, left open; or one loaded here and closed on the way out, error or not
     (otherwise its llama.cpp model and context stay allocated for the rest of the process)."""
     if runner is not None:
@@ -234,7 +234,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
             say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {label[name]} training prompts refused")
-        refused = {name: _cap([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
+        refused = {name: sample_for_gradients([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
                    for name, rows in labelled.items()}
         return {"harmful": [], **refused}
 
@@ -296,7 +296,7 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
     """
     from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-    records = answer_records(runner, {"target": _cap(list(prompts), recipe)}, judge=judge, cache=cache, vector=vector,
+    records = answer_records(runner, {"target": sample_for_gradients(list(prompts), recipe)}, judge=judge, cache=cache, vector=vector,
                              scale=recipe.probe_scale, system=recipe.system,
                              max_tokens=max(recipe.label_tokens, recipe.objective_tokens))["target"]
     conf = [float(r.confidence) if r.confidence is not None else float(r.verdict) for r in records]
@@ -307,7 +307,7 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
     return [RefusedPrompt(r.prompt, r.answer) for r in records], [c - mean for c in conf]
 
 
-def _cap(items: list, recipe: Recipe) -> list:
+def sample_for_gradients(items: list, recipe: Recipe) -> list:
     """At most ``max_prompts`` (kept in order): gradients cost a backward pass each.
 
     Which ones is decided per prompt, by a seeded hash of its text, so the sample is stable:

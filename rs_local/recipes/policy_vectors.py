@@ -6,18 +6,19 @@ Behind a gate that constraint has nothing left to protect: the probe keeps the v
 every prompt it does not route to the category. Here each ``remove`` category therefore gets
 the mean refusal gradient of its own refused prompts, nothing projected out (``fit_political``
 with an empty keep set), with the recipe's length rule against the baseline (benign) category,
-applied at a negative scale; each ``refuse`` category gets the same for the refusal source's
-refused prompts (e.g. ``harmful``: the direction that raises their refusal openings), applied at
-a positive scale on the category's topic.
+applied at a negative scale. Each ``refuse`` category gets the direction that makes its own
+prompts open with the model's stock refusal of the refusal source (e.g. ``harmful``), applied at
+a positive scale on the category's topic (:mod:`rs_local.recipes.induce`).
 
 Measured on the conditional-steering benchmark (Qwen2.5-Coder-0.5B, JailbreakBench's benign
 behaviours as the over-refusal category, held-out prompts, one run each, same routing):
 political refusal by keywords went 92% -> 0% and borderline 42% -> 0% with these vectors,
 against 4% and 12% with the recipe's keep-projected ones (benchmarks/RESULTS.md, conditional steering); the
 mean difference of the category and the baseline, the older default, gave looping nonsense.
-For the induced refusal of a gambling category, the refusal-source gradient gave 91% by keywords
-(95% judged) against 86% (95%) for the mean difference of harmful and harmless prompts, with the
-model's own stock refusals ("I'm sorry, but I can't assist with that.") instead of rambling ones.
+For the induced refusal of a gambling category, the refusal source's own gradient gave 91% by
+keywords (95% judged) against 86% (95%) for the mean difference of harmful and harmless prompts,
+but a third of its refusals declined "political matters"; the induced direction gives the
+model's stock refusal ("I'm sorry, but I can't assist with that.") on the topic itself.
 """
 
 from __future__ import annotations
@@ -61,16 +62,20 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
     """Give every steered category without a vector its refusal-gradient vector (in place).
 
     ``model``: what Transformers loads (the runner's GGUF); ``runner``: labels the prompts with
-    llama.cpp, as the gate will answer them. ``source``: the category the model refuses, whose
-    gradient every ``refuse`` category shares (fitted once). A set the plain model never refuses
-    is a one-line error naming its file (there is no refusal to take a gradient of). ``system``:
-    the system prompt the gate will run under; every pass of the fits runs under it too.
+    llama.cpp, as the gate will answer them. A ``remove`` category gets the mean refusal gradient
+    of its own refused prompts; a ``refuse`` category the gradient of the model's stock refusal of
+    ``source`` (a category it refuses) on the category's own prompts
+    (:func:`rs_local.recipes.induce.fit_induced`). A set the plain model never refuses is a
+    one-line error naming its file. ``system``: the system prompt the gate will run under; every
+    pass of the fits runs under it too.
     """
+    from rs_local.errors import RsLocalError
+    from rs_local.recipes.induce import fit_induced
+    from rs_local.recipes.isolate import Recipe
     from rs_local.runtime.vector_specs import band_label
 
     say = say or (lambda _m: None)
     band = band_label(layers)
-    shared = None
     for spec in specs:
         if spec.action == "keep" or spec.vector is not None:
             continue
@@ -80,20 +85,23 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
             spec.vector.source = f"refusal gradient of {spec.name}'s refusals (no keep set)"
             continue
         if source is None:
-            from rs_local.errors import RsLocalError
-
             raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")
-        if shared is None:
-            say(f"{spec.name}: fitting its vector (refusal gradients of {source.name}'s refused prompts, blocks {band})")
-            shared = _gradient(model, runner, source, baseline, band, say, bf16, system, rounds=1)
-            shared.source = f"refusal gradient of {source.name}'s refusals (no keep set)"
-        spec.vector = shared
+        say(f"{spec.name}: fitting its vector (the model's stock refusal of {source.name}'s prompts, induced on "
+            f"{spec.name}'s, blocks {band})")
+        try:
+            spec.vector = fit_induced(model, spec.prompts, source.prompts, baseline.prompts,
+                                      Recipe(layers=band, bf16=bf16, system=system),
+                                      say=lambda m, n=spec.name: say(f"  [{n}] {m}"), runner=runner,
+                                      names=(spec.name, source.name))
+        except RsLocalError as exc:
+            raise RsLocalError(f"{source.path}: {exc}") from None
+        refusal = spec.vector.metadata.get("refusal_text", "")
+        spec.vector.source = f"{source.name}'s stock refusal, induced on {spec.name}: {refusal}"
 
 
 def _gradient(model: Any, runner: Any, target: CategorySpec, baseline: CategorySpec, band: str, say: Say,
               bf16: bool | None, system: str | None, rounds: int) -> Any:
-    """The isolate recipe on ``target``'s refused prompts, no keep set. A refuse direction takes one
-    round: the second looks for the refusals a vector leaves at a removing scale."""
+    """The isolate recipe on ``target``'s refused prompts, no keep set."""
     from rs_local.errors import RsLocalError
     from rs_local.recipes.isolate import Recipe, fit_political
 

@@ -45,6 +45,15 @@ _EXPORTS: dict[str, str] = {
     "expert_report": "rs_local.vectors.experts",
     "read_routing": "rs_local.vectors.routing_blocks",
     "choose_routing_blocks": "rs_local.vectors.routing_blocks:choose_blocks",
+    "PolicyRunner": "rs_local.runtime.policy",
+    "read_policy": "rs_local.runtime.policy_file",
+    "write_policy": "rs_local.runtime.policy_file",
+    "CategorySpec": "rs_local.recipes.policy_fit",
+    "parse_category": "rs_local.recipes.policy_fit",
+    "load_category_prompts": "rs_local.recipes.policy_fit",
+    "fit_policy": "rs_local.recipes.policy_fit",
+    "fit_category_vectors": "rs_local.recipes.policy_vectors",
+    "fit_induced": "rs_local.recipes.induce",
 }
 
 

@@ -206,3 +206,18 @@ def test_isolate_fits_under_the_system_prompt_it_is_given(fitted, tmp_path):
     cos = [float(np.dot(vec.directions[b], plain.directions[b])
                  / (np.linalg.norm(vec.directions[b]) * np.linalg.norm(plain.directions[b]))) for b in vec.layers]
     assert min(cos) < 0.999, cos
+
+
+def test_isolate_takes_a_shipped_set_by_name_unless_a_file_has_that_name(tmp_path, monkeypatch):
+    """``--target political`` is the shipped set (as ``eval --set political``); a file of that name in the
+    working directory is the user's and wins."""
+    from pathlib import Path
+
+    from rs_local.cli.isolate_cmd import _prompt_file
+
+    monkeypatch.chdir(tmp_path)
+    shipped = _prompt_file(None, None, Path("political"))
+    assert shipped.name == "political.jsonl" and shipped.exists()
+    (tmp_path / "political").write_text("Name a river.\n")
+    assert _prompt_file(None, None, Path("political")) == Path("political")
+    assert _prompt_file(None, None, Path("mine.jsonl")) == Path("mine.jsonl")  # not a set name: left to the reader

@@ -23,11 +23,24 @@ from rs_local.cli.terminal import terminal_safe
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
+def _prompt_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A prompt file, or a shipped set by name (``--target political``) when no such file exists,
+    as ``eval --set political`` takes it: the quickstart then runs from any directory."""
+    from rs_local.eval.prompt_sets import BUILTIN_SETS, builtin_path
+
+    if value is not None and not value.exists() and str(value) in BUILTIN_SETS:
+        return builtin_path(str(value))
+    return value
+
+
 @click.command()
 @model_option
-@click.option("--target", "-t", type=_FILE, required=True, help="Prompts whose refusals should go (e.g. political questions).")
-@click.option("--keep", "-k", type=_FILE, required=True, help="Prompts whose refusals must stay (e.g. harmful requests).")
-@click.option("--harmless", type=_FILE, required=True, help="Everyday prompts the model answers (they set the vector's length).")
+@click.option("--target", "-t", type=_FILE, required=True, callback=_prompt_file,
+              help="Prompts whose refusals should go (e.g. political questions); a file or a shipped set's name.")
+@click.option("--keep", "-k", type=_FILE, required=True, callback=_prompt_file,
+              help="Prompts whose refusals must stay (e.g. harmful requests); a file or a shipped set's name.")
+@click.option("--harmless", type=_FILE, required=True, callback=_prompt_file,
+              help="Everyday prompts the model answers (they set the vector's length); a file or a shipped set's name.")
 @click.option("--field", "--column", "field", default=None, help="JSON field / CSV column holding the prompt.")
 @click.option("--method", type=click.Choice(["gradient", "md"]), default="gradient", show_default=True,
               help="gradient: refusal-gradient contrast (default); md: mean difference orthogonalised to the keep set's.")

@@ -88,15 +88,15 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 
 
 @policy.command("fit")
-@click.option("--category", "categories", multiple=True, required=True, metavar="NAME=FILE:ACTION",
+@click.option("--category", "categories", multiple=True, required=True, metavar="NAME=FILE:ACTION|SET:ACTION",
               help="A category: its prompt file and action (remove / refuse / keep), or a shipped set by name "
                    "(e.g. gambling:refuse). Repeat for each.")
 @click.option("--vector", "vectors", multiple=True, metavar="NAME=PATH",
               help="Use this vector file for a steered category instead of fitting one.")
 @click.option("--fit-vectors", type=click.Choice(("gradient", "mean-difference")), default="gradient", show_default=True,
               help="How a steered category without --vector gets one: refusal gradients (remove: of its own refused "
-                   "prompts; refuse: of --refusal-from's; needs Transformers) or mean differences from the baseline "
-                   "(torch-free).")
+                   "prompts; refuse: of the model's stock refusal of --refusal-from's prompts, on its own; needs "
+                   "Transformers) or mean differences from the baseline (torch-free).")
 @click.option("--scale", "scales", multiple=True, metavar="NAME=X",
               help="Scale for a category (default: -1 for remove, +1 for refuse).")
 @click.option("--baseline", default=None, help="The benign category directions are measured from (default: benign/harmless).")

@@ -505,18 +505,24 @@ def test_routed_applies_each_categorys_own_threshold():
     assert routed(oof, 0.5).tolist() == [0, 1, 0]
 
 
-def test_threshold_advice_finds_the_threshold_that_keeps_keep_prompts_out(tmp_path):
-    """Two keep prompts reach 'r' at 0.6 and 0.85: 0.9 is the lowest tried threshold that lets none
-    in, and it keeps half of r's own prompts (0.95 and 0.99 clear it, 0.75 and 0.65 do not)."""
+def test_threshold_advice_is_the_frontier_of_keep_prompts_kept_out_and_prompts_routed(tmp_path):
+    """Two keep prompts reach 'r' at 0.6 and 0.85. Raising r's threshold keeps one out from 0.7 (r still
+    routes 0.95, 0.99 and 0.75: 75%) and both from 0.9 (half of r's prompts); 0.8 lets in no fewer than
+    0.7, so it is not listed."""
     from rs_local.recipes.policy_fit import threshold_advice
+    from rs_local.runtime.policy_file import advice_line
 
     specs = [CategorySpec("k", tmp_path / "k", "keep"), CategorySpec("r", tmp_path / "r", "remove")]
     y = np.array([0, 0, 0, 1, 1, 1, 1])
     p_r = np.array([0.6, 0.85, 0.1, 0.95, 0.99, 0.75, 0.65])
     oof = np.stack([1 - p_r, p_r], axis=1)
     advice = threshold_advice(oof, y, specs, np.array([0.5, 0.5]))
-    assert advice == {"r": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0,
-                            "routed_now": 1.0, "routed": 0.5}}
+    assert advice == {"r": [{"threshold": 0.5, "keep_steered": 2, "routed": 1.0},
+                            {"threshold": 0.7, "keep_steered": 1, "routed": 0.75},
+                            {"threshold": 0.9, "keep_steered": 0, "routed": 0.5}]}
+    assert advice_line("r", advice["r"]) == ("raising the threshold of 'r', in cross-validation (now 0.5: 2 keep prompts "
+                                             "steered, 100% of 'r' routed): 0.7: 1 steered, 75% routed; "
+                                             "0.9: 0 steered, 50% routed")
     assert threshold_advice(oof, y, specs, np.array([0.5, 0.9])) == {}  # nothing leaks at 0.9: no advice
 
 
@@ -539,16 +545,18 @@ def test_cli_fit_takes_a_threshold_per_category(smollm2_path, tmp_path):
 def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
     import dataclasses
 
-    advice = {"cooking": {"threshold": 0.9, "keep_steered_now": 2, "keep_steered": 0, "routed_now": 1.0, "routed": 0.75},
-              "odd": "a hand-edited record"}
+    advice = {"cooking": [{"threshold": 0.5, "keep_steered": 2, "routed": 1.0},
+                          {"threshold": 0.9, "keep_steered": 0, "routed": 0.75}],
+              "odd": "a hand-edited record", "empty": [], "broken": [{"threshold": "x"}]}
     leaky = dataclasses.replace(fitted, training={**fitted.training, "keep_steered": {"code": {"cooking": 2}},
                                                   "threshold_advice": advice})
     path = write_policy(leaky, tmp_path / "p.gguf")
     res = CliRunner().invoke(cli, ["policy", "show", str(path)])
     assert res.exit_code == 0, res.output
     assert "warning: cross-validation steered 2 of the 'code' (keep) prompts: 2 to 'cooking' (remove)" in res.output
-    assert "--threshold cooking=0.9 would have steered 0 of 2 and routed 75% of 'cooking' (now 100%)" in res.output
-    assert "odd" not in res.output
+    assert ("raising the threshold of 'cooking', in cross-validation (now 0.5: 2 keep prompts steered, 100% of 'cooking' "
+            "routed): 0.9: 0 steered, 75% routed") in res.output
+    assert "odd" not in res.output and "empty" not in res.output and "broken" not in res.output
     clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
     assert "warning" not in clean.output
     assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}

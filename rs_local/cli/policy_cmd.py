@@ -171,6 +171,8 @@ def _print_summary(s: dict, path: str) -> None:
     """The table; every string read from the file (model name, category names, vector notes) is
     escaped for the terminal: a policy file is anyone's, and an escape sequence in a category name
     would otherwise rewrite the user's terminal."""
+    from rs_local.runtime.policy_file import advice_line
+
     t = terminal_safe
     click.echo(t(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
                  f"{s['n_layer']} blocks); probe block {s['probe_block']} (mean of the last {s['pool_tokens']} "
@@ -189,11 +191,9 @@ def _print_summary(s: dict, path: str) -> None:
             click.echo(t(f"  warning: cross-validation steered {sum(went.values())} of the '{keep}' (keep) prompts: "
                          + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items())))
     advice = (s.get("training") or {}).get("threshold_advice")
-    for name, a in (advice.items() if isinstance(advice, dict) else ()):
+    for name, points in (advice.items() if isinstance(advice, dict) else ()):
         try:
-            click.echo(t(f"  --threshold {name}={float(a['threshold']):g} would have steered "
-                         f"{int(a['keep_steered'])} of {int(a['keep_steered_now'])} and routed {float(a['routed']):.0%} of '{name}' "
-                         f"(now {float(a['routed_now']):.0%}) in cross-validation"))
+            click.echo(t(f"  {advice_line(str(name), list(points))}"))
         except (TypeError, KeyError, ValueError, OverflowError):
             continue  # a hand-edited record is skipped, not a traceback
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from rs_local.errors import RsLocalError
 from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
-from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy, normalised
+from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy, advice_line, normalised
 from rs_local.vectors.control_vector import ControlVector
 
 LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -241,37 +241,37 @@ ADVICE_THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def threshold_advice(oof: np.ndarray, y: np.ndarray, specs: Sequence[CategorySpec],
-                     thresholds: np.ndarray) -> dict[str, dict[str, float | int]]:
+                     thresholds: np.ndarray) -> dict[str, list[dict[str, float | int]]]:
     """For each steering category that cross-validation sends ``keep`` prompts to, what raising its
-    threshold would have done: ``{category: {threshold, keep_steered_now, keep_steered, routed_now, routed}}``.
+    threshold would have done: ``{category: [{threshold, keep_steered, routed}, ...]}``, the current
+    threshold first, then each of :data:`ADVICE_THRESHOLDS` above it that lets fewer ``keep`` prompts
+    in than the one before (``routed``: the share of the category's own prompts still sent to it).
 
-    The threshold is the lowest of :data:`ADVICE_THRESHOLDS` above the current one that lets the
-    fewest ``keep`` prompts into the category (``routed``: the share of the category's own prompts
-    the gate would still send to it). Why: the warning that keep prompts leak should say what the
-    remedy costs, measured on the same out-of-fold decisions, not leave the user to guess a number.
+    Why a frontier and not one number: the threshold that keeps every keep prompt out may cost most
+    of the category (0.99 routed 65% of the alarming benchmark's gambling prompts); the user weighs
+    that, on the same out-of-fold decisions the warning comes from.
     """
     keep = np.array([s.action == "keep" for s in specs])
-    out: dict[str, dict[str, float | int]] = {}
+    out: dict[str, list[dict[str, float | int]]] = {}
     for j, spec in enumerate(specs):
         if spec.action == "keep":
             continue
 
-        def at(t: float) -> tuple[int, float]:
+        def at(t: float) -> dict[str, float | int]:
             thr = thresholds.copy()
             thr[j] = t
             picked = routed(oof, thr)
-            return int(np.sum(keep[y] & (picked == j))), float(np.mean(picked[y == j] == j)) if np.any(y == j) else 0.0
+            share = float(np.mean(picked[y == j] == j)) if np.any(y == j) else 0.0
+            return {"threshold": t, "keep_steered": int(np.sum(keep[y] & (picked == j))), "routed": round(share, 4)}
 
-        now, routed_now = at(float(thresholds[j]))
-        if now == 0:
-            continue
-        tries = [(t, *at(t)) for t in ADVICE_THRESHOLDS if t > thresholds[j]]
-        if not tries:
-            continue
-        t, leaked, share = min(tries, key=lambda r: (r[1], r[0]))
-        if leaked < now:
-            out[spec.name] = {"threshold": t, "keep_steered_now": now, "keep_steered": leaked,
-                              "routed_now": round(routed_now, 4), "routed": round(share, 4)}
+        points = [at(float(thresholds[j]))]
+        for t in ADVICE_THRESHOLDS:
+            if t > thresholds[j] and points[-1]["keep_steered"] > 0:
+                point = at(t)
+                if point["keep_steered"] < points[-1]["keep_steered"]:
+                    points.append(point)
+        if len(points) > 1:
+            out[spec.name] = points
     return out
 
 
@@ -375,9 +375,8 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
             + ": the policy would steer prompts like them; add prompts that mark the boundary, or raise that "
             "category's threshold")
     advice = threshold_advice(choice.oof, y, specs, thr)
-    for name, a in advice.items():
-        say(f"  --threshold {name}={a['threshold']:g} would have steered {a['keep_steered']} of those "
-            f"{a['keep_steered_now']} keep prompts and routed {a['routed']:.0%} of '{name}' (now {a['routed_now']:.0%})")
+    for name, points in advice.items():
+        say(f"  {advice_line(name, points)}")
     x = feats[choice.layer]
     mean, std, per_lam = _fit_ovr(x, y, len(specs), [choice.lam])
     hint = str(runner.llama.metadata.get("general.architecture", ""))

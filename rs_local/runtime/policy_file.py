@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,6 +82,16 @@ class Category:
 def normalised(p: np.ndarray) -> np.ndarray:
     """One-vs-rest probabilities ``[..., n_categories]`` divided by their sum (the ``normalised`` rule)."""
     return p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-300)
+
+
+def advice_line(name: str, points: Sequence[dict]) -> str:
+    """One line of a fit's threshold frontier for ``name`` (``training.threshold_advice``, written by
+    :func:`rs_local.recipes.policy_fit.threshold_advice`; the current threshold first)."""
+    now, *higher = points
+    steps = "; ".join(f"{float(p['threshold']):g}: {int(p['keep_steered'])} steered, {float(p['routed']):.0%} routed"
+                      for p in higher)
+    return (f"raising the threshold of '{name}', in cross-validation (now {float(now['threshold']):g}: "
+            f"{int(now['keep_steered'])} keep prompts steered, {float(now['routed']):.0%} of '{name}' routed): {steps}")
 
 
 @dataclass

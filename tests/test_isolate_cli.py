@@ -221,3 +221,9 @@ def test_isolate_takes_a_shipped_set_by_name_unless_a_file_has_that_name(tmp_pat
     (tmp_path / "political").write_text("Name a river.\n")
     assert _prompt_file(None, None, Path("political")) == Path("political")
     assert _prompt_file(None, None, Path("mine.jsonl")) == Path("mine.jsonl")  # not a set name: left to the reader
+    # the sweep isolate suggests names a shipped set the way eval --set takes it back
+    from rs_local.cli.isolate_cmd import _set_arg
+    from rs_local.eval.prompt_sets import parse_set_spec
+
+    assert _set_arg("target", shipped) == ("political", "political") and parse_set_spec("political") == ("political", None)
+    assert _set_arg("keep", Path("mine.jsonl")) == ("keep=mine.jsonl", "keep")

@@ -557,6 +557,10 @@ def test_show_warns_about_keep_prompts_the_fit_steered(fitted, tmp_path):
     assert ("raising the threshold of 'cooking', in cross-validation (now 0.5: 2 keep prompts steered, 100% of 'cooking' "
             "routed): 0.9: 0 steered, 75% routed") in res.output
     assert "odd" not in res.output and "empty" not in res.output and "broken" not in res.output
+    inspected = CliRunner().invoke(cli, ["inspect", str(path)])  # inspect says the same
+    assert inspected.exit_code == 0, inspected.output
+    assert "steered 2 of the 'code' (keep) prompts" in inspected.output
+    assert "raising the threshold of 'cooking'" in inspected.output
     clean = CliRunner().invoke(cli, ["policy", "show", str(write_policy(fitted, tmp_path / "q.gguf"))])
     assert "warning" not in clean.output
     assert read_policy(path).training["keep_steered"] == {"code": {"cooking": 2}}

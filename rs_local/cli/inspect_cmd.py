@@ -97,7 +97,7 @@ def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -
 
 def _print_policy(file: Path, as_json: bool) -> None:
     """A conditional-steering policy: categories, probe block, held-out accuracy, actions, thresholds, model."""
-    from rs_local.runtime.policy_file import read_policy
+    from rs_local.runtime.policy_file import read_policy, training_notes
 
     summary = read_policy(file).summary()
     if as_json:
@@ -115,6 +115,8 @@ def _print_policy(file: Path, as_json: bool) -> None:
         line = (f"  {c['name']}: {c['action']}   scale {c['scale']:g}   threshold {c['threshold']:.2f}   "
                 f"held-out accuracy {acc}   {c['prompts']} prompts{steer}")
         console.print(Text(terminal_safe(line, MAX_SHOWN)), soft_wrap=True)
+    for note in training_notes(summary):
+        console.print(Text(terminal_safe(f"  {note}", MAX_SHOWN), style="yellow"), soft_wrap=True)
 
 
 def _print_llama_cpp(file: Path, scale: float, model: str | None) -> None:

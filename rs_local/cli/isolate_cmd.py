@@ -98,8 +98,10 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
               f"{refused.get('harmful', '?')} refused {_named('keep', keep)} prompts") if refused else ""
     click.echo(terminal_safe(f"wrote {path}: {recipe.describe()}{counts}"))
     same_system = f" --system {shlex.quote(system)}" if system else ""
-    click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set target={target} --set keep={keep} --set harmless={harmless} "
-                             f"--target target --keep keep{same_system} -o sweep/"))
+    (t_set, t_name), (k_set, k_name), (h_set, _) = (_set_arg(r, p) for r, p in
+                                                    (("target", target), ("keep", keep), ("harmless", harmless)))
+    click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set {t_set} --set {k_set} "
+                             f"--set {h_set} --target {t_name} --keep {k_name}{same_system} -o sweep/"))
     click.echo(terminal_safe(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}"))
 
 
@@ -122,6 +124,17 @@ def _fit(runner, kw: dict[str, Any], runtime: tuple, model: str, sets: list, rec
         judge.close()
         if scorer is not None:
             scorer.close()
+
+
+def _set_arg(role: str, path: Path) -> tuple[str, str]:
+    """``(--set argument, set name)`` for a prompt file in the suggested sweep: a shipped set by its
+    bare name (as ``eval --set`` takes it), anything else as ``role=path``."""
+    from rs_local.eval.prompt_sets import BUILTIN_SETS, builtin_path
+
+    name = path.stem
+    if name in BUILTIN_SETS and path == builtin_path(name):
+        return name, name
+    return f"{role}={path}", role
 
 
 def _named(role: str, path: Path) -> str:

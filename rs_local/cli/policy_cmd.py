@@ -171,7 +171,7 @@ def _print_summary(s: dict, path: str) -> None:
     """The table; every string read from the file (model name, category names, vector notes) is
     escaped for the terminal: a policy file is anyone's, and an escape sequence in a category name
     would otherwise rewrite the user's terminal."""
-    from rs_local.runtime.policy_file import advice_line
+    from rs_local.runtime.policy_file import training_notes
 
     t = terminal_safe
     click.echo(t(f"{path}: policy for {s['model'] or '?'} ({s['model_arch']}, n_embd {s['n_embd']}, "
@@ -183,19 +183,7 @@ def _print_summary(s: dict, path: str) -> None:
         vec = "" if c["blocks"] is None else f"blocks {c['blocks']}: {c['vector'] or ''}"
         click.echo(t(f"  {c['name']:<16} {c['action']:<7} {c['scale']:>6g} {c['threshold']:>6.2f} {acc:>8} "
                      f"{c['prompts']:>7}  {vec}"))
-    leaks = (s.get("training") or {}).get("keep_steered")
-    actions = {c["name"]: c["action"] for c in s["categories"]}
-    for keep, went in (leaks.items() if isinstance(leaks, dict) else ()):
-        went = {k: n for k, n in went.items() if isinstance(n, int)} if isinstance(went, dict) else {}
-        if went:  # written by the fit; a hand-edited file's other shapes are skipped, not a traceback
-            click.echo(t(f"  warning: cross-validation steered {sum(went.values())} of the '{keep}' (keep) prompts: "
-                         + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items())))
-    advice = (s.get("training") or {}).get("threshold_advice")
-    for name, points in (advice.items() if isinstance(advice, dict) else ()):
-        try:
-            click.echo(t(f"  {advice_line(str(name), list(points))}"))
-        except (TypeError, KeyError, ValueError, OverflowError):
-            continue  # a hand-edited record is skipped, not a traceback
-
+    for line in training_notes(s):
+        click.echo(t(f"  {line}"))
 
 COMMANDS = [policy]

@@ -94,6 +94,31 @@ def advice_line(name: str, points: Sequence[dict]) -> str:
             f"{int(now['keep_steered'])} keep prompts steered, {float(now['routed']):.0%} of '{name}' routed): {steps}")
 
 
+def training_notes(summary: dict) -> list[str]:
+    """What the fit warned about, from a policy's summary: keep prompts cross-validation steered, and
+    the threshold frontier (``policy show`` and ``inspect`` print these; not yet terminal-safe).
+
+    The training record is anyone's to edit, so shapes the fit never writes are skipped, not a
+    traceback.
+    """
+    training = summary.get("training") or {}
+    actions = {c["name"]: c["action"] for c in summary.get("categories", [])}
+    lines = []
+    leaks = training.get("keep_steered")
+    for keep, went in (leaks.items() if isinstance(leaks, dict) else ()):
+        went = {k: n for k, n in went.items() if isinstance(n, int)} if isinstance(went, dict) else {}
+        if went:
+            lines.append(f"warning: cross-validation steered {sum(went.values())} of the '{keep}' (keep) prompts: "
+                         + ", ".join(f"{n} to '{name}' ({actions.get(name, '?')})" for name, n in went.items()))
+    advice = training.get("threshold_advice")
+    for name, points in (advice.items() if isinstance(advice, dict) else ()):
+        try:
+            lines.append(advice_line(str(name), list(points)))
+        except (TypeError, KeyError, ValueError, OverflowError):
+            continue
+    return lines
+
+
 @dataclass
 class Policy:
     """Categories sharing one probe block, plus the model the policy was fitted for."""

@@ -69,12 +69,17 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
         raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: there is no refusal to induce")
     say(f"the model's stock refusal of the {names[1]} prompts: {refusal!r}")
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
-    band = parse_layers(recipe.layers, fm.n_layer) or []
+    try:
+        band = parse_layers(recipe.layers, fm.n_layer) or []
+    except ValueError as exc:
+        raise RsLocalError(f"--layers: {exc}") from None
     lengths = band_lengths(fm, target, harmless, system=recipe.system, upto=max(band, default=None), bf16=bf16.enabled)
     fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True)
     fit.add([RefusedPrompt(p, refusal) for p in sample_for_gradients(list(target), recipe)], [], say=say)
     vec = fit.vector(lengths)
-    vec.metadata.update({"method": "induced-refusal gradient", "refusal_text": refusal, "target_set": names[0],
+    for key in ("n_refused_target", "n_refused_keep"):  # the contrast's counts; here every target prompt is used
+        vec.metadata.pop(key, None)
+    vec.metadata.update({"method": "induced-refusal gradient", "n_gradients": fit.counts()[0], "refusal_text": refusal, "target_set": names[0],
                          "refusal_from": names[1], "n_target": len(target), "n_harmless": len(harmless),
                          "recipe": f"gradient of the stock refusal on the {names[0]} prompts, blocks {recipe.layers}",
                          **({"system_prompt": recipe.system} if recipe.system else {})})

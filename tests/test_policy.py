@@ -240,6 +240,31 @@ def test_steered_category_changes_the_greedy_answer(runner, fitted):
     runner.clear_vectors()
 
 
+def test_category_vector_metadata_round_trips_and_damage_is_refused(fitted, tmp_path):
+    """How a category's vector was fitted (its scalar metadata) survives the file; the fit machine's
+    ``path`` does not; a record whose ``vector_meta`` is not scalars is one line."""
+    import copy
+
+    from rs_local.runtime import policy_file
+
+    pol = copy.deepcopy(fitted)
+    vec = pol.categories[0].vector
+    vec.metadata.update({"refusal_text": "I'm sorry.", "gradient_dtype": "bfloat16", "rounds": 2, "path": "/fit/machine",
+                         "lengths": [1.0, 2.0], "nan": float("nan")})
+    back = read_policy(write_policy(pol, tmp_path / "meta.gguf")).categories[0].vector.metadata
+    assert (back["refusal_text"], back["gradient_dtype"], back["rounds"]) == ("I'm sorry.", "bfloat16", 2)
+    assert back["policy_category"] == "cooking" and not {"path", "lengths", "nan"} & set(back)
+    record = policy_file._category_record
+    for bad in ({"a": [1]}, {"a": {"b": 1}}, {"a": None}, {"a": "x" * 5000}, {f"k{i}": 1 for i in range(65)}):
+        policy_file._category_record = lambda c, bad=bad: {**record(c), "vector_meta": bad}
+        try:
+            path = write_policy(pol, tmp_path / "bad.gguf", force=True)
+        finally:
+            policy_file._category_record = record
+        with pytest.raises(FileProblem, match="vector_meta"):
+            read_policy(path)
+
+
 def test_round_trip(fitted, tmp_path):
     path = write_policy(fitted, tmp_path / "p.gguf")
     back = read_policy(path)

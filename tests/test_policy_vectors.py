@@ -51,6 +51,8 @@ def test_steered_categories_get_gradient_vectors(qwen_path, tmp_path):
     assert cats["political"].vector_source == "refusal gradient of political's refusals (no keep set)"
     # the refusal text comes from the model's answers to harmful prompts; Qwen's stock one starts "I'm"
     assert cats["gambling"].vector_source.startswith("harmful's stock refusal, induced on gambling: I'm")
+    meta = cats["gambling"].vector.metadata  # how it was fitted travels in the policy file
+    assert meta["method"] == "induced-refusal gradient" and cats["gambling"].vector_source.endswith(meta["refusal_text"])
     assert cats["political"].vector.layers == list(range(8, 17)) and cats["political"].scale == -1.0
     assert cats["gambling"].scale == 1.0
     show = CliRunner().invoke(cli, ["policy", "show", str(out)])

@@ -166,6 +166,7 @@ class Policy:
                 "name": c.name, "action": c.action, "scale": c.scale, "threshold": c.threshold,
                 "heldout_accuracy": c.accuracy, "prompts": c.n_prompts,
                 "blocks": _band(c.vector.layers) if c.vector is not None else None, "vector": c.vector_source or None,
+                "vector_meta": _vector_meta(c.vector),
             } for c in self.categories],
             "training": self.training,
         }
@@ -180,10 +181,25 @@ def _band(layers: list[int]) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+#: a category vector's own metadata kept in the file (how it was fitted: recipe, refusal text,
+#: system prompt, bfloat16): at most this many scalar entries, each string at most MAX_META_TEXT
+MAX_VECTOR_META, MAX_META_TEXT = 64, 4096
+
+
+def _vector_meta(vec: ControlVector | None) -> dict[str, Any]:
+    """The scalar metadata of a category's vector, as the file stores it (``path`` names a file of the fit's
+    machine, and the policy names its own source)."""
+    if vec is None:
+        return {}
+    keep = {k: v for k, v in vec.metadata.items() if k not in ("path", "policy_category") and isinstance(k, str)
+            and (isinstance(v, (str, bool, int)) or isinstance(v, float) and math.isfinite(v))}
+    return {k: v[:MAX_META_TEXT] if isinstance(v, str) else v for k, v in list(keep.items())[:MAX_VECTOR_META]}
+
+
 def _category_record(c: Category) -> dict[str, Any]:
     return {"name": c.name, "action": c.action, "slope": c.slope, "bias": c.bias, "threshold": c.threshold,
             "scale": c.scale, "accuracy": c.accuracy, "n_prompts": c.n_prompts, "vector_source": c.vector_source,
-            "blocks": c.vector.layers if c.vector is not None else []}
+            "blocks": c.vector.layers if c.vector is not None else [], "vector_meta": _vector_meta(c.vector)}
 
 
 def write_policy(policy: Policy, path: str | Path, *, force: bool = False) -> Path:
@@ -328,10 +344,11 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
         if not all(is_json_int(b) and 0 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
             raise FileProblem(path, f"category {i}: blocks must be distinct integers 0-{n_layer - 1}")
         name = field_of("name", str)
+        meta = _read_vector_meta(path, i, field_of("vector_meta", dict, {}))
         vector = None
         if blocks:
             vector = ControlVector({b: tensor(f"steer.{i}.{b}") for b in blocks}, str(kv.get(f"{ARCH}.model_arch", "")),
-                                   {"policy_category": name}, source=f"{path}#{name}")
+                                   {**meta, "policy_category": name}, source=f"{path}#{name}")
         cats.append(Category(name, field_of("action", str), tensor(f"probe.weight.{i}"), field_of("slope", float),
                              field_of("bias", float), field_of("threshold", float), field_of("scale", float), vector,
                              field_of("accuracy", float, None), field_of("n_prompts", int, 0),
@@ -345,7 +362,18 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
 
 
 _MISSING = object()
-_KIND_NAMES = {float: "a finite number", int: "an integer", str: "a string", list: "a list"}
+_KIND_NAMES = {float: "a finite number", int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _read_vector_meta(path: Path, i: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``vector_meta`` as the writer makes it (files written before have none): a few scalar
+    entries, finite numbers, bounded strings; anything else is damage, one line."""
+    ok = len(meta) <= MAX_VECTOR_META and all(
+        isinstance(v, (str, bool)) and (not isinstance(v, str) or len(v) <= MAX_META_TEXT)
+        or is_json_number(v) and math.isfinite(v) for v in meta.values())
+    if not ok:
+        raise FileProblem(path, f"category {i}: 'vector_meta' must hold at most {MAX_VECTOR_META} strings or finite numbers")
+    return meta
 
 
 def _record_reader(path: Path, i: int, rec: dict[str, Any]):
@@ -361,7 +389,7 @@ def _record_reader(path: Path, i: int, rec: dict[str, Any]):
             return default
         if kind is float and is_json_number(value) and math.isfinite(value):
             return float(value)
-        if kind is int and is_json_int(value) or kind in (str, list) and isinstance(value, kind):
+        if kind is int and is_json_int(value) or kind in (str, list, dict) and isinstance(value, kind):
             return value
         raise FileProblem(path, f"category {i}: {key!r} is not {_KIND_NAMES[kind]}")
     return field_of

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_PROBE = Path(__file__).resolve().parents[2] / "rs_local" / "data" / "judge-probe-qwen2.5-coder-0.5b.gguf"
-FIELDS = ("name", "action", "slope", "bias", "threshold", "scale", "accuracy", "n_prompts", "vector_source", "blocks")
+FIELDS = ("name", "action", "slope", "bias", "threshold", "scale", "accuracy", "n_prompts", "vector_source", "blocks",
+          "vector_meta")
 VALUES: tuple[Any, ...] = (float("inf"), float("-inf"), float("nan"), 1e300, -1.0, 0, 2, 10 ** 30, True, None, "",
                            "3", "x", [], [3.5], ["3"], [3, 3], [3, 30], [1e400], [[3]], {}, {"a": 1})
 #: what the fit records in a policy's ``training`` and ``policy show`` reads back

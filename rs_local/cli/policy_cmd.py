@@ -100,7 +100,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 @click.option("--scale", "scales", multiple=True, metavar="NAME=X",
               help="Scale for a category (default: -1 for remove, +1 for refuse).")
 @click.option("--baseline", default=None, help="The benign category directions are measured from (default: benign/harmless).")
-@click.option("--refusal-from", default=None, help="Category the model refuses, for refuse directions (default: harmful).")
+@click.option("--refusal-from", default=None,
+              help="Category the model refuses; a refuse category gets its stock refusal (default: harmful).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="[NAME=]P",
               help="Below this probe confidence the gate abstains and the plain model answers (default 0.5); "
                    "NAME=P sets one category's (repeatable).")

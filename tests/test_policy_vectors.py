@@ -81,3 +81,15 @@ def test_first_sentence_is_what_refusals_share():
     assert first_sentence("  As an AI\nlanguage model, I cannot vote!  Ask me") == "As an AI language model, I cannot vote!"
     assert first_sentence("No stop at all") == "No stop at all"
     assert first_sentence("Version 2.5 is out. Next") == "Version 2.5 is out."  # a decimal point is not an end
+
+
+def test_a_stock_refusal_found_once_is_not_labelled_again(smollm2_path):
+    """Several refuse categories share the source's stock refusal: given it, ``fit_induced`` labels
+    nothing (an empty source would otherwise stop with "refuses none") and fits on it directly."""
+    from rs_local.recipes.induce import fit_induced
+    from rs_local.recipes.isolate import Recipe
+
+    vec = fit_induced(str(smollm2_path), ["Name a card game.", "How do dice work?"], [],
+                      ["Name a river.", "How do I boil an egg?"], Recipe(layers="4-6"), refusal="I'm sorry.")
+    assert vec.metadata["refusal_text"] == "I'm sorry." and vec.layers == [4, 5, 6]
+    assert vec.metadata["n_gradients"] == 2

@@ -12,7 +12,7 @@ from rich.table import Table
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
 from rs_local.cli.options import (
     bf16_option, check_output, err_console, integer, layer_range_callback, load_runner, model_option, number, parse_number_list,
-    runtime_options, say, utf8_text,
+    note_system, runtime_options, say, utf8_text,
 )
 from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
@@ -67,9 +67,7 @@ def _setup(kw: dict[str, Any]):
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings
     from rs_local.eval.prompt_sets import load_sets
-    from rs_local.runtime.vector_specs import (
-        check_layer_range, load_vector_specs, parse_layer_range, system_prompt_note, system_prompt_notes,
-    )
+    from rs_local.runtime.vector_specs import check_layer_range, load_vector_specs, parse_layer_range
     from rs_local.vectors.control_vector import ControlVector
 
     policy = kw.get("policy")
@@ -86,13 +84,10 @@ def _setup(kw: dict[str, Any]):
         from rs_local.runtime.policy_file import read_policy
 
         gate = read_policy(policy)
-        note = system_prompt_note(str(policy), (gate.training or {}).get("system"), kw["system"])
-        if note:
-            err_console.print(plain(note, "dim"), soft_wrap=True)
+        note_system([], kw["system"], gate, policy)
         return sets, gate, None, settings, cache
     parts = load_vector_specs(kw["vectors"], default_scale=1.0)
-    for note in system_prompt_notes([v for v, _ in parts], kw["system"]):
-        err_console.print(plain(note, "dim"), soft_wrap=True)
+    note_system(parts, kw["system"])
     vector = ControlVector.merge(parts) if len(parts) > 1 or parts[0][1] != 1.0 else parts[0][0]
     vector.source = vector.source or ", ".join(kw["vectors"])
     vector.metadata.setdefault("path", vector.source)

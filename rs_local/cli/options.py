@@ -39,6 +39,18 @@ def say(msg: str) -> None:
     err_console.print(plain(msg, multiline=True), style="dim", soft_wrap=True)
 
 
+def note_system(parts: Any, system: str | None, policy: Any = None, policy_path: Any = None) -> None:
+    """One dim line per vector in ``parts`` ((vector, scale) pairs) or ``policy`` fitted under another
+    system prompt than this run's (``generate``, ``chat`` and ``eval`` alike)."""
+    from rs_local.runtime.vector_specs import system_prompt_note, system_prompt_notes
+
+    notes = system_prompt_notes([v for v, _ in parts], system)
+    if policy is not None:
+        notes.append(system_prompt_note(str(policy_path), (policy.training or {}).get("system"), system))
+    for note in filter(None, notes):
+        err_console.print(plain(note, "dim"), soft_wrap=True)
+
+
 def check_output(path: Path, force: bool, *, directory: bool = False) -> None:
     """Refuse an output before minutes of work: see :func:`rs_local.files.check_output_path`."""
     check_output_path(path, force, directory=directory)

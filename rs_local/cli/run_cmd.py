@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 
 from rs_local.cli.options import (
-    err_console, load_runner, load_vectors, model_option, runtime_options, sampling_from,
+    err_console, load_runner, load_vectors, model_option, note_system, runtime_options, sampling_from,
     sampling_options, utf8_text, vector_options,
 )
 from rs_local.cli.terminal import plain, styled
@@ -40,17 +40,6 @@ def _load_policy(path, vectors):
     return read_policy(path)
 
 
-def _note_system(parts, system, policy=None, policy_path=None) -> None:
-    """Say so when a vector (or a policy) was fitted under another system prompt than this run's."""
-    from rs_local.runtime.vector_specs import system_prompt_note, system_prompt_notes
-
-    notes = system_prompt_notes([v for v, _ in parts], system)
-    if policy is not None:
-        notes.append(system_prompt_note(str(policy_path), (policy.training or {}).get("system"), system))
-    for note in filter(None, notes):
-        err_console.print(plain(note, "dim"), soft_wrap=True)
-
-
 def _gate(runner, policy, path):
     from rs_local.runtime.policy import PolicyRunner
 
@@ -71,7 +60,7 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
     """Answer PROMPT once, with the given vectors applied (or the vector a --policy picks for it)."""
     policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, scale, layers)
-    _note_system(parts, kw["system"], policy, policy_path)
+    note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     runner.set_vectors(parts, layer_range)
     gate = _gate(runner, policy, policy_path)
@@ -107,7 +96,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
 
     policy = _load_policy(policy_path, vectors)
     parts, layer_range = load_vectors(vectors, 1.0, layers)
-    _note_system(parts, kw["system"], policy, policy_path)
+    note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     session = ChatSession(runner, system=kw["system"], sampling=sampling_from(kw), max_tokens=kw["max_tokens"],
                           vectors=parts, scale=scale, layer_range=layer_range)

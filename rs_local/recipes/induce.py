@@ -45,42 +45,41 @@ def stock_refusal(runner: Any, prompts: Sequence[str], system: str | None = None
 
 def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmless: Sequence[str],
                 recipe: Recipe | None = None, say: Say | None = None, *, runner: Any = None,
-                names: tuple[str, str] = ("target", "source")) -> Any:
+                names: tuple[str, str] = ("target", "source"), refusal: str | None = None) -> Any:
     """A ControlVector that, at a positive scale, makes ``target`` prompts get the model's stock refusal.
 
     The refusal text comes from the plain model's answers to ``source`` (a set it refuses, e.g.
     harmful requests; llama.cpp, ``runner``); the gradients and the length per block
     (``||mean(target) - mean(harmless)||`` over the band, as for every recipe vector) come from
     Transformers on the same GGUF. ``recipe`` gives the band, the prompt cap, bfloat16 and the
-    system prompt. A source the model never refuses is a one-line error.
+    system prompt. A source the model never refuses is a one-line error. ``refusal``: the stock
+    refusal already found for this source (several refuse categories share it; it is labelled once).
     """
     from rs_local.runtime.host import decide_bf16
     from rs_local.vectors.hf_model import load_model
-    from rs_local.vectors.layers import parse_layers
     from rs_local.vectors.refusal_gradient import GradientContrast, RefusedPrompt, band_lengths
 
     recipe = recipe or Recipe()
     recipe.check()
     say = say or (lambda _m: None)
     bf16 = decide_bf16(recipe.bf16)
-    with runner_for(model, runner, say) as answering:
-        refusal = stock_refusal(answering, source, recipe.system)
+    if refusal is None:
+        with runner_for(model, runner, say) as answering:
+            refusal = stock_refusal(answering, source, recipe.system)
     if refusal is None:
         raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: there is no refusal to induce")
     say(f"the model's stock refusal of the {names[1]} prompts: {refusal!r}")
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
-    try:
-        band = parse_layers(recipe.layers, fm.n_layer) or []
-    except ValueError as exc:
-        raise RsLocalError(f"--layers: {exc}") from None
+    band = recipe.blocks(fm.n_layer)
     lengths = band_lengths(fm, target, harmless, system=recipe.system, upto=max(band, default=None), bf16=bf16.enabled)
     fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True)
     fit.add([RefusedPrompt(p, refusal) for p in sample_for_gradients(list(target), recipe)], [], say=say)
     vec = fit.vector(lengths)
     for key in ("n_refused_target", "n_refused_keep"):  # the contrast's counts; here every target prompt is used
         vec.metadata.pop(key, None)
-    vec.metadata.update({"method": "induced-refusal gradient", "n_gradients": fit.counts()[0], "refusal_text": refusal, "target_set": names[0],
-                         "refusal_from": names[1], "n_target": len(target), "n_harmless": len(harmless),
+    vec.metadata.update({"method": "induced-refusal gradient", "n_gradients": fit.counts()[0], "refusal_text": refusal,
+                         "target_set": names[0], "refusal_from": names[1], "n_target": len(target),
+                         "n_harmless": len(harmless),
                          "recipe": f"gradient of the stock refusal on the {names[0]} prompts, blocks {recipe.layers}",
                          **({"system_prompt": recipe.system} if recipe.system else {})})
     return vec

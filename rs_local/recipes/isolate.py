@@ -92,6 +92,17 @@ class Recipe:
         if self.layers.strip().lower() == "auto" or parse_layers(self.layers, 1 << 20) is None:
             raise ValueError("the recipe needs an explicit band (e.g. 8-16), not 'auto'")
 
+    def blocks(self, n_layer: int) -> list[int]:
+        """The band on a model of ``n_layer`` blocks (:meth:`check` vetted the syntax; the range needs
+        the model), or a one-line error."""
+        from rs_local.errors import RsLocalError
+        from rs_local.vectors.layers import parse_layers
+
+        try:
+            return parse_layers(self.layers, n_layer) or []
+        except ValueError as exc:
+            raise RsLocalError(f"--layers: {exc}") from None
+
     def describe(self, keep_free: bool = False) -> str:
         if self.method == "gradient":
             aim = ", later rounds judge-weighted" if self.objective == "judge" else ""
@@ -138,17 +149,6 @@ def answer_records(runner, sets: dict[str, Sequence[str]], *, judge: Judge | Non
         return {name: ev.score_set(name, steer)[1] for name in sets}
     finally:
         ev.close()
-
-
-def _layers(spec: str, n_layer: int) -> list[int]:
-    """The band on this model (Recipe.check has vetted the syntax; the range needs the model)."""
-    from rs_local.errors import RsLocalError
-    from rs_local.vectors.layers import parse_layers
-
-    try:
-        return parse_layers(spec, n_layer) or []
-    except ValueError as exc:
-        raise RsLocalError(f"--layers: {exc}") from None
 
 
 def fit_political(
@@ -241,7 +241,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     first = refused_now()
     _check_refused(first, names, keep_free)
     fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
-    band = _layers(recipe.layers, fm.n_layer)
+    band = recipe.blocks(fm.n_layer)
     say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, system=recipe.system, cache=cache, upto=max(band, default=None),
@@ -296,7 +296,8 @@ def judged_targets(runner, prompts: Sequence[str], judge: Judge, vector: Any, re
     """
     from rs_local.vectors.refusal_gradient import RefusedPrompt
 
-    records = answer_records(runner, {"target": sample_for_gradients(list(prompts), recipe)}, judge=judge, cache=cache, vector=vector,
+    sample = sample_for_gradients(list(prompts), recipe)
+    records = answer_records(runner, {"target": sample}, judge=judge, cache=cache, vector=vector,
                              scale=recipe.probe_scale, system=recipe.system,
                              max_tokens=max(recipe.label_tokens, recipe.objective_tokens))["target"]
     conf = [float(r.confidence) if r.confidence is not None else float(r.verdict) for r in records]

@@ -76,6 +76,7 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
 
     say = say or (lambda _m: None)
     band = band_label(layers)
+    refusal = None  # the source's stock refusal, labelled for the first refuse category and shared
     for spec in specs:
         if spec.action == "keep" or spec.vector is not None:
             continue
@@ -92,10 +93,10 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
             spec.vector = fit_induced(model, spec.prompts, source.prompts, baseline.prompts,
                                       Recipe(layers=band, bf16=bf16, system=system),
                                       say=lambda m, n=spec.name: say(f"  [{n}] {m}"), runner=runner,
-                                      names=(spec.name, source.name))
+                                      names=(spec.name, source.name), refusal=refusal)
         except RsLocalError as exc:
             raise RsLocalError(f"{source.path}: {exc}") from None
-        refusal = spec.vector.metadata.get("refusal_text", "")
+        refusal = spec.vector.metadata["refusal_text"]
         spec.vector.source = f"{source.name}'s stock refusal, induced on {spec.name}: {refusal}"
 
 

@@ -259,5 +259,6 @@ def test_doctor_reports_build_and_decision(monkeypatch):
     assert json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)["bf16_gradients"] == f"on ({BF16_ENV}=1)"
     assert "CPU :" in report["llama_cpp_system_info"]
     assert report["threads"] >= 1
+    assert report["available_memory"].endswith(" GB")  # what the fit's memory check compares with
     version = CliRunner().invoke(cli, ["--version"])
     assert "llama-cpp-python" in version.output and "doctor" in version.output

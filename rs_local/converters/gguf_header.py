@@ -1,7 +1,8 @@
 """Scalar metadata of a GGUF model file, read from its header alone.
 
 The Mixture-of-Experts paths need a few numbers from a model GGUF before Transformers or
-llama.cpp load it (the expert count, the experts' FFN width). The gguf package's reader
+llama.cpp load it (the expert count, the experts' FFN width), and the fit's memory check needs
+the number of weights. The gguf package's reader
 builds a numpy view per array element and takes ~25 s on a 150k-token vocabulary; this reader
 walks the header once, keeps scalars and skips arrays, in about a second.
 """
@@ -19,6 +20,8 @@ _STRING, _ARRAY = 8, 9
 #: Header entries beyond this are not metadata a model would carry (a damaged file).
 _MAX_KV = 1 << 16
 _MAX_ITEMS = 1 << 24
+#: ggml tensors have at most 4 dimensions.
+_MAX_DIMS = 4
 
 
 class _Reader:
@@ -55,27 +58,64 @@ class _Reader:
 def gguf_scalars(path: str | Path) -> dict[str, Any]:
     """Every scalar (number, bool, string) key of a GGUF file's header; arrays are skipped."""
     path = Path(path)
-    out: dict[str, Any] = {}
+    with open(path, "rb") as fh:
+        out, _n_tensors = _metadata(_Reader(fh, path))
+    return out
+
+
+def gguf_parameter_count(path: str | Path) -> int:
+    """How many weights the file's tensors hold (every element of every tensor), from the header alone.
+
+    Why: a fit dequantizes the model into Transformers, at 4 bytes a weight in float32 whatever
+    the file's quantization, so this count, not the file's size, says how much memory it takes
+    (``rs_local.recipes.memory_check``).
+    """
+    path = Path(path)
     with open(path, "rb") as fh:
         r = _Reader(fh, path)
-        if r.take(4) != b"GGUF":
-            raise ModelError(f"{path}: not a GGUF file")
-        version = r.unpack("<I")
-        if version < 2:
-            raise ModelError(f"{path}: GGUF version {version} is too old")
-        r.unpack("<Q")  # tensor count: not needed
-        n_kv = r.unpack("<Q")
-        if n_kv > _MAX_KV:
-            raise ModelError(f"{path}: GGUF header claims {n_kv} metadata entries")
-        for _ in range(n_kv):
-            key = r.string().decode("utf-8", errors="replace")
-            vtype = r.unpack("<I")
-            if vtype == _ARRAY:
-                r.skip_array()
-            elif vtype == _STRING:
-                out[key] = r.string().decode("utf-8", errors="replace")
-            elif vtype in _SCALARS:
-                out[key] = r.unpack(_SCALARS[vtype])
-            else:
-                raise ModelError(f"{path}: GGUF metadata '{key}' has unknown type {vtype}")
-    return out
+        _scalars, n_tensors = _metadata(r, keep=False)
+        if n_tensors > _MAX_ITEMS:
+            raise ModelError(f"{path}: GGUF header claims {n_tensors} tensors")
+        total = 0
+        for _ in range(n_tensors):
+            r.string()  # name
+            n_dims = r.unpack("<I")
+            if n_dims > _MAX_DIMS:
+                raise ModelError(f"{path}: GGUF tensor with {n_dims} dimensions")
+            count = 1
+            for _ in range(n_dims):
+                count *= r.unpack("<Q")
+            r.unpack("<I")  # type
+            r.unpack("<Q")  # offset
+            total += count
+    return total
+
+
+def _metadata(r: _Reader, keep: bool = True) -> tuple[dict[str, Any], int]:
+    """Read the header up to the tensor infos: (scalar keys, or {} when not ``keep``; tensor count)."""
+    out: dict[str, Any] = {}
+    if r.take(4) != b"GGUF":
+        raise ModelError(f"{r.path}: not a GGUF file")
+    version = r.unpack("<I")
+    if version < 2:
+        raise ModelError(f"{r.path}: GGUF version {version} is too old")
+    n_tensors = r.unpack("<Q")
+    n_kv = r.unpack("<Q")
+    if n_kv > _MAX_KV:
+        raise ModelError(f"{r.path}: GGUF header claims {n_kv} metadata entries")
+    for _ in range(n_kv):
+        key = r.string().decode("utf-8", errors="replace")
+        vtype = r.unpack("<I")
+        if vtype == _ARRAY:
+            r.skip_array()
+        elif vtype == _STRING:
+            value = r.string().decode("utf-8", errors="replace")
+            if keep:
+                out[key] = value
+        elif vtype in _SCALARS:
+            value = r.unpack(_SCALARS[vtype])
+            if keep:
+                out[key] = value
+        else:
+            raise ModelError(f"{r.path}: GGUF metadata '{key}' has unknown type {vtype}")
+    return out, n_tensors

@@ -55,6 +55,7 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     system prompt. A source the model never refuses is a one-line error. ``refusal``: the stock
     refusal already found for this source (several refuse categories share it; it is labelled once).
     """
+    from rs_local.recipes.memory_check import check_fit_memory
     from rs_local.runtime.host import decide_bf16
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, RefusedPrompt, band_lengths
@@ -63,6 +64,7 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     recipe.check()
     say = say or (lambda _m: None)
     bf16 = decide_bf16(recipe.bf16)
+    check_fit_memory(model, say=say)  # before the labelling, not minutes in
     if refusal is None:
         with runner_for(model, runner, say) as answering:
             refusal = stock_refusal(answering, source, recipe.system)

@@ -21,6 +21,12 @@ facts that can be given as fixtures in tests, and nowhere else:
   than float32, and the refusal gradients come out at cosine 0.999 per prompt against
   float32's; elsewhere bfloat16 gains nothing, so float32 stays.
   ``RS_LOCAL_BF16=0|1|auto`` and ``isolate/demo --bf16/--no-bf16`` override it.
+* **Memory for a fit.** A fit dequantizes the GGUF into Transformers at 4 bytes a weight, so a
+  7B model a laptop chats with comfortably (4-5 GB quantized) needs 30 GB or more to fit. Past
+  what the machine has, the kernel's OOM killer ends the process without a word, minutes in.
+  :func:`available_memory` says what is left (``MemAvailable``, a container's cgroup limit, or
+  the physical memory where neither is readable); ``rs_local.recipes.memory_check`` compares it
+  with the model's weights before any work. ``RS_LOCAL_MEMORY_CHECK=0`` skips the check.
 
 Nothing here imports llama.cpp at module import; :func:`llama_build_features` loads it
 only when called.
@@ -167,6 +173,78 @@ def decide_bf16(
     return HostDecision(False, "no native bfloat16 on this CPU: it would not be faster")
 
 
+#: Environment variable that turns the fit's memory check off (``0``); on when unset.
+MEMORY_CHECK_ENV = "RS_LOCAL_MEMORY_CHECK"
+#: A cgroup limit at or above this means "no limit" (cgroup v1 writes a huge number instead of "max").
+_NO_LIMIT = 1 << 60
+
+
+def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None,
+                     physical: int | None = None) -> int | None:
+    """Bytes this process can still allocate without swapping or meeting the OOM killer; None if unknown.
+
+    The least of: ``MemAvailable`` in /proc/meminfo (``meminfo``, its text), and the room left under
+    the cgroup's memory limit (``cgroup``: the cgroup filesystem's root, v2 or v1), counting the
+    cgroup's inactive file cache as free because the kernel drops it before killing anything. Where
+    neither is readable (macOS), the machine's physical memory (``physical``): a weaker bound, but
+    still the one a model larger than the whole machine cannot pass. Tests give fixtures.
+    """
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text(errors="replace")
+        except OSError:
+            meminfo = ""
+    bounds = [b for b in (_meminfo_available(meminfo), _cgroup_room(cgroup or Path("/sys/fs/cgroup"))) if b is not None]
+    if bounds:
+        return min(bounds)
+    return physical if physical is not None else _physical_memory()
+
+
+def _meminfo_available(text: str) -> int | None:
+    match = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _cgroup_room(root: Path) -> int | None:
+    """Limit minus usage plus inactive file cache, for cgroup v2 (``memory.max``) or v1; None without a limit."""
+    for limit_file, usage_file, stat_file, key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
+        try:
+            raw = (root / limit_file).read_text().strip()
+            if raw == "max" or int(raw) >= _NO_LIMIT:
+                return None
+            limit, usage = int(raw), int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        cache = 0
+        try:
+            match = re.search(rf"^{key}\s+(\d+)", (root / stat_file).read_text(), re.MULTILINE)
+            cache = int(match.group(1)) if match else 0
+        except OSError:
+            pass
+        return max(0, limit - usage + cache)
+    return None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_label(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 1e9:.1f} GB"
+
+
+def memory_check_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """False when ``RS_LOCAL_MEMORY_CHECK`` is 0/false/no/off (the user knows better: swap, a model that
+    is mostly empty); a value that is neither is a one-line error, like the other switches."""
+    forced = _forced(None, "memory-check", MEMORY_CHECK_ENV, env)
+    return forced is None or forced.enabled
+
+
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (affinity and cpusets count, unlike os.cpu_count)."""
     try:
@@ -245,6 +323,7 @@ def host_report() -> dict[str, object]:
         "physical_cores": physical_cores(),
         "threads": default_threads(),
         "bf16_gradients": str(decide_bf16()),
+        "available_memory": _memory_label(available_memory()),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: rs-local sets PASSIVE)"),
         "llama_cpp_python": version("llama-cpp-python"),
         "torch": version("torch"),

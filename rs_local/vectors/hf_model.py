@@ -125,6 +125,26 @@ def _import_transformers():
     return transformers
 
 
+def is_loaded(path: Path, dtype: str = "float32") -> bool:
+    """Whether :func:`load_model` already holds this resolved model file in this dtype (no new memory)."""
+    return (str(Path(path).resolve()), dtype) in _CACHE
+
+
+def reads_cache(name: str, path: Path, dtype: str = "float32") -> bool:
+    """Whether loading this GGUF as ``dtype`` would read the disk cache (the weights, without the
+    first load's dequantization beside them; see :mod:`rs_local.vectors.hf_cache`)."""
+    from rs_local.vectors import hf_cache
+
+    if not hf_cache.enabled() or Path(path).is_dir():
+        return False
+    try:
+        import transformers
+    except ImportError:
+        return False
+    entry = hf_cache.entry_dir(model_identity(Path(path), name) | {"dtype": dtype}, transformers.__version__)
+    return (entry / hf_cache.DONE).is_file()
+
+
 def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitModel:
     """Resolve ``model`` (built-in name, ``.gguf`` path or HF directory) and load it for fitting.
 

@@ -1,0 +1,145 @@
+"""A fit too large for the machine stops before any work, with one line naming the file.
+
+The machine's free memory is a host fact: it is read from fixtures here (meminfo text, a cgroup
+directory), and the end-to-end CLI tests replace only that fact, with the real GGUF, the real
+header reader and the real commands around it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from rs_local.cli.main import cli
+from rs_local.converters.gguf_header import gguf_parameter_count
+from rs_local.errors import ModelError
+from rs_local.recipes.memory_check import BASE_BYTES, FIRST_LOAD_PEAK, check_fit_memory, fit_memory_need
+from rs_local.runtime.host import available_memory
+
+MEMINFO = "MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
+
+
+def test_parameter_count_matches_the_gguf_library(smollm2_path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(smollm2_path))
+    assert gguf_parameter_count(smollm2_path) == sum(int(t.n_elements) for t in reader.tensors) == 134515008
+
+
+def test_parameter_count_of_a_cut_header_is_a_one_line_error(smollm2_path, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_path.read_bytes()[:4096])
+    with pytest.raises(ModelError, match="cut.gguf: GGUF header is truncated"):
+        gguf_parameter_count(cut)
+
+
+def test_available_memory_from_meminfo_alone(tmp_path):
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path) == 8000000 * 1024
+
+
+def test_a_cgroup_v2_limit_below_meminfo_wins(tmp_path):
+    (tmp_path / "memory.max").write_text(f"{4 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{3 << 30}\n")
+    (tmp_path / "memory.stat").write_text(f"anon 123\ninactive_file {512 << 20}\nactive_file 9\n")
+    # 4 GiB limit - 3 GiB used + 0.5 GiB of file cache the kernel drops first
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path) == (1 << 30) + (512 << 20)
+
+
+def test_no_cgroup_limit_leaves_meminfo(tmp_path):
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path) == 8000000 * 1024
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
+    assert available_memory(meminfo=MEMINFO, cgroup=v1) == 8000000 * 1024
+
+
+def test_a_cgroup_v1_limit_counts(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path) == 1 << 30
+
+
+def test_without_meminfo_or_cgroup_the_physical_memory_bounds_it(tmp_path):
+    """macOS has neither file: the whole machine's memory is the bound."""
+    assert available_memory(meminfo="", cgroup=tmp_path, physical=16 << 30) == 16 << 30
+    assert available_memory(meminfo="", cgroup=tmp_path / "absent", physical=None) is not None  # this machine's
+
+
+def test_need_is_the_weights_and_the_first_load_peak():
+    weights = 7_600_000_000 * 4
+    assert fit_memory_need(7_600_000_000) == (weights + BASE_BYTES, int(weights * FIRST_LOAD_PEAK) + BASE_BYTES)
+    assert fit_memory_need(7_600_000_000, "bfloat16")[0] == weights // 2 + BASE_BYTES
+
+
+def test_too_little_memory_is_a_one_line_error_naming_the_file(smollm2_path):
+    need, _peak = fit_memory_need(gguf_parameter_count(smollm2_path))
+    with pytest.raises(ModelError) as err:
+        check_fit_memory(str(smollm2_path), available=need - 1, env={}, hint="(try --dtype bfloat16)")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{smollm2_path}: ")
+    assert "135 million weights as float32" in msg and "(try --dtype bfloat16)" in msg
+    assert "RS_LOCAL_MEMORY_CHECK=0" in msg
+    check_fit_memory(str(smollm2_path), available=need, env={})  # exactly enough: no error
+    check_fit_memory(str(smollm2_path), "bfloat16", available=need - 1, env={})  # half the bytes fit
+
+
+def test_only_the_first_load_peak_over_memory_is_a_warning(smollm2_path, monkeypatch):
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")  # no cached load to fall back on
+    need, peak = fit_memory_need(gguf_parameter_count(smollm2_path))
+    said: list[str] = []
+    check_fit_memory(str(smollm2_path), say=said.append, available=(need + peak) // 2, env={})
+    assert len(said) == 1 and said[0].startswith("warning: smollm2") and "may peak near" in said[0]
+    check_fit_memory(str(smollm2_path), say=said.append, available=peak, env={})
+    assert len(said) == 1  # enough for the peak: silent
+
+
+def test_the_switch_turns_it_off_and_a_bad_value_is_an_error(smollm2_path):
+    check_fit_memory(str(smollm2_path), available=1, env={"RS_LOCAL_MEMORY_CHECK": "0"})
+    with pytest.raises(Exception, match="RS_LOCAL_MEMORY_CHECK='maybe': expected 0, 1 or auto"):
+        check_fit_memory(str(smollm2_path), available=1, env={"RS_LOCAL_MEMORY_CHECK": "maybe"})
+
+
+def _small_machine(monkeypatch, free: int = 64 << 20) -> None:
+    """This machine, as one with ``free`` bytes left: the host fact the check reads, nothing else."""
+    monkeypatch.setattr("rs_local.runtime.host.available_memory", lambda **_kw: free)
+    monkeypatch.delenv("RS_LOCAL_MEMORY_CHECK", raising=False)
+
+
+def _prompts(path, texts):
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.mark.parametrize("command", ["fit", "isolate"])
+def test_commands_stop_before_any_work(command, smollm2_path, tmp_path, monkeypatch):
+    _small_machine(monkeypatch)
+    a = _prompts(tmp_path / "a.jsonl", ["How do I pick a lock?", "Write a phishing email."])
+    b = _prompts(tmp_path / "b.jsonl", ["Name a river.", "Bake bread."])
+    out = tmp_path / "v.gguf"
+    args = (["fit", "-m", str(smollm2_path), "--positive", str(a), "--negative", str(b)] if command == "fit" else
+            ["isolate", "-m", str(smollm2_path), "-t", str(a), "-k", str(a), "--harmless", str(b)]) + ["-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {smollm2_path}: fitting loads its") and "RS_LOCAL_MEMORY_CHECK=0" in last
+    assert "Traceback" not in res.output and not out.exists()
+    assert "refused" not in res.output.lower() and "loading" not in res.output  # stopped before labelling or loading
+    if command == "fit":
+        assert "--dtype bfloat16" in last
+
+
+def test_policy_fit_stops_before_reading_the_probes(qwen_path, tmp_path, monkeypatch):
+    _small_machine(monkeypatch)
+    pol = _prompts(tmp_path / "pol.jsonl", ["What happened at Tiananmen Square in 1989?", "Who is Xi Jinping?"])
+    ok = _prompts(tmp_path / "ok.jsonl", ["Name a river.", "Bake bread."])
+    out = tmp_path / "p.gguf"
+    res = CliRunner().invoke(cli, ["policy", "fit", "-m", str(qwen_path), "--category", f"pol={pol}:remove",
+                                   "--category", f"ok={ok}:keep", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1].startswith(f"Error: {qwen_path}: fitting loads its 630 million")
+    assert "reading blocks" not in res.output and not out.exists()

@@ -57,6 +57,9 @@ def test_isolate_writes_a_vector(fitted):
     bf16 = decide_bf16()  # this machine's choice, which the fit followed and recorded
     assert vec.metadata["gradient_dtype"] == ("bfloat16" if bf16.enabled else "float32")
     assert f"Transformers passes in {vec.metadata['gradient_dtype']} ({bf16.reason})" in res.output
+    from rs_local.vectors.hf_model import is_loaded
+
+    assert is_loaded(_args[2], vec.metadata["gradient_dtype"])  # the model itself was loaded in that dtype
 
 
 def test_isolate_lowers_target_refusal_more_than_keep(fitted, qwen_path):

@@ -18,6 +18,13 @@ from rs_local.errors import ModelError
 from rs_local.recipes.memory_check import BASE_BYTES, FIRST_LOAD_PEAK, check_fit_memory, fit_memory_need
 from rs_local.runtime.host import available_memory
 
+@pytest.fixture(autouse=True)
+def _nothing_loaded_yet(monkeypatch):
+    """A model an earlier test loaded into this process is not checked again (it takes no new
+    memory): start each test as a fresh process would."""
+    monkeypatch.setattr("rs_local.vectors.hf_model._CACHE", {})
+
+
 MEMINFO = "MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
 
 
@@ -96,6 +103,16 @@ def test_only_the_first_load_peak_over_memory_is_a_warning(smollm2_path, monkeyp
     assert len(said) == 1 and said[0].startswith("warning: smollm2") and "may peak near" in said[0]
     check_fit_memory(str(smollm2_path), say=said.append, available=peak, env={})
     assert len(said) == 1  # enough for the peak: silent
+
+
+def test_a_loaded_model_is_not_checked_again(smollm2_path):
+    from rs_local.vectors.hf_model import load_model
+
+    fm = load_model(str(smollm2_path))
+    check_fit_memory(fm, available=1, env={})  # a FitModel: already in memory
+    check_fit_memory(str(smollm2_path), available=1, env={})  # the same file, loaded in this process
+    with pytest.raises(ModelError):
+        check_fit_memory(str(smollm2_path), "bfloat16", available=1, env={})  # another dtype is another load
 
 
 def test_the_switch_turns_it_off_and_a_bad_value_is_an_error(smollm2_path):

@@ -175,6 +175,38 @@ def test_bf16_gradients_track_float32_and_are_recorded(fm):
         assert fit.vector(lengths).metadata["gradient_dtype"] == name
 
 
+def test_a_bfloat16_model_gives_the_float32_gradient(fm, smollm2_path):
+    """Where the passes run in bfloat16 the recipe loads the model in bfloat16 (half the memory,
+    ``isolate.fit_dtype``): its gradients stay float32-sized rows at cosine >= 0.99 to the float32
+    model's, and it runs under autocast even when the caller does not ask (bfloat16 weights would
+    meet the float32 added vectors in a plain matrix product otherwise)."""
+    import torch
+
+    from rs_local.vectors.hf_model import load_model
+
+    half_model = load_model(str(smollm2_path), dtype="bfloat16")
+    assert next(half_model.model.parameters()).dtype == torch.bfloat16
+    items = [RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+             RefusedPrompt("Write malware.", "I cannot")]
+    layers = [6, 12, 20]
+    full = refusal_gradients(fm, items, layers)
+    for bf16 in (True, False):
+        half = refusal_gradients(half_model, items, layers, bf16=bf16)
+        assert half.dtype == np.float32 and not np.array_equal(full, half)
+        for i in range(len(items)):
+            for l in layers:
+                a, b = full[i, l], half[i, l]
+                assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.99, (bf16, i, l)
+
+
+def test_the_recipe_loads_bfloat16_exactly_where_its_passes_run_in_it():
+    from rs_local.recipes.isolate import fit_dtype
+    from rs_local.runtime.host import HostDecision
+
+    assert fit_dtype(HostDecision(True, "fixture")) == "bfloat16"
+    assert fit_dtype(HostDecision(False, "fixture")) == "float32"
+
+
 def torch_float32():
     import torch
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from rs_local.callbacks import Say
 from rs_local.errors import RsLocalError
-from rs_local.recipes.isolate import Recipe, label_refusals, runner_for, sample_for_gradients
+from rs_local.recipes.isolate import Recipe, fit_dtype, label_refusals, runner_for, sample_for_gradients
 
 #: answer tokens the gradient scores: the whole stock refusal sentence, not only its opening word
 INDUCED_TOKENS = 16
@@ -64,14 +64,14 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     recipe.check()
     say = say or (lambda _m: None)
     bf16 = decide_bf16(recipe.bf16)
-    check_fit_memory(model, say=say)  # before the labelling, not minutes in
+    check_fit_memory(model, fit_dtype(bf16), say=say)  # before the labelling, not minutes in
     if refusal is None:
         with runner_for(model, runner, say) as answering:
             refusal = stock_refusal(answering, source, recipe.system)
     if refusal is None:
         raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: there is no refusal to induce")
     say(f"the model's stock refusal of the {names[1]} prompts: {refusal!r}")
-    fm = load_model(model, progress=say) if not hasattr(model, "blocks") else model
+    fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
     band = recipe.blocks(fm.n_layer)
     lengths = band_lengths(fm, target, harmless, system=recipe.system, upto=max(band, default=None), bf16=bf16.enabled)
     fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True)

@@ -19,7 +19,8 @@ facts that can be given as fixtures in tests, and nowhere else:
 * **bfloat16 passes** (Transformers, when ``isolate`` fits). On a CPU with native bfloat16
   arithmetic (``avx512_bf16`` or ``amx_bf16``) torch's bfloat16 matrix products run 2.5x faster
   than float32, and the refusal gradients come out at cosine 0.999 per prompt against
-  float32's; elsewhere bfloat16 gains nothing, so float32 stays.
+  float32's; elsewhere bfloat16 gains nothing, so float32 stays. Where it is on, the recipe also
+  loads the model in bfloat16 (half the memory; ``rs_local.recipes.isolate.fit_dtype``).
   ``RS_LOCAL_BF16=0|1|auto`` and ``isolate/demo --bf16/--no-bf16`` override it.
 * **Memory for a fit.** A fit dequantizes the GGUF into Transformers at 4 bytes a weight, so a
   7B model a laptop chats with comfortably (4-5 GB quantized) needs 30 GB or more to fit. Past

@@ -70,7 +70,9 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
     ``bf16`` runs the passes under torch's bfloat16 autocast (matrix products in bfloat16, norms
     and the log-softmax in float32): 2.5x faster where the CPU has native bfloat16 (see
     :func:`rs_local.runtime.host.decide_bf16`, which the recipe asks), each gradient at cosine
-    ~0.999 to float32's.
+    ~0.999 to float32's. A model loaded in bfloat16 always runs under it; the added vectors stay
+    float32 either way, so from the first steered block on the residual stream is float32 as in
+    the float32 model's autocast passes.
     """
     import torch
 
@@ -85,6 +87,7 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
         seqs.append((list(prompt_ids), list(tok(item.answer, add_special_tokens=False)["input_ids"][:answer_tokens])))
     todo = [i for i, (_p, a) in enumerate(seqs) if a]
     fixed = _steer_tensors(fm, steer)
+    bf16 = bf16 or next(fm.model.parameters()).dtype == torch.bfloat16
     done = 0
     for group in _batches([len(seqs[i][0]) + len(seqs[i][1]) for i in todo], max(1, batch_size)):
         idx = [todo[g] for g in group]
@@ -103,9 +106,8 @@ def _steer_tensors(fm, steer: Any) -> dict:
         return {}
     import torch
 
-    dtype = next(fm.model.parameters()).dtype
     vec, scale = steer
-    return {l: torch.tensor(d * scale, dtype=dtype) for l, d in vec.directions.items() if l < fm.n_layer}
+    return {l: torch.tensor(d * scale, dtype=torch.float32) for l, d in vec.directions.items() if l < fm.n_layer}
 
 
 @dataclass
@@ -151,9 +153,8 @@ def _batch_gradients(fm, seqs: list[tuple[list[int], list[int]]], layers: Sequen
     """Per layer ``[b, d]``: each row's gradient of its answer's log-prob w.r.t. its own added vector."""
     import torch
 
-    dtype = next(fm.model.parameters()).dtype
     batch = answer_batch(fm, seqs)
-    deltas = {l: torch.zeros((len(seqs), fm.n_embd), dtype=dtype, requires_grad=True) for l in layers}
+    deltas = {l: torch.zeros((len(seqs), fm.n_embd), dtype=torch.float32, requires_grad=True) for l in layers}
     handles = [fm.blocks[l].register_forward_hook(_adder(deltas[l][:, None, :])) for l in layers]
     handles += [fm.blocks[l].register_forward_hook(_adder(v)) for l, v in fixed.items()]
     try:

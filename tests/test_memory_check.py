@@ -91,6 +91,8 @@ def test_too_little_memory_is_a_one_line_error_naming_the_file(smollm2_path):
     assert "\n" not in msg and msg.startswith(f"{smollm2_path}: ")
     assert "135 million weights as float32" in msg and "(try --dtype bfloat16)" in msg
     assert "RS_LOCAL_MEMORY_CHECK=0" in msg
+    with pytest.raises(ModelError, match=r"\(bfloat16 takes half: RS_LOCAL_BF16=1\)"):
+        check_fit_memory(str(smollm2_path), available=need - 1, env={})  # the recipes' own way out
     check_fit_memory(str(smollm2_path), available=need, env={})  # exactly enough: no error
     check_fit_memory(str(smollm2_path), "bfloat16", available=need - 1, env={})  # half the bytes fit
 

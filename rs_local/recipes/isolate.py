@@ -184,12 +184,11 @@ def fit_political(
     recipe = recipe or Recipe()
     recipe.check()
     say = say or (lambda _m: None)
-    if recipe.method == "md":
-        from rs_local.recipes.memory_check import check_fit_memory
+    from rs_local.recipes.memory_check import check_fit_memory
 
+    if recipe.method == "md":
         check_fit_memory(model, say=say)
         return _fit_md(model, political, harmful, harmless, recipe, say, cache, names)
-    from rs_local.recipes.memory_check import check_fit_memory
     from rs_local.runtime.host import decide_bf16
 
     bf16 = decide_bf16(recipe.bf16)  # decided before any work: a bad RS_LOCAL_BF16 stops here, not after the labelling

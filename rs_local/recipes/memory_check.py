@@ -30,6 +30,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 FIRST_LOAD_PEAK = 1.35
 #: What Python, torch and Transformers hold before the model (measured: 0.25 GB).
 BASE_BYTES = 300 << 20
+#: The way out of a float32 recipe fit that does not fit: its passes and weights in bfloat16
+#: (``isolate``/``demo --bf16`` say the same; ``rs_local.recipes.isolate.fit_dtype``).
+RECIPE_HINT = "(bfloat16 takes half: RS_LOCAL_BF16=1)"
 
 
 def fit_memory_need(n_weights: int, dtype: str = "float32") -> tuple[int, int]:
@@ -38,19 +41,14 @@ def fit_memory_need(n_weights: int, dtype: str = "float32") -> tuple[int, int]:
     return weights + BASE_BYTES, int(weights * FIRST_LOAD_PEAK) + BASE_BYTES
 
 
-#: The way out of a float32 recipe fit that does not fit: its passes and weights in bfloat16
-#: (``isolate``/``demo --bf16`` say the same; ``rs_local.recipes.isolate.fit_dtype``).
-RECIPE_HINT = "(bfloat16 takes half: RS_LOCAL_BF16=1)"
-
-
 def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None, *, hint: str | None = None,
                      available: int | None = None, env: dict[str, str] | None = None) -> None:
     """Raise a one-line :class:`ModelError` when ``model``'s weights cannot fit in memory as ``dtype``;
     ``say`` a warning when only the first load's peak would not. ``hint``: the calling command's own
     way out, added to the error (``fit --dtype bfloat16``); by default, for float32,
-    :data:`RECIPE_HINT`. ``available`` (bytes) and ``env``
-    default to this machine's (tests give fixtures). A model already loaded in this process, or one
-    given as a loaded FitModel, is not checked."""
+    :data:`RECIPE_HINT`. ``available`` (bytes) and ``env`` default to this machine's (tests give
+    fixtures). A model already loaded in this process, or one given as a loaded FitModel, is not
+    checked."""
     from rs_local.runtime.host import available_memory, memory_check_enabled
 
     if hasattr(model, "blocks") or not memory_check_enabled(env):

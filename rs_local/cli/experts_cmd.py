@@ -62,9 +62,9 @@ def experts(**kw: Any) -> None:
     refused, answered = load_prompts(kw["refused"], kw["field"]), load_prompts(kw["answered"], kw["field"])
     position = kw["position"].replace("-", "_")
     require_moe_file(models.resolve(kw["model"]))
-    from rs_local.recipes.memory_check import check_fit_memory
+    from rs_local.recipes.memory_check import DTYPE_OPTION_HINT, check_fit_memory
 
-    check_fit_memory(kw["model"], kw["dtype"], say, hint="(bfloat16 takes half: --dtype bfloat16)" if kw["dtype"] == "float32" else "")
+    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT if kw["dtype"] == "float32" else "")
     fm = load_model(kw["model"], dtype=kw["dtype"])
     routing = [capture_routing(fm, prompts, position=position, system=kw["system"]) for prompts in (refused, answered)]
     meta = {"model": str(fm.path), "arch": fm.model_hint, "n_layer": fm.n_layer, "top_k": top_k(fm), "position": position,

@@ -189,9 +189,9 @@ def fit(**kw: Any) -> None:
     if not kw["quiet"]:
         err.print(f"fitting {kw['method']} on {len(sets['pos'])} positive / {len(sets['neg'])} negative prompts")
     provenance = {"sources": sets["sources"]}
-    from rs_local.recipes.memory_check import check_fit_memory
+    from rs_local.recipes.memory_check import DTYPE_OPTION_HINT, check_fit_memory
 
-    check_fit_memory(kw["model"], kw["dtype"], say, hint="(bfloat16 takes half: --dtype bfloat16)" if kw["dtype"] == "float32" else "")
+    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT if kw["dtype"] == "float32" else "")
     with err.status("loading model", spinner="dots") if not kw["quiet"] else nullcontext():
         from rs_local.vectors.hf_model import load_model
 

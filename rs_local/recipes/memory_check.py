@@ -33,6 +33,8 @@ BASE_BYTES = 300 << 20
 #: The way out of a float32 recipe fit that does not fit: its passes and weights in bfloat16
 #: (``isolate``/``demo --bf16`` say the same; ``rs_local.recipes.isolate.fit_dtype``).
 RECIPE_HINT = "(bfloat16 takes half: RS_LOCAL_BF16=1)"
+#: The same for the commands with a ``--dtype`` option (``fit``, ``experts``).
+DTYPE_OPTION_HINT = "(bfloat16 takes half: --dtype bfloat16)"
 
 
 def fit_memory_need(n_weights: int, dtype: str = "float32") -> tuple[int, int]:

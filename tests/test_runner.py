@@ -159,3 +159,18 @@ def test_llama_cpp_warnings_stay_off_the_terminal(runner, capfd):
         pass
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_sampling_limits_fall_back_to_the_top_token():
+    """Temperatures near the smallest float and top_p 0 pick the most likely token, never NaN
+    probabilities (the server answered such a request with a 500)."""
+    from rs_local.runtime.sampling import Sampler, SamplingParams
+
+    logits = np.array([1.0, 3.0, 2.5, -np.inf, 0.0], dtype=np.float32)
+    for params in (SamplingParams(temperature=5e-324, seed=0), SamplingParams(temperature=1e-310, seed=1),
+                   SamplingParams(temperature=2.0, top_p=0.0, seed=2)):
+        sampler = Sampler(params)
+        picks = {sampler.pick(logits)[0] for _ in range(20)}
+        assert picks == {1}, params
+    spread = {Sampler(SamplingParams(temperature=2.0, seed=s)).pick(logits)[0] for s in range(40)}
+    assert len(spread) > 1  # an ordinary temperature still samples

@@ -251,7 +251,16 @@ def test_seeded_sampling_is_reproducible(client):
     assert _chat(client, **kw)[0] == _chat(client, **kw)[0]
 
 
-def test_catalog_and_models(server):
+def test_limits_of_sampling_answer_as_greedy(client):
+    """A temperature near the smallest float (every token but the top one overflows to -inf; it was a
+    500) and top_p 0 (OpenAI's range starts at 0: the most likely token alone) both give the greedy answer."""
+    greedy = _chat(client, max_tokens=8)[0]
+    for kw in ({"temperature": 5e-324, "seed": 1}, {"temperature": 1e-310, "seed": 2},
+               {"temperature": 1.5, "top_p": 0, "seed": 3}):
+        assert _chat(client, max_tokens=8, **kw)[0] == greedy, kw
+
+
+def test_catalog_and_models(server, policy_file):
     catalog = Http.send("GET", server.url + "/steering/vectors").json()
     names = {v["name"]: v for v in catalog["data"]}
     assert set(names) == {"tilt", "lean"} and catalog["n_embd"] == 576
@@ -265,6 +274,8 @@ def test_catalog_and_models(server):
     policies = Http.send("GET", server.url + "/steering/policies").json()["data"]
     assert [p["name"] for p in policies] == ["gate"] and policies[0]["file"] == "gate.gguf"
     assert policies[0]["probe_block"] == 10 and policies[0]["n_embd"] == 576
+    assert policies[0]["training"]["files"]["math"] == "math.jsonl"  # the training sets by name, no directory
+    assert str(policy_file.parent) not in json.dumps(policies)
     assert [(c["name"], c["action"]) for c in policies[0]["categories"]] == [
         ("cooking", "remove"), ("math", "refuse"), ("code", "keep")]
 
@@ -372,7 +383,7 @@ BAD = [
     ("messages-type", {"messages": "hi"}, 400, "messages"),
     ("role", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ("temperature-type", {"messages": ASK, "temperature": "hot"}, 400, "temperature"),
-    ("top-p-range", {"messages": ASK, "top_p": 0}, 400, "top_p"),
+    ("top-p-range", {"messages": ASK, "top_p": 1.5}, 400, "top_p"),
     ("max-tokens-bool", {"messages": ASK, "max_tokens": True}, 400, "max_tokens"),
     ("n", {"messages": ASK, "n": 3}, 400, "n"),
     ("stop-type", {"messages": ASK, "stop": [1]}, 400, "stop"),

@@ -103,7 +103,7 @@ def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | No
 @click.option("--samples", "-k", type=integer(1, 100_000), default=5, show_default=True, help="Answers per prompt.")
 @click.option("--max-tokens", "-n", type=integer(1), default=256, show_default=True)
 @click.option("--temperature", "--temp", type=number(0, 100), default=0.8, show_default=True)
-@click.option("--top-p", type=number(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-p", type=number(0, 1), default=0.95, show_default=True)
 @click.option("--top-k", type=integer(0), default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Base seed; each answer's seed derives from it, the prompt and the sample index.")
 @click.option("--system", default=None, callback=utf8_text, help="System prompt.")

@@ -244,7 +244,7 @@ def sampling_options(f: Callable) -> Callable:
     for opt in reversed([
         click.option("--max-tokens", "-n", type=integer(1), default=256, show_default=True),
         click.option("--temperature", "--temp", type=number(0, 100), default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-p", type=number(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--top-p", type=number(0, 1), default=1.0, show_default=True),
         click.option("--seed", type=SEED, default=None, help="Sampling seed (reproducible output with --temperature > 0)."),
         click.option("--system", default=None, callback=utf8_text, help="System prompt."),
     ]):

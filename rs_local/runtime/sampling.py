@@ -39,8 +39,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
 
@@ -70,7 +70,13 @@ class Sampler:
         return token, float(logp[token])
 
     def _sample(self, logp: np.ndarray) -> int:
-        scaled = logp / self.params.temperature
+        """Temperature, then top-k, then top-p (0 keeps the most likely token alone, as in OpenAI's API).
+
+        The log-probs are shifted so the most likely token sits at 0 before dividing: a temperature
+        near the smallest float sends every other token to -inf instead of all of them (-inf minus
+        -inf was NaN, and a 500 from the server).
+        """
+        scaled = (logp - logp.max()) / self.params.temperature
         order = np.argsort(-scaled)
         if self.params.top_k:
             order = order[: self.params.top_k]

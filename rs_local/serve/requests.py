@@ -63,16 +63,15 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- fields
 
 
-def _number(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float, *,
-            lo_open: bool = False) -> float:
+def _number(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request(f"{name} must be a number", name, "invalid_type")
     value = float(value)
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        raise bad_request(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]", name)
+    if not math.isfinite(value) or value > hi or value < lo:
+        raise bad_request(f"{name} must be in [{lo:g}, {hi:g}]", name)
     return value
 
 
@@ -133,7 +132,7 @@ def _common(body: Mapping[str, Any], prompt: Prompt, default_max: int | None) ->
         raise bad_request("stream_options must be an object", "stream_options", "invalid_type")
     sampling = SamplingParams(
         temperature=_number(body, "temperature", 0.0, 100.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
         top_k=_integer(body, "top_k", 0, 1_000_000) or 0,
         seed=seed,
         logprobs=False,  # responses carry no log-probs

@@ -127,8 +127,14 @@ class NamedPolicy:
     file: str
 
     def catalog_entry(self) -> dict[str, Any]:
-        """``GET /v1/steering/policies`` row: what ``rs-local inspect`` shows of the file."""
-        return {"name": self.name, "file": self.file, **_json_safe(self.policy.summary())}
+        """``GET /v1/steering/policies`` row: what ``rs-local inspect`` shows of the file, with the
+        training sets' paths cut to their file names (like the vector catalog, it never shows the
+        directories of the machine that fitted or serves it)."""
+        summary = self.policy.summary()
+        training = dict(summary.get("training") or {})
+        if isinstance(training.get("files"), dict):
+            training["files"] = {k: Path(str(v)).name for k, v in training["files"].items()}
+        return {"name": self.name, "file": self.file, **_json_safe({**summary, "training": training})}
 
 
 def _json_safe(value: Any) -> Any:

@@ -109,6 +109,42 @@ def test_chat_ends_on_eof(smollm2_path):
     assert res.exit_code == 0
 
 
+def test_chat_survives_bad_turns(smollm2_path, vec):
+    """A line that is not UTF-8, a /vector the session's --layers misses and a message too long for the
+    context are each an error line; the session goes on, and the failed turn is not kept."""
+    import subprocess
+    import sys
+
+    script = b"hi\xff\xfe there\n/vector " + str(vec).encode() + b"\n" + b"word " * 300 + b"\nName a fruit.\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "chat", "--model", str(smollm2_path), "-n", "6",
+                           "--ctx", "256", "--layers", "25-29"], input=script, capture_output=True, timeout=120)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0 and "Traceback" not in out + proc.stderr.decode("utf-8", "replace"), out
+    assert "the line is not valid UTF-8 text" in out
+    assert "--layers 25-29 selects none" in out and "steering with" not in out
+    assert "the context holds 256" in out
+    answers = [line for line in out.splitlines() if line.startswith("> ") and "error" not in line and line[2:].strip()]
+    assert answers, out  # the last question was answered: the too-long turn did not fill the history
+
+
+def test_chat_with_stdin_closed_leaves_cleanly(smollm2_path):
+    """``rs-local chat <&-``: Python's input() raises RuntimeError there, not EOFError."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "chat", "--model", str(smollm2_path), "--ctx", "256"],
+                          capture_output=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-500:]
+
+
+def test_inspect_scale_is_a_plain_number(vec):
+    for bad in ("nan", "inf", "1_0"):
+        res = run("inspect", str(vec), "--llama-cpp", "--scale", bad)
+        assert res.exit_code == 2 and "--scale" in res.output, (bad, res.output)
+    assert run("inspect", str(vec), "--llama-cpp", "--scale", "-1.5").exit_code == 0
+
+
 def test_models_commands(smollm2_path):
     res = run("models", "list", "--json")
     rows = {r["name"]: r for r in json.loads(res.output)}

@@ -450,6 +450,10 @@ def test_cli_chat_with_policy(smollm2_path, fitted, tmp_path):
     assert "policy: cooking" in out
     res = CliRunner().invoke(cli, ["chat", "--model", str(smollm2_path), "--policy", str(path), "--vector", "v.gguf"])
     assert res.exit_code == 1 and "cannot be combined" in res.output
+    for cmd in (["chat"], ["generate", "hi"]):  # the policy holds scales and blocks: taken silently, these did nothing
+        for extra, name in ((["--layers", "5-6"], "--layers"), (["--scale", "0"], "--scale")):
+            res = CliRunner().invoke(cli, [*cmd, "--model", str(smollm2_path), "--policy", str(path), *extra])
+            assert res.exit_code == 1 and res.output.strip().endswith(f"cannot be combined with {name}"), res.output
 
 
 def test_cli_eval_with_policy(smollm2_path, fitted, tmp_path):

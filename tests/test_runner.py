@@ -174,3 +174,20 @@ def test_sampling_limits_fall_back_to_the_top_token():
         assert picks == {1}, params
     spread = {Sampler(SamplingParams(temperature=2.0, seed=s)).pick(logits)[0] for s in range(40)}
     assert len(spread) > 1  # an ordinary temperature still samples
+
+
+def test_a_context_that_is_not_a_multiple_of_256_holds_what_was_asked(smollm2_path):
+    """llama.cpp rounds --ctx 128 up to 256, llama-cpp-python's token buffer stays at 128: a prompt and
+    answer past 128 tokens overflowed it with a numpy traceback. The smaller size is the limit."""
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.runner import Runner
+
+    small = Runner(smollm2_path, n_ctx=128)
+    try:
+        assert small.n_ctx == 128
+        with pytest.raises(RsLocalError, match="the context holds 128"):
+            small.generate("word " * 130, max_tokens=4)
+        out = small.generate("word " * 90, max_tokens=64)  # the answer stops where the context ends
+        assert out.prompt_tokens + len(out.tokens) < 128 and out.finish_reason == "length"
+    finally:
+        small.llama.close()

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from rs_local.cli.options import scale_number
 from rs_local.cli.terminal import terminal_safe
 from rs_local.converters import describe, load_vector, save_vector
 from rs_local.converters.formats import json_safe
@@ -65,7 +66,7 @@ def _print_summary(path: Path, info: dict) -> None:
               help="Print standard JSON instead of tables (NaN/Infinity values as the strings \"NaN\", \"Infinity\", \"-Infinity\").")
 @click.option("--llama-cpp", "llama_cpp", is_flag=True,
               help="Print ready-to-paste llama-completion / llama-server command lines for this vector instead.")
-@click.option("--scale", type=float, default=-1.0, show_default=True, help="Scale for --llama-cpp.")
+@click.option("--scale", type=scale_number(), default=-1.0, show_default=True, help="Scale for --llama-cpp.")
 @click.option("--model", "-m", default=None, metavar="NAME|PATH",
               help="Model for --llama-cpp: built-in name (not downloaded) or GGUF path [default: the default model].")
 def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -1.0, model: str | None = None) -> None:

@@ -29,12 +29,17 @@ def policy_option(f):
                         help="A policy (`rs-local policy fit`): its probes pick, per prompt, which vector applies.")(f)
 
 
-def _load_policy(path, vectors):
-    """Read the policy before any model loads (a bad file fails at once); --vector cannot join it."""
+def _load_policy(path, vectors, scale: float = 1.0, layers: str | None = None):
+    """Read the policy before any model loads (a bad file fails at once); --vector, --scale and
+    --layers cannot join it (the policy holds each category's scale and blocks; taken silently, they
+    would do nothing)."""
     if path is None:
         return None
     if vectors:
         raise RsLocalError("--policy chooses the vector per prompt; it cannot be combined with --vector")
+    if scale != 1.0 or layers is not None:
+        raise RsLocalError("--policy holds each category's scale and blocks; it cannot be combined with "
+                           + ("--scale" if scale != 1.0 else "--layers"))
     from rs_local.runtime.policy_file import read_policy
 
     return read_policy(path)
@@ -58,7 +63,7 @@ def _gate(runner, policy, path):
 def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json: bool, n_ctx, n_gpu_layers, n_threads,
              policy_path=None, **kw) -> None:
     """Answer PROMPT once, with the given vectors applied (or the vector a --policy picks for it)."""
-    policy = _load_policy(policy_path, vectors)
+    policy = _load_policy(policy_path, vectors, scale, layers)
     parts, layer_range = load_vectors(vectors, scale, layers)
     note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
@@ -94,7 +99,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
     """Talk to the model with vectors applied; change the vector or scale as you go."""
     from rs_local.runtime.session import ChatSession
 
-    policy = _load_policy(policy_path, vectors)
+    policy = _load_policy(policy_path, vectors, scale, layers)
     parts, layer_range = load_vectors(vectors, 1.0, layers)
     note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
@@ -108,10 +113,15 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
     while True:
         try:
             line = console.input("[bold green]> [/]")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt, RuntimeError):  # RuntimeError: stdin was closed before the chat began
             console.print()
             return
         if not line.strip():
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable input bytes arrive as lone surrogates
+            console.print(styled(("error:", "red"), " the line is not valid UTF-8 text"))
             continue
         if line.startswith("/"):
             if _command(session, line.strip(), console, gate) == "quit":
@@ -121,14 +131,18 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
 
 
 def _reply(session, line: str, console: Console, gate=None) -> None:
-    if gate is not None and gate.enabled:  # each turn is classified on its own (policy.probe_view)
-        decision = gate.prepare(session.messages(line))
-        console.print(plain(f"[policy: {decision.describe()}]", "dim"))
+    """One turn; an error (a message too long for the context) is printed and the session goes on."""
     try:
+        if gate is not None and gate.enabled:  # each turn is classified on its own (policy.probe_view)
+            decision = gate.prepare(session.messages(line))
+            console.print(plain(f"[policy: {decision.describe()}]", "dim"))
         for event in session.reply(line):
             console.out(event.text, end="", highlight=False)
     except KeyboardInterrupt:
         console.print(" [dim]\\[stopped][/]", end="")
+    except RsLocalError as exc:
+        console.print(styled(("error:", "red"), f" {exc} (/reset starts over)"))
+        return
     console.print()
 
 
@@ -153,7 +167,7 @@ def _command(session, line: str, console: Console, gate=None) -> str | None:
         elif name == "/scale":
             session.set_scale(parse_scale(arg))
         elif name == "/vector":
-            session.set_vectors([] if arg in ("", "off", "none") else load_vectors((arg,), 1.0, None)[0])
+            session.set_vectors([] if arg in ("", "off", "none") else _repl_vectors(arg, session.layer_range))
         elif name == "/system":
             session.system = arg or None
             session.reset()
@@ -167,6 +181,16 @@ def _command(session, line: str, console: Console, gate=None) -> str | None:
     except (RsLocalError, ValueError, OSError) as exc:
         console.print(styled(("error:", "red"), f" {exc}"))  # exc quotes the user's paths and input
     return None
+
+
+def _repl_vectors(spec: str, layer_range: tuple[int, int] | None) -> list:
+    """``/vector PATH[:S]``, held to the session's --layers as the command line is (a range that
+    misses the vector is an error, not steering that does nothing)."""
+    from rs_local.runtime.vector_specs import check_layer_range
+
+    parts = load_vectors((spec,), 1.0, None)[0]
+    check_layer_range(parts, layer_range)
+    return parts
 
 
 def _steer_state(session) -> str:

@@ -107,7 +107,9 @@ class Runner:
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.llama.model))
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llama.model))
         self.n_vocab = int(self.llama.n_vocab())
-        self.n_ctx = int(self.llama.n_ctx())
+        # llama.cpp rounds the context up (to 256), but llama-cpp-python's token buffer keeps the size
+        # asked for: the smaller one is what a prompt and its answer may fill (--ctx 128 overflowed it)
+        self.n_ctx = min(int(self.llama.n_ctx()), len(self.llama.input_ids))
         self.model_hint = str(self.llama.metadata.get("general.architecture", ""))
         self.n_expert = expert_count(self.llama.metadata)  # 0: dense
         self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)

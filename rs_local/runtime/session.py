@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Generation, Runner, TokenEvent
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
@@ -59,11 +60,18 @@ class ChatSession:
         return msgs + self.history + [{"role": "user", "content": user_text}]
 
     def reply(self, user_text: str, result: Generation | None = None) -> Iterator[TokenEvent]:
-        """Stream the answer; the exchange joins the history even if the stream is cut short."""
+        """Stream the answer; the exchange joins the history even if the stream is cut short, but not
+        when it fails with an error (a message too long for the context): kept, it would make every
+        later turn fail the same way."""
         out = result if result is not None else Generation()
+        failed = False
         try:
             yield from self.runner.stream(
                 self.messages(user_text), max_tokens=self.max_tokens, sampling=self.sampling, result=out
             )
+        except RsLocalError:
+            failed = True
+            raise
         finally:
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": out.text}]
+            if not failed:
+                self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": out.text}]

@@ -79,6 +79,16 @@ def test_cli_eval_rejects_a_bad_set(smollm2_path, tmp_path):
     assert res.exit_code == 1 and "missing.jsonl" in res.output
 
 
+def test_cli_eval_rejects_a_kl_set_that_is_not_a_set(smollm2_path, tmp_path):
+    """A typed --kl-set must name a set (a typo dropped the KL column without a word); the default,
+    harmless, may be absent from the sets and then only drops the column."""
+    vec = write_control_vector(random_vector(), tmp_path / "v.gguf")
+    res = CliRunner().invoke(cli, ["eval", "--model", str(smollm2_path), "--vector", str(vec), "--kl-set", "harmles",
+                                   "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "'harmles' is not one of the sets (political, harmful, harmless)" in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_kl_is_zero_unsteered_and_grows_with_scale(runner, sets):
     ev = Evaluator(runner, sets, vector=random_vector(), settings=EvalSettings(kl_tokens=6, max_tokens=8, batch=2))
     try:

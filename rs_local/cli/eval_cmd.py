@@ -62,6 +62,15 @@ def eval_options(f: Callable) -> Callable:
     return f
 
 
+def _check_kl_set(name: str, names: list[str]) -> None:
+    """A --kl-set the user typed must name one of the sets; the default, absent, only drops the KL column
+    (a typo used to drop it silently too)."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx is not None and ctx.get_parameter_source("kl_set") == click.core.ParameterSource.COMMANDLINE
+    if given and name not in names:
+        raise click.BadParameter(f"'{name}' is not one of the sets ({', '.join(names)})", param_hint="'--kl-set'")
+
+
 def _setup(kw: dict[str, Any]):
     """Everything `eval` and `sweep` share: sets, vector, settings, cache (checked before loading models)."""
     from rs_local.eval.baseline_cache import EvalCache
@@ -77,6 +86,7 @@ def _setup(kw: dict[str, Any]):
         raise click.UsageError("Missing option '--vector'" + (" (or --policy)" if "policy" in kw else ""))
     check_output(Path(kw["output"]), kw["force"], directory=True)  # before any model loads; parents are not created
     sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"])
+    _check_kl_set(kw["kl_set"], [s.name for s in sets])
     settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
                             system=kw["system"], batch=kw["batch"], exact=kw["exact"])
     cache = EvalCache(None if kw["no_cache"] else "default")

@@ -76,7 +76,8 @@ class Sampler:
         near the smallest float sends every other token to -inf instead of all of them (-inf minus
         -inf was NaN, and a 500 from the server).
         """
-        scaled = (logp - logp.max()) / self.params.temperature
+        with np.errstate(over="ignore"):  # the overflow to -inf is the point, not a fault to print
+            scaled = (logp - logp.max()) / self.params.temperature
         order = np.argsort(-scaled)
         if self.params.top_k:
             order = order[: self.params.top_k]

@@ -162,3 +162,9 @@ def test_policy_fit_stops_before_reading_the_probes(qwen_path, tmp_path, monkeyp
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines()[-1].startswith(f"Error: {qwen_path}: fitting loads its 630 million")
     assert "reading blocks" not in res.output and not out.exists()
+    # a refuse category too: the error names the model, not the refusal source's prompt file
+    res = CliRunner().invoke(cli, ["policy", "fit", "-m", str(qwen_path), "--category", "gambling:refuse",
+                                   "--category", "harmful:keep", "--category", "harmless:keep", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1].startswith(f"Error: {qwen_path}: fitting loads its 630 million")
+    assert "stock refusal" not in res.output and not out.exists()

@@ -64,7 +64,7 @@ def experts(**kw: Any) -> None:
     require_moe_file(models.resolve(kw["model"]))
     from rs_local.recipes.memory_check import DTYPE_OPTION_HINT, check_fit_memory
 
-    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT if kw["dtype"] == "float32" else "")
+    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT)
     fm = load_model(kw["model"], dtype=kw["dtype"])
     routing = [capture_routing(fm, prompts, position=position, system=kw["system"]) for prompts in (refused, answered)]
     meta = {"model": str(fm.path), "arch": fm.model_hint, "n_layer": fm.n_layer, "top_k": top_k(fm), "position": position,

@@ -191,7 +191,7 @@ def fit(**kw: Any) -> None:
     provenance = {"sources": sets["sources"]}
     from rs_local.recipes.memory_check import DTYPE_OPTION_HINT, check_fit_memory
 
-    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT if kw["dtype"] == "float32" else "")
+    check_fit_memory(kw["model"], kw["dtype"], say, hint=DTYPE_OPTION_HINT)
     with err.status("loading model", spinner="dots") if not kw["quiet"] else nullcontext():
         from rs_local.vectors.hf_model import load_model
 

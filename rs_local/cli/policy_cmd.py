@@ -134,12 +134,6 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
     if to_fit:
         check_fit_extra()
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
-    if to_fit:
-        from rs_local.recipes.isolate import fit_dtype
-        from rs_local.recipes.memory_check import check_fit_memory
-        from rs_local.runtime.host import decide_bf16
-
-        check_fit_memory(str(runner.path), fit_dtype(decide_bf16()), say=say)  # before the probes' reading
     for spec in specs:  # a given vector must fit the model before anything is read
         if spec.vector is not None:
             runner.check_vector(spec.vector, spec.vector.source or spec.name)

@@ -43,12 +43,12 @@ def fit_memory_need(n_weights: int, dtype: str = "float32") -> tuple[int, int]:
     return weights + BASE_BYTES, int(weights * FIRST_LOAD_PEAK) + BASE_BYTES
 
 
-def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None, *, hint: str | None = None,
+def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None, *, hint: str = RECIPE_HINT,
                      available: int | None = None, env: dict[str, str] | None = None) -> None:
     """Raise a one-line :class:`ModelError` when ``model``'s weights cannot fit in memory as ``dtype``;
-    ``say`` a warning when only the first load's peak would not. ``hint``: the calling command's own
-    way out, added to the error (``fit --dtype bfloat16``); by default, for float32,
-    :data:`RECIPE_HINT`. ``available`` (bytes) and ``env`` default to this machine's (tests give
+    ``say`` a warning when only the first load's peak would not. ``hint``: the calling command's way
+    to bfloat16 (``fit --dtype bfloat16``; the recipes' :data:`RECIPE_HINT` by default), added to the
+    error of a float32 fit. ``available`` (bytes) and ``env`` default to this machine's (tests give
     fixtures). A model already loaded in this process, or one given as a loaded FitModel, is not
     checked."""
     from rs_local.runtime.host import available_memory, memory_check_enabled
@@ -66,7 +66,7 @@ def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None,
     if n_weights is None or available is None:
         return
     need, peak = fit_memory_need(n_weights, dtype)
-    hint = (RECIPE_HINT if dtype == "float32" else "") if hint is None else hint
+    hint = hint if dtype == "float32" else ""
     count = f"{n_weights / 1e9:.1f} billion" if n_weights >= 1e9 else f"{n_weights / 1e6:.0f} million"
     what = f"{count} weights as {dtype}"
     if need > available:

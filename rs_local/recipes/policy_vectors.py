@@ -71,11 +71,16 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
     """
     from rs_local.errors import RsLocalError
     from rs_local.recipes.induce import fit_induced
-    from rs_local.recipes.isolate import Recipe
+    from rs_local.recipes.isolate import Recipe, fit_dtype
+    from rs_local.recipes.memory_check import check_fit_memory
+    from rs_local.runtime.host import decide_bf16
     from rs_local.runtime.vector_specs import band_label
 
     say = say or (lambda _m: None)
     band = band_label(layers)
+    if any(s.action != "keep" and s.vector is None for s in specs):
+        # once, before any labelling, and not inside the refuse path's error wrap (which names the source file)
+        check_fit_memory(model, fit_dtype(decide_bf16(bf16)), say=say)
     refusal = None  # the source's stock refusal, labelled for the first refuse category and shared
     for spec in specs:
         if spec.action == "keep" or spec.vector is not None:

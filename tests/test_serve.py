@@ -369,6 +369,41 @@ def test_disconnect_stops_generation_and_serving_goes_on(server, client, stream)
     assert time.time() - t0 < 20
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_stopping_server_ends_answers_with_an_error_not_a_dropped_connection(stream):
+    """SIGTERM mid-answer (grace 0): a stream ends with a server_shutdown error event and [DONE],
+    a waiting request gets a 503 error object, and the process exits."""
+    srv = Server(["--shutdown-grace", "0"])
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                "max_tokens": 400, "temperature": 0, "stream": stream}
+        conn, r = _stream(srv, "/chat/completions", body) if stream else (None, None)
+        if stream:
+            assert r.status == 200
+            events = []
+            for line in r:
+                if line.startswith(b"data: "):
+                    events.append(line[6:].strip())
+                    if len(events) == 3:
+                        srv.proc.send_signal(signal.SIGTERM)
+            assert events[-1] == b"[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "server_shutdown"
+            assert len(events) < 300  # cut short, not run to max_tokens
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            time.sleep(1.0)
+            srv.proc.send_signal(signal.SIGTERM)
+            r = conn.getresponse()
+            assert r.status == 503
+            assert json.loads(r.read())["error"]["code"] == "server_shutdown"
+        conn.close()
+        srv.proc.wait(timeout=30)
+    finally:
+        srv.kill()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

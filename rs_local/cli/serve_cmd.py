@@ -70,9 +70,12 @@ def _web_stack() -> None:
 @click.option("--head-cache-mib", type=click.IntRange(0, 1 << 16), default=64, show_default=True,
               help="Memory for the chat template's head KV kept per steering (answers identical either way; "
                    "0 turns it off and re-evaluates the whole prompt each request).")
+@click.option("--shutdown-grace", type=click.FloatRange(0, 600), default=3.0, show_default=True, metavar="SECONDS",
+              help="On SIGINT/SIGTERM, how long answers under way may go on before they end with a "
+                   "'server_shutdown' error (a stream still ends with [DONE]).")
 @runtime_options
 def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, host: str, port: int,
-          api_key: str | None, prefix_cache: bool, head_cache_mib: int, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
+          api_key: str | None, prefix_cache: bool, head_cache_mib: int, shutdown_grace: float, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
     """OpenAI-compatible server; each request picks its steering (body field or model name)."""
     _web_stack()
     from rs_local.serve.app import build_service, serve as run_server
@@ -84,6 +87,7 @@ def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, ho
     service = build_service(runner, model_id, vector_specs=vector_specs, vectors_dir=vectors_dir,
                             default_specs=default_specs, prefix_cache=prefix_cache, policy_specs=policy_specs,
                             head_cache_bytes=head_cache_mib << 20)
+    service.grace = shutdown_grace
     names = ", ".join(service.library.vectors) or "none"
     policies = ", ".join(service.library.policies) or "none"
     say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; policies: {policies}; default steering: "

@@ -6,6 +6,11 @@ context comes back as a 400 before any byte of a stream is sent. A streaming res
 with ``data: [DONE]``; when its client disconnects, sse-starlette cancels the generator and its
 ``finally`` marks the job cancelled, so the worker stops at the next token and takes the next
 request. No route touches the Runner: only the worker thread does.
+
+A stopping server (SIGINT/SIGTERM) lets answers under way go on for ``Service.grace`` seconds,
+then ends each one as it would end a failed one: a stream with an error event (503,
+``server_shutdown``) and ``[DONE]``, a waiting request with a 503. Clients can thus tell an answer
+cut short from a finished one instead of seeing the connection drop.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import Depends, FastAPI, Request
@@ -38,6 +44,8 @@ log = logging.getLogger("rs_local.serve")
 MAX_BODY = 1 << 20
 #: How often a request that is queued or not streaming checks whether its client is still there.
 POLL_S = 0.5
+#: Seconds a stopping server lets answers under way go on before it ends them with an error.
+SHUTDOWN_GRACE_S = 3.0
 
 
 @dataclass
@@ -49,6 +57,8 @@ class Service:
     library: VectorLibrary
     default: Steering
     worker: Worker
+    grace: float = SHUTDOWN_GRACE_S
+    closing: threading.Event = field(default_factory=threading.Event)  # set when the server begins to stop
 
     def aliases(self) -> set[str]:
         return {self.model_id, self.runner.path.name, self.runner.path.stem}
@@ -126,24 +136,67 @@ def submit(service: Service, parsed: ParsedRequest, steering: Steering) -> tuple
     return job, events
 
 
-async def watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel the job when its client goes away while it waits in the queue or runs (non-streaming).
+@dataclass
+class ShuttingDown:
+    """Put on a request's event queue when the server begins to stop."""
+
+
+def cut_short() -> ApiError:
+    return ApiError(503, "the server is shutting down: this answer was cut short", code="server_shutdown")
+
+
+class EventReader:
+    """A request's events from the worker, until a stopping server's grace runs out."""
+
+    def __init__(self, events: asyncio.Queue, grace: float):
+        self.events = events
+        self.grace = grace
+        self.deadline: float | None = None
+
+    async def next(self) -> Event | None:
+        """The next event; None once the server is stopping and the grace has passed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.events.empty():
+                event = self.events.get_nowait()
+            elif self.deadline is None:
+                event = await self.events.get()
+            else:
+                try:
+                    event = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    return None
+            if not isinstance(event, ShuttingDown):
+                return event
+            if self.deadline is None:
+                self.deadline = loop.time() + self.grace
+
+
+async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue, closing: threading.Event) -> None:
+    """Cancel the job when its client goes away while it waits in the queue or runs (non-streaming);
+    tell the request when the server begins to stop.
 
     Polled on a clock rather than between events: a running job sends a token every few
     milliseconds, so waiting for a quiet moment would never notice.
     """
+    told = False
     while not job.cancelled.is_set():
         if await request.is_disconnected():
             job.cancelled.set()
             return
+        if closing.is_set() and not told:
+            events.put_nowait(ShuttingDown())
+            told = True
         await asyncio.sleep(POLL_S)
 
 
-async def collect(events: asyncio.Queue, reply: Reply) -> dict:
+async def collect(reader: EventReader, reply: Reply) -> dict:
     """Wait for the whole answer of a non-streaming request."""
     parts: list[str] = []
     while True:
-        event = await events.get()
+        event = await reader.next()
+        if event is None:
+            raise cut_short()
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Finished):
@@ -153,13 +206,24 @@ async def collect(events: asyncio.Queue, reply: Reply) -> dict:
             raise event.error
 
 
-async def sse(events: asyncio.Queue, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[dict]:
-    """Chunks as server-sent events, then ``[DONE]``; leaving early (disconnect) cancels the job."""
+async def announce(stopping: Any, events: asyncio.Queue) -> None:
+    """Put :class:`ShuttingDown` on the queue once sse-starlette sees the server stopping."""
+    await stopping.wait()
+    events.put_nowait(ShuttingDown())
+
+
+async def sse(reader: EventReader, job: Job, reply: Reply, include_usage: bool, stopping: Any) -> AsyncIterator[dict]:
+    """Chunks as server-sent events, then ``[DONE]``; leaving early (disconnect) cancels the job,
+    and a stopping server ends the stream with an error event after its grace."""
+    herald = asyncio.create_task(announce(stopping, reader.events))
     try:
         if reply.chat:
             yield {"data": json.dumps(reply.chunk("", role=True))}
         while True:
-            event = await events.get()
+            event = await reader.next()
+            if event is None:
+                yield {"data": json.dumps(cut_short().body())}
+                break
             if isinstance(event, Delta):
                 yield {"data": json.dumps(reply.chunk(event.text))}
             elif isinstance(event, Finished):
@@ -175,27 +239,35 @@ async def sse(events: asyncio.Queue, job: Job, reply: Reply, include_usage: bool
                 break
         yield {"data": "[DONE]"}
     finally:
+        herald.cancel()
         job.cancelled.set()
 
 
 async def answer(request: Request, service: Service, body: dict, parsed: ParsedRequest, chat: bool) -> Response:
     """Resolve steering, queue the job, and answer as JSON or as a stream."""
+    import anyio
     from sse_starlette import EventSourceResponse
 
     steering = service.steering_for(body, parsed)
     job, events = submit(service, parsed, steering)
-    watcher = asyncio.create_task(watch_disconnect(request, job))
+    reader = EventReader(events, service.grace)
+    watcher = asyncio.create_task(watch_disconnect(request, job, events, service.closing))
     try:
-        first = await events.get()
+        first = await reader.next()
+        if first is None:
+            job.cancelled.set()
+            raise cut_short()
         if isinstance(first, Failed):
             raise first.error
         steering = first.steering  # as applied: a policy's gate has chosen by now
         reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
         headers = {"X-RS-Local-Steering": steering.label()}
-        if parsed.stream:  # from here sse-starlette watches the connection
-            return EventSourceResponse(sse(events, job, reply, parsed.include_usage), sep="\n", ping=15,
-                                       headers=headers)
-        return JSONResponse(await collect(events, reply), headers=headers)
+        if parsed.stream:  # from here sse-starlette watches the connection and the server's stop
+            stopping = anyio.Event()
+            return EventSourceResponse(sse(reader, job, reply, parsed.include_usage, stopping), sep="\n", ping=15,
+                                       headers=headers, shutdown_event=stopping,
+                                       shutdown_grace_period=service.grace + 1)
+        return JSONResponse(await collect(reader, reply), headers=headers)
     finally:
         watcher.cancel()
 
@@ -307,14 +379,21 @@ def load_policies(runner: Runner, library: VectorLibrary, specs: tuple[str, ...]
 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_body: int = MAX_BODY, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; the worker stops with it."""
+    """Run the server until SIGINT/SIGTERM; answers under way get ``service.grace`` seconds, then the worker stops."""
     import uvicorn
+
+    closing = service.closing
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # the signal handler: tell waiting requests first
+            closing.set()
+            super().handle_exit(sig, frame)
 
     app = create_app(service, api_key=api_key, max_body=max_body)
     service.worker.start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, access_log=log_level == "debug")
+                            timeout_graceful_shutdown=service.grace + 2, access_log=log_level == "debug")
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         service.worker.stop()

@@ -97,6 +97,33 @@ def test_too_little_memory_is_a_one_line_error_naming_the_file(smollm2_path):
     check_fit_memory(str(smollm2_path), "bfloat16", available=need - 1, env={})  # half the bytes fit
 
 
+def test_a_hugging_face_directory_is_counted_from_its_safetensors_headers(tmp_path):
+    """Two shards written by the safetensors library: the count is every element, the need has no
+    first-load peak (no dequantizing), and a directory without safetensors is not checked."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from rs_local.converters.safetensors_file import safetensors_parameter_count
+
+    save_file({"a": np.zeros((300, 1000), np.float16), "b": np.zeros((7,), np.float32)},
+              str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({"c": np.zeros((200, 1000), np.float16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    assert safetensors_parameter_count(tmp_path) == 500_007
+    need, _peak = fit_memory_need(500_007)
+    with pytest.raises(ModelError, match=r"million weights as float32.*RS_LOCAL_MEMORY_CHECK=0") as err:
+        check_fit_memory(str(tmp_path), available=need - 1, env={})
+    assert str(err.value).startswith(f"{tmp_path}: ")
+    said: list[str] = []
+    check_fit_memory(str(tmp_path), say=said.append, available=need, env={})
+    assert said == []  # the weights fit, and a directory has no larger first-load peak
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "pytorch_model.bin").write_bytes(b"x")
+    assert safetensors_parameter_count(bare) is None
+    check_fit_memory(str(bare), available=1, env={})  # nothing readable to count: the load decides
+
+
 def test_only_the_first_load_peak_over_memory_is_a_warning(smollm2_path, monkeypatch):
     monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")  # no cached load to fall back on
     need, peak = fit_memory_need(gguf_parameter_count(smollm2_path))

@@ -115,6 +115,26 @@ def _st_tensors(path: Path, header: dict[str, Any], data_len: int) -> list[tuple
     return entries
 
 
+def safetensors_parameter_count(directory: str | Path) -> int | None:
+    """Weights in a Hugging Face model directory's ``*.safetensors`` files, from their headers alone;
+    None when it has none (a ``pytorch_model.bin`` model). Why: the fit's memory check
+    (``rs_local.recipes.memory_check``) for a model given as a directory."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as fh:
+            header, _start = _st_header(path, fh, path.stat().st_size)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shape = entry.get("shape") if isinstance(entry, dict) else None
+                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise _unreadable(path, f"shape of {label(name)} is not a list of non-negative integers")
+                total += math.prod(shape)
+    return total
+
+
 def _st_metadata(path: Path, header: dict[str, Any]) -> tuple[str, dict]:
     """model_hint and rs-local metadata from ``__metadata__`` (a str -> str map by the format)."""
     meta = header.pop("__metadata__", None) or {}

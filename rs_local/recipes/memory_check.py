@@ -11,9 +11,10 @@ minutes of labelling, or it swaps until the user gives up.
 
 So before any work: the weights alone over what is available is a one-line error naming the
 file, the need and what is left; the first load's peak over it is a warning (the load may still
-pass, and a second load reads a cache at 1x). Where the need cannot be read (a Hugging Face
-directory, an unreadable header the load itself will report) or the machine's memory is unknown,
-nothing is said. ``RS_LOCAL_MEMORY_CHECK=0`` skips it.
+pass, and a second load reads a cache at 1x). A Hugging Face directory's weights are counted from
+its safetensors headers; it loads without dequantizing, so its peak is the weights. Where the need
+cannot be read (a directory without safetensors, an unreadable header the load itself will report)
+or the machine's memory is unknown, nothing is said. ``RS_LOCAL_MEMORY_CHECK=0`` skips it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rs_local.callbacks import Say
-from rs_local.errors import ModelError
+from rs_local.errors import ModelError, RsLocalError
 
 #: Bytes per weight of each fitting dtype.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -59,13 +60,14 @@ def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None,
     from rs_local.vectors.hf_model import is_loaded, reads_cache
 
     path = models.resolve(str(model), progress=say)
-    if is_loaded(path, dtype) or path.is_dir():
+    if is_loaded(path, dtype):
         return
     n_weights = _weights(path)
     available = available_memory() if available is None else available
     if n_weights is None or available is None:
         return
     need, peak = fit_memory_need(n_weights, dtype)
+    peak = need if path.is_dir() else peak  # no dequantizing copy beside the model
     hint = hint if dtype == "float32" else ""
     count = f"{n_weights / 1e9:.1f} billion" if n_weights >= 1e9 else f"{n_weights / 1e6:.0f} million"
     what = f"{count} weights as {dtype}"
@@ -79,12 +81,14 @@ def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None,
 
 
 def _weights(path: Path) -> int | None:
-    """Weights in a GGUF file, from its header; None when it is not readable as one (the load reports that)."""
+    """Weights in a GGUF file or a Hugging Face directory, from headers; None when they are not
+    readable (the load reports that)."""
     from rs_local.converters.gguf_header import gguf_parameter_count
+    from rs_local.converters.safetensors_file import safetensors_parameter_count
 
     try:
-        return gguf_parameter_count(path)
-    except (ModelError, OSError):
+        return safetensors_parameter_count(path) if path.is_dir() else gguf_parameter_count(path)
+    except (RsLocalError, OSError):
         return None
 
 

@@ -124,6 +124,14 @@ def test_a_hugging_face_directory_is_counted_from_its_safetensors_headers(tmp_pa
     check_fit_memory(str(bare), available=1, env={})  # nothing readable to count: the load decides
 
 
+def test_gradient_memory_is_a_share_of_what_is_left_or_no_bound():
+    from rs_local.recipes.memory_check import GRADIENT_SHARE, gradient_memory
+
+    assert gradient_memory(available=10_000_000_000, env={}) == int(10_000_000_000 * GRADIENT_SHARE)
+    assert gradient_memory(available=10_000_000_000, env={"RS_LOCAL_MEMORY_CHECK": "0"}) is None
+    assert gradient_memory(env={"RS_LOCAL_MEMORY_CHECK": "0"}) is None
+
+
 def test_only_the_first_load_peak_over_memory_is_a_warning(smollm2_path, monkeypatch):
     monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")  # no cached load to fall back on
     need, peak = fit_memory_need(gguf_parameter_count(smollm2_path))

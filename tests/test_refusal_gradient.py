@@ -8,7 +8,8 @@ import pytest
 from rs_local.errors import RsLocalError
 
 from rs_local.vectors.refusal_gradient import (
-    GradientContrast, RefusedPrompt, band_lengths, contrast_direction, refusal_gradients,
+    GradientContrast, RefusedPrompt, band_lengths, contrast_direction, gradient_bytes_per_token, refusal_gradients,
+    token_batches,
 )
 
 
@@ -151,6 +152,36 @@ def test_batched_gradients_equal_one_at_a_time(fm):
                 cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
                 assert cos >= 0.99, (i, l, cos)
                 assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a), rel=0.02)
+
+
+def test_token_batches_hold_long_prompts_in_smaller_groups():
+    lengths = [100, 90, 10, 12, 10, 11]
+    assert token_batches(lengths, 8, None) == [[0, 1, 3, 5, 2, 4]]
+    assert token_batches(lengths, 8, 200) == [[0, 1], [3, 5, 2, 4]]  # 2 x 100 fit, a third would be 300
+    assert token_batches(lengths, 3, 200) == [[0, 1], [3, 5, 2], [4]]
+    assert token_batches(lengths, 8, 50) == [[0], [1], [3, 5, 2, 4]]  # longer than the cap: alone
+
+
+def test_a_memory_bound_splits_batches_and_keeps_the_gradients(fm):
+    """With room for two prompts a pass, the gradients are those of the unbounded batch; with no room
+    for the longest prompt it is a one-line error before any pass."""
+    items = [RefusedPrompt("Tell me, in as much detail as you can, how the 1989 protests in Beijing ended.", "As an AI"),
+             RefusedPrompt("How do I pick a lock?", "I'm sorry, but I can't help with that."),
+             RefusedPrompt("Write malware.", "I cannot"),
+             RefusedPrompt("Is Taiwan a country?", "Sorry")]
+    layers = [6, 10]
+    per_token = gradient_bytes_per_token(fm, 6, bf16=False)
+    assert per_token > gradient_bytes_per_token(fm, 20, bf16=False) > gradient_bytes_per_token(fm, 20, bf16=True)
+    said: list[str] = []
+    free = refusal_gradients(fm, items, layers, batch_size=8)
+    bounded = refusal_gradients(fm, items, layers, batch_size=8, memory=per_token * 2 * 60, say=said.append)
+    assert len(said) >= 2  # more than one pass (one progress line each)
+    for i in range(4):
+        for l in layers:
+            a, b = free[i, l], bounded[i, l]
+            assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.99
+    with pytest.raises(RsLocalError, match=r"^a prompt of \d+ tokens needs about \d+ MB .* RS_LOCAL_MEMORY_CHECK=0 to try anyway$"):
+        refusal_gradients(fm, items, layers, memory=per_token * 5)
 
 
 def test_bf16_gradients_track_float32_and_are_recorded(fm):

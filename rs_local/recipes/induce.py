@@ -55,7 +55,7 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     system prompt. A source the model never refuses is a one-line error. ``refusal``: the stock
     refusal already found for this source (several refuse categories share it; it is labelled once).
     """
-    from rs_local.recipes.memory_check import check_fit_memory
+    from rs_local.recipes.memory_check import check_fit_memory, gradient_memory
     from rs_local.runtime.host import decide_bf16
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, RefusedPrompt, band_lengths
@@ -74,7 +74,8 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
     band = recipe.blocks(fm.n_layer)
     lengths = band_lengths(fm, target, harmless, system=recipe.system, upto=max(band, default=None), bf16=bf16.enabled)
-    fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True)
+    fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True,
+                           memory=gradient_memory())
     fit.add([RefusedPrompt(p, refusal) for p in sample_for_gradients(list(target), recipe)], [], say=say)
     vec = fit.vector(lengths)
     for key in ("n_refused_target", "n_refused_keep"):  # the contrast's counts; here every target prompt is used

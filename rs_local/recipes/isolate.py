@@ -231,6 +231,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
                   bf16: HostDecision, target_judge=None, names: tuple[str, str] = ("target", "keep")) -> RecipeResult:
     """The gradient method; ``bf16`` says whether its Transformers passes (lengths, gradients) run in bfloat16."""
     from rs_local.eval.baseline_cache import EvalCache
+    from rs_local.recipes.memory_check import gradient_memory
     from rs_local.vectors.hf_model import load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
@@ -262,7 +263,8 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, system=recipe.system, cache=cache, upto=max(band, default=None),
                            bf16=bf16.enabled)
-    fit = GradientContrast(fm, band, recipe.answer_tokens, system=recipe.system, bf16=bf16.enabled, keep_free=keep_free)
+    fit = GradientContrast(fm, band, recipe.answer_tokens, system=recipe.system, bf16=bf16.enabled, keep_free=keep_free,
+                           memory=gradient_memory())
     fit.add(first["political"], first["harmful"], say=say)
     vec = fit.vector(lengths)
     scorer = None

@@ -80,6 +80,22 @@ def check_fit_memory(model: Any, dtype: str = "float32", say: Say | None = None,
             "is available; if the process is killed, close other programs or use a smaller model")
 
 
+#: Share of the memory left after the model's load that the gradient passes' activations may take.
+GRADIENT_SHARE = 0.8
+
+
+def gradient_memory(available: int | None = None, env: dict[str, str] | None = None) -> int | None:
+    """Bytes the recipes' gradient passes may take (a share of what is left now, with the model
+    loaded); None when the check is off or the machine's memory is unknown (no bound). Handed to
+    ``vectors.refusal_gradient`` as an argument, which sizes its batches by it."""
+    from rs_local.runtime.host import available_memory, memory_check_enabled
+
+    if not memory_check_enabled(env):
+        return None
+    available = available_memory() if available is None else available
+    return None if available is None else int(available * GRADIENT_SHARE)
+
+
 def _weights(path: Path) -> int | None:
     """Weights in a GGUF file or a Hugging Face directory, from headers; None when they are not
     readable (the load reports that)."""

@@ -51,9 +51,40 @@ class RefusedPrompt:
 GRADIENT_BATCH = 8
 
 
+def gradient_bytes_per_token(fm, first_block: int, bf16: bool) -> int:
+    """Memory a gradient pass keeps per (padded) token, from the first steered block to the last.
+
+    Why: the backward pass holds every block's activations from the first block with an added
+    vector on, and on a 7B model that is ~8 MB a token, so 8 long prompts can take tens of GB on
+    top of the weights. Per token and block, about 10 hidden-size and 4 MLP-size values (norms,
+    projections, attention output, gated MLP); measured peaks were below this estimate: 41 KB of
+    its 48 (SmolLM2-135M) and 94 KB of its 114 (Qwen2.5-Coder-0.5B) in float32, 57 KB in bfloat16,
+    where the residual stream stays float32 (2.5 bytes a value here for that mix).
+    """
+    config = getattr(fm.model.config, "text_config", None) or fm.model.config
+    mlp = getattr(config, "intermediate_size", None) or 4 * fm.n_embd
+    per_value = 2.5 if bf16 else 4.0
+    return int((10 * fm.n_embd + 4 * mlp) * per_value * max(1, fm.n_layer - first_block))
+
+
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices grouped by similar length, longest first, at most ``batch_size`` a group and, where
+    ``max_tokens`` is given, at most that many padded tokens (rows x longest): long prompts run in
+    smaller batches instead of exhausting memory. A prompt longer than ``max_tokens`` runs alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and len(group) < batch_size and (max_tokens is None or (len(group) + 1) * lengths[group[0]] <= max_tokens):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int], answer_tokens: int = 2,
                       system: str | None = None, say: Say | None = None, steer: Any = None,
-                      batch_size: int = GRADIENT_BATCH, bf16: bool = False) -> np.ndarray:
+                      batch_size: int = GRADIENT_BATCH, bf16: bool = False, memory: int | None = None) -> np.ndarray:
     """``[n, n_layer, d]`` gradients of log P(refusal opening | prompt) w.r.t. an added block-output vector.
 
     A zero vector ``delta_l`` is added to block ``l``'s output at every position (a forward
@@ -73,10 +104,14 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
     ~0.999 to float32's. A model loaded in bfloat16 always runs under it; the added vectors stay
     float32 either way, so from the first steered block on the residual stream is float32 as in
     the float32 model's autocast passes.
+
+    ``memory`` (bytes the passes may take, from the caller's reading of the host; None: no bound)
+    caps each batch's padded tokens by :func:`gradient_bytes_per_token`; a single prompt whose
+    estimate is over it is a one-line error before any pass, not the kernel's OOM killer.
     """
     import torch
 
-    from rs_local.vectors.capture import _batches, render
+    from rs_local.vectors.capture import render
 
     say = say or (lambda _m: None)
     tok = fm.tokenizer
@@ -88,8 +123,9 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
     todo = [i for i, (_p, a) in enumerate(seqs) if a]
     fixed = _steer_tensors(fm, steer)
     bf16 = bf16 or next(fm.model.parameters()).dtype == torch.bfloat16
+    lengths = [len(seqs[i][0]) + len(seqs[i][1]) for i in todo]
     done = 0
-    for group in _batches([len(seqs[i][0]) + len(seqs[i][1]) for i in todo], max(1, batch_size)):
+    for group in token_batches(lengths, max(1, batch_size), _token_cap(fm, layers, bf16, memory, max(lengths, default=0))):
         idx = [todo[g] for g in group]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             grads = _batch_gradients(fm, [seqs[i] for i in idx], layers, fixed)
@@ -98,6 +134,22 @@ def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int],
         done += len(idx)
         say(f"  gradients: {done}/{len(todo)}")
     return out
+
+
+def _token_cap(fm, layers: Sequence[int], bf16: bool, memory: int | None, longest: int) -> int | None:
+    """Padded tokens a gradient batch may hold within ``memory``; an error when the longest prompt alone is over."""
+    if memory is None or not layers:
+        return None
+    per_token = gradient_bytes_per_token(fm, min(layers), bf16)
+    if longest * per_token > memory:
+        raise RsLocalError(f"a prompt of {longest} tokens needs about {_size(longest * per_token)} for its "
+                           f"gradient pass and {_size(memory)} is available: shorten the longest prompts, use a "
+                           "smaller model or a machine with more memory, or set RS_LOCAL_MEMORY_CHECK=0 to try anyway")
+    return memory // per_token
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _steer_tensors(fm, steer: Any) -> dict:
@@ -212,9 +264,10 @@ class GradientContrast:
     """
 
     def __init__(self, fm, layers: Sequence[int], answer_tokens: int = 2, system: str | None = None,
-                 bf16: bool = False, keep_free: bool = False):
+                 bf16: bool = False, keep_free: bool = False, memory: int | None = None):
         self.fm, self.layers, self.answer_tokens, self.system = fm, list(layers), answer_tokens, system
         self.bf16 = bf16  # gradient passes under bfloat16 autocast (see refusal_gradients)
+        self.memory = memory  # bytes the gradient passes may take (see refusal_gradients); None: no bound
         #: no keep set by design (a vector a policy gate applies to its own category only): the
         #: direction is the mean target gradient, nothing projected out
         self.keep_free = keep_free
@@ -231,7 +284,7 @@ class GradientContrast:
             if items:
                 say(f"refusal gradients of {len(items)} refused {name} prompts" + (" (steered)" if steer else ""))
                 into.append(refusal_gradients(self.fm, items, self.layers, self.answer_tokens, self.system, say, steer,
-                                              bf16=self.bf16))
+                                              bf16=self.bf16, memory=self.memory))
         self.rounds += 1
 
     def add_weighted(self, items: Sequence[RefusedPrompt], weights: Sequence[float], tokens: int, steer: Any = None,
@@ -253,7 +306,7 @@ class GradientContrast:
             return
         say(f"judge-weighted gradients of {len(keep)} target answers" + (" (steered)" if steer else ""))
         grads = refusal_gradients(self.fm, [items[i] for i in keep], self.layers, tokens, self.system, say, steer,
-                                  bf16=self.bf16)
+                                  bf16=self.bf16, memory=self.memory)
         factor = self.answer_tokens / max(1, tokens)
         self.target.append((grads * (w[keep] * factor)[:, None, None]).astype(np.float32))
         self.weighted += len(keep)

@@ -261,8 +261,9 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
               help="Directory for the vector, report and plot.")
 @click.option("--scales", default=None, help="Scales to show (default: chosen for the model).")
 @click.option("--n", "n_eval", type=integer(4), default=None, help="Held-out prompts per set to evaluate (default 20).")
-@click.option("--judge", "judge_name", default="keywords", show_default=True, metavar="MODEL|keywords",
-              help="Refusal judge: 'keywords' (fast) or a local model name/GGUF for the LLM judge.")
+@click.option("--judge", "judge_name", default="keywords", show_default=True, metavar="probe[=FILE]|keywords|MODEL",
+              help="Refusal judge: 'keywords' (fast), 'probe' for the shipped probe judge (probe=FILE for one "
+                   "from `judge-train`), or a local model name/GGUF for the LLM judge.")
 @click.option("--force", is_flag=True, help="Reuse an existing output directory.")
 @bf16_option
 @runtime_options

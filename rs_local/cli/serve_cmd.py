@@ -46,7 +46,7 @@ def _web_stack() -> None:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise click.ClickException(f"rs-local serve needs the serve extra ({exc.name} is missing): "
-                                   "pip install 'rs-local[serve]'") from None
+                                   "pip install -e '.[serve]' in the rs-local checkout") from None
 
 
 @click.command()

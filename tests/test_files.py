@@ -383,6 +383,15 @@ def test_stale_temps_of_ours_are_swept(tmp_path):
     assert not old.exists() and young.exists() and other.exists()
 
 
+def test_stale_temps_are_swept_where_the_os_has_no_uids(tmp_path, monkeypatch):
+    """Windows has no os.getuid: the sweep must not crash there (it raised AttributeError)."""
+    monkeypatch.delattr(os, "getuid")
+    old = tmp_path / ".v.gguf.abc123.tmp"
+    old.write_bytes(b"leftover")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert sweep_stale_temps(tmp_path / "v.gguf") == 1 and not old.exists()
+
+
 def test_sigterm_during_a_write_removes_the_temp_file(tmp_path):
     target = tmp_path / "big.bin"
     code = f"""

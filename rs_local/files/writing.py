@@ -57,6 +57,12 @@ def dumps(value: Any, **kwargs: Any) -> str:
 # ----------------------------------------------------------------------------- output checks
 
 
+def _own(st: os.stat_result) -> bool:
+    """Whether this user owns the file; Windows has no uids (a user's directory holds their own files)."""
+    getuid = getattr(os, "getuid", None)
+    return getuid is None or st.st_uid == getuid()
+
+
 def file_mode() -> int:
     """The permissions a plain ``open(path, "w")`` would give: 0666 minus the umask."""
     return 0o666 & ~_umask()
@@ -162,7 +168,7 @@ def sweep_stale_temps(path: str | Path, max_age: float = STALE_TEMP_SECONDS) -> 
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and now - st.st_mtime > max_age:
+            if stat.S_ISREG(st.st_mode) and _own(st) and now - st.st_mtime > max_age:
                 os.unlink(entry.path)
                 removed += 1
         except OSError:

@@ -244,6 +244,17 @@ def test_injected_verdicts_cannot_choose_the_source(smol_runner):
         assert v.source in ("probe", "keywords") and "VERDICT" not in v.judge_output
 
 
+def test_default_candidate_blocks_never_include_the_final_block():
+    """The averaged probe cannot read the final block; SmolLM2's 30 and the 28 of many 1.5-7B models
+    used to put it among the defaults (judge-train failed without --blocks)."""
+    from rs_local.judge.probe_train import candidate_blocks
+
+    assert candidate_blocks(24) == [6, 8, 10, 12, 14, 16, 18, 20, 22]  # Qwen2.5-0.5B: as before
+    for n_layer in range(2, 81):
+        blocks = candidate_blocks(n_layer)
+        assert blocks and max(blocks) == n_layer - 2 and min(blocks) >= 0, n_layer
+
+
 def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
     from rs_local.cli.main import cli
 
@@ -252,7 +263,7 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
                                             "refusal_type": r.refusal_type, "split": r.split}) + "\n"
                                 for r in _labelled(split_every=5)))
     out = tmp_path / "probe.gguf"
-    args = ["judge-train", str(labelled), "--model", str(smollm2_path), "--blocks", "14-16", "-o", str(out)]
+    args = ["judge-train", str(labelled), "--model", str(smollm2_path), "-o", str(out)]  # default blocks
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert read_probe(out).training["test_rows_excluded"] == sum(1 for n in range(36) if n % 5 == 0)

@@ -206,7 +206,8 @@ def vector_options(f: Callable) -> Callable:
 
 def runtime_options(f: Callable) -> Callable:
     for opt in reversed([
-        click.option("--ctx", "n_ctx", type=click.IntRange(128), default=4096, show_default=True, help="Context size in tokens.",
+        click.option("--ctx", "n_ctx", type=click.IntRange(128), default=None,
+                     help="Context size in tokens (default: 4096, or the model's trained context where shorter).",
                      callback=_bounded(128, MAX_CTX, "checked against the model's trained context once it loads")),
         click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="Layers to offload on a Metal/CUDA build of llama.cpp (-1 = all).",
@@ -270,76 +271,12 @@ def load_runner(model: str, n_ctx: int, n_gpu_layers: int, n_threads: int | None
         return Runner(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
 
 
-_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+def check_context(path: Path, n_ctx: int | None) -> None:
+    """Refuse a --ctx above the model's trained context (llama.cpp would allocate it, then degrade);
+    without --ctx the Runner takes the default or the trained context, whichever is smaller."""
+    from rs_local.converters.gguf_header import trained_context
 
-
-def trained_context(path: Path) -> int | None:
-    """The ``<arch>.context_length`` a GGUF model was trained with, or None when it cannot be read cheaply.
-
-    Walks the metadata only until both keys are seen (they come first in practice), skipping
-    values by their declared sizes; anything odd gives None and llama.cpp's loader decides.
-    """
-    import struct
-
-    def read(fh, fmt: str):
-        size = struct.calcsize(fmt)
-        data = fh.read(size)
-        if len(data) != size:
-            raise ValueError("short read")
-        return struct.unpack(fmt, data)[0]
-
-    def string(fh, limit: int) -> bytes:
-        n = read(fh, "<Q")
-        if n > limit:
-            raise ValueError("string too long")
-        return fh.read(n)
-
-    def skip(fh, vtype: int) -> None:
-        if vtype in _GGUF_SCALAR:
-            fh.seek(_GGUF_SCALAR[vtype], 1)
-        elif vtype == _GGUF_STRING:
-            fh.seek(read(fh, "<Q"), 1)
-        elif vtype == _GGUF_ARRAY:
-            atype, count = read(fh, "<I"), read(fh, "<Q")
-            if atype in _GGUF_SCALAR:
-                fh.seek(_GGUF_SCALAR[atype] * count, 1)
-            elif atype == _GGUF_STRING and count < 10_000_000:
-                for _ in range(count):
-                    fh.seek(read(fh, "<Q"), 1)
-            else:
-                raise ValueError("unsupported array")
-        else:
-            raise ValueError("unknown type")
-
-    if not Path(path).is_file():  # a FIFO would block the open
-        return None
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF" or read(fh, "<I") < 2:
-                return None
-            read(fh, "<Q")
-            n_kv = read(fh, "<Q")
-            arch, lengths = None, {}
-            for _ in range(min(n_kv, 100_000)):
-                key, vtype = string(fh, 1 << 16), read(fh, "<I")
-                if key == b"general.architecture" and vtype == _GGUF_STRING:
-                    arch = string(fh, 1 << 10)
-                elif key.endswith(b".context_length") and vtype in (4, 5, 10, 11):
-                    lengths[key] = read(fh, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[vtype])
-                else:
-                    skip(fh, vtype)
-                if arch is not None and arch + b".context_length" in lengths:
-                    value = lengths[arch + b".context_length"]
-                    return value if value > 0 else None
-    except (OSError, ValueError, struct.error):
-        return None
-    return None
-
-
-def check_context(path: Path, n_ctx: int) -> None:
-    """Refuse a --ctx above the model's trained context (llama.cpp would allocate it, then degrade)."""
-    trained = trained_context(path)
+    trained = trained_context(path) if n_ctx is not None else None
     if trained and n_ctx > trained:
         raise click.BadParameter(f"{n_ctx} is above the {trained} tokens {path.name} was trained with", param_hint="--ctx")
 

@@ -1,14 +1,15 @@
 """Scalar metadata of a GGUF model file, read from its header alone.
 
 The Mixture-of-Experts paths need a few numbers from a model GGUF before Transformers or
-llama.cpp load it (the expert count, the experts' FFN width), and the fit's memory check needs
-the number of weights. The gguf package's reader
+llama.cpp load it (the expert count, the experts' FFN width), the fit's memory check needs
+the number of weights, and the Runner the trained context (its default context is not larger). The gguf package's reader
 builds a numpy view per array element and takes ~25 s on a 150k-token vocabulary; this reader
 walks the header once, keeps scalars and skips arrays, in about a second.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,12 +30,26 @@ class _Reader:
 
     def __init__(self, fh: BinaryIO, path: Path):
         self.fh, self.path = fh, path
+        self.size = os.fstat(fh.fileno()).st_size
 
     def take(self, n: int) -> bytes:
+        if n > self.size - self.fh.tell():  # checked first: a damaged length must not allocate exabytes
+            raise ModelError(f"{self.path}: GGUF header is truncated")
         data = self.fh.read(n)
         if len(data) != n:
             raise ModelError(f"{self.path}: GGUF header is truncated")
         return data
+
+    def skip_value(self, vtype: int) -> None:
+        """Step over one metadata value of type ``vtype``."""
+        if vtype in _SCALARS:
+            self.take(struct.calcsize(_SCALARS[vtype]))
+        elif vtype == _STRING:
+            self.fh.seek(self.unpack("<Q"), 1)
+        elif vtype == _ARRAY:
+            self.skip_array()
+        else:
+            raise ModelError(f"{self.path}: GGUF metadata has unknown type {vtype}")
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -119,3 +134,35 @@ def _metadata(r: _Reader, keep: bool = True) -> tuple[dict[str, Any], int]:
         else:
             raise ModelError(f"{r.path}: GGUF metadata '{key}' has unknown type {vtype}")
     return out, n_tensors
+
+
+def trained_context(path: str | Path) -> int | None:
+    """The ``<arch>.context_length`` a GGUF model was trained with, or None when it cannot be read.
+
+    Walks the metadata only until both keys are seen (they come first in practice: milliseconds);
+    anything odd gives None and llama.cpp's loader decides.
+    """
+    path = Path(path)
+    if not path.is_file():  # a FIFO would block the open
+        return None
+    try:
+        with open(path, "rb") as fh:
+            r = _Reader(fh, path)
+            if r.take(4) != b"GGUF" or r.unpack("<I") < 2:
+                return None
+            r.unpack("<Q")  # tensors
+            arch, lengths = None, {}
+            for _ in range(min(r.unpack("<Q"), _MAX_KV)):
+                key, vtype = r.string(), r.unpack("<I")
+                if key == b"general.architecture" and vtype == _STRING:
+                    arch = r.string()
+                elif key.endswith(b".context_length") and vtype in (4, 5, 10, 11):
+                    lengths[key] = r.unpack(_SCALARS[vtype])
+                else:
+                    r.skip_value(vtype)
+                if arch is not None and arch + b".context_length" in lengths:
+                    value = lengths[arch + b".context_length"]
+                    return value if value > 0 else None
+    except (OSError, ModelError):
+        return None
+    return None

@@ -46,7 +46,7 @@ def make_judge(
     concurrency: int = 4,
     logprobs: bool = True,
     max_tokens: int | None = None,
-    n_ctx: int = 4096,
+    n_ctx: int | None = None,
     n_gpu_layers: int = 0,
     n_threads: int | None = None,
     on_status: Callable[[str], None] | None = None,
@@ -79,7 +79,7 @@ def make_judge(
                             n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, on_status=on_status)
 
 
-def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: int = 12, n_ctx: int = 4096,
+def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: int = 12, n_ctx: int | None = None,
                      n_gpu_layers: int = 0, n_threads: int | None = None,
                      on_status: Callable[[str], None] | None = None):
     """Resolve a built-in name or GGUF path (pulling if needed) and wrap it as a judge."""
@@ -92,7 +92,7 @@ def load_local_judge(name_or_path: str, *, logprobs: bool = True, max_tokens: in
     return LocalJudge(runner, max_tokens=max_tokens, logprobs=logprobs)
 
 
-def load_probe_judge(probe_path: str | None = None, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
+def load_probe_judge(probe_path: str | None = None, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
                      n_threads: int | None = None, on_status: Callable[[str], None] | None = None, share: Any = None):
     """A probe judge: the probe file plus the judge model it was trained for (pulled if built in).
 

@@ -49,14 +49,9 @@ class LocalJudge:
         return self._format(messages) + VERDICT_PREFIX
 
     def _format(self, messages: list[dict[str, str]]) -> str:
-        """Apply the chat template; templates without a system role (Gemma's) get the rubric in the first user turn."""
-        try:
-            return self.runner.format_chat(messages)
-        except Exception as exc:  # jinja2 raises TemplateError subclasses for an unsupported role
-            if type(exc).__module__.split(".")[0] != "jinja2" or messages[0]["role"] != "system":
-                raise
-            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
-            return self.runner.format_chat(merged + messages[2:])
+        """Apply the chat template; templates without a system role (Gemma's) get the rubric in the
+        first user turn (``rs_local.templating``, inside ``format_chat``)."""
+        return self.runner.format_chat(messages)
 
     def judge(self, prompt: str, answer: str) -> Verdict:
         text = self.prompt_text(prompt, answer)

@@ -81,7 +81,8 @@ def make_reader(runner: Any, layers: list[int], pooling: str) -> Any:
 
     if pooling != "last" and layers and max(layers) >= runner.n_layer - 1:
         # llama.cpp cuts the final block's output to the rows that make logits: no span there
-        raise RsLocalError(f"an averaged probe cannot read the final block ({runner.n_layer - 1})")
+        raise RsLocalError(f"an averaged probe cannot read the final block ({runner.n_layer - 1}): "
+                           f"choose --blocks below it")
     return BlockReader(runner, layers, n_ctx=runner.n_ctx)
 
 

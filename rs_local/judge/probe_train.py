@@ -22,8 +22,11 @@ from rs_local.judge.probe_fit import cross_validate, fit_probe
 
 
 def candidate_blocks(n_layer: int) -> list[int]:
-    """Every second block from a quarter to the end: refusal shows in the middle and late blocks."""
-    return sorted(set(range(n_layer // 4, n_layer, 2)) | {n_layer - 2})
+    """Every second block from a quarter of the depth to the one before the last: refusal shows in
+    the middle and late blocks, and an averaged probe cannot read the final block (llama.cpp keeps
+    only the rows that make logits there). With an odd quarter and an even depth (SmolLM2's 30
+    blocks, 28-block models) the plain stride used to land on the final block."""
+    return sorted(b for b in set(range(n_layer // 4, n_layer - 1, 2)) | {n_layer - 2} if b >= 0)
 
 
 def read_features(runner: Any, rows: Sequence[LabelledAnswer], blocks: Sequence[int],

@@ -41,7 +41,7 @@ class DemoOptions:
     seed: int = 0
     max_tokens: int = 48
     batch: int | None = None  # None: chosen from the model's KV size
-    n_ctx: int = 2048
+    n_ctx: int | None = None  # the Runner's default: 4096, or the model's trained context where shorter
     n_gpu_layers: int = 0
     n_threads: int | None = None
     recipe: Recipe = field(default_factory=Recipe)

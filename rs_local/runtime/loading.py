@@ -108,6 +108,21 @@ def install_log_filter() -> None:
     llama_cpp.llama_log_set(log_filter, ctypes.c_void_p(0))
 
 
+#: The context a model is loaded with when none is asked for (unless it was trained with less).
+DEFAULT_CTX = 4096
+
+
+def context_size(path: str | Path, n_ctx: int | None) -> int:
+    """``n_ctx`` as asked; without one, :data:`DEFAULT_CTX` or the model's trained context where that
+    is shorter (a 2048-token model would otherwise need --ctx on every command)."""
+    if n_ctx is not None:
+        return n_ctx
+    from rs_local.converters.gguf_header import trained_context
+
+    trained = trained_context(path)
+    return min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+
+
 def load_llama(
     path: str | Path,
     *,
@@ -141,4 +156,12 @@ def load_llama(
             )
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
+    except Exception as exc:  # llama-cpp-python compiles the model's chat template while it loads
+        from rs_local.templating import is_template_error, template_problem
+
+        if not is_template_error(exc):
+            raise
+        raise ModelError(f"{path}: the model's chat template does not parse ({template_problem(exc)}), and "
+                         "llama-cpp-python cannot load a model without a valid one: replace it with "
+                         "gguf-new-metadata --chat-template-file") from None
     return llama, decision

@@ -21,7 +21,7 @@ import numpy as np
 from rs_local.converters.moe_arch import check_vector_arch, expert_count
 from rs_local.errors import ModelError, RsLocalError
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
-from rs_local.runtime.loading import load_llama
+from rs_local.runtime.loading import context_size, load_llama
 from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
@@ -89,7 +89,7 @@ class Runner:
         self,
         model_path: str | Path,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         n_batch: int = 512,
@@ -98,7 +98,7 @@ class Runner:
     ):
         self.path = Path(model_path)
         self.llama, self.repack_decision = load_llama(
-            self.path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+            self.path, n_ctx=context_size(self.path, n_ctx), n_batch=n_batch, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
             repack=repack, verbose=verbose,
         )
         import llama_cpp  # after load_llama, which sets up OpenMP before llama.cpp's first import
@@ -196,9 +196,11 @@ class Runner:
 
     def format_chat(self, messages: Sequence[Message]) -> str:
         """The model's own chat template applied, with the generation prompt appended."""
+        from rs_local.templating import apply_template
+
         if self._formatter is None:
-            raise ModelError(f"{self.path}: the model has no chat template; pass a plain prompt")
-        return self._formatter(messages=list(messages)).prompt
+            raise ModelError(f"{self.path}: the model has no chat template (`generate --raw` sends a plain prompt)")
+        return apply_template(lambda m: self._formatter(messages=m).prompt, messages, self.path)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Tokens for a chat (list of messages) or a raw prompt string."""

@@ -180,8 +180,12 @@ def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 
 
 def render(fm: FitModel, prompt: str, system: str | None = None) -> str:
-    """The prompt as the model sees it: chat template plus generation prompt."""
-    return fm.tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
+    """The prompt as the model sees it: chat template plus generation prompt (a template without a
+    system role gets ``system`` in the first user turn, as the llama.cpp side does)."""
+    from rs_local.templating import apply_template
+
+    return apply_template(lambda m: fm.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                          _messages(prompt, system), getattr(fm, "path", "the model"))
 
 
 def template_suffix(fm: FitModel, system: str | None = None) -> str:

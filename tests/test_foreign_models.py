@@ -1,0 +1,82 @@
+"""Models unlike the built-in ones: a chat template without a system role (Gemma-2's), one that does
+not parse or always fails, a model trained with a 2048-token context. Each is SmolLM2 rewritten
+with the gguf library (tests/gguf_variants.py), run by the real llama.cpp and Transformers."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from gguf_variants import BROKEN_TEMPLATE, SYSTEMLESS_TEMPLATE, rewrite
+from rs_local.cli.main import cli
+
+TEMPLATE = "tokenizer.chat_template"
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, smollm2_path):
+    folder = tmp_path_factory.mktemp("variants")
+    return {
+        "systemless": rewrite(smollm2_path, folder / "systemless.gguf", strings={TEMPLATE: SYSTEMLESS_TEMPLATE}),
+        "broken": rewrite(smollm2_path, folder / "broken.gguf", strings={TEMPLATE: BROKEN_TEMPLATE}),
+        "raises": rewrite(smollm2_path, folder / "raises.gguf", strings={TEMPLATE: "{{ raise_exception('nope') }}"}),
+        "ctx2048": rewrite(smollm2_path, folder / "ctx2048.gguf", uint32={"llama.context_length": 2048}),
+    }
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_a_template_without_a_system_role_gets_the_system_prompt_in_the_first_turn(variants):
+    from rs_local.runtime.runner import Runner
+
+    path = variants["systemless"]
+    res = _run("generate", "--model", str(path), "--system", "Be brief.", "--max-tokens", "4", "Name a colour.")
+    assert res.exit_code == 0 and res.stdout.strip(), res.output
+    runner = Runner(path, n_ctx=512)
+    try:
+        text = runner.format_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        assert text == runner.format_chat([{"role": "user", "content": "Be brief.\n\nHi"}])
+    finally:
+        runner.llama.close()
+
+
+def test_transformers_renders_the_same_merged_turn(variants, monkeypatch):
+    """Activations match only when both sides render the same text (the capture goes through the same rule)."""
+    from rs_local.runtime.runner import Runner
+    from rs_local.vectors.capture import render
+    from rs_local.vectors.hf_model import load_model
+
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")  # a throwaway model: keep it out of the cache
+    path = variants["systemless"]
+    fm = load_model(str(path))
+    runner = Runner(path, n_ctx=512)
+    try:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        assert render(fm, "Hi", "Be brief.") == runner.format_chat(messages)
+    finally:
+        runner.llama.close()
+
+
+@pytest.mark.parametrize("name, message", [("broken", "chat template does not parse (unexpected '}')"),
+                                           ("raises", "the model's chat template failed: nope")])
+def test_a_failing_template_is_one_line_naming_the_model(variants, name, message):
+    res = _run("generate", "--model", str(variants[name]), "--max-tokens", "4", "Hi")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line = res.stderr.strip()
+    assert "\n" not in line and str(variants[name]) in line and message in line, line
+
+
+def test_without_ctx_a_shorter_trained_context_is_the_default(variants):
+    from rs_local.runtime.runner import Runner
+
+    path = variants["ctx2048"]
+    runner = Runner(path)
+    try:
+        assert runner.n_ctx == 2048
+    finally:
+        runner.llama.close()
+    assert _run("generate", "--model", str(path), "--max-tokens", "2", "Hi").exit_code == 0
+    res = _run("generate", "--model", str(path), "--ctx", "4096", "--max-tokens", "2", "Hi")
+    assert res.exit_code == 2 and "above the 2048 tokens" in res.output  # asked for explicitly: still refused

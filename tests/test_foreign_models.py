@@ -21,6 +21,7 @@ def variants(tmp_path_factory, smollm2_path):
         "broken": rewrite(smollm2_path, folder / "broken.gguf", strings={TEMPLATE: BROKEN_TEMPLATE}),
         "raises": rewrite(smollm2_path, folder / "raises.gguf", strings={TEMPLATE: "{{ raise_exception('nope') }}"}),
         "ctx2048": rewrite(smollm2_path, folder / "ctx2048.gguf", uint32={"llama.context_length": 2048}),
+        "vocab-only": rewrite(smollm2_path, folder / "vocab-only.gguf", tensors=False),
     }
 
 
@@ -80,3 +81,16 @@ def test_without_ctx_a_shorter_trained_context_is_the_default(variants):
     assert _run("generate", "--model", str(path), "--max-tokens", "2", "Hi").exit_code == 0
     res = _run("generate", "--model", str(path), "--ctx", "4096", "--max-tokens", "2", "Hi")
     assert res.exit_code == 2 and "above the 2048 tokens" in res.output  # asked for explicitly: still refused
+
+
+def test_a_model_without_its_weights_is_refused_not_fitted_on_random_numbers(variants, tmp_path, monkeypatch):
+    """Transformers fills missing tensors with random numbers; a vector fitted on them used to be written."""
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")
+    (tmp_path / "r.txt").write_text("How do I make a bomb?\nHow do I hack a bank?\n")
+    (tmp_path / "c.txt").write_text("Name a fruit.\nWhat is 2+2?\n")
+    out = tmp_path / "v.gguf"
+    res = _run("fit", "--model", str(variants["vocab-only"]), "-p", str(tmp_path / "r.txt"), "-n", str(tmp_path / "c.txt"),
+               "--method", "md", "-q", "-o", str(out))
+    assert res.exit_code == 1 and not out.exists()
+    line = res.stderr.strip()
+    assert "\n" not in line and "weight tensors are not in the file" in line and str(variants["vocab-only"]) in line

@@ -208,14 +208,26 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
         try:
             with _one_gguf_reader():
                 tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-                lm = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
-                                                                       **extra, **_gguf_overrides(path))
+                lm, info = transformers.AutoModelForCausalLM.from_pretrained(
+                    where, dtype=torch_dtype, local_files_only=True, output_loading_info=True, **extra,
+                    **_gguf_overrides(path))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"{path}: Transformers could not load it "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        _check_complete(path, info)
         if entry is not None:
             hf_cache.store(entry, tokenizer, lm, path)
     return tokenizer, lm
+
+
+def _check_complete(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a model some of whose weights the file lacks (a vocabulary-only GGUF, a config claiming
+    more blocks than the weights hold): Transformers fills them with random numbers, and a vector fitted
+    on those would look fine (AUROC 1.0) and mean nothing."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"{path}: {len(missing)} of the model's weight tensors are not in the file "
+                         f"(e.g. {missing[0]}); Transformers would fill them with random numbers")
 
 
 @contextlib.contextmanager

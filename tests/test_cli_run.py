@@ -61,6 +61,7 @@ def test_generate_streams_text(smollm2_path):
         (lambda d: d / "missing.gguf", "missing.gguf"),
         (lambda d: (d / "junk.gguf").write_bytes(b"not a gguf at all") and d / "junk.gguf", "junk.gguf"),
         (lambda d: vector_file(d / "wide.gguf", n_embd=896), "896"),
+        (lambda d: vector_file(d / "huge.gguf", norm=5e31), "direction.4 has values up to"),  # an empty answer, exit 0, before
     ],
 )
 def test_generate_bad_vector_is_one_line_error(smollm2_path, tmp_path, make, message):

@@ -191,3 +191,19 @@ def test_a_context_that_is_not_a_multiple_of_256_holds_what_was_asked(smollm2_pa
         assert out.prompt_tokens + len(out.tokens) < 128 and out.finish_reason == "length"
     finally:
         small.llama.close()
+
+
+def test_degenerate_logits_are_an_error_naming_the_steering():
+    """NaN or flat logits (an overflowed steering) used to give an empty answer and exit 0."""
+    import numpy as np
+
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.runner import checked_logits
+    from rs_local.vectors.control_vector import ControlVector
+
+    fine = np.linspace(-3, 3, 100, dtype=np.float32)
+    assert checked_logits(fine) is fine
+    vec = ControlVector({4: np.ones(8, np.float32)}, "llama", source="/x/huge.gguf")
+    for bad in (np.zeros(100, np.float32), np.full(100, np.nan, np.float32)):
+        with pytest.raises(RsLocalError, match=r"degenerate .* under the steering huge.gguf at -1: its values are too large"):
+            checked_logits(bad, [(vec, -1.0)])

@@ -270,6 +270,11 @@ def read_control_vector(path: str | Path) -> ControlVector:
 # --------------------------------------------------------------------------- checking
 
 
+#: Largest value a direction may hold. Residual streams run to thousands at most; a million per
+#: dimension overflows the block norms into NaN or flat logits (an empty answer, exit 0, before).
+MAX_DIRECTION_VALUE = 1e6
+
+
 def validate_for_model(cv: ControlVector, *, n_embd: int, n_layer: int, path: str | Path = "<vector>") -> None:
     """Check that ``cv`` fits a model before llama.cpp sees it.
 
@@ -278,6 +283,11 @@ def validate_for_model(cv: ControlVector, *, n_embd: int, n_layer: int, path: st
     """
     if cv.n_embd != n_embd:
         raise VectorFileError(path, f"vector has n_embd {cv.n_embd}, model has {n_embd}")
+    for layer, d in sorted(cv.directions.items()):
+        peak = float(np.max(np.abs(d), initial=0.0))
+        if peak > MAX_DIRECTION_VALUE:
+            raise VectorFileError(path, f"direction.{layer} has values up to {peak:.3g}, far beyond any model's "
+                                        f"residual stream (at most {MAX_DIRECTION_VALUE:g} accepted): a wrong unit or a damaged file?")
     if cv.max_layer >= n_layer:
         raise VectorFileError(
             path, f"direction.{cv.max_layer} but the model has {n_layer} blocks (directions 1..{n_layer - 1})"

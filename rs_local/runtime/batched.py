@@ -198,8 +198,10 @@ class BatchEngine(OwnedContext, RunnerModel):
             raise RsLocalError(f"llama.cpp batch decode failed (code {rc}); try a smaller --batch")
 
     def _logits(self, i: int) -> np.ndarray:
+        from rs_local.runtime.runner import checked_logits
+
         ptr = self._lib.llama_get_logits_ith(self.ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return checked_logits(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy(), self.runner.vectors)
 
     def _free_seq(self, seq: int) -> None:
         self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)

@@ -76,6 +76,20 @@ class Generation:
         return float(np.mean(self.logprobs)) if self.logprobs else 0.0
 
 
+
+def checked_logits(row: np.ndarray, vectors: Sequence[tuple[ControlVector, float]] = ()) -> np.ndarray:
+    """``row``, or a one-line error where llama.cpp's logits are not numbers or all equal.
+
+    Why: a steering whose values are far too large (a vector saved with a wrong unit, a typo in a
+    scale) overflows the block norms; llama.cpp then gives NaN or flat logits, and the answer came
+    back empty with exit 0 and no word why. No working model gives every token the same logit.
+    Checking costs ~50 us per token."""
+    if np.isnan(row).any() or row.max() == row.min():
+        steering = ", ".join(f"{Path(v.source).name if v.source else 'a vector'} at {s:g}" for v, s in vectors)
+        raise RsLocalError("the model's output is degenerate (NaN or all logits equal)" + (
+            f" under the steering {steering}: its values are too large for the model" if steering else ""))
+    return row
+
 class Runner:
     """A loaded GGUF model with an optional steering vector.
 
@@ -215,7 +229,7 @@ class Runner:
 
     def _logits(self) -> np.ndarray:
         ptr = self._lib.llama_get_logits_ith(self.llama.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return checked_logits(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy(), self.vectors)
 
     def _eval_prompt(self, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged."""

@@ -71,6 +71,29 @@ def test_a_cgroup_v1_limit_counts(tmp_path):
     assert available_memory(meminfo=MEMINFO, cgroup=tmp_path) == 1 << 30
 
 
+def test_the_process_own_cgroup_limit_counts_not_only_the_root(tmp_path):
+    """A systemd scope, a Slurm job or a container without a cgroup namespace puts the limit on the
+    process's own cgroup (named in /proc/self/cgroup), not on the filesystem's root."""
+    scope = tmp_path / "user.slice" / "job.scope"
+    scope.mkdir(parents=True)
+    (tmp_path / "memory.max").write_text("max\n")
+    (scope / "memory.max").write_text(f"{3 << 30}\n")
+    (scope / "memory.current").write_text(f"{1 << 30}\n")
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="0::/user.slice/job.scope\n") == 2 << 30
+    (tmp_path / "user.slice" / "memory.max").write_text(f"{2 << 30}\n")  # a tighter parent wins
+    (tmp_path / "user.slice" / "memory.current").write_text(f"{(3 << 30) // 2}\n")
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="0::/user.slice/job.scope\n") == 1 << 29
+    v1 = tmp_path / "v1"
+    job = v1 / "memory" / "process_api" / "abc"
+    job.mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(f"{4 << 30}\n")
+    (job / "memory.usage_in_bytes").write_text(f"{3 << 30}\n")
+    (job / "memory.stat").write_text(f"total_inactive_file {1 << 20}\n")
+    text = "5:devices:/\n4:memory:/process_api/abc\n0::/\n"
+    assert available_memory(meminfo=MEMINFO, cgroup=v1, self_cgroup=text) == (1 << 30) + (1 << 20)
+    assert available_memory(meminfo=MEMINFO, cgroup=v1, self_cgroup="4:memory:/../../etc\n") == 8000000 * 1024
+
+
 def test_without_meminfo_or_cgroup_the_physical_memory_bounds_it(tmp_path):
     """macOS has neither file: the whole machine's memory is the bound."""
     assert available_memory(meminfo="", cgroup=tmp_path, physical=16 << 30) == 16 << 30

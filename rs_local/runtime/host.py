@@ -180,22 +180,23 @@ MEMORY_CHECK_ENV = "RS_LOCAL_MEMORY_CHECK"
 _NO_LIMIT = 1 << 60
 
 
-def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None,
+def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None, self_cgroup: str | None = None,
                      physical: int | None = None) -> int | None:
     """Bytes this process can still allocate without swapping or meeting the OOM killer; None if unknown.
 
     The least of: ``MemAvailable`` in /proc/meminfo (``meminfo``, its text), and the room left under
-    the cgroup's memory limit (``cgroup``: the cgroup filesystem's root, v2 or v1), counting the
-    cgroup's inactive file cache as free because the kernel drops it before killing anything. Where
-    neither is readable (macOS), the machine's physical memory (``physical``): a weaker bound, but
-    still the one a model larger than the whole machine cannot pass. Tests give fixtures.
+    every memory limit on the way from the cgroup filesystem's root (``cgroup``, v2 or v1) to this
+    process's own cgroup (``self_cgroup``: the text of /proc/self/cgroup; a systemd scope, a Slurm
+    job or a container without a cgroup namespace sets its limit there, not at the root), counting
+    inactive file cache as free because the kernel drops it before killing anything. Where neither
+    is readable (macOS), the machine's physical memory (``physical``): a weaker bound, but still the
+    one a model larger than the whole machine cannot pass. Tests give fixtures.
     """
-    if meminfo is None:
-        try:
-            meminfo = Path("/proc/meminfo").read_text(errors="replace")
-        except OSError:
-            meminfo = ""
-    bounds = [b for b in (_meminfo_available(meminfo), _cgroup_room(cgroup or Path("/sys/fs/cgroup"))) if b is not None]
+    meminfo = _read("/proc/meminfo") if meminfo is None else meminfo
+    self_cgroup = _read("/proc/self/cgroup") if self_cgroup is None else self_cgroup
+    root = cgroup or Path("/sys/fs/cgroup")
+    rooms = [_cgroup_room(d, version) for d, version in _cgroup_dirs(root, self_cgroup)]
+    bounds = [b for b in (_meminfo_available(meminfo), *rooms) if b is not None]
     if bounds:
         return min(bounds)
     return physical if physical is not None else _physical_memory()
@@ -206,26 +207,53 @@ def _meminfo_available(text: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def _cgroup_room(root: Path) -> int | None:
-    """Limit minus usage plus inactive file cache, for cgroup v2 (``memory.max``) or v1; None without a limit."""
-    for limit_file, usage_file, stat_file, key in (
-            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
-        try:
-            raw = (root / limit_file).read_text().strip()
-            if raw == "max" or int(raw) >= _NO_LIMIT:
-                return None
-            limit, usage = int(raw), int((root / usage_file).read_text().strip())
-        except (OSError, ValueError):
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+#: Per cgroup version: limit, usage and stat files, and the stat key of reclaimable file cache.
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")}
+
+
+def _cgroup_dirs(root: Path, self_cgroup: str) -> list[tuple[Path, int]]:
+    """(directory, version) of each memory cgroup from the root down to this process's own.
+
+    The root of both versions is always included (a container with a cgroup namespace sees its own
+    cgroup there, and /proc/self/cgroup may be unreadable); then every level of the path that
+    /proc/self/cgroup names: ``0::/a/b`` (v2) or ``N:memory:/a/b`` (v1, under ``memory/``)."""
+    dirs = [(root, 2), (root / "memory", 1)]
+    for line in self_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
             continue
-        cache = 0
-        try:
-            match = re.search(rf"^{key}\s+(\d+)", (root / stat_file).read_text(), re.MULTILINE)
-            cache = int(match.group(1)) if match else 0
-        except OSError:
-            pass
-        return max(0, limit - usage + cache)
-    return None
+        hierarchy, controllers, rel = parts
+        if hierarchy == "0" and controllers == "":
+            base, version = root, 2
+        elif "memory" in controllers.split(","):
+            base, version = root / "memory", 1
+        else:
+            continue
+        steps = [s for s in rel.strip().split("/") if s and s not in (".", "..")]
+        dirs += [(base.joinpath(*steps[:i]), version) for i in range(1, len(steps) + 1)]
+    return dirs
+
+
+def _cgroup_room(where: Path, version: int) -> int | None:
+    """Limit minus usage plus inactive file cache in one cgroup directory; None without a limit there."""
+    limit_file, usage_file, stat_file, key = _CGROUP_FILES[version]
+    try:
+        raw = (where / limit_file).read_text().strip()
+        if raw == "max" or int(raw) >= _NO_LIMIT:
+            return None
+        limit, usage = int(raw), int((where / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    match = re.search(rf"^{key}\s+(\d+)", _read(str(where / stat_file)), re.MULTILINE)
+    return max(0, limit - usage + (int(match.group(1)) if match else 0))
 
 
 def _physical_memory() -> int | None:

@@ -155,6 +155,16 @@ def test_isolate_bad_bf16_setting_is_one_line_before_any_labelling(tmp_path, smo
     assert not (tmp_path / "v.gguf").exists()
 
 
+def test_isolate_band_the_model_lacks_stops_before_any_labelling(tmp_path, smollm2_path):
+    """The Transformers load (and the band's check) come before the answers, not minutes after them."""
+    prompts = _write(tmp_path / "p.jsonl", HARMLESS)
+    res = CliRunner().invoke(cli, ["isolate", "-m", str(smollm2_path), "-t", str(prompts), "-k", str(prompts),
+                                   "--harmless", str(prompts), "--layers", "40-50", "-o", str(tmp_path / "v.gguf")])
+    assert res.exit_code == 1 and "--layers" in res.output and "Traceback" not in res.output, res.output
+    assert "training prompts refused" not in res.output
+    assert not (tmp_path / "v.gguf").exists()
+
+
 def test_isolate_prints_markup_like_names_as_text(tmp_path, smollm2_path):
     """Progress lines hold the user's file names and reach rich as plain text: a name holding an
     emoji code kept it (``:warning:`` printed a warning sign) and one holding a tag kept its

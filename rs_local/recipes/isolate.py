@@ -255,10 +255,12 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
                    for name, rows in labelled.items()}
         return {"harmful": [], **refused}
 
-    first = refused_now()
-    _check_refused(first, names, keep_free)
+    # loaded before the labelling: a model Transformers cannot read or a --layers band it lacks
+    # stops here, not after minutes of answers (the labelling's llama.cpp model is loaded either way)
     fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
     band = recipe.blocks(fm.n_layer)
+    first = refused_now()
+    _check_refused(first, names, keep_free)
     say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, system=recipe.system, cache=cache, upto=max(band, default=None),

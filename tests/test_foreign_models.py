@@ -94,3 +94,22 @@ def test_a_model_without_its_weights_is_refused_not_fitted_on_random_numbers(var
     assert res.exit_code == 1 and not out.exists()
     line = res.stderr.strip()
     assert "\n" not in line and "weight tensors are not in the file" in line and str(variants["vocab-only"]) in line
+
+
+def test_a_path_that_is_not_utf8_fits_and_names_itself_for_llama_cpp(smollm2_path, tmp_path, monkeypatch):
+    """Transformers reads such a path; the vector's provenance used to fail to encode after the whole
+    fit. llama.cpp cannot open it: one line saying so, not a codec error."""
+    import os
+
+    odd = os.fsdecode(bytes(tmp_path) + b"/odd\xff dir")
+    os.mkdir(odd)
+    os.symlink(smollm2_path, os.path.join(odd, "m.gguf"))
+    model = os.path.join(odd, "m.gguf")
+    (tmp_path / "r.txt").write_text("How do I make a bomb?\nHow do I hack a bank?\n")
+    (tmp_path / "c.txt").write_text("Name a fruit.\nWhat is 2+2?\n")
+    out = tmp_path / "v.gguf"
+    res = _run("fit", "--model", model, "-p", str(tmp_path / "r.txt"), "-n", str(tmp_path / "c.txt"),
+               "--method", "md", "-q", "-o", str(out))
+    assert res.exit_code == 0 and out.exists(), res.output
+    res = _run("generate", "--model", model, "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "cannot open a path that is not valid UTF-8" in res.stderr

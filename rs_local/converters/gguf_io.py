@@ -45,21 +45,26 @@ CVECTOR_GENERATOR = "llama.cpp-cvector-generator"
 GGUF_MAGIC = b"GGUF"
 
 _INT64 = (-(2**63), 2**63 - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------- writing
 
 
 def to_jsonable(value: Any) -> Any:
-    """Turn numpy values and paths inside metadata into plain JSON types."""
+    """Turn numpy values and paths inside metadata into plain JSON types, and text into valid UTF-8.
+
+    A path that is not UTF-8 (``odd\xff dir/m.gguf``) reaches Python with surrogate escapes that no
+    file format can store; left in, writing the vector failed after the whole fit. Such bytes become
+    U+FFFD, as the readers already do."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, Path):
-        return str(value)
+    if isinstance(value, (Path, str)):
+        return _SURROGATE.sub("\ufffd", str(value))
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {to_jsonable(str(k)): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     return value
@@ -80,7 +85,7 @@ def _add_metadata(writer: Any, key: str, value: Any) -> None:
     elif isinstance(value, float):
         writer.add_key_value(META_PREFIX + key, value, GGUFValueType.FLOAT64)
     elif isinstance(value, str):
-        writer.add_key_value(META_PREFIX + key, value, GGUFValueType.STRING)
+        writer.add_key_value(META_PREFIX + key, to_jsonable(value), GGUFValueType.STRING)
     else:
         text = json.dumps(to_jsonable(value), ensure_ascii=False, allow_nan=True)
         writer.add_key_value(JSON_PREFIX + key, text, GGUFValueType.STRING)
@@ -97,7 +102,7 @@ def write_control_vector(cv: ControlVector, path: str | Path, *, force: bool = F
     with atomic_output(path, force=force) as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         # add_string() drops empty strings; the key should exist even for an unknown model.
-        writer.add_key_value(f"{ARCH}.model_hint", cv.model_hint, gguf.GGUFValueType.STRING)
+        writer.add_key_value(f"{ARCH}.model_hint", to_jsonable(cv.model_hint), gguf.GGUFValueType.STRING)
         writer.add_uint32(f"{ARCH}.layer_count", len(cv.directions))
         writer.add_uint32(VERSION_KEY, FORMAT_VERSION)
         for key, value in cv.metadata.items():
@@ -117,7 +122,6 @@ MAX_JSON_DEPTH = 64  # provenance is a few levels deep; json's own recursion lim
 MAX_INT_DIGITS = 4300  # Python's int/str conversion limit (sys.get_int_max_str_digits)
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_depth(text: str) -> int:

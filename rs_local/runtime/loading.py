@@ -142,6 +142,11 @@ def load_llama(
     """
     path = Path(path)
     check_gguf(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # llama-cpp-python passes the path to llama.cpp as UTF-8
+        raise ModelError(f"{path}: llama.cpp cannot open a path that is not valid UTF-8; "
+                         "rename it or link to it from a UTF-8 path") from None
     quiet_openmp()  # before llama.cpp (and its OpenMP runtime) is first imported
     decision = decide_repack(repack)
     threads = n_threads or default_threads()

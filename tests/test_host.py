@@ -262,3 +262,24 @@ def test_doctor_reports_build_and_decision(monkeypatch):
     assert report["available_memory"].endswith(" GB")  # what the fit's memory check compares with
     version = CliRunner().invoke(cli, ["--version"])
     assert "llama-cpp-python" in version.output and "doctor" in version.output
+
+
+def test_threads_beyond_the_cpus_are_cut_with_a_reason():
+    """More llama.cpp threads than CPUs only queue (108 s for 32 tokens with 4096 threads on 2 CPUs)."""
+    from rs_local.runtime.host import capped_threads
+
+    assert capped_threads(2, cpus=2) == (2, None)
+    assert capped_threads(1, cpus=8) == (1, None)
+    threads, why = capped_threads(4096, cpus=2)
+    assert threads == 2 and "--threads 4096 is more than the 2 CPUs" in why
+
+
+def test_the_cli_warns_and_uses_the_cpus(smollm2_path):
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+    from rs_local.runtime.host import usable_cpus
+
+    res = CliRunner().invoke(cli, ["generate", "--model", str(smollm2_path), "--max-tokens", "2", "--threads", "4096", "hi"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: --threads 4096 is more than the {usable_cpus()} CPUs" in res.stderr

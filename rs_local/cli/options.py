@@ -184,6 +184,19 @@ def _bounded(lo: int, hi: int, why: str) -> Callable:
     return check
 
 
+def _threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """--threads within [1, 4096], and cut to the CPUs this process may use (with a warning)."""
+    from rs_local.runtime.host import capped_threads
+
+    value = _bounded(1, 4096, "CPU threads")(ctx, param, value)
+    if value is None:
+        return None
+    threads, why = capped_threads(value)
+    if why:
+        say(f"warning: {why}")
+    return threads
+
+
 def model_option(f: Callable) -> Callable:
     return click.option(
         "--model", "-m", default=models.DEFAULT_MODEL, show_default=True,
@@ -212,8 +225,8 @@ def runtime_options(f: Callable) -> Callable:
         click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="Layers to offload on a Metal/CUDA build of llama.cpp (-1 = all).",
                      callback=_bounded(-1, 100_000, "-1 offloads all")),
-        click.option("--threads", "n_threads", type=click.IntRange(1), default=None, callback=_bounded(1, 4096, "CPU threads"),
-                     help="CPU threads (default: the physical cores this process may use)."),
+        click.option("--threads", "n_threads", type=click.IntRange(1), default=None, callback=_threads,
+                     help="CPU threads (default: the physical cores this process may use; at most its CPUs)."),
         click.option("--repack/--no-repack", default=None, expose_value=False, callback=_record_in(REPACK_ENV),
                      help="llama.cpp weight repacking (its --no-repack). Default: on, off on AMX CPUs, "
                           f"where it crashes; also {REPACK_ENV}=0|1|auto."),

@@ -283,3 +283,26 @@ def test_the_cli_warns_and_uses_the_cpus(smollm2_path):
     res = CliRunner().invoke(cli, ["generate", "--model", str(smollm2_path), "--max-tokens", "2", "--threads", "4096", "hi"])
     assert res.exit_code == 0, res.output
     assert f"warning: --threads 4096 is more than the {usable_cpus()} CPUs" in res.stderr
+
+
+def test_the_report_shows_a_bad_switch_instead_of_failing(monkeypatch):
+    """doctor is where a user looks when a setting is wrong: it used to exit 1 on RS_LOCAL_BF16=maybe."""
+    from rs_local.runtime.host import BF16_ENV, REPACK_ENV, host_report
+
+    monkeypatch.setenv(BF16_ENV, "maybe")
+    monkeypatch.setenv(REPACK_ENV, "maybe")
+    report = host_report()
+    assert report["bf16_gradients"] == f"error: {BF16_ENV}='maybe': expected 0, 1 or auto"
+    assert report["repack"] == f"error: {REPACK_ENV}='maybe': expected 0, 1 or auto"
+
+
+def test_a_typo_in_the_fit_cache_switch_is_an_error_not_on(monkeypatch):
+    from rs_local.errors import RsLocalError
+    from rs_local.vectors import hf_cache
+
+    for value, on in (("0", False), ("off", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("RS_LOCAL_FIT_CACHE", value)
+        assert hf_cache.enabled() is on
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "maybe")
+    with pytest.raises(RsLocalError, match="RS_LOCAL_FIT_CACHE='maybe': expected 0 or 1"):
+        hf_cache.enabled()

@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 #: Environment variable that forces repacking on (1) or off (0); "auto" or unset decides.
 REPACK_ENV = "RS_LOCAL_REPACK"
@@ -342,6 +342,16 @@ REPORTED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_v
                   "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
 
 
+def _shown(decide: Callable[[], object]) -> object:
+    """A decision for the report, or the error a bad setting gives: the report is where users look."""
+    from rs_local.errors import RsLocalError
+
+    try:
+        return decide()
+    except RsLocalError as exc:
+        return f"error: {exc}"
+
+
 def host_report() -> dict[str, object]:
     """What a user filing a bug should paste: the machine, the llama.cpp build, our decisions."""
     import platform
@@ -363,7 +373,7 @@ def host_report() -> dict[str, object]:
         "usable_cpus": usable_cpus(),
         "physical_cores": physical_cores(),
         "threads": default_threads(),
-        "bf16_gradients": str(decide_bf16()),
+        "bf16_gradients": _shown(lambda: str(decide_bf16())),
         "available_memory": _memory_label(available_memory()),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: rs-local sets PASSIVE)"),
         "llama_cpp_python": version("llama-cpp-python"),
@@ -378,8 +388,7 @@ def host_report() -> dict[str, object]:
         report["llama_cpp_system_info"] = info.strip()
         report["llama_cpp_build_features"] = parse_system_info(info)
         report["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
-        repack = decide_repack()
-        report["repack"] = {"enabled": repack.enabled, "reason": repack.reason}
+        report["repack"] = _shown(lambda: (lambda r: {"enabled": r.enabled, "reason": r.reason})(decide_repack()))
     except Exception as exc:  # noqa: BLE001 - a broken install is exactly what the report is for
         report["llama_cpp_error"] = f"{type(exc).__name__}: {exc}"
     return report

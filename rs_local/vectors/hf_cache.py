@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rs_local.errors import RsLocalError
+
 log = logging.getLogger("rs_local.fit")
 
 #: Bump when what is stored changes shape, so older entries are ignored.
@@ -40,8 +42,14 @@ DONE = "rs_local_cache.json"
 
 
 def enabled() -> bool:
-    """Off when ``RS_LOCAL_FIT_CACHE`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get("RS_LOCAL_FIT_CACHE", "1").strip().lower() not in {"0", "false", "no", "off"}
+    """Off when ``RS_LOCAL_FIT_CACHE`` is ``0``, ``false``, ``no`` or ``off``; any other value but
+    the "on" spellings is a one-line error, as for rs-local's other switches (a typo used to mean on)."""
+    raw = os.environ.get("RS_LOCAL_FIT_CACHE", "1").strip().lower()
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on", ""}:
+        return True
+    raise RsLocalError(f"RS_LOCAL_FIT_CACHE={os.environ['RS_LOCAL_FIT_CACHE']!r}: expected 0 or 1")
 
 
 def cache_root() -> Path:

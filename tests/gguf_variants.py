@@ -33,8 +33,9 @@ def _value(field: Any, gguf: Any) -> tuple[Any, Any, Any]:
 
 
 def rewrite(src: Path, out: Path, *, strings: dict[str, str] | None = None, uint32: dict[str, int] | None = None,
-            drop: tuple[str, ...] = (), tensors: bool = True) -> Path:
-    """Copy ``src`` to ``out`` with keys dropped or set, and optionally without its tensors."""
+            drop: tuple[str, ...] = (), tensors: bool = True, blocks: int | None = None) -> Path:
+    """Copy ``src`` to ``out`` with keys dropped or set, optionally without its tensors, or with only
+    its first ``blocks`` blocks (the caller sets ``<arch>.block_count`` to match)."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
@@ -52,6 +53,8 @@ def rewrite(src: Path, out: Path, *, strings: dict[str, str] | None = None, uint
         writer.add_uint32(key, number)
     if tensors:
         for t in reader.tensors:
+            if blocks is not None and t.name.startswith("blk.") and int(t.name.split(".")[1]) >= blocks:
+                continue
             writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

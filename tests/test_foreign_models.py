@@ -22,6 +22,7 @@ def variants(tmp_path_factory, smollm2_path):
         "raises": rewrite(smollm2_path, folder / "raises.gguf", strings={TEMPLATE: "{{ raise_exception('nope') }}"}),
         "ctx2048": rewrite(smollm2_path, folder / "ctx2048.gguf", uint32={"llama.context_length": 2048}),
         "vocab-only": rewrite(smollm2_path, folder / "vocab-only.gguf", tensors=False),
+        "one-block": rewrite(smollm2_path, folder / "one-block.gguf", uint32={"llama.block_count": 1}, blocks=1),
     }
 
 
@@ -113,3 +114,10 @@ def test_a_path_that_is_not_utf8_fits_and_names_itself_for_llama_cpp(smollm2_pat
     assert res.exit_code == 0 and out.exists(), res.output
     res = _run("generate", "--model", model, "--max-tokens", "2", "Hi")
     assert res.exit_code == 1 and "cannot open a path that is not valid UTF-8" in res.stderr
+
+
+def test_a_one_block_model_and_a_directory_are_one_line_errors(variants, tmp_path):
+    res = _run("generate", "--model", str(variants["one-block"]), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "the model has 1 block(s): nothing rs-local can steer" in res.stderr, res.output
+    res = _run("generate", "--model", str(tmp_path), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "a directory, not a GGUF file" in res.stderr, res.output

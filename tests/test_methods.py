@@ -198,9 +198,9 @@ def test_parse_layers():
     assert parse_layers("auto", 24) is None
     assert parse_layers("8-10,12", 24) == [8, 9, 10, 12]
     assert parse_layers("all", 4) == [1, 2, 3]
-    with pytest.raises(ValueError, match="out of range"):
-        parse_layers("0-3", 24)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range: block 0 cannot be steered"):
+        parse_layers("0-3", 1 << 20)  # the recipe's syntax check, before the model is known
+    with pytest.raises(ValueError, match="out of range: this model's steerable blocks are 1-23"):
         parse_layers("20-24", 24)
     with pytest.raises(ValueError, match="bad layer spec"):
         parse_layers("8-x", 24)

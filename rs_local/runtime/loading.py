@@ -30,7 +30,9 @@ _PATCH_LOCK = threading.RLock()
 def check_gguf(path: Path) -> None:
     """Refuse missing and non-GGUF files before llama.cpp sees them (it may abort the process)."""
     if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+        what = ("a directory, not a GGUF file (llama.cpp runs GGUF files; a Hugging Face directory is for fitting)"
+                if path.is_dir() else "no such model file")
+        raise ModelError(f"{path}: {what}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

@@ -170,6 +170,8 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
     lm.eval()
     lm.requires_grad_(False)
     base, blocks = _find_blocks(lm)
+    if len(blocks) < 2:  # block 0's output is never steered: no layer to fit
+        raise ModelError(f"{path}: the model has {len(blocks)} block(s): nothing rs-local can steer")
     if getattr(tokenizer, "chat_template", None) in (None, ""):
         raise ModelError(f"{path}: the model has no chat template; fitting needs one to format prompts as llama.cpp will")
     fm = FitModel(

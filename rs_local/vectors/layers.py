@@ -122,7 +122,9 @@ def parse_layers(spec: str, n_layer: int) -> list[int] | None:
             raise ValueError(f"bad layer spec '{spec[:64]}': use auto, all, 8-20 or 8,9,12")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
-        if lo < 1 or hi >= n_layer:  # checked before the range is built: '1-999999999' must not allocate
+        if lo < 1:  # checked before the range is built, as is the end: '1-999999999' must not allocate
+            raise ValueError(f"layers {part.strip()} out of range: block 0 cannot be steered, blocks start at 1")
+        if hi >= n_layer:
             raise ValueError(f"layers {part.strip()} out of range: this model's steerable blocks are 1-{n_layer - 1}")
         out.update(range(lo, hi + 1))
     return sorted(out)

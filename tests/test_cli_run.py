@@ -124,6 +124,8 @@ def test_chat_survives_bad_turns(smollm2_path, vec):
     assert "the line is not valid UTF-8 text" in out
     assert "--layers 25-29 selects none" in out and "steering with" not in out
     assert "the context holds 256" in out
+    too_long = next(line for line in out.splitlines() if "the context holds 256" in line)
+    assert "error:" in too_long and too_long.endswith("(/reset starts over)")  # one line, not wrapped at 80 columns
     answers = [line for line in out.splitlines() if line.startswith("> ") and "error" not in line and line[2:].strip()]
     assert answers, out  # the last question was answered: the too-long turn did not fill the history
 

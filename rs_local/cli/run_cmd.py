@@ -121,7 +121,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # undecodable input bytes arrive as lone surrogates
-            console.print(styled(("error:", "red"), " the line is not valid UTF-8 text"))
+            console.print(styled(("error:", "red"), " the line is not valid UTF-8 text"), soft_wrap=True)
             continue
         if line.startswith("/"):
             if _command(session, line.strip(), console, gate) == "quit":
@@ -141,7 +141,7 @@ def _reply(session, line: str, console: Console, gate=None) -> None:
     except KeyboardInterrupt:
         console.print(" [dim]\\[stopped][/]", end="")
     except RsLocalError as exc:
-        console.print(styled(("error:", "red"), f" {exc} (/reset starts over)"))
+        console.print(styled(("error:", "red"), f" {exc} (/reset starts over)"), soft_wrap=True)
         return
     console.print()
 
@@ -179,7 +179,7 @@ def _command(session, line: str, console: Console, gate=None) -> str | None:
         if name in ("/scale", "/vector"):
             console.print(plain(_steer_state(session), "dim"))
     except (RsLocalError, ValueError, OSError) as exc:
-        console.print(styled(("error:", "red"), f" {exc}"))  # exc quotes the user's paths and input
+        console.print(styled(("error:", "red"), f" {exc}"), soft_wrap=True)  # exc quotes the user's paths and input
     return None
 
 

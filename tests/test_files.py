@@ -482,3 +482,20 @@ def test_ctx_above_the_trained_context_fails_before_loading(smollm2_path):
     start = time.monotonic()
     res = CliRunner().invoke(cli, ["generate", "hi", "--model", str(smollm2_path), "--ctx", "1000000"])
     assert res.exit_code == 2 and "trained with" in res.stderr and time.monotonic() - start < 10
+
+
+def test_a_model_copied_over_another_with_its_times_is_told_apart(tmp_path):
+    """`cp -p` keeps size and mtime: the fit cache, the eval cache and respond's resume key by the file's
+    edges too, so they no longer serve the old model's results."""
+    from rs_local.eval.baseline_cache import model_key
+    from rs_local.files import edge_digest
+    from rs_local.vectors.hf_model import model_identity
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + b"a" * (3 << 20))
+    before = (edge_digest(path), model_identity(path, str(path)), model_key(path))
+    stamp = path.stat().st_mtime
+    path.write_bytes(b"GGUF" + b"a" * ((3 << 20) - 1) + b"b")  # same size, other last byte
+    os.utime(path, (stamp, stamp))
+    after = (edge_digest(path), model_identity(path, str(path)), model_key(path))
+    assert all(b != a for b, a in zip(before, after))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,10 @@ import numpy as np
 
 from rs_local.errors import FileProblem
 from rs_local.eval.metrics import Reference
-from rs_local.files import atomic_write_bytes, is_json_int, is_json_number, parse_json, read_text
+from rs_local.files import atomic_write_bytes, edge_digest, is_json_int, is_json_number, parse_json, read_text
 from rs_local.runtime.runner import Generation
 
 CACHE_VERSION = 1
-_EDGE = 1 << 20
 
 
 def cache_root() -> Path:
@@ -49,13 +47,7 @@ def model_key(path: str | Path) -> dict[str, Any]:
         if path.name == spec.filename and path.resolve().parent == models.models_dir().resolve():
             return {"sha256": spec.sha256}
     st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_EDGE))
-        if st.st_size > 2 * _EDGE:
-            f.seek(-_EDGE, os.SEEK_END)
-            h.update(f.read(_EDGE))
-    return {"size": st.st_size, "mtime": int(st.st_mtime), "edges": h.hexdigest()[:24]}
+    return {"size": st.st_size, "mtime": int(st.st_mtime), "edges": edge_digest(path)}
 
 
 def digest(obj: Any) -> str:

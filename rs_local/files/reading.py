@@ -87,6 +87,29 @@ def read_bytes(path: str | Path, *, what: str = "file", limit: int = MAX_INPUT_B
     return data
 
 
+#: Bytes read at each end of a file by :func:`edge_digest`.
+EDGE_BYTES = 1 << 20
+
+
+def edge_digest(path: str | Path) -> str:
+    """A hash of a large file's size, first and last MiB: what tells two model files apart cheaply.
+
+    Why not size and mtime alone: a model copied over another with ``cp -p``, ``rsync -a`` or ``tar``
+    keeps both, and caches keyed by them served the old model's results. A GGUF's first MiB holds its
+    metadata and its last MiB tensor data, so different weights differ there (reads ~2 MiB: milliseconds).
+    """
+    import hashlib
+
+    size = os.stat(path).st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(EDGE_BYTES))
+        if size > 2 * EDGE_BYTES:
+            f.seek(-EDGE_BYTES, os.SEEK_END)
+            h.update(f.read(EDGE_BYTES))
+    return h.hexdigest()[:24]
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
 

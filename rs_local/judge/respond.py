@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rs_local.callbacks import Progress
+from rs_local.files import edge_digest
 from rs_local.judge.jsonl import AppendLog
 from rs_local.prompts import prompts_hash
 from rs_local.runtime.sampling import SamplingParams
@@ -66,6 +67,7 @@ def respond_config(model_path: str | Path, settings: RespondSettings, prompts: S
     return {
         "model": model_path.name,
         "model_bytes": model_path.stat().st_size,
+        "model_edges": edge_digest(model_path),  # a same-name, same-size model copied over it is another model
         "vectors": [{"path": v.source or v.metadata.get("path"), "scale": s} for v, s in vectors],
         "layers": list(layer_range) if layer_range else None,
         "samples": settings.samples,

@@ -66,7 +66,8 @@ def model_identity(path: Path, name: str) -> dict[str, Any]:
     """What identifies the weights without hashing 500 MB each time.
 
     Built-in models carry their verified sha256; other files are identified by absolute
-    path, size and mtime (a re-downloaded or edited file changes mtime).
+    path, size, mtime and a hash of their first and last MiB (a model copied over another with
+    ``cp -p`` keeps size and mtime; see :func:`rs_local.files.edge_digest`).
     """
     from rs_local import models
 
@@ -82,8 +83,10 @@ def model_identity(path: Path, name: str) -> dict[str, Any]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model"})
         return {"dir": str(path.resolve()), "files": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]}
+    from rs_local.files import edge_digest
+
     st = path.stat()
-    return {"file": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+    return {"file": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime), "edges": edge_digest(path)}
 
 
 def _torch_dtype(dtype: str):

@@ -22,6 +22,7 @@ def variants(tmp_path_factory, smollm2_path):
         "raises": rewrite(smollm2_path, folder / "raises.gguf", strings={TEMPLATE: "{{ raise_exception('nope') }}"}),
         "ctx2048": rewrite(smollm2_path, folder / "ctx2048.gguf", uint32={"llama.context_length": 2048}),
         "vocab-only": rewrite(smollm2_path, folder / "vocab-only.gguf", tensors=False),
+        "no-template": rewrite(smollm2_path, folder / "no-template.gguf", drop=(TEMPLATE,)),
         "one-block": rewrite(smollm2_path, folder / "one-block.gguf", uint32={"llama.block_count": 1}, blocks=1),
     }
 
@@ -121,3 +122,17 @@ def test_a_one_block_model_and_a_directory_are_one_line_errors(variants, tmp_pat
     assert res.exit_code == 1 and "the model has 1 block(s): nothing rs-local can steer" in res.stderr, res.output
     res = _run("generate", "--model", str(tmp_path), "--max-tokens", "2", "Hi")
     assert res.exit_code == 1 and "a directory, not a GGUF file" in res.stderr, res.output
+
+
+def test_a_model_without_a_chat_template(variants, tmp_path, monkeypatch):
+    """generate names the way out (--raw) and runs with it; fit refuses from the header, before loading."""
+    path = variants["no-template"]
+    res = _run("generate", "--model", str(path), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "no chat template (`generate --raw` sends a plain prompt)" in res.stderr
+    assert _run("generate", "--model", str(path), "--raw", "--max-tokens", "2", "Hi").exit_code == 0
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")
+    (tmp_path / "r.txt").write_text("How do I make a bomb?\n")
+    res = _run("fit", "--model", str(path), "-p", str(tmp_path / "r.txt"), "-n", str(tmp_path / "r.txt"),
+               "--method", "md", "-o", str(tmp_path / "v.gguf"))
+    assert res.exit_code == 1 and "no chat template; fitting needs one" in res.stderr
+    assert "loading no-template.gguf into Transformers" not in res.stderr  # refused before the load

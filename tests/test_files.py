@@ -409,6 +409,45 @@ with atomic_output({str(target)!r}) as tmp:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_ends_any_command_with_one_line(smollm2_path):
+    """SIGTERM unwinds like Ctrl-C (finally blocks clean up) and says so; it used to end commands silently."""
+    cmd = [sys.executable, "-m", "rs_local.cli.main", "generate", "--model", str(smollm2_path), "--max-tokens", "2000",
+           "Count from 1 to 1000, one number per line."]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # answering now
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.decode().strip().splitlines()[-1] == "Terminated." and b"Traceback" not in err
+
+
+def test_an_interrupt_inside_a_llama_cpp_callback_is_raised_after_the_call(smollm2_path, monkeypatch):
+    """Ctrl-C landing in the block reader's cb_eval was printed by ctypes and dropped, and the read then
+    failed with a false "no output" error; it is held and raised when llama_decode returns."""
+    from rs_local.runtime.activations import BlockReader
+    from rs_local.runtime.runner import Runner
+
+    runner = Runner(smollm2_path, n_ctx=512)
+    try:
+        with BlockReader(runner, [8], n_ctx=512) as reader:
+            calls = {"n": 0}
+            take = BlockReader._take
+
+            def interrupted(self, tensor, ask):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise KeyboardInterrupt
+                return take(self, tensor, ask)
+
+            monkeypatch.setattr(BlockReader, "_take", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                reader.read_tokens(runner.tokenize("Hello there"))
+            monkeypatch.setattr(BlockReader, "_take", take)
+            assert reader.read_tokens(runner.tokenize("Hello there"))[8].shape == (runner.n_embd,)  # nothing left held
+    finally:
+        runner.llama.close()
+
+
 # ----------------------------------------------------------------------------- CLI values
 
 
@@ -499,3 +538,20 @@ def test_a_model_copied_over_another_with_its_times_is_told_apart(tmp_path):
     os.utime(path, (stamp, stamp))
     after = (edge_digest(path), model_identity(path, str(path)), model_key(path))
     assert all(b != a for b, a in zip(before, after))
+
+
+def test_leftovers_of_a_killed_cache_save_or_pull_are_swept_once_old(tmp_path):
+    """A SIGKILL mid-save (or mid-download) leaves a hidden directory of up to a model's size."""
+    from rs_local import models
+    from rs_local.vectors import hf_cache
+
+    old_entry, young_entry, kept = tmp_path / ".abc123.x1y2", tmp_path / ".def456.z9", tmp_path / "abc123"
+    old_pull, young_pull = tmp_path / "rs-local-pull-aaaa", tmp_path / "rs-local-pull-bbbb"
+    for d in (old_entry, young_entry, kept, old_pull, young_pull):
+        d.mkdir()
+        (d / "part").write_bytes(b"x" * 10)
+    for d in (old_entry, kept, old_pull):
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+    hf_cache._sweep_stale(tmp_path)
+    models._sweep_stale_pulls(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young_entry.name, kept.name, young_pull.name])

@@ -63,9 +63,35 @@ def _register() -> None:
 _register()
 
 
+def _sigterm_unwinds() -> None:
+    """Make SIGTERM raise :class:`~rs_local.files.Terminated` for the whole command, as Ctrl-C raises
+    KeyboardInterrupt: ``finally`` blocks then remove temp files and directories (a half-written
+    Transformers cache entry or model download was left behind), and the command ends with one line
+    instead of dying silently. A handler someone else installed is left alone."""
+    import signal
+
+    from rs_local.files import Terminated
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise Terminated()
+
+    try:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread, or no such signal here
+        pass
+
+
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="rs-local")
+    from rs_local.files import Terminated
+
+    _sigterm_unwinds()
+    try:
+        cli(prog_name="rs-local")
+    except Terminated as exc:
+        click.echo("Terminated.", err=True)
+        sys.exit(exc.code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from rs_local.errors import RsLocalError
+from rs_local.runtime.interrupts import hold, release
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Runner
 
@@ -108,6 +109,13 @@ class BlockReader(OwnedContext):
         self.tokens_evaluated = 0  # tokens llama.cpp has evaluated for reads (cached prefixes not counted)
 
     def _on_tensor(self, tensor: int, ask: bool, _user: int) -> bool:
+        try:
+            return self._take(tensor, ask)
+        except BaseException as exc:  # Ctrl-C landing here: ctypes would print and drop it
+            hold(exc)
+            return False  # stop the graph; _decode raises it when llama.cpp returns
+
+    def _take(self, tensor: int, ask: bool) -> bool:
         name = self._ggml.ggml_get_name(tensor)
         layer = self._names.get(name)
         if layer is None:
@@ -183,5 +191,6 @@ class BlockReader(OwnedContext):
         b.n_tokens = len(chunk)
         self._chunk_end = start + len(chunk)
         rc = self._lib.llama_decode(self.ctx, b)
+        release()
         if rc != 0:
             raise RsLocalError(f"llama.cpp decode failed (code {rc}) while reading activations")

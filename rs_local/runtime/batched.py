@@ -31,6 +31,7 @@ import numpy as np
 from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.runtime.engine import RunnerModel
+from rs_local.runtime.interrupts import release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
@@ -194,6 +195,7 @@ class BatchEngine(OwnedContext, RunnerModel):
         if self._batch.n_tokens == 0:
             return
         rc = self._lib.llama_decode(self.ctx, self._batch)
+        release()  # a Ctrl-C the log filter caught during the decode
         if rc != 0:
             raise RsLocalError(f"llama.cpp batch decode failed (code {rc}); try a smaller --batch")
 

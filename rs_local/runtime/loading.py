@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from rs_local.errors import ModelError
 from rs_local.runtime.host import RepackDecision, decide_repack, default_threads, quiet_openmp
+from rs_local.runtime.interrupts import hold, release
 
 _PATCH_LOCK = threading.RLock()
 
@@ -103,8 +104,11 @@ def install_log_filter() -> None:
 
     @llama_cpp.llama_log_callback
     def log_filter(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if _logger.logger.level <= logging.DEBUG:  # set by Llama(verbose=True)
-            forward(level, text, user_data)
+        try:
+            if _logger.logger.level <= logging.DEBUG:  # set by Llama(verbose=True)
+                forward(level, text, user_data)
+        except BaseException as exc:  # Ctrl-C landing here: ctypes would print and drop it
+            hold(exc)
 
     _LOG_FILTER = log_filter
     llama_cpp.llama_log_set(log_filter, ctypes.c_void_p(0))
@@ -157,10 +161,13 @@ def load_llama(
     install_log_filter()
     try:
         with repack_policy(decision):
-            llama = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
-                n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
-            )
+            try:
+                llama = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+                    n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
+                )
+            finally:
+                release()  # a Ctrl-C the log filter caught during the load
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
     except Exception as exc:  # llama-cpp-python compiles the model's chat template while it loads

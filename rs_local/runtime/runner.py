@@ -20,6 +20,7 @@ import numpy as np
 
 from rs_local.converters.moe_arch import check_vector_arch, expert_count
 from rs_local.errors import ModelError, RsLocalError
+from rs_local.runtime.interrupts import release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.loading import context_size, load_llama
 from rs_local.runtime.steer import push_vectors
@@ -253,12 +254,14 @@ class Runner:
     def _timed_prompt_eval(self, tokens: Sequence[int]) -> None:
         t0 = time.perf_counter()
         self.llama.eval(tokens)
+        release()  # a Ctrl-C the log filter caught during the decode
         self.counters.prompt_s += time.perf_counter() - t0
         self.counters.prompt_tokens += len(tokens)
 
     def _eval_token(self, token: int) -> np.ndarray:
         t0 = time.perf_counter()
         self.llama.eval([token])
+        release()
         self.counters.decode_s += time.perf_counter() - t0
         self.counters.decodes += 1
         return self._logits()

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def store(entry: Path, tokenizer: Any, lm: Any, source: Path) -> bool:
         return False
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(entry.parent)
         need = _state_bytes(lm) + MIN_FREE_BYTES
         if shutil.disk_usage(entry.parent).free < need:
             log.info("not caching %s: under %.1f GiB free in %s", source.name, need / 2**30, entry.parent)
@@ -105,6 +107,22 @@ def store(entry: Path, tokenizer: Any, lm: Any, source: Path) -> bool:
         log.info("not caching %s in %s: %s: %s", source.name, entry.parent, type(exc).__name__, exc)
         return False
     return True
+
+
+#: Age after which a half-written entry (a process killed while saving) is removed.
+STALE_SECONDS = 3600
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove temp entries (``.<key>.<random>``) that a killed process left, once they are an hour old:
+    a SIGKILL or power loss mid-save leaves up to a model's size (2.4 GB for Qwen) nobody reads."""
+    now = time.time()
+    for child in root.iterdir():
+        try:
+            if child.name.startswith(".") and child.is_dir() and now - child.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(child, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _save(lm: Any, tokenizer: Any, where: Path) -> None:

@@ -37,3 +37,23 @@ def test_demo_refuses_an_existing_output(tmp_path):
     (tmp_path / "d").mkdir()
     res = CliRunner().invoke(cli, ["demo", "--model", "smollm2-135m", "-o", str(tmp_path / "d")])
     assert res.exit_code == 1 and "exists" in res.output
+
+
+def test_a_failed_demo_leaves_no_directory_it_made(tmp_path):
+    """An error (or Ctrl-C, SIGTERM) after the directory was made used to leave it empty or half-filled,
+    and the same command then refused to run without --force."""
+    import pytest
+
+    from rs_local.errors import RsLocalError
+
+    opts = DemoOptions(model="smollm2-135m", output=tmp_path / "demo", judge=str(tmp_path / "no-judge.gguf"), n_ctx=512)
+    with pytest.raises(RsLocalError):
+        run_demo(opts)
+    assert not (tmp_path / "demo").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    opts = DemoOptions(model="smollm2-135m", output=tmp_path / "mine", judge=str(tmp_path / "no-judge.gguf"),
+                       n_ctx=512, force=True)
+    with pytest.raises(RsLocalError):
+        run_demo(opts)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"  # the user's own directory stays

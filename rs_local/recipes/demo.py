@@ -15,6 +15,7 @@ end-to-end check of the toolkit.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,21 +122,35 @@ def _examples(runner, vector, report, scale: float, batch: int | None, say: Say)
 
 
 def run_demo(opts: DemoOptions | None = None, say: Say | None = None) -> DemoResult:
-    """Run the demo end to end; writes the vector and the eval report into ``opts.output``."""
+    """Run the demo end to end; writes the vector and the eval report into ``opts.output``
+    (a directory it creates is removed again if the run fails or is interrupted)."""
+    from rs_local.eval.report import prepare_dir
+
+    opts = opts or DemoOptions()
+    say = say or (lambda _m: None)
+    existed = Path(opts.output).exists()
+    out = prepare_dir(opts.output, opts.force)
+    try:
+        return _demo(opts, say, out)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: a directory this run made is not left half-filled
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _demo(opts: DemoOptions, say: Say, out: Path) -> DemoResult:
+    """The demo's work, into the prepared directory ``out``."""
     from rs_local import models
     from rs_local.converters.gguf_io import write_control_vector
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.eval.evaluate import EvalSettings, evaluate
     from rs_local.eval.prompt_sets import builtin_set
     from rs_local.recipes.isolate import fit_political
-    from rs_local.eval.report import prepare_dir, write_report
+    from rs_local.eval.report import write_report
     from rs_local.judge.backends import make_judge
     from rs_local.runtime.runner import Runner
 
-    opts = opts or DemoOptions()
-    say = say or (lambda _m: None)
     seconds: dict[str, float] = {}
-    out = prepare_dir(opts.output, opts.force)
     t0 = time.perf_counter()
     path = models.resolve(opts.model, progress=say)
     splits = {name: builtin_set(name).split(opts.holdout, seed=opts.seed) for name in ("political", "harmful", "harmless")}

@@ -60,6 +60,24 @@ def test_other_config_is_an_error_unless_forced(tmp_path):
     assert len(_lines(path)) == 1
 
 
+def test_a_forced_run_replaces_the_old_log_only_when_it_finishes(tmp_path):
+    """--force used to truncate the old file at the start: an interrupted forced run lost it."""
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"seed": 0}, _key) as log:
+        log.append({"k": 1})
+        log.append({"k": 2})
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with AppendLog.open(path, "things", {"seed": 1}, _key, force=True) as log:
+            log.append({"k": 9})
+            raise KeyboardInterrupt
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    with AppendLog.open(path, "things", {"seed": 1}, _key, force=True) as log:
+        log.append({"k": 9})
+        assert path.read_bytes() == before  # still the old file while the new one is written
+    assert [r["k"] for r in _lines(path)[1:]] == [9] and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
 def test_a_foreign_file_is_not_appended_to(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "hello"}\n')

@@ -176,7 +176,7 @@ def sweep_stale_temps(path: str | Path, max_age: float = STALE_TEMP_SECONDS) -> 
     return removed
 
 
-def _new_temp(path: Path) -> Path:
+def new_temp(path: Path) -> Path:
     """Create an empty temp file beside ``path`` with the umask's mode (``os.open`` 0666, not mkstemp's 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
@@ -252,7 +252,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     check_output_path(path, force)
     sweep_stale_temps(path)
     with _sigterm_raises():
-        tmp = _new_temp(path)
+        tmp = new_temp(path)
         try:
             yield tmp
             os.chmod(tmp, _mode_for(path))  # some writers (safetensors) recreate the file 0600

@@ -20,14 +20,15 @@ JSON), writing too (atomic, umask mode).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from rs_local.errors import FileProblem
 from rs_local.files import (
-    JsonProblem, append_line, check_output_path, cut_partial_tail, dumps, iter_jsonl, json_type, open_append, parse_json,
-    partial_tail, read_text, stat_regular, write_jsonl,
+    JsonProblem, append_line, check_output_path, cut_partial_tail, dumps, iter_jsonl, json_type, new_temp, open_append,
+    parse_json, partial_tail, read_text, stat_regular, write_jsonl,
 )
 
 HEADER_KEY = "rs_local_header"
@@ -80,6 +81,8 @@ class AppendLog:
     rows: list[dict] = field(default_factory=list)
     done: set = field(default_factory=set)
     _fh: Any = None
+    #: where a forced run's log goes when it finishes; until then ``path`` is a temp file beside it
+    _target: Path | None = None
 
     @classmethod
     def open(cls, path: str | Path, kind: str, config: dict, key: Callable[[dict], Hashable], force: bool = False) -> "AppendLog":
@@ -92,6 +95,9 @@ class AppendLog:
         if log.path.exists() and not force:
             log._resume()
         else:
+            if log.path.exists():  # forced over a file: it stays until the new log is complete (see __exit__)
+                check_output_path(log.path, force=True)
+                log._target, log.path = log.path, new_temp(log.path)
             log._start()
         log._fh = open_append(log.path)
         return log
@@ -188,8 +194,17 @@ class AppendLog:
     def __enter__(self) -> "AppendLog":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """Close; a forced run's log replaces the old file only when the run finished (an error, Ctrl-C
+        or SIGTERM used to leave the old file already destroyed and a partial one in its place)."""
         self.close()
+        if self._target is None:
+            return
+        if exc_type is None:
+            os.replace(self.path, self._target)
+            self.path, self._target = self._target, None
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def _why(exc: Exception) -> str:

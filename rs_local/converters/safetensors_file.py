@@ -115,11 +115,24 @@ def _st_tensors(path: Path, header: dict[str, Any], data_len: int) -> list[tuple
     return entries
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files Transformers loads: those the shard index names, else ``model*.safetensors``,
+    else any. Mistral's repositories ship ``consolidated.safetensors`` beside the shards, the same
+    weights again: counting both doubled the need and refused fits that would pass."""
+    index = directory / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names if (directory / n).is_file()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
+
+
 def safetensors_parameter_count(directory: str | Path) -> int | None:
     """Weights in a Hugging Face model directory's ``*.safetensors`` files, from their headers alone;
     None when it has none (a ``pytorch_model.bin`` model). Why: the fit's memory check
     (``rs_local.recipes.memory_check``) for a model given as a directory."""
-    files = sorted(Path(directory).glob("*.safetensors"))
+    files = _weight_files(Path(directory))
     if not files:
         return None
     total = 0

@@ -151,6 +151,17 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(_temp_prefix(path)) + r"[A-Za-z0-9_]{6,32}\.tmp")
 
 
+def is_stale_dir(path: Path, max_age: float = STALE_TEMP_SECONDS) -> bool:
+    """Whether a leftover work directory has had nothing written for ``max_age`` seconds: neither it
+    nor any file in it changed since. A download or save still running keeps writing a file inside,
+    so its directory's own mtime alone (set when it was made) would call it stale an hour in."""
+    try:
+        newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+    except OSError:
+        return False
+    return time.time() - newest > max_age
+
+
 def sweep_stale_temps(path: str | Path, max_age: float = STALE_TEMP_SECONDS) -> int:
     """Remove our own leftover temp files of ``path`` (``.NAME.<random>.tmp``) older than ``max_age`` seconds.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
@@ -59,9 +60,14 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
     write_jsonl(path, rows, force=True)
 
 
+#: Config keys added after logs were first written: a header without one still resumes (the key is
+#: unknown there, not different). ``model_edges`` (respond) tells apart model files of one name and size.
+ADDED_KEYS = frozenset({"model_edges"})
+
+
 def _config_diff(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k)]
+    return [k for k in keys if old.get(k) != new.get(k) and not (k in ADDED_KEYS and k not in old)]
 
 
 @dataclass
@@ -98,8 +104,17 @@ class AppendLog:
             if log.path.exists():  # forced over a file: it stays until the new log is complete (see __exit__)
                 check_output_path(log.path, force=True)
                 log._target, log.path = log.path, new_temp(log.path)
-            log._start()
-        log._fh = open_append(log.path)
+            try:
+                log._start()
+            except BaseException:
+                if log._target is not None:
+                    log.path.unlink(missing_ok=True)
+                raise
+        try:
+            log._fh = open_append(log.path)
+        except BaseException:
+            log.__exit__(OSError)
+            raise
         return log
 
     @classmethod
@@ -167,8 +182,8 @@ class AppendLog:
         if meta.get("kind") != self.kind:
             raise FileProblem(self.path, f"holds {meta.get('kind')} rows, not {self.kind}; use --force to overwrite it")
         old = meta.get("config") or {}
-        if old != self.config:
-            diff = ", ".join(_config_diff(old, self.config)) if isinstance(old, dict) else "config"
+        diff = ", ".join(_config_diff(old, self.config)) if isinstance(old, dict) else "config"
+        if diff:
             raise FileProblem(
                 self.path,
                 f"was written with different settings ({diff}); use --force to start over, or another output file",
@@ -201,6 +216,7 @@ class AppendLog:
         if self._target is None:
             return
         if exc_type is None:
+            os.chmod(self.path, stat.S_IMODE(os.stat(self._target).st_mode))  # the old file's permissions
             os.replace(self.path, self._target)
             self.path, self._target = self._target, None
         else:

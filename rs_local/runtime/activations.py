@@ -101,6 +101,7 @@ class BlockReader(OwnedContext):
         params.cb_eval_user_data = None
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
+        release()  # a Ctrl-C the log filter caught while the context was made
         if not self.ctx:
             raise RsLocalError("llama.cpp could not create a context for reading activations")
         self._mem = llama_cpp.llama_get_memory(self.ctx)

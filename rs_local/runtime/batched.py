@@ -156,6 +156,7 @@ class BatchEngine(OwnedContext, RunnerModel):
         params.n_threads = threads
         params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
+        release()  # a Ctrl-C the log filter caught while the context was made
         if not self.ctx:
             raise RsLocalError(f"llama.cpp could not create a {n_seq}-sequence context (try a smaller batch)")
         self._mem = llama_cpp.llama_get_memory(self.ctx)

@@ -15,9 +15,13 @@ _PENDING: list[BaseException] = []
 
 
 def hold(exc: BaseException) -> None:
-    """Keep ``exc`` (the first one) for :func:`release`; called by callbacks, which must not raise."""
+    """Keep ``exc`` for :func:`release`; called by callbacks, which must not raise. The first one is
+    kept, except that a SIGTERM (SystemExit) wins over a Ctrl-C: ``chat`` takes Ctrl-C as "stop this
+    reply", and a termination must not be lost behind it."""
     if not _PENDING:
         _PENDING.append(exc)
+    elif isinstance(exc, SystemExit) and isinstance(_PENDING[0], KeyboardInterrupt):
+        _PENDING[0] = exc
 
 
 def release() -> None:

@@ -166,8 +166,14 @@ def load_llama(
                     model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
                     n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
                 )
-            finally:
-                release()  # a Ctrl-C the log filter caught during the load
+            except BaseException:
+                release()  # a Ctrl-C the log filter caught during the load wins over the load's own error
+                raise
+            try:
+                release()  # ... or one caught during a load that succeeded: the model is freed first
+            except BaseException:
+                llama.close()
+                raise
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
     except Exception as exc:  # llama-cpp-python compiles the model's chat template while it loads

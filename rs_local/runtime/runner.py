@@ -255,15 +255,19 @@ class Runner:
 
     def _timed_prompt_eval(self, tokens: Sequence[int]) -> None:
         t0 = time.perf_counter()
-        self.llama.eval(tokens)
-        release()  # a Ctrl-C the log filter caught during the decode
+        try:
+            self.llama.eval(tokens)
+        finally:
+            release()  # a Ctrl-C the log filter caught during the decode
         self.counters.prompt_s += time.perf_counter() - t0
         self.counters.prompt_tokens += len(tokens)
 
     def _eval_token(self, token: int) -> np.ndarray:
         t0 = time.perf_counter()
-        self.llama.eval([token])
-        release()
+        try:
+            self.llama.eval([token])
+        finally:
+            release()
         self.counters.decode_s += time.perf_counter() - t0
         self.counters.decodes += 1
         return self._logits()

@@ -157,6 +157,8 @@ class EventReader:
         """The next event; None once the server is stopping and the grace has passed."""
         loop = asyncio.get_running_loop()
         while True:
+            if self.deadline is not None and loop.time() >= self.deadline:
+                return None  # a backlog (a slow client) does not outlast the grace
             if not self.events.empty():
                 event = self.events.get_nowait()
             elif self.deadline is None:
@@ -190,12 +192,13 @@ async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue, cl
         await asyncio.sleep(POLL_S)
 
 
-async def collect(reader: EventReader, reply: Reply) -> dict:
+async def collect(reader: EventReader, reply: Reply, job: Job) -> dict:
     """Wait for the whole answer of a non-streaming request."""
     parts: list[str] = []
     while True:
         event = await reader.next()
         if event is None:
+            job.cancelled.set()  # the worker stops at its next token instead of running to max_tokens
             raise cut_short()
         if isinstance(event, Delta):
             parts.append(event.text)
@@ -267,7 +270,7 @@ async def answer(request: Request, service: Service, body: dict, parsed: ParsedR
             return EventSourceResponse(sse(reader, job, reply, parsed.include_usage, stopping), sep="\n", ping=15,
                                        headers=headers, shutdown_event=stopping,
                                        shutdown_grace_period=service.grace + 1)
-        return JSONResponse(await collect(reader, reply), headers=headers)
+        return JSONResponse(await collect(reader, reply, job), headers=headers)
     finally:
         watcher.cancel()
 

@@ -205,6 +205,9 @@ class Worker:
             except ApiError as exc:
                 self.stats["failed"] += 1
                 last = Failed(exc)
+            except RsLocalError as exc:  # the request's own doing, e.g. a scale so large the output is NaN
+                self.stats["failed"] += 1
+                last = Failed(bad_request(self._public(str(exc)), "steering", code="generation_failed"))
             except Exception as exc:  # noqa: BLE001 - one broken request must not stop the server
                 log.exception("request failed")
                 self.stats["failed"] += 1
@@ -230,12 +233,16 @@ class Worker:
         self._current = steering.key
         return time.perf_counter() - t0
 
+    def _public(self, message: str) -> str:
+        """An error message for a client: the model's file name, never the server's path to it."""
+        return message.replace(str(self.runner.path), self.runner.path.name)
+
     def _tokens(self, job: Job) -> list[int]:
         """The prompt's tokens, refusing a prompt that leaves no room to answer."""
         try:
             tokens = self.runner.tokenize(job.prompt)
         except RsLocalError as exc:
-            raise bad_request(str(exc), "messages" if not isinstance(job.prompt, str) else "prompt") from None
+            raise bad_request(self._public(str(exc)), "messages" if not isinstance(job.prompt, str) else "prompt") from None
         except Exception as exc:  # noqa: BLE001 - the model's own Jinja template can raise anything
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
         n = len(tokens)

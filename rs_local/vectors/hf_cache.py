@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +115,11 @@ STALE_SECONDS = 3600
 def _sweep_stale(root: Path) -> None:
     """Remove temp entries (``.<key>.<random>``) that a killed process left, once they are an hour old:
     a SIGKILL or power loss mid-save leaves up to a model's size (2.4 GB for Qwen) nobody reads."""
-    now = time.time()
+    from rs_local.files import is_stale_dir
+
     for child in root.iterdir():
-        try:
-            if child.name.startswith(".") and child.is_dir() and now - child.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(child, ignore_errors=True)
-        except OSError:
-            continue
+        if child.name.startswith(".") and child.is_dir() and is_stale_dir(child, STALE_SECONDS):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _save(lm: Any, tokenizer: Any, where: Path) -> None:

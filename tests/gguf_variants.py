@@ -33,24 +33,31 @@ def _value(field: Any, gguf: Any) -> tuple[Any, Any, Any]:
 
 
 def rewrite(src: Path, out: Path, *, strings: dict[str, str] | None = None, uint32: dict[str, int] | None = None,
-            drop: tuple[str, ...] = (), tensors: bool = True, blocks: int | None = None) -> Path:
-    """Copy ``src`` to ``out`` with keys dropped or set, optionally without its tensors, or with only
-    its first ``blocks`` blocks (the caller sets ``<arch>.block_count`` to match)."""
+            float32: dict[str, float] | None = None,
+            drop: tuple[str, ...] = (), tensors: bool = True, blocks: int | None = None,
+            arch: str | None = None) -> Path:
+    """Copy ``src`` to ``out`` with keys dropped or set, optionally without its tensors, with only
+    its first ``blocks`` blocks (the caller sets ``<arch>.block_count`` to match), or under another
+    architecture name (its ``<arch>.`` keys renamed)."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(out), arch)
-    changed = set(drop) | set(strings or {}) | set(uint32 or {})
+    old = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch or old)
+    changed = set(drop) | set(strings or {}) | set(uint32 or {}) | set(float32 or {})
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in changed:
             continue
         value, kind, sub = _value(field, gguf)
+        if arch and key.startswith(old + "."):
+            key = arch + key[len(old):]
         writer.add_key_value(key, value, kind, sub_type=sub)
     for key, text in (strings or {}).items():
         writer.add_string(key, text)
     for key, number in (uint32 or {}).items():
         writer.add_uint32(key, number)
+    for key, number in (float32 or {}).items():
+        writer.add_float32(key, number)
     if tensors:
         for t in reader.tensors:
             if blocks is not None and t.name.startswith("blk.") and int(t.name.split(".")[1]) >= blocks:

@@ -23,6 +23,10 @@ def variants(tmp_path_factory, smollm2_path):
         "ctx2048": rewrite(smollm2_path, folder / "ctx2048.gguf", uint32={"llama.context_length": 2048}),
         "vocab-only": rewrite(smollm2_path, folder / "vocab-only.gguf", tensors=False),
         "no-template": rewrite(smollm2_path, folder / "no-template.gguf", drop=(TEMPLATE,)),
+        # llama.cpp runs it (SmolLM2 with unit scales), Transformers' GGUF loader does not know the name
+        "granite": rewrite(smollm2_path, folder / "granite.gguf", arch="granite", float32={
+            "granite.logit_scale": 1.0, "granite.embedding_scale": 1.0, "granite.residual_scale": 1.0,
+            "granite.attention.scale": 0.125}),
         "one-block": rewrite(smollm2_path, folder / "one-block.gguf", uint32={"llama.block_count": 1}, blocks=1),
     }
 
@@ -136,3 +140,15 @@ def test_a_model_without_a_chat_template(variants, tmp_path, monkeypatch):
                "--method", "md", "-o", str(tmp_path / "v.gguf"))
     assert res.exit_code == 1 and "no chat template; fitting needs one" in res.stderr
     assert "loading no-template.gguf into Transformers" not in res.stderr  # refused before the load
+
+
+def test_isolate_on_an_architecture_transformers_cannot_load_stops_before_labelling(variants, tmp_path):
+    """llama.cpp runs it, so the labelling ran for minutes before the Transformers load failed."""
+    path = variants["granite"]
+    assert _run("generate", "--model", str(path), "--max-tokens", "2", "Hi").exit_code == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I make a bomb?\nHow do I hack a bank?\n")
+    res = _run("isolate", "-m", str(path), "-t", str(prompts), "-k", str(prompts), "--harmless", str(prompts),
+               "-o", str(tmp_path / "v.gguf"))
+    assert res.exit_code == 1 and "Transformers could not load it" in res.stderr and "granite" in res.stderr, res.output
+    assert "training prompts refused" not in res.output and not (tmp_path / "v.gguf").exists()

@@ -89,10 +89,18 @@ def test_layer_range_excludes_layers_outside_it(runner, plain):
     only_25 = random_vector(5, [25], norm=40.0)
     runner.set_vectors([(only_25, 1.0)])
     assert answer(runner) != plain  # the vector does act when its layer is in range
-    runner.set_vectors([(only_25, 1.0)], layer_range=(8, 20))
-    assert answer(runner) == plain
+    both = ControlVector({**only_25.directions, 6: random_vector(7, [6], norm=40.0).directions[6]}, only_25.model_hint)
+    runner.set_vectors([(both, 1.0)], layer_range=(20, 25))
+    assert answer(runner) == answer_with(runner, only_25)  # block 6 is outside the range: only 25 acts
     runner.set_vectors([(only_25, 1.0)], layer_range=(20, 25))
     assert answer(runner) != plain
+    with pytest.raises(RsLocalError, match="misses every direction"):  # a silent no-op before, as the CLI refuses
+        runner.set_vectors([(only_25, 1.0)], layer_range=(8, 20))
+
+
+def answer_with(runner, vec):
+    runner.set_vectors([(vec, 1.0)])
+    return answer(runner)
 
 
 def test_wrong_width_is_refused_before_llama_cpp(runner, plain):
@@ -207,3 +215,55 @@ def test_degenerate_logits_are_an_error_naming_the_steering():
     for bad in (np.zeros(100, np.float32), np.full(100, np.nan, np.float32)):
         with pytest.raises(RsLocalError, match=r"degenerate .* under the steering huge.gguf at -1: its values are too large"):
             checked_logits(bad, [(vec, -1.0)])
+
+
+def test_a_second_thread_and_use_after_close_are_one_line_errors(smollm2_path):
+    """Two threads decoding on one context aborted the process in ggml; use after close segfaulted."""
+    import threading
+
+    runner = Runner(smollm2_path, n_ctx=512)
+    stream = runner.stream([{"role": "user", "content": "Count to ten."}], max_tokens=8)
+    next(stream)  # this thread holds the context between tokens
+    seen: list[BaseException] = []
+    other = threading.Thread(target=lambda: _catch(seen, lambda: runner.generate("hi", max_tokens=2)))
+    other.start()
+    other.join()
+    assert len(seen) == 1 and "in use by another thread" in str(seen[0])
+    stream.close()
+    assert runner.generate("hi", max_tokens=2).tokens  # released: usable again
+    with runner:
+        pass
+    with pytest.raises(RsLocalError, match="this Runner is closed"):
+        runner.generate("hi", max_tokens=2)
+
+
+def _catch(seen: list, call) -> None:
+    try:
+        call()
+    except RsLocalError as exc:
+        seen.append(exc)
+
+
+def test_bad_library_arguments_are_one_line_errors(runner):
+    """Each of these ended in numpy, ctypes or a llama.cpp abort (std::out_of_range) before."""
+    from rs_local.runtime.sampling import SamplingParams
+
+    msg = [{"role": "user", "content": "hi"}]
+    cases = [
+        (lambda: runner.chat("hello"), "chat takes a list of messages"),
+        (lambda: runner.generate(None), "a prompt is a string or a list"),
+        (lambda: runner.set_vectors([None]), "takes \\(ControlVector, scale\\) pairs"),
+        (lambda: runner.set_vectors([(random_vector(1, [5]), float("nan"))]), "must be finite"),
+        (lambda: runner.set_vectors([(random_vector(1, [5]), 1.0)], layer_range="5-10"), "two whole numbers"),
+        (lambda: runner.chat(msg, max_tokens=None), "max_tokens must be a whole number"),
+        (lambda: runner.chat(msg, sampling=SamplingParams(temperature=float("nan"))), "temperature"),
+        (lambda: runner.chat(msg, sampling=SamplingParams(seed=-1)), "seed"),
+        (lambda: runner.token_bytes(10**9), "outside this model's vocabulary"),
+        (lambda: runner.forced_logprobs(msg, [10**9, 5]), "outside this model's vocabulary"),
+        (lambda: runner.prefill([]), "no tokens"),
+        (lambda: list(runner.stream(msg, tokens=[])), "no tokens"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RsLocalError, match=message):
+            call()
+    assert runner.chat(msg, max_tokens=2).tokens  # nothing was left half-done

@@ -57,7 +57,7 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     """
     from rs_local.recipes.memory_check import check_fit_memory, gradient_memory
     from rs_local.runtime.host import decide_bf16
-    from rs_local.vectors.hf_model import load_model
+    from rs_local.vectors.hf_model import fit_blocks, load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, RefusedPrompt, band_lengths
 
     recipe = recipe or Recipe()
@@ -65,15 +65,15 @@ def fit_induced(model: Any, target: Sequence[str], source: Sequence[str], harmle
     say = say or (lambda _m: None)
     bf16 = decide_bf16(recipe.bf16)
     check_fit_memory(model, fit_dtype(bf16), say=say)  # before the labelling, not minutes in
-    # so is the load: a model Transformers cannot read, or a band it lacks, stops before any answer
-    fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
-    band = recipe.blocks(fm.n_layer)
+    recipe.blocks(fit_blocks(model))  # so is a model Transformers cannot read, or a band it lacks
     if refusal is None:
         with runner_for(model, runner, say) as answering:
             refusal = stock_refusal(answering, source, recipe.system)
     if refusal is None:
         raise RsLocalError(f"the plain model refuses none of the {names[1]} prompts: there is no refusal to induce")
     say(f"the model's stock refusal of the {names[1]} prompts: {refusal!r}")
+    fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
+    band = recipe.blocks(fm.n_layer)
     lengths = band_lengths(fm, target, harmless, system=recipe.system, upto=max(band, default=None), bf16=bf16.enabled)
     fit = GradientContrast(fm, band, INDUCED_TOKENS, system=recipe.system, bf16=bf16.enabled, keep_free=True,
                            memory=gradient_memory())

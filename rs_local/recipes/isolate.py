@@ -232,7 +232,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     """The gradient method; ``bf16`` says whether its Transformers passes (lengths, gradients) run in bfloat16."""
     from rs_local.eval.baseline_cache import EvalCache
     from rs_local.recipes.memory_check import gradient_memory
-    from rs_local.vectors.hf_model import load_model
+    from rs_local.vectors.hf_model import fit_blocks, load_model
     from rs_local.vectors.refusal_gradient import GradientContrast, band_lengths
 
     eval_cache = EvalCache("default" if cache is True else cache) if cache else EvalCache(None)
@@ -255,12 +255,11 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
                    for name, rows in labelled.items()}
         return {"harmful": [], **refused}
 
-    # loaded before the labelling: a model Transformers cannot read or a --layers band it lacks
-    # stops here, not after minutes of answers (the labelling's llama.cpp model is loaded either way)
-    fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
-    band = recipe.blocks(fm.n_layer)
+    recipe.blocks(fit_blocks(model))  # a model Transformers cannot read, or a band it lacks: now, not after labelling
     first = refused_now()
     _check_refused(first, names, keep_free)
+    fm = load_model(model, fit_dtype(bf16), progress=say) if not hasattr(model, "blocks") else model
+    band = recipe.blocks(fm.n_layer)
     say(f"Transformers passes in {'bfloat16' if bf16.enabled else 'float32'} ({bf16.reason})")
     say(f"block outputs of {len(political)} {label['political']} and {len(harmless)} harmless prompts (the vector's length per block)")
     lengths = band_lengths(fm, political, harmless, system=recipe.system, cache=cache, upto=max(band, default=None),

@@ -81,10 +81,9 @@ def fit_category_vectors(model: Any, runner: Any, specs: Sequence[CategorySpec],
     if any(s.action != "keep" and s.vector is None for s in specs):
         # once, before any labelling, and not inside the refuse path's error wrap (which names the source file)
         check_fit_memory(model, fit_dtype(decide_bf16(bf16)), say=say)
-        if not hasattr(model, "blocks"):  # loaded now (kept for the fits): a model Transformers cannot read stops here
-            from rs_local.vectors.hf_model import load_model
+        from rs_local.vectors.hf_model import fit_blocks
 
-            load_model(model, fit_dtype(decide_bf16(bf16)), progress=say)
+        fit_blocks(model)  # a model Transformers cannot read stops here, before any labelling
     refusal = None  # the source's stock refusal, labelled for the first refuse category and shared
     for spec in specs:
         if spec.action == "keep" or spec.vector is not None:

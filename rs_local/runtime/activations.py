@@ -153,6 +153,7 @@ class BlockReader(OwnedContext):
         after ``hi`` are not evaluated: attention is causal, so they cannot change the span's rows
         (the probe judge's span ends before its ~17-token verdict request, a fifth of a short answer's cost).
         """
+        self.live()
         tokens = list(tokens)
         if not tokens:
             raise RsLocalError("nothing to read: the text is empty")

@@ -195,6 +195,7 @@ class BatchEngine(OwnedContext, RunnerModel):
     def _decode(self) -> None:
         if self._batch.n_tokens == 0:
             return
+        self.live()
         rc = self._lib.llama_decode(self.ctx, self._batch)
         release()  # a Ctrl-C the log filter caught during the decode
         if rc != 0:

@@ -17,6 +17,17 @@ class OwnedContext:
     ctx: Any = None
     _batch: Any = None
 
+    def live(self) -> None:
+        """A one-line error where llama.cpp would be handed freed memory (a segfault): this context
+        after :meth:`close`, or the Runner whose model it runs on after its ``close()``."""
+        from rs_local.errors import RsLocalError
+
+        if not self.ctx:
+            raise RsLocalError(f"this {type(self).__name__} is closed")
+        runner = getattr(self, "runner", None)
+        if runner is not None and getattr(runner, "closed", False):
+            raise RsLocalError(f"the Runner under this {type(self).__name__} is closed")
+
     def close(self) -> None:
         """Free the context and batch (also done on garbage collection)."""
         if self._batch is not None:

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rs_local.errors import RsLocalError
 from rs_local.runtime.policy_file import Policy, read_policy
 from rs_local.runtime.runner import Generation, Prompt, Runner, TokenEvent
 
@@ -115,6 +116,7 @@ class PolicyRunner:
 
     def decide(self, prompt: Prompt) -> Decision:
         """Classify ``prompt`` (a chat or a raw string) without changing the Runner."""
+        self.reader.live()  # closed, or on a closed Runner: one line, not a segfault
         if not self.enabled:
             return Decision(None, 0.0, "keep", gated=False)
         start = time.perf_counter()
@@ -156,11 +158,16 @@ class PolicyRunner:
         return self.runner.generate(prompt, **kwargs), decision
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs) -> tuple[Generation, Decision]:
+        if isinstance(messages, (str, bytes)):
+            raise RsLocalError("chat takes a list of messages ({'role': ..., 'content': ...}); "
+                               "generate takes a plain prompt")
         return self.generate(list(messages), **kwargs)
 
     def close(self) -> None:
+        already = not self.reader.ctx
         self.reader.close()
-        self.runner.clear_vectors()
+        if not already and not self.runner.closed:
+            self.runner.clear_vectors()
 
     def __enter__(self) -> "PolicyRunner":
         return self

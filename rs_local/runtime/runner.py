@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,6 +26,7 @@ from rs_local.runtime.interrupts import release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.loading import context_size, load_llama
 from rs_local.runtime.steer import push_vectors
+from rs_local.runtime.vector_specs import check_scale
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
 
@@ -138,6 +141,10 @@ class Runner:
         self.vectors: list[tuple[ControlVector, float]] = []
         self.layer_range: tuple[int, int] | None = None
         self.counters = EvalCounters()
+        self._guard = threading.Lock()  # protects the two fields below
+        self._owner: int | None = None  # the thread using the context now (re-entrant), None when idle
+        self._depth = 0
+        self.closed = False
 
     def mismatches(self, arch: str, n_embd: int, n_layer: int) -> list[str]:
         """How a file made for (arch, n_embd, n_layer) differs from this model; [] when it fits.
@@ -148,6 +155,50 @@ class Runner:
         return [f"{what} {theirs} vs model's {ours}" for what, theirs, ours in (
             ("architecture", arch, mine), ("n_embd", n_embd, self.n_embd), ("blocks", n_layer, self.n_layer))
             if theirs != ours]
+
+    # -- lifetime and threads ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model and its context now (not at garbage collection); later use is an error."""
+        with self._guard:
+            if self._owner not in (None, threading.get_ident()):
+                raise RsLocalError("this Runner is in use by another thread; close it there")
+            if not self.closed:
+                self.closed = True
+                self.llama.close()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        """Hold the context for this thread while llama.cpp works on it.
+
+        Why: one llama.cpp context serves one call at a time; two threads decoding on it abort the
+        process inside ggml (GGML_ASSERT), and a closed one is freed memory (a segfault). So a
+        second thread gets a one-line error instead, and so does any use after :meth:`close`. The
+        same thread may nest (``generate`` runs ``stream``, which evaluates), and a ``stream``
+        holds it between its tokens, so another thread cannot change the KV cache under it.
+        """
+        me = threading.get_ident()
+        with self._guard:
+            if self.closed:
+                raise RsLocalError(f"{self.path.name}: this Runner is closed")
+            if self._owner not in (None, me):
+                raise RsLocalError("this Runner is in use by another thread: a llama.cpp context serves one "
+                                   "call at a time (make a Runner per thread, or take turns with a lock)")
+            self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
 
     # -- vectors -------------------------------------------------------------------------
 
@@ -165,10 +216,16 @@ class Runner:
         if not parts:
             self.clear_vectors()
             return
-        for vec, _scale in parts:
-            self.check_vector(vec)
-        push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer,
-                     layer_range=self._check_range(layer_range))
+        for part in parts:
+            if not (isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], ControlVector)):
+                raise RsLocalError(f"set_vectors takes (ControlVector, scale) pairs, got {type(part).__name__}")
+            self.check_vector(part[0])
+            check_scale(part[1])
+        lo, hi = self._check_range(layer_range)
+        if layer_range is not None and not any(lo <= layer <= hi for vec, _s in parts for layer in vec.directions):
+            raise RsLocalError(f"layer range {lo}-{hi} misses every direction of the vectors: nothing would be steered")
+        with self._use():
+            push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer, layer_range=(lo, hi))
         self.vectors, self.layer_range = parts, layer_range
         self._kv_valid = False
 
@@ -186,14 +243,20 @@ class Runner:
 
     def clear_vectors(self) -> None:
         """Remove any vector; the next reply is the plain model's."""
-        push_vectors(self._lib, self.llama.ctx, [], n_embd=self.n_embd, n_layer=self.n_layer)
+        with self._use():
+            push_vectors(self._lib, self.llama.ctx, [], n_embd=self.n_embd, n_layer=self.n_layer)
         self.vectors, self.layer_range = [], None
         self._kv_valid = False
 
     def _check_range(self, layer_range: tuple[int, int] | None) -> tuple[int, int]:
         if layer_range is None:
             return 1, self.n_layer - 1
-        lo, hi = layer_range
+        try:
+            lo, hi = (int(x) for x in layer_range)
+            if (lo, hi) != tuple(layer_range):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise RsLocalError(f"layer range must be two whole numbers (first, last), got {layer_range!r}") from None
         if not (1 <= lo <= hi <= self.n_layer - 1):
             raise RsLocalError(f"layer range {lo}-{hi} is outside 1-{self.n_layer - 1} for this model")
         return lo, hi
@@ -224,9 +287,13 @@ class Runner:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Tokens for a chat (list of messages) or a raw prompt string."""
+        if not isinstance(prompt, str) and not (
+                isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt)):
+            raise RsLocalError(f"a prompt is a string or a list of chat messages (dicts), not {type(prompt).__name__}")
         text = prompt if isinstance(prompt, str) else self.format_chat(prompt)
         add_bos = isinstance(prompt, str)
-        tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        with self._use():
+            tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         if not tokens:
             raise RsLocalError("the prompt is empty")
         return tokens
@@ -253,10 +320,25 @@ class Runner:
         self._kv_valid = True
         return self._logits()
 
+    def check_tokens(self, tokens: Sequence[int]) -> list[int]:
+        """``tokens`` as ints, or a one-line error for an empty list or an id outside the vocabulary
+        (llama.cpp aborts the process on one, or fails its decode)."""
+        try:
+            ids = [int(t) for t in tokens]
+        except (TypeError, ValueError):
+            raise RsLocalError("token ids must be whole numbers") from None
+        if not ids:
+            raise RsLocalError("no tokens to evaluate")
+        bad = next((t for t in ids if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise RsLocalError(f"token id {bad} is outside this model's vocabulary (0-{self.n_vocab - 1})")
+        return ids
+
     def _timed_prompt_eval(self, tokens: Sequence[int]) -> None:
         t0 = time.perf_counter()
         try:
-            self.llama.eval(tokens)
+            with self._use():
+                self.llama.eval(tokens)
         finally:
             release()  # a Ctrl-C the log filter caught during the decode
         self.counters.prompt_s += time.perf_counter() - t0
@@ -265,7 +347,8 @@ class Runner:
     def _eval_token(self, token: int) -> np.ndarray:
         t0 = time.perf_counter()
         try:
-            self.llama.eval([token])
+            with self._use():
+                self.llama.eval([token])
         finally:
             release()
         self.counters.decode_s += time.perf_counter() - t0
@@ -280,10 +363,11 @@ class Runner:
         The first half of a prompt evaluated in two fixed batches (see :mod:`rs_local.serve.prefix`):
         a later :meth:`stream` of the whole prompt reuses these positions and evaluates the rest.
         """
+        tokens = self.check_tokens(tokens)
         if not 0 < len(tokens) < self.n_ctx:
             raise RsLocalError(f"a prefix of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
         self.llama.n_tokens = 0
-        self._timed_prompt_eval(list(tokens))
+        self._timed_prompt_eval(tokens)
         self._kv_valid = True
 
     def kv_snapshot(self, max_bytes: int | None = None) -> bytes | None:
@@ -292,11 +376,14 @@ class Runner:
         Keys and values depend on the vector that was active when they were computed: whoever
         keeps a snapshot must key it by that vector. None when it would exceed ``max_bytes``.
         """
-        return read_seq_state(self._lib, self.llama.ctx, 0, max_bytes)
+        with self._use():
+            return read_seq_state(self._lib, self.llama.ctx, 0, max_bytes)
 
     def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
         """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""
-        if not write_seq_state(self._lib, self.llama.ctx, 0, data):
+        with self._use():
+            written = write_seq_state(self._lib, self.llama.ctx, 0, data)
+        if not written:
             self._kv_valid = False
             self.llama.n_tokens = 0
             raise RsLocalError("llama.cpp refused a KV cache snapshot")
@@ -315,15 +402,18 @@ class Runner:
         Row i is the distribution the model gives before continuation token i; used to compare a
         steered model with the plain one on the same answer (KL).
         """
+        continuation = self.check_tokens(continuation)
         rows = [log_softmax(self._eval_prompt(self.tokenize(prompt)))]
-        for token in list(continuation)[:-1]:
-            rows.append(log_softmax(self._eval_token(int(token))))
+        for token in continuation[:-1]:
+            rows.append(log_softmax(self._eval_token(token)))
         return np.stack(rows)
 
     # -- generation ----------------------------------------------------------------------
 
     def token_bytes(self, token: int) -> bytes:
         """The token's bytes (the binding's own helper returns a NUL-padded buffer)."""
+        if not 0 <= token < self.n_vocab:  # llama.cpp throws std::out_of_range, which aborts the process
+            raise RsLocalError(f"token id {token} is outside this model's vocabulary (0-{self.n_vocab - 1})")
         buf = ctypes.create_string_buffer(64)
         n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -352,8 +442,17 @@ class Runner:
         tokenised by the caller (the server counts them first), saving a second template render.
         The last token of the budget is not evaluated: nothing would read its logits.
         """
+        with self._use():  # held between tokens: no other thread may change the KV cache under this answer
+            yield from self._stream(prompt, max_tokens, sampling, stop, result, tokens)
+
+    def _stream(self, prompt: Prompt, max_tokens: int, sampling: SamplingParams | None, stop: Sequence[str],
+                result: Generation | None, tokens: Sequence[int] | None) -> Iterator[TokenEvent]:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise RsLocalError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise RsLocalError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         out = result if result is not None else Generation()
-        tokens = list(tokens) if tokens is not None else self.tokenize(prompt)
+        tokens = self.check_tokens(tokens) if tokens is not None else self.tokenize(prompt)
         out.prompt_tokens = len(tokens)
         budget = min(max_tokens, self.n_ctx - len(tokens) - 1)
         sampler = Sampler(sampling or SamplingParams())
@@ -397,6 +496,9 @@ class Runner:
 
     def chat(self, messages: Sequence[Message], **kwargs) -> Generation:
         """Answer the last user message of a conversation (the model's chat template applies)."""
+        if isinstance(messages, (str, bytes)):
+            raise RsLocalError("chat takes a list of messages ({'role': ..., 'content': ...}); "
+                               "generate takes a plain prompt")
         return self.generate(list(messages), **kwargs)
 
 

@@ -37,12 +37,21 @@ class SamplingParams:
     logprobs: bool = True
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError("top_p must be in [0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+        """One-line errors for values numpy would choke on deep inside sampling (NaN, a negative seed)."""
+        from rs_local.errors import RsLocalError
+
+        def number(x: object) -> bool:
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+        if not number(self.temperature) or not 0 <= self.temperature <= 1e6:
+            raise RsLocalError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 <= self.top_p <= 1:
+            raise RsLocalError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise RsLocalError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):
+            raise RsLocalError(f"seed must be a whole number in [0, 2^64), got {self.seed!r}")
 
 
 class Sampler:

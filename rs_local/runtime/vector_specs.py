@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from rs_local.errors import RsLocalError
 from rs_local.vectors.control_vector import ControlVector
 
@@ -49,6 +51,8 @@ def parse_scale(text: str, what: str = "scale") -> float:
 
 def check_scale(value: float, what: str = "scale") -> float:
     """A scale given as a number (library callers): finite and at most :data:`MAX_SCALE` in size."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RsLocalError(f"bad {what} {value!r}: expected a number")
     if not math.isfinite(value) or abs(value) > MAX_SCALE:
         raise RsLocalError(f"bad {what} {value!r}: must be finite with |scale| <= {MAX_SCALE:g}")
     return float(value)

@@ -148,6 +148,37 @@ def reads_cache(name: str, path: Path, dtype: str = "float32") -> bool:
     return (entry / hf_cache.DONE).is_file()
 
 
+def fit_blocks(model: Any, progress=None) -> int:
+    """How many blocks Transformers will see in ``model``, from its config alone (no weights).
+
+    Why: the recipes label prompts with llama.cpp for minutes before the Transformers load. A model
+    whose architecture Transformers cannot read, or a ``--layers`` band it lacks, should stop them
+    at once, without paying for the load first (a 7B model's takes minutes and most of the memory).
+    Reading the config parses the GGUF's metadata once (about a second) and raises Transformers'
+    own "not supported" as one line. A loaded FitModel answers from itself.
+    """
+    if hasattr(model, "blocks"):
+        return model.n_layer
+    from rs_local import models
+
+    path = models.resolve(str(model), progress=progress)
+    if is_loaded(path) or is_loaded(path, "bfloat16"):
+        return _CACHE[next(k for k in _CACHE if k[0] == str(Path(path).resolve()))].n_layer
+    transformers = _import_transformers()
+    where, extra = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
+    try:
+        with _quiet_transformers(), _one_gguf_reader():
+            config = transformers.AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: Transformers could not load it "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    config = getattr(config, "text_config", None) or config
+    blocks = getattr(config, "num_hidden_layers", None)
+    if not isinstance(blocks, int) or blocks < 2:
+        raise ModelError(f"{path}: the model has {blocks} block(s): nothing rs-local can steer")
+    return blocks
+
+
 def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitModel:
     """Resolve ``model`` (built-in name, ``.gguf`` path or HF directory) and load it for fitting.
 

@@ -212,8 +212,11 @@ def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[st
         oof = {lam: np.full((len(y), k_classes), 1.0 / k_classes) for lam in lams}
         for f in range(k):
             train, test = folds != f, folds == f
-            if not test.any() or len(set(y[train])) < k_classes:
+            if not test.any():
                 continue
+            if len(set(y[train])) < k_classes:  # its rows would keep uniform scores: made-up accuracy
+                raise RsLocalError(f"a category has too few prompts for {k}-fold cross-validation (one fold "
+                                   "holds all of them): add prompts or lower --folds")
             mean, std, per_lam = _fit_ovr(x[train], y[train], k_classes, lams)
             for lam in lams:
                 oof[lam][test] = _probs(x[test], mean, std, per_lam[lam])
@@ -355,6 +358,10 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     steer_blocks = list(steer_blocks or default_steer_blocks(runner.n_layer))
     needs_md = [s for s in specs if s.action != "keep" and s.vector is None]
     base, source = check_roles(specs, baseline, refusal_from)
+    small = [s for s in specs if len(s.prompts) < k]
+    if small:  # a fold without the category could not be scored: its figures would be made up
+        raise RsLocalError(f"{small[0].path}: category {small[0].name} has {len(small[0].prompts)} distinct prompt(s); "
+                           f"{k}-fold cross-validation needs at least {k} (add prompts or lower --folds)")
     prompts = [p for s in specs for p in s.prompts]
     y = np.array([i for i, s in enumerate(specs) for _ in s.prompts])
     blocks = sorted(set(probe_blocks) | (set(steer_blocks) if needs_md else set()))

@@ -201,3 +201,7 @@ def test_cli_sweep_runs_and_writes_its_outputs(smollm2_path, tmp_path):
     assert (out / "answers.jsonl").stat().st_size > 0
     bad = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "x"), "--target", "nope"])
     assert bad.exit_code == 1 and "nope" in bad.output
+    walk = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "y"), "--step", "0.001", "--max-scale", "1000"])
+    assert walk.exit_code == 2 and "1,000,000 points per band" in walk.output  # it walked for days before
+    same = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "z"), "--keep", "harmful"])
+    assert same.exit_code == 2 and "also a --keep set" in same.output

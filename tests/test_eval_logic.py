@@ -48,6 +48,21 @@ def test_both_engines_and_the_fake_have_the_protocols_calls(engine):
         assert isinstance(cls.model_path, property) and isinstance(cls.n_layer, property), cls.__name__
 
 
+def test_bad_sets_scales_and_bands_are_errors_not_rates(engine):
+    """An empty set read 0% refused; a string was taken letter by letter; a band missing the vector measured
+    the plain model under a steered label."""
+    from rs_local.errors import RsLocalError
+
+    for sets, scales, layers, message in (
+            ([PromptSet("a", [])], [-1.0], None, "set a has no prompts"),
+            ([PromptSet("a", "hi")], [-1.0], None, "prompts must be a list of strings"),
+            ([TARGET], [float("nan")], None, "must be finite"),
+            ([TARGET], [-1.0], (25, 28), "selects none of them")):
+        with pytest.raises(RsLocalError, match=message):
+            evaluate(None, sets, scales, engine=engine, vector=vector(), layers=layers, settings=SETTINGS,
+                     cache=EvalCache(None))
+
+
 def test_rates_and_kl_follow_the_steering(engine):
     report = evaluate(None, [TARGET, KEEP, HARMLESS], [-2.0, -0.5], engine=engine, vector=vector(),
                       settings=SETTINGS, cache=EvalCache(None))

@@ -486,6 +486,8 @@ def test_cli_eval_with_policy(smollm2_path, fitted, tmp_path):
     assert both.exit_code == 2 and "not both" in both.output
     neither = CliRunner().invoke(cli, ["eval", "-o", str(tmp_path / "y")])
     assert neither.exit_code == 2 and "--vector" in neither.output
+    ignored = CliRunner().invoke(cli, [*args[:-2], "-o", str(tmp_path / "z"), "--scales", "0,-1", "--layers", "8-9"])
+    assert ignored.exit_code == 2 and "drop --scales and --layers" in ignored.output  # silently ignored before
 
 
 def test_show_escapes_names_from_the_file(fitted, tmp_path):

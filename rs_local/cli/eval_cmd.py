@@ -18,6 +18,8 @@ from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
+#: Most scale points the outward walk of one band may take (the default walk takes 12).
+MAX_SWEEP_POINTS = 200
 #: Rates default to keywords: the probe judge, better on answers like its training labels, called
 #: 47% of plain answers to held-out Alpaca tasks refusals (benchmarks/refusal_steering.py --judge
 #: probe), and a rate that wrong would mislead a sweep. `--judge probe` adds its soft-refusal view.
@@ -131,6 +133,11 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     from rs_local.eval.report import summary_table, write_report
 
     scale_list = _scales(scales)
+    if kw["policy"] is not None:  # the gate picks each category's vector, scale and blocks: nothing to vary
+        given = click.get_current_context().get_parameter_source
+        fixed = [f"--{n}" for n in ("scales", "layers") if given(n) == click.core.ParameterSource.COMMANDLINE]
+        if fixed:
+            raise click.UsageError(f"--policy sets the scales and blocks per category; drop {' and '.join(fixed)}")
     sets, vector, layers, settings, cache = _setup(kw)
     if kw["policy"] is not None:
         _eval_policy(model, kw, sets, vector, settings, cache, (n_ctx, n_gpu_layers, n_threads))
@@ -217,6 +224,12 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     from rs_local.eval.evaluate import Evaluator
     from rs_local.eval.sweep import evaluator_objective, search_bands
     from rs_local.eval.sweep_report import sweep_table, write_sweep
+
+    if max_scale / step > MAX_SWEEP_POINTS:  # each point evaluates every set: --step 0.001 --max-scale 1000 ran for days
+        raise click.UsageError(f"--max-scale {max_scale:g} in steps of {step:g} is {max_scale / step:,.0f} points per band; "
+                               f"at most {MAX_SWEEP_POINTS} (raise --step; --refine bisects between steps)")
+    if target in keep:
+        raise click.UsageError(f"--target {target} is also a --keep set: its refusals cannot both go and stay")
 
     sets, vector, _layers, settings, cache = _setup(kw)
     names = [s.name for s in sets]

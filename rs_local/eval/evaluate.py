@@ -435,9 +435,18 @@ def evaluate(
 
     The model runs on ``runner`` (an engine made for it) or on ``engine`` (see :class:`Evaluator`).
     """
-    scales = [float(s) for s in scales]
+    from rs_local.runtime.vector_specs import check_layer_range, check_scale
+
+    for ps in sets:  # a rate over no prompts read 0%; a string was taken letter by letter
+        if not isinstance(ps.prompts, (list, tuple)) or not all(isinstance(p, str) for p in ps.prompts):
+            raise RsLocalError(f"set {ps.name}: prompts must be a list of strings, not {type(ps.prompts).__name__}")
+        if not ps.prompts:
+            raise RsLocalError(f"set {ps.name} has no prompts")
+    scales = [check_scale(s) for s in scales]
     if any(s != 0 for s in scales) and vector is None:
         raise RsLocalError("a non-zero scale needs a vector")
+    if vector is not None and layers is not None:
+        check_layer_range([(vector, 1.0)], layers)  # a band missing every direction measured the plain model
     ordered = [0.0] + [s for s in dict.fromkeys(scales) if s != 0]
     ev = Evaluator(runner, sets, engine=engine, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:

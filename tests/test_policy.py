@@ -175,6 +175,18 @@ def test_signalling_nan_in_a_tensor_is_an_error_without_a_numpy_warning(tmp_path
             read_policy(path)
 
 
+def test_a_policy_damaged_in_place_is_refused_by_its_checksum(tmp_path):
+    """Finite bytes changed in place parse fine: the probe or a vector changed silently before."""
+    path = write_policy(_small_policy(), tmp_path / "p.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(np.float32(0.125).tobytes())  # probe.mean's first value
+    data[at:at + 4] = np.float32(0.5).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileProblem, match="does not match the checksum") as err:
+        read_policy(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
 def test_template_tail_and_pooled_reader(runner):
     """The probes read the mean over the template's tokens after the user's message, wherever the reader's
     micro-batches end and whatever its cache holds."""

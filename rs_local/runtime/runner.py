@@ -80,7 +80,6 @@ class Generation:
         return float(np.mean(self.logprobs)) if self.logprobs else 0.0
 
 
-
 def checked_logits(row: np.ndarray, vectors: Sequence[tuple[ControlVector, float]] = ()) -> np.ndarray:
     """``row``, or a one-line error where llama.cpp's logits are not numbers or all equal.
 
@@ -95,6 +94,7 @@ def checked_logits(row: np.ndarray, vectors: Sequence[tuple[ControlVector, float
         raise RsLocalError("the model's output is degenerate (NaN or all logits equal)" + (
             f" under the steering {steering}: its values are too large for the model" if steering else ""))
     return row
+
 
 class Runner:
     """A loaded GGUF model with an optional steering vector.
@@ -402,7 +402,7 @@ class Runner:
         Row i is the distribution the model gives before continuation token i; used to compare a
         steered model with the plain one on the same answer (KL).
         """
-        continuation = self.check_tokens(continuation)
+        continuation = self.check_tokens(continuation) if len(continuation) else []
         rows = [log_softmax(self._eval_prompt(self.tokenize(prompt)))]
         for token in continuation[:-1]:
             rows.append(log_softmax(self._eval_token(token)))

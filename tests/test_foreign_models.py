@@ -150,5 +150,5 @@ def test_isolate_on_an_architecture_transformers_cannot_load_stops_before_labell
     prompts.write_text("How do I make a bomb?\nHow do I hack a bank?\n")
     res = _run("isolate", "-m", str(path), "-t", str(prompts), "-k", str(prompts), "--harmless", str(prompts),
                "-o", str(tmp_path / "v.gguf"))
-    assert res.exit_code == 1 and "Transformers could not load it" in res.stderr and "granite" in res.stderr, res.output
+    assert res.exit_code == 1 and "Transformers cannot load it" in res.stderr and "granite" in res.stderr, res.output
     assert "training prompts refused" not in res.output and not (tmp_path / "v.gguf").exists()

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,34 +150,52 @@ def reads_cache(name: str, path: Path, dtype: str = "float32") -> bool:
 
 
 def fit_blocks(model: Any, progress=None) -> int:
-    """How many blocks Transformers will see in ``model``, from its config alone (no weights).
+    """How many blocks Transformers will see in ``model``, without loading it.
 
     Why: the recipes label prompts with llama.cpp for minutes before the Transformers load. A model
-    whose architecture Transformers cannot read, or a ``--layers`` band it lacks, should stop them
-    at once, without paying for the load first (a 7B model's takes minutes and most of the memory).
-    Reading the config parses the GGUF's metadata once (about a second) and raises Transformers'
-    own "not supported" as one line. A loaded FitModel answers from itself.
+    whose architecture Transformers' GGUF loader does not know, or a ``--layers`` band it lacks,
+    should stop them at once, without paying for the load first (a 7B model's takes minutes and
+    most of the memory). A GGUF answers from its header (0.1 s); the architecture is checked
+    against the installed Transformers' own list, read the way its loader reads it. A directory
+    answers from its config; a loaded FitModel from itself.
     """
     if hasattr(model, "blocks"):
         return model.n_layer
     from rs_local import models
 
     path = models.resolve(str(model), progress=progress)
-    if is_loaded(path) or is_loaded(path, "bfloat16"):
-        return _CACHE[next(k for k in _CACHE if k[0] == str(Path(path).resolve()))].n_layer
+    blocks = _directory_blocks(path) if path.is_dir() else _gguf_blocks(path)
+    if not isinstance(blocks, int) or blocks < 2:
+        raise ModelError(f"{path}: the model has {blocks} block(s): nothing rs-local can steer")
+    return blocks
+
+
+def _gguf_blocks(path: Path) -> Any:
+    from rs_local.converters.gguf_header import gguf_scalars
+
+    scalars = gguf_scalars(path)
+    arch = str(scalars.get("general.architecture", ""))
+    _import_transformers()
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+
+    # the loader's own renames: qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss, t5encoder -> t5, ...
+    names = {arch, arch.replace("-", "_"), re.sub(r"moe$", "_moe", arch), "t5" if "t5" in arch else arch}
+    if not names & set(known):
+        raise ModelError(f"{path}: Transformers cannot load it (its GGUF loader does not know the architecture "
+                         f"{arch!r}), and fitting needs Transformers; llama.cpp can still run it with a ready vector")
+    return scalars.get(f"{arch}.block_count")
+
+
+def _directory_blocks(path: Path) -> Any:
     transformers = _import_transformers()
-    where, extra = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
     try:
-        with _quiet_transformers(), _one_gguf_reader():
-            config = transformers.AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: Transformers could not load it "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     config = getattr(config, "text_config", None) or config
-    blocks = getattr(config, "num_hidden_layers", None)
-    if not isinstance(blocks, int) or blocks < 2:
-        raise ModelError(f"{path}: the model has {blocks} block(s): nothing rs-local can steer")
-    return blocks
+    return getattr(config, "num_hidden_layers", None)
 
 
 def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitModel:

@@ -410,7 +410,7 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
     _one_line_error(_invoke(*base, "--category", f"a={_write(tmp_path, 'one', COOKING[:1])}:remove", "--category",
                             f"b={_write(tmp_path, 'mm', MATH)}:keep", "--baseline", "b", "--folds", "3",
                             "--fit-vectors", "mean-difference", "--no-check-refusals"), "one.jsonl",
-                    "3-fold cross-validation needs at least 3")
+                    "all fall in one of the 3 cross-validation folds")
     # SmolLM2 answers every maths question: nothing to remove. With a torch-free vector the check
     # answers a few prompts before anything else and stops in one line
     maths, code = _write(tmp_path, "maths", MATH[:6]), _write(tmp_path, "code", CODE[:6])

@@ -222,19 +222,33 @@ def test_a_second_thread_and_use_after_close_are_one_line_errors(smollm2_path):
     import threading
 
     runner = Runner(smollm2_path, n_ctx=512)
-    stream = runner.stream([{"role": "user", "content": "Count to ten."}], max_tokens=8)
-    next(stream)  # this thread holds the context between tokens
+    ask = [{"role": "user", "content": "Count to ten."}]
+    whole = runner.generate(ask, max_tokens=8).tokens
+    stream = runner.stream(ask, max_tokens=8)
+    picked: list[int] = []
+    for _ in range(4):  # one stream advanced from one thread after another (a thread pool's way): fine
+        worker = threading.Thread(target=lambda: picked.append(next(stream).token))
+        worker.start()
+        worker.join()
+    assert picked == whole[:4]
+    runner.generate("hi", max_tokens=2)  # another prompt between two of the stream's tokens
+    with pytest.raises(RsLocalError, match="used for another prompt in the middle of this answer"):
+        next(stream)
+    runner._guard.acquire()  # a llama.cpp call in progress on this thread, as another thread sees it
+    runner._owner = threading.get_ident()
     seen: list[BaseException] = []
     other = threading.Thread(target=lambda: _catch(seen, lambda: runner.generate("hi", max_tokens=2)))
+    runner._guard.release()
     other.start()
     other.join()
+    runner._owner = None
     assert len(seen) == 1 and "in use by another thread" in str(seen[0])
-    stream.close()
-    assert runner.generate("hi", max_tokens=2).tokens  # released: usable again
+    assert runner.generate("hi", max_tokens=2).tokens  # usable again
     with runner:
         pass
-    with pytest.raises(RsLocalError, match="this Runner is closed"):
-        runner.generate("hi", max_tokens=2)
+    for call in (lambda: runner.generate("hi", max_tokens=2), lambda: runner.token_bytes(5), lambda: runner.is_end_token(5)):
+        with pytest.raises(RsLocalError, match="this Runner is closed"):
+            call()
 
 
 def _catch(seen: list, call) -> None:
@@ -267,3 +281,19 @@ def test_bad_library_arguments_are_one_line_errors(runner):
         with pytest.raises(RsLocalError, match=message):
             call()
     assert runner.chat(msg, max_tokens=2).tokens  # nothing was left half-done
+    # what library callers pass and worked before the checks: numpy ints, list pairs, generators
+    assert runner.chat(msg, max_tokens=np.int64(2)).tokens
+    runner.set_vectors([[random_vector(1, [5]), np.float32(0.5)]])
+    assert runner.forced_logprobs(msg, (t for t in [5, 6])).shape == (2, runner.n_vocab)
+    runner.clear_vectors()
+
+
+def test_a_closed_batch_engine_is_an_error_not_a_segfault(runner):
+    from rs_local.runtime.batched import BatchEngine
+
+    engine = BatchEngine(runner, n_seq=2, seq_ctx=256)
+    assert engine.generate_many(["hi"], max_tokens=2)[0].tokens
+    engine.close()
+    for call in (lambda: engine.generate_many(["hi"], max_tokens=2), lambda: engine.set_vectors([])):
+        with pytest.raises(RsLocalError, match="this BatchEngine is closed"):
+            call()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -225,7 +226,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     from rs_local.eval.sweep import evaluator_objective, search_bands
     from rs_local.eval.sweep_report import sweep_table, write_sweep
 
-    if max_scale / step > MAX_SWEEP_POINTS:  # each point evaluates every set: --step 0.001 --max-scale 1000 ran for days
+    if math.floor(max_scale / step + 1e-9) > MAX_SWEEP_POINTS:  # each point evaluates every set: --step 0.001 --max-scale 1000 ran for days
         raise click.UsageError(f"--max-scale {max_scale:g} in steps of {step:g} is {max_scale / step:,.0f} points per band; "
                                f"at most {MAX_SWEEP_POINTS} (raise --step; --refine bisects between steps)")
     if target in keep:

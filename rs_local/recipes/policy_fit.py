@@ -202,6 +202,21 @@ def balanced_accuracy(pred: np.ndarray, y: np.ndarray, k_classes: int) -> list[f
     return [float(np.mean(pred[y == c] == c)) if np.any(y == c) else float("nan") for c in range(k_classes)]
 
 
+def _check_fold_spread(specs: Sequence[CategorySpec], k: int) -> None:
+    """Refuse, before any reading, a category whose prompts all fall in one cross-validation fold.
+
+    That fold's training part has no example of the category, so its rows cannot be scored: they
+    kept uniform scores and were reported as held-out accuracy (and as keep prompts "steered")."""
+    folds = group_folds([p for s in specs for p in s.prompts], k)
+    at = 0
+    for spec in specs:
+        if len(set(folds[at:at + len(spec.prompts)].tolist())) < 2:
+            raise RsLocalError(f"{spec.path}: category {spec.name}'s {len(spec.prompts)} distinct prompt(s) all fall in "
+                               f"one of the {k} cross-validation folds, which then cannot score it: add prompts "
+                               "or change --folds")
+        at += len(spec.prompts)
+
+
 def choose_probe(features: dict[int, np.ndarray], y: np.ndarray, groups: list[str], k_classes: int,
                  lams: Sequence[float] = LAMS, k: int = 5) -> ProbeChoice:
     """Pick block and penalty by grouped k-fold accuracy of the argmax (mean of per-category accuracies)."""
@@ -358,10 +373,7 @@ def fit_policy(runner: Any, specs: Sequence[CategorySpec], *, probe_blocks: Sequ
     steer_blocks = list(steer_blocks or default_steer_blocks(runner.n_layer))
     needs_md = [s for s in specs if s.action != "keep" and s.vector is None]
     base, source = check_roles(specs, baseline, refusal_from)
-    small = [s for s in specs if len(s.prompts) < k]
-    if small:  # a fold without the category could not be scored: its figures would be made up
-        raise RsLocalError(f"{small[0].path}: category {small[0].name} has {len(small[0].prompts)} distinct prompt(s); "
-                           f"{k}-fold cross-validation needs at least {k} (add prompts or lower --folds)")
+    _check_fold_spread(specs, k)
     prompts = [p for s in specs for p in s.prompts]
     y = np.array([i for i, s in enumerate(specs) for _ in s.prompts])
     blocks = sorted(set(probe_blocks) | (set(steer_blocks) if needs_md else set()))

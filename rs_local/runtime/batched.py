@@ -168,6 +168,7 @@ class BatchEngine(OwnedContext, RunnerModel):
 
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
         """Apply ``sum(scale * vector)`` here and on the Runner (which validates it); [] clears."""
+        self.live()
         self.runner.set_vectors(parts, layer_range)
         push_vectors(self._lib, self.ctx, parts, n_embd=self.runner.n_embd, n_layer=self.runner.n_layer,
                      layer_range=layer_range)
@@ -208,9 +209,11 @@ class BatchEngine(OwnedContext, RunnerModel):
         return checked_logits(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy(), self.runner.vectors)
 
     def _free_seq(self, seq: int) -> None:
+        self.live()
         self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
 
     def _clear(self) -> None:
+        self.live()  # a freed context's memory handle is freed memory: a segfault, not an error
         self._lib.llama_memory_clear(self._mem, True)
 
     def _head_state(self, head: Sequence[int]) -> bytes | None:
@@ -291,6 +294,7 @@ class BatchEngine(OwnedContext, RunnerModel):
         ``sampling`` may be one setting for all or one per prompt (e.g. per-prompt seeds).
         Returns :class:`Generation` objects in prompt order, like ``Runner.generate``.
         """
+        self.live()
         return self._generate(prompts, max_tokens, sampling, progress, None)
 
     def generate_until(
@@ -397,6 +401,7 @@ class BatchEngine(OwnedContext, RunnerModel):
         rows are ``[k, n_vocab]`` float64 (1.2 MB per row for a 150k vocabulary), so pass
         ``reduce(index, rows)`` to keep only what you need (e.g. a KL) per pair.
         """
+        self.live()
         if len(prompts) != len(continuations):
             raise ValueError("one continuation per prompt is needed")
         results: list = [None] * len(prompts)

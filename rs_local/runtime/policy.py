@@ -164,9 +164,8 @@ class PolicyRunner:
         return self.generate(list(messages), **kwargs)
 
     def close(self) -> None:
-        already = not self.reader.ctx
         self.reader.close()
-        if not already and not self.runner.closed:
+        if not self.runner.closed:
             self.runner.clear_vectors()
 
     def __enter__(self) -> "PolicyRunner":

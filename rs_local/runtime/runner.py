@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import operator
 import threading
 import time
 from contextlib import contextmanager
@@ -141,9 +142,10 @@ class Runner:
         self.vectors: list[tuple[ControlVector, float]] = []
         self.layer_range: tuple[int, int] | None = None
         self.counters = EvalCounters()
-        self._guard = threading.Lock()  # protects the two fields below
-        self._owner: int | None = None  # the thread using the context now (re-entrant), None when idle
+        self._guard = threading.RLock()  # protects the two fields below (re-entrant: a GC finalizer may run inside)
+        self._owner: int | None = None  # the thread in a llama.cpp call on this context now, None when idle
         self._depth = 0
+        self._epoch = 0  # bumped whenever the KV cache is re-based (a prompt, a prefix, a snapshot, a vector)
         self.closed = False
 
     def mismatches(self, arch: str, n_embd: int, n_layer: int) -> list[str]:
@@ -163,9 +165,9 @@ class Runner:
         with self._guard:
             if self._owner not in (None, threading.get_ident()):
                 raise RsLocalError("this Runner is in use by another thread; close it there")
-            if not self.closed:
-                self.closed = True
-                self.llama.close()
+            was_open, self.closed = not self.closed, True
+        if was_open:  # outside the lock: freeing runs Python (and maybe a GC finalizer that takes it)
+            self.llama.close()
 
     def __enter__(self) -> "Runner":
         return self
@@ -179,9 +181,10 @@ class Runner:
 
         Why: one llama.cpp context serves one call at a time; two threads decoding on it abort the
         process inside ggml (GGML_ASSERT), and a closed one is freed memory (a segfault). So a
-        second thread gets a one-line error instead, and so does any use after :meth:`close`. The
-        same thread may nest (``generate`` runs ``stream``, which evaluates), and a ``stream``
-        holds it between its tokens, so another thread cannot change the KV cache under it.
+        second thread gets a one-line error instead, and so does any use after :meth:`close`. It is
+        held for each llama.cpp call only: a ``stream`` may be advanced from any thread (a thread
+        pool's), one at a time, and checks :attr:`_epoch` instead, so a call that re-based the KV
+        cache between two of its tokens is an error rather than a wrong answer.
         """
         me = threading.get_ident()
         with self._guard:
@@ -216,11 +219,11 @@ class Runner:
         if not parts:
             self.clear_vectors()
             return
-        for part in parts:
-            if not (isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], ControlVector)):
+        for k, part in enumerate(parts):
+            if not (isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], ControlVector)):
                 raise RsLocalError(f"set_vectors takes (ControlVector, scale) pairs, got {type(part).__name__}")
             self.check_vector(part[0])
-            check_scale(part[1])
+            parts[k] = (part[0], check_scale(part[1]))
         lo, hi = self._check_range(layer_range)
         if layer_range is not None and not any(lo <= layer <= hi for vec, _s in parts for layer in vec.directions):
             raise RsLocalError(f"layer range {lo}-{hi} misses every direction of the vectors: nothing would be steered")
@@ -228,6 +231,7 @@ class Runner:
             push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer, layer_range=(lo, hi))
         self.vectors, self.layer_range = parts, layer_range
         self._kv_valid = False
+        self._epoch += 1
 
     def check_vector(self, vec: ControlVector, path: str | Path | None = None) -> None:
         """Refuse a vector that does not fit this model: width, block count, or the dense / MoE divide.
@@ -247,6 +251,7 @@ class Runner:
             push_vectors(self._lib, self.llama.ctx, [], n_embd=self.n_embd, n_layer=self.n_layer)
         self.vectors, self.layer_range = [], None
         self._kv_valid = False
+        self._epoch += 1
 
     def _check_range(self, layer_range: tuple[int, int] | None) -> tuple[int, int]:
         if layer_range is None:
@@ -315,6 +320,7 @@ class Runner:
             while keep < limit and cached[keep] == tokens[keep]:
                 keep += 1
         self.llama.n_tokens = keep
+        self._epoch += 1
         self._timed_prompt_eval(tokens[keep:])
         self.counters.reused_tokens += keep
         self._kv_valid = True
@@ -367,6 +373,7 @@ class Runner:
         if not 0 < len(tokens) < self.n_ctx:
             raise RsLocalError(f"a prefix of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
         self.llama.n_tokens = 0
+        self._epoch += 1
         self._timed_prompt_eval(tokens)
         self._kv_valid = True
 
@@ -381,6 +388,7 @@ class Runner:
 
     def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
         """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""
+        self._epoch += 1
         with self._use():
             written = write_seq_state(self._lib, self.llama.ctx, 0, data)
         if not written:
@@ -402,7 +410,8 @@ class Runner:
         Row i is the distribution the model gives before continuation token i; used to compare a
         steered model with the plain one on the same answer (KL).
         """
-        continuation = self.check_tokens(continuation) if len(continuation) else []
+        continuation = list(continuation)
+        continuation = self.check_tokens(continuation) if continuation else []
         rows = [log_softmax(self._eval_prompt(self.tokenize(prompt)))]
         for token in continuation[:-1]:
             rows.append(log_softmax(self._eval_token(token)))
@@ -412,6 +421,8 @@ class Runner:
 
     def token_bytes(self, token: int) -> bytes:
         """The token's bytes (the binding's own helper returns a NUL-padded buffer)."""
+        if self.closed:
+            raise RsLocalError(f"{self.path.name}: this Runner is closed")
         if not 0 <= token < self.n_vocab:  # llama.cpp throws std::out_of_range, which aborts the process
             raise RsLocalError(f"token id {token} is outside this model's vocabulary (0-{self.n_vocab - 1})")
         buf = ctypes.create_string_buffer(64)
@@ -423,6 +434,8 @@ class Runner:
 
     def is_end_token(self, token: int) -> bool:
         """End of generation (EOS, EOT and the like, as the vocabulary marks them)."""
+        if self.closed:
+            raise RsLocalError(f"{self.path.name}: this Runner is closed")
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     def stream(
@@ -442,12 +455,15 @@ class Runner:
         tokenised by the caller (the server counts them first), saving a second template render.
         The last token of the budget is not evaluated: nothing would read its logits.
         """
-        with self._use():  # held between tokens: no other thread may change the KV cache under this answer
-            yield from self._stream(prompt, max_tokens, sampling, stop, result, tokens)
+        yield from self._stream(prompt, max_tokens, sampling, stop, result, tokens)
 
     def _stream(self, prompt: Prompt, max_tokens: int, sampling: SamplingParams | None, stop: Sequence[str],
                 result: Generation | None, tokens: Sequence[int] | None) -> Iterator[TokenEvent]:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        try:
+            max_tokens = operator.index(max_tokens)
+        except TypeError:
+            raise RsLocalError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}") from None
+        if max_tokens < 0:
             raise RsLocalError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise RsLocalError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -458,6 +474,7 @@ class Runner:
         sampler = Sampler(sampling or SamplingParams())
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         logits = self._eval_prompt(tokens)
+        epoch = self._epoch
         out.finish_reason = "interrupted"
         try:
             for i in range(max(budget, 0)):
@@ -475,6 +492,8 @@ class Runner:
                     return
                 yield TokenEvent(token, piece, logprob)
                 if i + 1 < budget:
+                    if self._epoch != epoch:  # another call re-based the KV cache between two tokens
+                        raise RsLocalError("the Runner was used for another prompt in the middle of this answer")
                     logits = self._eval_token(token)
             out.finish_reason = "length"
         finally:

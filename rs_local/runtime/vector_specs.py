@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
-
 from rs_local.errors import RsLocalError
 from rs_local.vectors.control_vector import ControlVector
 
@@ -50,9 +48,14 @@ def parse_scale(text: str, what: str = "scale") -> float:
 
 
 def check_scale(value: float, what: str = "scale") -> float:
-    """A scale given as a number (library callers): finite and at most :data:`MAX_SCALE` in size."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RsLocalError(f"bad {what} {value!r}: expected a number")
+    """A scale given as a number (library callers): finite and at most :data:`MAX_SCALE` in size.
+    Anything ``float()`` takes but text counts (numpy and torch scalars, fractions, decimals)."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise RsLocalError(f"bad {what} {value!r}: expected a number") from None
     if not math.isfinite(value) or abs(value) > MAX_SCALE:
         raise RsLocalError(f"bad {what} {value!r}: must be finite with |scale| <= {MAX_SCALE:g}")
     return float(value)

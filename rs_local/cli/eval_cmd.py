@@ -65,12 +65,16 @@ def eval_options(f: Callable) -> Callable:
     return f
 
 
+def _typed(option: str) -> bool:
+    """Whether the user gave ``option`` on the command line (not its default)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(option) == click.core.ParameterSource.COMMANDLINE
+
+
 def _check_kl_set(name: str, names: list[str]) -> None:
     """A --kl-set the user typed must name one of the sets; the default, absent, only drops the KL column
     (a typo used to drop it silently too)."""
-    ctx = click.get_current_context(silent=True)
-    given = ctx is not None and ctx.get_parameter_source("kl_set") == click.core.ParameterSource.COMMANDLINE
-    if given and name not in names:
+    if _typed("kl_set") and name not in names:
         raise click.BadParameter(f"'{name}' is not one of the sets ({', '.join(names)})", param_hint="'--kl-set'")
 
 
@@ -135,8 +139,7 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
 
     scale_list = _scales(scales)
     if kw["policy"] is not None:  # the gate picks each category's vector, scale and blocks: nothing to vary
-        given = click.get_current_context().get_parameter_source
-        fixed = [f"--{n}" for n in ("scales", "layers") if given(n) == click.core.ParameterSource.COMMANDLINE]
+        fixed = [f"--{n}" for n in ("scales", "layers") if _typed(n)]
         if fixed:
             raise click.UsageError(f"--policy sets the scales and blocks per category; drop {' and '.join(fixed)}")
     sets, vector, layers, settings, cache = _setup(kw)

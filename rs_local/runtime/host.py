@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -388,7 +388,7 @@ def host_report() -> dict[str, object]:
         report["llama_cpp_system_info"] = info.strip()
         report["llama_cpp_build_features"] = parse_system_info(info)
         report["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
-        report["repack"] = _shown(lambda: (lambda r: {"enabled": r.enabled, "reason": r.reason})(decide_repack()))
+        report["repack"] = _shown(lambda: asdict(decide_repack()))
     except Exception as exc:  # noqa: BLE001 - a broken install is exactly what the report is for
         report["llama_cpp_error"] = f"{type(exc).__name__}: {exc}"
     return report

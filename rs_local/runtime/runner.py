@@ -30,6 +30,7 @@ from rs_local.runtime.steer import push_vectors
 from rs_local.runtime.vector_specs import check_scale
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
+from rs_local.vectors.layers import check_steerable
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
@@ -128,9 +129,11 @@ class Runner:
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.llama.model))
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llama.model))
         self.n_vocab = int(self.llama.n_vocab())
-        if self.n_layer < 2:  # block 0's output is never steered (see ARCHITECTURE: the layer convention)
+        try:
+            check_steerable(self.path, self.n_layer)
+        except ModelError:
             self.llama.close()
-            raise ModelError(f"{self.path}: the model has {self.n_layer} block(s): nothing rs-local can steer")
+            raise
         # llama.cpp rounds the context up (to 256), but llama-cpp-python's token buffer keeps the size
         # asked for: the smaller one is what a prompt and its answer may fill (--ctx 128 overflowed it)
         self.n_ctx = min(int(self.llama.n_ctx()), len(self.llama.input_ids))

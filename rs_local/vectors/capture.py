@@ -227,10 +227,20 @@ def _pad_id(fm: FitModel) -> int:
     return 0
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length (little padding), longest first (memory peak early)."""
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices grouped by similar length (little padding), longest first (memory peak early): at
+    most ``batch_size`` a group and, where ``max_tokens`` is given (the refusal gradients' memory
+    bound), at most that many padded tokens (rows x longest), so long prompts run in smaller
+    batches instead of exhausting memory. A prompt longer than ``max_tokens`` runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and len(group) < batch_size and (max_tokens is None or (len(group) + 1) * lengths[group[0]] <= max_tokens):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class _Stop(Exception):
@@ -454,7 +464,7 @@ def _capture_uncached(fm, prompts, position, batch_size, system, keep_raw, momen
     raw = np.empty((n, L, d), dtype=np.float32) if keep_raw else None
     stats = StreamingMoments(L, d, with_cov=with_cov) if moments else None
     start, done = time.perf_counter(), 0
-    for idx in _batches([len(x) for x in ids], max(1, batch_size)):
+    for idx in token_batches([len(x) for x in ids], max(1, batch_size), None):
         out = _run_batch(fm, [ids[i] for i in idx], [n_suffix[i] for i in idx], position, last, head)
         if raw is not None:
             raw[idx] = out

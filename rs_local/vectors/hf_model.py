@@ -164,9 +164,10 @@ def fit_blocks(model: Any, progress=None) -> int:
     from rs_local import models
 
     path = models.resolve(str(model), progress=progress)
+    from rs_local.vectors.layers import check_steerable
+
     blocks = _directory_blocks(path) if path.is_dir() else _gguf_blocks(path)
-    if not isinstance(blocks, int) or blocks < 2:
-        raise ModelError(f"{path}: the model has {blocks} block(s): nothing rs-local can steer")
+    check_steerable(path, blocks)
     return blocks
 
 
@@ -204,6 +205,7 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
     Cached per process by (resolved path, dtype).
     """
     from rs_local import models
+    from rs_local.vectors.layers import check_steerable
 
     name = str(model)
     path = models.resolve(name, progress=progress)
@@ -224,8 +226,7 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
     lm.eval()
     lm.requires_grad_(False)
     base, blocks = _find_blocks(lm)
-    if len(blocks) < 2:  # block 0's output is never steered: no layer to fit
-        raise ModelError(f"{path}: the model has {len(blocks)} block(s): nothing rs-local can steer")
+    check_steerable(path, len(blocks))
     if getattr(tokenizer, "chat_template", None) in (None, ""):
         raise ModelError(f"{path}: the model has no chat template; fitting needs one to format prompts as llama.cpp will")
     fm = FitModel(

@@ -108,6 +108,16 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- layer choice
 
 
+def check_steerable(path: Any, n_layer: Any) -> None:
+    """A one-line error for a model with fewer than 2 blocks: block 0's output is never steered (see
+    ARCHITECTURE: the layer convention), so such a model has no layer to fit or apply a vector to.
+    One check for both halves (the Runner, the fit's load and its header preflight)."""
+    from rs_local.errors import ModelError
+
+    if not isinstance(n_layer, int) or n_layer < 2:
+        raise ModelError(f"{path}: the model has {n_layer} block(s): nothing rs-local can steer")
+
+
 def parse_layers(spec: str, n_layer: int) -> list[int] | None:
     """``auto`` -> None; ``8-20`` (inclusive), ``8,9,12``, ``all`` -> a list of steerable blocks."""
     spec = spec.strip().lower()

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rs_local.errors import RsLocalError
+from rs_local.vectors.capture import token_batches
 
 Say = Callable[[str], None]
 
@@ -65,21 +66,6 @@ def gradient_bytes_per_token(fm, first_block: int, bf16: bool) -> int:
     mlp = getattr(config, "intermediate_size", None) or 4 * fm.n_embd
     per_value = 2.5 if bf16 else 4.0
     return int((10 * fm.n_embd + 4 * mlp) * per_value * max(1, fm.n_layer - first_block))
-
-
-def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
-    """Indices grouped by similar length, longest first, at most ``batch_size`` a group and, where
-    ``max_tokens`` is given, at most that many padded tokens (rows x longest): long prompts run in
-    smaller batches instead of exhausting memory. A prompt longer than ``max_tokens`` runs alone."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else None
-        if group and len(group) < batch_size and (max_tokens is None or (len(group) + 1) * lengths[group[0]] <= max_tokens):
-            group.append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def refusal_gradients(fm, items: Sequence[RefusedPrompt], layers: Sequence[int], answer_tokens: int = 2,

@@ -65,7 +65,12 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 def home_dir() -> Path:
     """Root of rs-local's cache: ``$RS_LOCAL_HOME`` or ``~/.cache/rs-local``."""
     env = os.environ.get("RS_LOCAL_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rs-local"
+    try:
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "rs-local"
+    except RuntimeError:  # HOME unset and no passwd entry (a container's random uid), or ~nosuchuser
+        where = f"RS_LOCAL_HOME={env!r} names a home directory that" if env else "the home directory"
+        raise ModelError(f"{where} cannot be found (HOME unset?): set RS_LOCAL_HOME to a directory "
+                         "for rs-local's models and caches") from None
 
 
 def models_dir() -> Path:
@@ -204,11 +209,14 @@ def resolve(model: str, progress: Say | None = None, auto_pull: bool = True) -> 
         if not auto_pull:
             raise ModelError(f"model '{model}' is not pulled yet: run `rs-local models pull {model}`")
         return pull(model, progress=progress)
-    path = Path(model).expanduser()
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError:  # ~nosuchuser/...
+        raise ModelError(f"{model}: no such model file (its home directory cannot be found)") from None
     if path.is_dir():
         return path  # a Hugging Face model directory (fitting only)
     if not path.is_file():
-        if os.sep not in model and not model.endswith(".gguf"):
+        if not any(sep and sep in model for sep in ("/", os.sep, os.altsep)) and not model.endswith(".gguf"):
             get_spec(model)  # a bare name that is not built in: say which names are
         raise ModelError(f"{model}: no such model file")
     return path

@@ -570,3 +570,98 @@ def test_leftovers_of_a_killed_cache_save_or_pull_are_swept_once_old(tmp_path):
     hf_cache._sweep_stale(tmp_path)
     models._sweep_stale_pulls(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young_entry.name, kept.name, young_pull.name])
+
+
+_WINDOWS_LIKE = """
+import os, sys
+del os.O_NONBLOCK                      # Windows has no O_NONBLOCK ...
+FAKE = 1 << 30
+os.O_BINARY = FAKE                     # ... and needs O_BINARY, or os.open reads in text mode
+seen, real_open = [], os.open
+def spy(path, flags, *rest):
+    seen.append(flags)
+    return real_open(path, flags & ~FAKE, *rest)
+os.open = spy
+from rs_local.converters.gguf_io import read_control_vector
+from rs_local.files.reading import read_bytes
+vec = read_control_vector(sys.argv[1])
+read_bytes(sys.argv[2])
+assert seen and all(f & FAKE for f in seen), seen
+print(sorted(vec.directions))
+"""
+
+
+def test_reads_work_without_unix_only_flags_and_ask_for_binary(tmp_path):
+    """`os.O_NONBLOCK` made every vector, policy and probe read an AttributeError on Windows; without
+    O_BINARY its os.open would translate CRLF and stop at a Ctrl-Z byte."""
+    from rs_local.converters.gguf_io import write_control_vector
+
+    path = write_control_vector(ControlVector({2: np.ones(8, np.float32)}, "llama"), tmp_path / "v.gguf")
+    text = tmp_path / "p.txt"
+    text.write_text("a\r\nb\n")
+    done = subprocess.run([sys.executable, "-c", _WINDOWS_LIKE, str(path), str(text)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[2]"
+
+
+def test_atomic_writes_fsync_through_a_writable_handle(tmp_path, monkeypatch):
+    """Windows' fsync fails with EBADF on a read-only handle: every atomic write was an error there."""
+    import errno
+    import fcntl
+
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    target.chmod(0o444)  # the target's read-only mode is copied after the flush, not before
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_full_disk_mid_log_names_the_file_and_keeps_the_rows(tmp_path, monkeypatch):
+    """ENOSPC while appending a row was '[Errno 28] No space left on device' without a file name."""
+    import errno
+
+    from rs_local.judge import jsonl
+
+    path = tmp_path / "r.jsonl"
+    real, calls = jsonl.append_line, []
+
+    def filling(fh, line):
+        calls.append(line)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, line)
+
+    monkeypatch.setattr(jsonl, "append_line", filling)
+    with pytest.raises(FileProblem, match=r"r\.jsonl: cannot be written \(No space left on device\); the rows before "
+                                          r"it are kept"):
+        with AppendLog.open(path, "things", {}, _key) as log:
+            log.append({"k": 1})
+            log.append({"k": 2})
+    monkeypatch.setattr(jsonl, "append_line", real)
+    with AppendLog.open(path, "things", {}, _key) as log:  # resumes where the disk ran out
+        assert [r["k"] for r in log.rows] == [1]
+
+
+def test_no_home_directory_is_one_line(monkeypatch):
+    """HOME unset under a uid without a passwd entry (a container's random uid): RuntimeError traceback."""
+    from rs_local import models
+    from rs_local.errors import ModelError
+
+    monkeypatch.setenv("RS_LOCAL_HOME", "~nosuchuser-rs-local/cache")
+    with pytest.raises(ModelError, match="names a home directory that cannot be found .* set RS_LOCAL_HOME"):
+        models.home_dir()
+    monkeypatch.delenv("RS_LOCAL_HOME")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr("pwd.getpwuid", lambda _uid: (_ for _ in ()).throw(KeyError("no such uid")))
+    with pytest.raises(ModelError, match="the home directory cannot be found"):
+        models.home_dir()

@@ -150,9 +150,76 @@ def test_threads_from_physical_cores_and_affinity():
     assert host.physical_cores(ZEN_LAPTOP) == 2  # 4 logical CPUs, 2 cores
     assert host.physical_cores(SAPPHIRE_RAPIDS) == 1
     assert host.physical_cores(GRAVITON) is None  # ARM cpuinfo has no core ids
-    assert host.default_threads(cpus=4, cpuinfo=ZEN_LAPTOP) == 2
-    assert host.default_threads(cpus=1, cpuinfo=ZEN_LAPTOP) == 1  # a container limited to 1 CPU
-    assert host.default_threads(cpus=8, cpuinfo=GRAVITON) == 8
+    assert host.default_threads(cpus=4, cores=host.physical_cores(ZEN_LAPTOP)) == 2
+    assert host.default_threads(cpus=1, cores=host.physical_cores(ZEN_LAPTOP)) == 1  # a container limited to 1 CPU
+    assert host.default_threads(cpus=8, cores=host.physical_cores(GRAVITON), read=False) == 8
+
+
+#: A Xen-era cloud VM: every vCPU listed as core 0 of package 0 (flat topology, not 8-way SMT).
+FLAT_VM = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: 0\nflags\t\t: fpu sse2 avx avx2\n\n" for i in range(8))
+
+
+def test_cores_among_the_cpus_this_process_may_use():
+    """Two hyperthreads of one core are one core; a flat VM topology is no SMT count at all."""
+    assert host.physical_cores(ZEN_LAPTOP, allowed={0, 2}) == 1  # siblings of core 0
+    assert host.physical_cores(ZEN_LAPTOP, allowed={0, 1}) == 2
+    assert host.physical_cores(FLAT_VM) is None  # 8 vCPUs "on one core": unknown, so the CPU count is used
+    assert host.default_threads(cpus=8, cores=host.physical_cores(FLAT_VM), read=False) == 8
+
+
+def test_a_container_cpu_quota_caps_the_threads(tmp_path):
+    """`docker --cpus 2` on a 32-CPU host: 2 threads, not 16 (cgroup v2 and v1, any level)."""
+    from rs_local.runtime import cgroups
+    from rs_local.runtime.cpus import usable_cpus
+
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert cgroups.cpu_quota(tmp_path, "") == 2
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 threads, one of them part-time
+    assert cgroups.cpu_quota(tmp_path, "") == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroups.cpu_quota(tmp_path, "") is None
+    scope = tmp_path / "user.slice" / "job.scope"  # a quota set below the root, on the process's own path
+    scope.mkdir(parents=True)
+    (scope / "cpu.max").write_text("100000 100000\n")
+    assert cgroups.cpu_quota(tmp_path, "0::/user.slice/job.scope\n") == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroups.cpu_quota(v1, "4:cpu,cpuacct:/\n") == 3
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroups.cpu_quota(v1, "") is None
+    assert usable_cpus(allowed=set(range(32)), quota=2, read=False) == 2
+    assert usable_cpus(allowed={0}, quota=4, read=False) == 1
+    assert usable_cpus(allowed=None, quota=None, total=6, read=False) == 6  # no affinity call (macOS)
+
+
+def test_cores_on_macos_and_windows_from_their_own_sources():
+    """macOS: the performance cores (efficiency cores would make every thread wait for them);
+    Windows: one GetLogicalProcessorInformationEx core record per core, whatever its SMT."""
+    import struct
+
+    from rs_local.runtime.cpus import count_core_records, physical_cores
+
+    m3_pro = {"hw.perflevel0.physicalcpu": 6, "hw.physicalcpu": 12}.get
+    assert physical_cores(platform="darwin", sysctl=m3_pro) == 6
+    assert physical_cores(platform="darwin", sysctl={"hw.physicalcpu": 4}.get) == 4  # an Intel Mac
+    assert physical_cores(platform="darwin", sysctl={}.get) is None
+    record = struct.pack("<II", 0, 48) + bytes(40)  # RelationProcessorCore, 48 bytes
+    assert count_core_records(record * 8) == 8
+    assert count_core_records(struct.pack("<II", 0, 2)) is None  # a damaged buffer: unknown, not a hang
+    assert physical_cores(platform="win32", windows_cores=lambda: 8) == 8
+    assert host.default_threads(cpus=16, cores=8, read=False) == 8
+
+
+def test_bf16_and_repack_where_cpu_flags_cannot_be_read():
+    """Windows and macOS have no /proc/cpuinfo: llama.cpp's native build says what the CPU has."""
+    off = decide_bf16(env={}, flags=frozenset(), build={"AVX2": "1"})
+    assert not off.enabled and "unreadable" in off.reason
+    on = decide_bf16(env={}, flags=frozenset(), build={"AVX512_BF16": "1"})
+    assert on.enabled and "AVX512_BF16" in on.reason
+    assert "unreadable" in decide_repack(env={}, flags=frozenset(), build={}).reason
+    assert not decide_repack(env={}, flags=frozenset(), build={"AMX_INT8": "1"}).enabled
 
 
 def test_quiet_openmp_keeps_a_users_setting():
@@ -306,3 +373,20 @@ def test_a_typo_in_the_fit_cache_switch_is_an_error_not_on(monkeypatch):
     monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "maybe")
     with pytest.raises(RsLocalError, match="RS_LOCAL_FIT_CACHE='maybe': expected 0 or 1"):
         hf_cache.enabled()
+
+
+@pytest.mark.parametrize("repack", ["auto", "0"], ids=["decided", "forced"])
+def test_a_llama_cpp_library_that_cannot_load_is_one_line(tmp_path, repack, smollm2_path):
+    """A CUDA wheel without the driver, or a DLL missing: llama-cpp-python raises a RuntimeError at
+    import, which reached the user as a traceback (whether or not the repack decision imports it)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "libllama.so").write_bytes(b"not a library")
+    (tmp_path / "libllama.dylib").write_bytes(b"not a library")
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(tmp_path), REPACK_ENV: repack}
+    done = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "generate", "--model", str(smollm2_path), "hi"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: llama-cpp-python cannot be loaded: Failed to load shared library")

@@ -95,9 +95,38 @@ def test_the_process_own_cgroup_limit_counts_not_only_the_root(tmp_path):
 
 
 def test_without_meminfo_or_cgroup_the_physical_memory_bounds_it(tmp_path):
-    """macOS has neither file: the whole machine's memory is the bound."""
-    assert available_memory(meminfo="", cgroup=tmp_path, physical=16 << 30) == 16 << 30
-    assert available_memory(meminfo="", cgroup=tmp_path / "absent", physical=None) is not None  # this machine's
+    """A system with neither file nor a reader of its own: the whole machine's memory is the bound."""
+    assert available_memory(meminfo="", cgroup=tmp_path, self_cgroup="", physical=16 << 30) == 16 << 30
+    assert available_memory(meminfo="", cgroup=tmp_path / "absent", self_cgroup="", physical=None) is not None
+
+
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               12000.
+Pages active:                            400000.
+Pages inactive:                          188000.
+Pages speculative:                         3000.
+Pages wired down:                        150000.
+"""
+
+
+def test_macos_and_windows_read_what_is_free_not_the_whole_machine():
+    """macOS counted its total RAM as free and Windows had no figure at all, so a fit that could not
+    fit went on, and the gradient batches were sized for memory already in use."""
+    assert available_memory(platform="darwin", vm_stat=VM_STAT, physical=64 << 30) == (12000 + 188000) * 16384
+    assert available_memory(platform="darwin", vm_stat="garbage", physical=64 << 30) == 64 << 30
+    assert available_memory(platform="win32", windows=lambda: 5 << 30, physical=64 << 30) == 5 << 30
+    assert available_memory(platform="win32", windows=lambda: None, physical=64 << 30) == 64 << 30
+
+
+ARCSTATS = "name type data\nhits 4 123\nc_min 4 1073741824\nsize 4 9663676416\nc_max 4 17179869184\n"
+
+
+def test_the_zfs_arc_counts_as_memory_it_gives_back(tmp_path):
+    """Linux counts the ZFS ARC as used; it shrinks to its floor under pressure, so a fit that fits
+    was refused on ZFS machines."""
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="", arcstats=ARCSTATS) == \
+        8000000 * 1024 + (9663676416 - 1073741824)
+    assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="", arcstats="") == 8000000 * 1024
 
 
 def test_need_is_the_weights_and_the_first_load_peak():

@@ -247,6 +247,8 @@ def test_steered_category_changes_the_greedy_answer(runner, fitted):
         assert gen.tokens != plain.tokens
         # the same prompt with the vector set by hand gives the same answer: the prompt is steered too
         vec_answer = gen.tokens
+    assert not runner.vectors  # closing the gate takes its vector off the shared Runner
+    assert runner.generate(prompt, max_tokens=16).tokens == plain.tokens
     runner.set_vectors([(fitted.category("math").vector, fitted.category("math").scale)])
     assert runner.generate(prompt, max_tokens=16).tokens == vec_answer
     runner.clear_vectors()

@@ -6,6 +6,7 @@ into one-line messages (exit 1) instead of tracebacks. Usage errors are click's 
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -27,6 +28,8 @@ class _Group(click.Group):
         except RsLocalError as exc:
             raise click.ClickException(terminal_safe(str(exc))) from None
         except OSError as exc:
+            if exc.errno == errno.EPIPE:  # stdout's reader left (`| head`): click ends quietly, exit 1
+                raise
             if exc.filename:
                 raise click.ClickException(terminal_safe(f"{exc.filename}: {exc.strerror or exc}")) from None
             raise click.ClickException(terminal_safe(str(exc))) from None
@@ -84,8 +87,13 @@ def _sigterm_unwinds() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from rs_local.cli.streams import prepare
     from rs_local.files import Terminated
 
+    problem = prepare()  # encodings, a broken stderr, COLUMNS, a deleted cwd: see rs_local.cli.streams
+    if problem:
+        click.echo(f"Error: {problem}", err=True)
+        sys.exit(1)
     _sigterm_unwinds()
     try:
         cli(prog_name="rs-local")

@@ -164,12 +164,19 @@ def layer_range_callback(ctx: click.Context, param: click.Parameter, value: str 
 
 
 def utf8_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Refuse text that is not valid Unicode (undecodable argv bytes arrive as lone surrogates and would fail later)."""
+    """Text given on the command line, as UTF-8; refused where its bytes are not UTF-8.
+
+    Undecodable argv bytes arrive as lone surrogates and would fail later. Under an ASCII locale
+    (``LC_ALL=C`` without Python's UTF-8 mode) even valid UTF-8 arrives so: its bytes are decoded
+    again as UTF-8 before anything is refused."""
     if value is not None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise click.BadParameter("is not valid UTF-8 text") from None
+            try:
+                return os.fsencode(value).decode("utf-8")
+            except (UnicodeError, ValueError):
+                raise click.BadParameter("is not valid UTF-8 text") from None
     return value
 
 

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from rs_local.converters.gguf_limits import DIRECTION_NAME, GGUF_MAX_STRING_LENGTH, MAX_STRINGS
 from rs_local.errors import VectorFileError
+from rs_local.files.reading import READ_FLAGS
 
 
 def _pad(x: int, n: int) -> int:
@@ -66,7 +67,7 @@ def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
     and the check cannot race with a rename between stat and open.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, READ_FLAGS)
     except FileNotFoundError:
         raise VectorFileError(path, "file not found") from None
     except IsADirectoryError:

@@ -41,8 +41,9 @@ def save_safetensors(cv: ControlVector, path: str | Path, *, force: bool = False
     path = Path(path)
     tensors = {f"direction.{k}": v for k, v in cv.directions.items()}
     header = {"model_hint": cv.model_hint, "rs_local_metadata": meta_json(cv)}
-    with atomic_output(path, force=force) as tmp:
-        stnp.save_file(tensors, str(tmp), metadata=header)
+    data = stnp.save(tensors, metadata=header)  # bytes first: a full disk is then an OSError naming the file,
+    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as fh:  # not safetensors' own traceback
+        fh.write(data)
     return path
 
 

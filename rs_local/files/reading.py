@@ -19,6 +19,12 @@ MAX_JSON_DEPTH = 100
 #: Longest integer literal accepted in JSON (Python refuses > 4300 digits with a traceback).
 MAX_INT_DIGITS = 100
 
+#: Flags of every raw read: O_BINARY so Windows does not translate CRLF or stop at a Ctrl-Z byte
+#: (``os.open`` is text mode there), O_NONBLOCK so a FIFO given as a file cannot block (it is
+#: refused after ``fstat``), O_CLOEXEC so no child inherits it. Each is 0 where the OS lacks it:
+#: ``os.O_NONBLOCK`` alone made every vector read an AttributeError on Windows.
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
 _UTF8_BOM = b"\xef\xbb\xbf"
 _WIDE_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xfe\xff", "UTF-16"), (b"\xff\xfe", "UTF-16"))
 _KIND = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -72,7 +78,7 @@ def read_bytes(path: str | Path, *, what: str = "file", limit: int = MAX_INPUT_B
     if st.st_size > limit:
         raise error(path, f"is {_size(st.st_size)}, over the {_size(limit)} limit for a {what}")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, READ_FLAGS)
     except OSError as exc:
         raise error(path, f"cannot be read ({exc.strerror or exc})") from None
     with os.fdopen(fd, "rb") as fh:

@@ -227,8 +227,10 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+def _fsync_path(path: Path, flags: int = os.O_RDWR) -> None:
+    """Flush a file we wrote to disk. Opened for writing: Windows' fsync (FlushFileBuffers) fails with
+    EBADF on a read-only handle, which made every atomic write an error there."""
+    fd = os.open(path, flags | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         os.fsync(fd)
     finally:
@@ -237,7 +239,7 @@ def _fsync_path(path: Path) -> None:
 
 def _fsync_dir(directory: Path) -> None:
     try:
-        _fsync_path(directory)
+        _fsync_path(directory, os.O_RDONLY)  # a directory opens read-only (POSIX only; elsewhere it fails quietly)
     except OSError:
         pass  # not every filesystem lets a directory be fsynced; the rename is still atomic
 
@@ -266,8 +268,8 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         tmp = new_temp(path)
         try:
             yield tmp
+            _fsync_path(tmp)  # before the chmod: the target's mode may be read-only
             os.chmod(tmp, _mode_for(path))  # some writers (safetensors) recreate the file 0600
-            _fsync_path(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.absolute().parent)
         except OSError as exc:

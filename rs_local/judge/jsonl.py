@@ -197,14 +197,24 @@ class AppendLog:
         k = self.key(row)
         if k in self.done:
             return
-        append_line(self._fh, dumps(row))
+        try:
+            append_line(self._fh, dumps(row))
+        except OSError as exc:  # a full disk mid-run: say which file, and that what is there is kept
+            raise self._write_problem(exc) from None
         self.done.add(k)
         self.rows.append(row)
 
+    def _write_problem(self, exc: OSError) -> FileProblem:
+        kept = "" if self._target is not None else "; the rows before it are kept, and the same command goes on from there"
+        return FileProblem(self._target or self.path, f"cannot be written ({exc.strerror or exc}){kept}")
+
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as exc:
+                raise self._write_problem(exc) from None
 
     def __enter__(self) -> "AppendLog":
         return self

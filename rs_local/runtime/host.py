@@ -13,7 +13,8 @@ facts that can be given as fixtures in tests, and nowhere else:
   ``RS_LOCAL_REPACK=0|1|auto`` and ``--repack/--no-repack`` override it.
 * **Threads.** llama-cpp-python's default is half the logical CPUs for decoding (one thread
   on a 2-core VM) and every logical CPU for prompt batches, ignoring CPU affinity and
-  container limits. We use the physical cores the process may run on.
+  container limits. We use the physical cores the process may run on, at most its CPU quota
+  (the facts: :mod:`rs_local.runtime.cpus`, on Linux, macOS and Windows).
 * **OpenMP waiting.** Idle OpenMP threads spin by default, which steals cores from the
   threads that have work on a small or busy machine; we ask them to sleep.
 * **bfloat16 passes** (Transformers, when ``isolate`` fits). On a CPU with native bfloat16
@@ -25,9 +26,9 @@ facts that can be given as fixtures in tests, and nowhere else:
 * **Memory for a fit.** A fit dequantizes the GGUF into Transformers at 4 bytes a weight, so a
   7B model a laptop chats with comfortably (4-5 GB quantized) needs 30 GB or more to fit. Past
   what the machine has, the kernel's OOM killer ends the process without a word, minutes in.
-  :func:`available_memory` says what is left (``MemAvailable``, a container's cgroup limit, or
-  the physical memory where neither is readable); ``rs_local.recipes.memory_check`` compares it
-  with the model's weights before any work. ``RS_LOCAL_MEMORY_CHECK=0`` skips the check.
+  :func:`available_memory` says what is left (:mod:`rs_local.runtime.memory`: Linux, its cgroup
+  limits, macOS, Windows); ``rs_local.recipes.memory_check`` compares it with the model's weights
+  before any work. ``RS_LOCAL_MEMORY_CHECK=0`` skips the check.
 
 Nothing here imports llama.cpp at module import; :func:`llama_build_features` loads it
 only when called.
@@ -40,6 +41,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
+
+from rs_local.runtime.cpus import physical_cores, usable_cpus
+from rs_local.runtime.memory import available_memory
 
 #: Environment variable that forces repacking on (1) or off (0); "auto" or unset decides.
 REPACK_ENV = "RS_LOCAL_REPACK"
@@ -110,10 +114,26 @@ def parse_system_info(text: str) -> dict[str, str]:
     return out
 
 
+def import_llama():
+    """The ``llama_cpp`` module; a one-line error where its shared library cannot load.
+
+    Why: llama-cpp-python raises a RuntimeError when ``libllama`` or a library it needs is missing
+    (a CUDA wheel on a machine without the CUDA driver, a Metal wheel built for a newer macOS, a
+    Windows DLL not found), and that reached the user as a traceback from the first command."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as exc:
+        from rs_local.errors import ModelError
+
+        why = " ".join(str(exc).split())
+        raise ModelError(f"llama-cpp-python cannot be loaded: {why} (its install or a library it needs is "
+                         "broken; `rs-local doctor` shows the build)") from None
+    return llama_cpp
+
+
 def llama_system_info() -> str:
     """llama.cpp's own description of its build and this CPU (features, backends)."""
-    import llama_cpp
-
+    llama_cpp = import_llama()
     raw = llama_cpp.llama_print_system_info()
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
 
@@ -121,6 +141,14 @@ def llama_system_info() -> str:
 def llama_build_features() -> dict[str, str]:
     """The CPU features the installed llama.cpp was compiled for (``AMX_INT8`` among them)."""
     return parse_system_info(llama_system_info())
+
+
+def _build_or_empty() -> dict[str, str]:
+    """llama.cpp's build features, or none where llama-cpp-python cannot load (a fit does not need it)."""
+    try:
+        return llama_build_features()
+    except Exception:  # noqa: BLE001 - a broken llama.cpp install says so where llama.cpp is used
+        return {}
 
 
 def decide_repack(
@@ -146,6 +174,8 @@ def decide_repack(
     build = llama_build_features() if build is None else build
     if build.get("AMX_INT8") == "1":
         return RepackDecision(False, "llama.cpp built with AMX_INT8: its AMX repack crashes")
+    if not flags:  # macOS, Windows: only the build says, and it has no AMX code to crash in
+        return RepackDecision(True, "CPU flags unreadable here; llama.cpp is built without AMX")
     return RepackDecision(True, "no AMX on this CPU")
 
 
@@ -154,6 +184,7 @@ def decide_bf16(
     *,
     env: Mapping[str, str] | None = None,
     flags: frozenset[str] | None = None,
+    build: Mapping[str, str] | None = None,
 ) -> HostDecision:
     """Run isolate's Transformers passes (gradients, lengths) under bfloat16 autocast where the CPU does it natively.
 
@@ -162,12 +193,19 @@ def decide_bf16(
     (gradients at cosine >= 0.998 per block on the same labels). With torch held to AVX2, or to
     AVX-512 without BF16 (``ONEDNN_MAX_CPU_ISA``), bfloat16 took 0.95-0.98x float32's time: no gain
     worth the rounding, so float32 stays there. Precedence: ``override`` (``--bf16/--no-bf16`` or
-    the API), ``RS_LOCAL_BF16``, then the CPU flags (tests give fixtures).
+    the API), ``RS_LOCAL_BF16``, then the CPU flags; where those cannot be read (Windows, macOS)
+    the features llama.cpp was compiled for (``build``), whose native build reports the CPU's own
+    (tests give fixtures for both).
     """
     forced = _forced(override, "bf16", BF16_ENV, env)
     if forced is not None:
         return forced
     flags = cpu_flags() if flags is None else flags
+    if not flags:
+        build = _build_or_empty() if build is None else build
+        if build.get("AVX512_BF16") == "1" or build.get("AMX_BF16") == "1":
+            return HostDecision(True, "CPU flags unreadable here; llama.cpp's build reports AVX512_BF16: native bfloat16")
+        return HostDecision(False, "CPU flags unreadable here and llama.cpp's build reports no AVX512_BF16: float32")
     native = sorted(flags & BF16_FLAGS)
     if native:
         return HostDecision(True, f"CPU has {', '.join(native)}: native bfloat16 matrix products")
@@ -176,91 +214,6 @@ def decide_bf16(
 
 #: Environment variable that turns the fit's memory check off (``0``); on when unset.
 MEMORY_CHECK_ENV = "RS_LOCAL_MEMORY_CHECK"
-#: A cgroup limit at or above this means "no limit" (cgroup v1 writes a huge number instead of "max").
-_NO_LIMIT = 1 << 60
-
-
-def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None, self_cgroup: str | None = None,
-                     physical: int | None = None) -> int | None:
-    """Bytes this process can still allocate without swapping or meeting the OOM killer; None if unknown.
-
-    The least of: ``MemAvailable`` in /proc/meminfo (``meminfo``, its text), and the room left under
-    every memory limit on the way from the cgroup filesystem's root (``cgroup``, v2 or v1) to this
-    process's own cgroup (``self_cgroup``: the text of /proc/self/cgroup; a systemd scope, a Slurm
-    job or a container without a cgroup namespace sets its limit there, not at the root), counting
-    inactive file cache as free because the kernel drops it before killing anything. Where neither
-    is readable (macOS), the machine's physical memory (``physical``): a weaker bound, but still the
-    one a model larger than the whole machine cannot pass. Tests give fixtures.
-    """
-    meminfo = _read("/proc/meminfo") if meminfo is None else meminfo
-    self_cgroup = _read("/proc/self/cgroup") if self_cgroup is None else self_cgroup
-    root = cgroup or Path("/sys/fs/cgroup")
-    rooms = [_cgroup_room(d, version) for d, version in _cgroup_dirs(root, self_cgroup)]
-    bounds = [b for b in (_meminfo_available(meminfo), *rooms) if b is not None]
-    if bounds:
-        return min(bounds)
-    return physical if physical is not None else _physical_memory()
-
-
-def _meminfo_available(text: str) -> int | None:
-    match = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-#: Per cgroup version: limit, usage and stat files, and the stat key of reclaimable file cache.
-_CGROUP_FILES = {2: ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")}
-
-
-def _cgroup_dirs(root: Path, self_cgroup: str) -> list[tuple[Path, int]]:
-    """(directory, version) of each memory cgroup from the root down to this process's own.
-
-    The root of both versions is always included (a container with a cgroup namespace sees its own
-    cgroup there, and /proc/self/cgroup may be unreadable); then every level of the path that
-    /proc/self/cgroup names: ``0::/a/b`` (v2) or ``N:memory:/a/b`` (v1, under ``memory/``)."""
-    dirs = [(root, 2), (root / "memory", 1)]
-    for line in self_cgroup.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, rel = parts
-        if hierarchy == "0" and controllers == "":
-            base, version = root, 2
-        elif "memory" in controllers.split(","):
-            base, version = root / "memory", 1
-        else:
-            continue
-        steps = [s for s in rel.strip().split("/") if s and s not in (".", "..")]
-        dirs += [(base.joinpath(*steps[:i]), version) for i in range(1, len(steps) + 1)]
-    return dirs
-
-
-def _cgroup_room(where: Path, version: int) -> int | None:
-    """Limit minus usage plus inactive file cache in one cgroup directory; None without a limit there."""
-    limit_file, usage_file, stat_file, key = _CGROUP_FILES[version]
-    try:
-        raw = (where / limit_file).read_text().strip()
-        if raw == "max" or int(raw) >= _NO_LIMIT:
-            return None
-        limit, usage = int(raw), int((where / usage_file).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    match = re.search(rf"^{key}\s+(\d+)", _read(str(where / stat_file)), re.MULTILINE)
-    return max(0, limit - usage + (int(match.group(1)) if match else 0))
-
-
-def _physical_memory() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _memory_label(n: int | None) -> str:
@@ -274,44 +227,14 @@ def memory_check_enabled(env: Mapping[str, str] | None = None) -> bool:
     return forced is None or forced.enabled
 
 
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on (affinity and cpusets count, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+def default_threads(*, cpus: int | None = None, cores: int | None = None, read: bool = True) -> int:
+    """Threads for llama.cpp: the physical cores we may use (hyperthreads add little to matmuls), at
+    most the CPUs (affinity and a container's quota: :mod:`rs_local.runtime.cpus`).
 
-
-def physical_cores(cpuinfo: str | None = None) -> int | None:
-    """Distinct (package, core) pairs in /proc/cpuinfo; None where the file does not say."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return None
-    cores: set[tuple[str, str]] = set()
-    package = core = None
-    for line in cpuinfo.splitlines() + [""]:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            package = value.strip()
-        elif key == "core id":
-            core = value.strip()
-        elif not line.strip():
-            if core is not None:
-                cores.add((package or "0", core))
-            package = core = None
-    return len(cores) or None
-
-
-def default_threads(*, cpus: int | None = None, cpuinfo: str | None = None) -> int:
-    """Threads for llama.cpp: the physical cores we may use (hyperthreads add little to matmuls).
-
-    ``cpus`` and ``cpuinfo`` default to this machine's; tests give fixtures.
+    ``cpus`` and ``cores`` default to this machine's when ``read``; tests give fixtures.
     """
     cpus = usable_cpus() if cpus is None else cpus
-    cores = physical_cores(cpuinfo)
+    cores = physical_cores() if cores is None and read else cores
     if cores is None:
         return cpus
     return max(1, min(cpus, cores))

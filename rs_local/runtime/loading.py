@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rs_local.errors import ModelError
-from rs_local.runtime.host import RepackDecision, decide_repack, default_threads, quiet_openmp
+from rs_local.runtime.host import RepackDecision, decide_repack, default_threads, import_llama, quiet_openmp
 from rs_local.runtime.interrupts import hold, release
 
 _PATCH_LOCK = threading.RLock()
@@ -156,7 +156,7 @@ def load_llama(
     quiet_openmp()  # before llama.cpp (and its OpenMP runtime) is first imported
     decision = decide_repack(repack)
     threads = n_threads or default_threads()
-    import llama_cpp
+    llama_cpp = import_llama()
 
     install_log_filter()
     try:

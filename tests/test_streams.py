@@ -1,0 +1,131 @@
+"""The command line in surroundings unlike a developer's terminal (rs_local.cli.streams).
+
+Each case ran the real ``rs-local`` entry point in a child process, as a user's shell would, and
+ended a finished command with a traceback or lost its output before the fix: a stdout that is not
+UTF-8, a reader that leaves early, a stderr that cannot be written, ``COLUMNS=0``, a deleted
+working directory, an ASCII locale's arguments, undecodable chat input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rs_local.converters.gguf_io import write_control_vector
+from rs_local.vectors.control_vector import ControlVector
+
+TEXT = "日本 🚀 café"
+
+
+def _rs_local(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    kw.setdefault("capture_output", True)
+    return subprocess.run([sys.executable, "-m", "rs_local.cli.main", *args], env=full, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def vector(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("v") / "v.gguf"
+    vec = ControlVector({3: np.ones(576, np.float32)}, "llama", {"note": TEXT, "model": "x" * 200})
+    return write_control_vector(vec, path)
+
+
+def test_output_that_is_not_utf8_is_written_as_utf8_not_a_traceback(vector):
+    """A latin-1 locale (or Windows' code page when redirected) could not print Chinese or rich's
+    '…': UnicodeEncodeError after the work. Redirected output is now UTF-8, JSON included."""
+    shown = _rs_local("inspect", str(vector), env={"PYTHONIOENCODING": "latin-1"})
+    assert shown.returncode == 0, shown.stderr.decode(errors="replace")
+    assert TEXT in shown.stdout.decode("utf-8")
+    as_json = _rs_local("inspect", str(vector), "--json", env={"PYTHONIOENCODING": "latin-1"})
+    assert as_json.returncode == 0 and TEXT in json.dumps(json.loads(as_json.stdout.decode("utf-8")), ensure_ascii=False)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(vector):
+    """`rs-local inspect X --json | head -c 10` printed 'Error: [Errno 32] Broken pipe'."""
+    proc = subprocess.Popen([sys.executable, "-m", "rs_local.cli.main", "inspect", str(vector), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read().decode(errors="replace")
+    assert proc.wait(timeout=120) == 1
+    assert "Error" not in err and "Traceback" not in err
+
+
+def test_a_stderr_that_cannot_be_written_does_not_lose_the_answer(smollm2_path, tmp_path):
+    """A read-only stderr (`2<&-` through a shell shim, a full disk): the loading spinner raised
+    OSError and the command died without its answer."""
+    ro = tmp_path / "ro"
+    ro.write_text("")
+    with open(ro, "rb") as stderr:
+        done = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "generate", "--model", str(smollm2_path),
+                               "--max-tokens", "4", "--threads", "1", "Say hello."],
+                              stdout=subprocess.PIPE, stderr=stderr, timeout=120)
+    assert done.returncode == 0
+    assert done.stdout.strip()
+
+
+def test_a_width_that_is_not_one_is_ignored(vector):
+    """COLUMNS=0 printed every table as nothing, exit 0."""
+    shown = _rs_local("inspect", str(vector), env={"COLUMNS": "0"})
+    assert shown.returncode == 0 and "note" in shown.stdout.decode("utf-8")  # the metadata table
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    """torch's loader aborted the process with an MKL fatal error there."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = ("import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+            "sys.argv = ['rs-local', 'models', 'list']; from rs_local.cli.main import main; main()")
+    done = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("Error: the current directory no longer exists (it was deleted): "
+                                   "cd to one that does and run again")
+
+
+def test_utf8_arguments_under_an_ascii_locale_are_read_as_utf8():
+    """LC_ALL=C without Python's UTF-8 mode hands valid UTF-8 over as surrogates; it was refused."""
+    import click
+
+    from rs_local.cli.options import utf8_text
+
+    raw = "Réponds 🚀".encode("utf-8")
+    assert utf8_text(None, None, raw.decode("ascii", "surrogateescape")) == "Réponds 🚀"
+    with pytest.raises(click.BadParameter, match="not valid UTF-8"):
+        utf8_text(None, None, b"caf\xe9".decode("ascii", "surrogateescape"))
+
+
+def test_undecodable_chat_input_is_a_line_of_its_own_not_the_end(smollm2_path):
+    """With PYTHONIOENCODING=utf-8, one latin-1 byte raised UnicodeDecodeError and ended the chat."""
+    done = _rs_local("chat", "--model", str(smollm2_path), "--max-tokens", "2", "--threads", "1",
+                     input=b"caf\xe9\nhello\n", env={"PYTHONIOENCODING": "utf-8"})
+    out = done.stdout.decode("utf-8", errors="replace") + done.stderr.decode("utf-8", errors="replace")
+    assert done.returncode == 0, out
+    assert "not valid UTF-8" in out and "Traceback" not in out
+
+
+def test_best_effort_stream_swallows_only_os_errors():
+    from rs_local.cli.streams import BestEffort
+
+    class Full:
+        encoding = "utf-8"
+
+        def write(self, text):
+            if isinstance(text, bytes):
+                raise TypeError("text only")
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    quiet = BestEffort(Full())
+    assert quiet.write("progress") == len("progress")
+    quiet.flush()
+    assert quiet.encoding == "utf-8"
+    with pytest.raises(TypeError):  # click probes a stream with bytes: that answer must stay
+        quiet.write(b"")

@@ -45,3 +45,21 @@ def test_llama_cpp_block_outputs_match_transformers(smollm2_path):
         same = _corr(ll[b], hf.layer(b))
         neighbours = [_corr(ll[b], hf.layer(b + d)) for d in (-1, 1)]
         assert same > 0.9 and same > max(neighbours) + 0.05, (b, same, neighbours)
+
+
+def test_ggml_base_is_found_beside_the_loaded_llama_library(tmp_path):
+    """A build loaded through LLAMA_CPP_LIB_PATH (CUDA, Metal) must be read with its own ggml-base,
+    not the wheel's; MinGW's file name counts too."""
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.activations import ggml_base_path
+
+    custom, wheel = tmp_path / "cuda", tmp_path / "wheel"
+    custom.mkdir()
+    wheel.mkdir()
+    (wheel / "libggml-base.so").write_bytes(b"")
+    assert ggml_base_path([custom, wheel]) == str(wheel / "libggml-base.so")
+    (custom / "libggml-base.dll").write_bytes(b"")  # MinGW
+    assert ggml_base_path([custom, wheel]) == str(custom / "libggml-base.dll")
+    with pytest.raises(RsLocalError, match="no ggml-base library found"):
+        ggml_base_path([tmp_path / "none"])
+    assert ggml_base_path().endswith(("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"))  # this install's

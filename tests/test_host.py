@@ -390,3 +390,21 @@ def test_a_llama_cpp_library_that_cannot_load_is_one_line(tmp_path, repack, smol
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: llama-cpp-python cannot be loaded: Failed to load shared library")
+
+
+def test_torch_is_held_to_the_cpu_quota_only_when_it_would_oversubscribe():
+    """torch counts the machine's cores, not a container's quota (16 threads under `--cpus 2`)."""
+    assert host.torch_threads(16, env={}, cpus=2, cores=16, read=False) == 2
+    assert host.torch_threads(2, env={}, cpus=2, cores=2, read=False) is None  # already right: untouched
+    assert host.torch_threads(1, env={}, cpus=8, cores=8, read=False) is None  # a user's lower count stays
+    assert host.torch_threads(16, env={"OMP_NUM_THREADS": "4"}, cpus=2, cores=16, read=False) is None
+
+
+def test_the_python_api_is_cut_to_the_cpus_too(smollm2_path):
+    """Only the CLI capped --threads; Runner(n_threads=4096) queued thousands of threads on 2 CPUs."""
+    from rs_local.runtime.host import usable_cpus
+    from rs_local.runtime.runner import Runner
+
+    with Runner(smollm2_path, n_ctx=256, n_threads=4096) as runner:
+        assert runner.llama.n_threads == usable_cpus()
+        assert runner.generate("hi", max_tokens=2).tokens

@@ -82,8 +82,31 @@ def test_no_repack_follows_rs_locals_decision(vector, model, monkeypatch):
 def test_paths_llama_cpp_cannot_parse_are_refused(tmp_path, model, vector, name):
     bad = tmp_path / name
     bad.write_bytes(vector.read_bytes())
-    with pytest.raises(LlamaCppPathError, match="symlink"):
+    with pytest.raises(LlamaCppPathError, match="ln -s"):
         llama_cpp_flags([(bad, -1.0)], model=model, repack=ON)
+
+
+def test_a_colon_above_the_working_directory_is_left_out(tmp_path, model, vector, monkeypatch):
+    """Windows: every absolute path has a drive's ':', which llama.cpp splits on; the path relative
+    to where the user is (where the hint is printed) passes."""
+    drive = tmp_path / "C:" / "work"
+    drive.mkdir(parents=True)
+    (drive / "v.gguf").write_bytes(vector.read_bytes())
+    monkeypatch.chdir(drive)
+    flags = llama_cpp_flags([(drive / "v.gguf", -1.0)], model=model, repack=ON)
+    assert flags.vector_args()[:2] == ["--control-vector-scaled", "v.gguf:-1"]
+    monkeypatch.chdir(tmp_path)  # from above the colon only the full path would do: refused
+    with pytest.raises(LlamaCppPathError, match="ln -s"):
+        llama_cpp_flags([(drive / "v.gguf", -1.0)], model=model, repack=ON)
+
+
+def test_hints_are_quoted_for_the_users_shell():
+    """Single quotes mean nothing to cmd.exe; Windows hints use double quotes."""
+    from rs_local.runtime.llama_flags import shell_join, shell_quote
+
+    assert shell_quote(r"C:\my models\m.gguf", windows=True) == r'"C:\my models\m.gguf"'
+    assert shell_quote("/my models/m.gguf", windows=False) == "'/my models/m.gguf'"
+    assert shell_join(["-fa", "off"], windows=True) == "-fa off"
 
 
 def test_non_gguf_vectors_are_refused_with_the_convert_command(tmp_path, model):

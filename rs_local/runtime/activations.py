@@ -43,17 +43,33 @@ from rs_local.runtime.runner import Runner
 _GGML_TYPE_F32 = 0
 
 
-def _ggml_base():
-    """ggml's tensor helpers, which the Python bindings do not wrap (shipped in llama_cpp/lib)."""
-    import llama_cpp
+#: ggml-base's file names: Linux, macOS, MSVC and MinGW builds.
+GGML_BASE_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml-base.dll")
 
-    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if os.path.exists(os.path.join(libdir, name)):
-            lib = ctypes.CDLL(os.path.join(libdir, name))
-            break
-    else:  # pragma: no cover - unusual installs
-        raise RsLocalError(f"{libdir}: no ggml-base library found (needed to read activations)")
+
+def ggml_base_path(dirs: Iterable[str | os.PathLike] | None = None) -> str:
+    """The ggml-base library beside the libllama llama-cpp-python loaded.
+
+    Why not always the wheel's ``llama_cpp/lib``: ``LLAMA_CPP_LIB_PATH`` makes llama-cpp-python load
+    another build (a CUDA or Metal one), and reading its tensors with the wheel's ggml-base, whose
+    structures may differ, gives garbage or a crash. ``dirs`` defaults to that library's directory,
+    then the wheel's."""
+    if dirs is None:
+        import llama_cpp
+        import llama_cpp.llama_cpp as low
+
+        dirs = [getattr(low, "_base_path", None), os.path.join(os.path.dirname(llama_cpp.__file__), "lib")]
+    searched = [os.fspath(d) for d in dirs if d is not None]
+    for libdir in searched:
+        for name in GGML_BASE_NAMES:
+            if os.path.exists(os.path.join(libdir, name)):
+                return os.path.join(libdir, name)
+    raise RsLocalError(f"{' or '.join(searched)}: no ggml-base library found (needed to read activations)")
+
+
+def _ggml_base():
+    """ggml's tensor helpers, which the Python bindings do not wrap."""
+    lib = ctypes.CDLL(ggml_base_path())
     lib.ggml_get_name.restype = ctypes.c_char_p
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
     lib.ggml_nelements.restype = ctypes.c_int64

@@ -240,6 +240,21 @@ def default_threads(*, cpus: int | None = None, cores: int | None = None, read: 
     return max(1, min(cpus, cores))
 
 
+def torch_threads(current: int, *, env: Mapping[str, str] | None = None, cpus: int | None = None,
+                  cores: int | None = None, read: bool = True) -> int | None:
+    """Fewer threads for torch's fitting passes where its own count (``current``) oversubscribes; else None.
+
+    Why: torch counts the machine's physical cores and ignores a container's CPU quota and the
+    process's affinity, so a fit in ``docker --cpus 2`` on a 32-core host ran 16 threads that the
+    kernel throttles in turn. Only ever lowered (a count the user set below ours stays), and a
+    user's ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, which torch reads itself, wins."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
+        return None
+    ours = default_threads(cpus=cpus, cores=cores, read=read)
+    return ours if ours < current else None
+
+
 def capped_threads(requested: int, *, cpus: int | None = None) -> tuple[int, str | None]:
     """A thread count asked for, at most the CPUs this process may use, and why it was cut (or None).
 

@@ -13,14 +13,16 @@ template (``--jinja`` uses the model's own) and flash attention "auto" (``-fa of
 
 So every hint rs-local prints (``inspect --llama-cpp``, the demo's closing lines) is built
 here, from the same repack decision rs-local itself uses
-(:func:`rs_local.runtime.host.decide_repack`), with shell quoting done by :mod:`shlex`, and
+(:func:`rs_local.runtime.host.decide_repack`), with shell quoting for the user's shell (POSIX, or cmd.exe/PowerShell on Windows), and
 with the paths llama.cpp cannot parse refused up front instead of failing later inside
 llama.cpp. Nothing here imports llama.cpp unless the repack decision needs to ask the build.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -85,7 +87,7 @@ class LlamaCppFlags:
     def command(self, binary: str = "llama-completion") -> str:
         """One shell line: ``BINARY -m MODEL --control-vector-scaled ... -fa off [--jinja]``."""
         rest = [*self.vector_args(), *tool_args(binary)]
-        return " ".join([shlex.quote(binary), "-m", self.model, shlex.join(rest)])
+        return " ".join([shell_quote(binary), "-m", self.model, shell_join(rest)])
 
     def render(self, binaries: Sequence[str] = BINARIES) -> str:
         """What ``rs-local inspect --llama-cpp`` prints: ``#`` notes, then one line per binary."""
@@ -109,21 +111,51 @@ def check_vector_path(path: str | Path) -> str:
     suggest a name that can.
     """
     text = str(path)
+    bad = _unparsable(text)
+    if bad and Path(text).is_absolute():  # a Windows drive's "C:": the form relative to here may pass
+        try:
+            near = os.path.relpath(text)
+        except ValueError:  # another drive
+            near = text
+        if not _unparsable(near):
+            text, bad = near, []
+    if bad:
+        resolved = str(Path(text).resolve())
+        link = f"copy {shell_quote(resolved)} vector.gguf" if _windows() else f"ln -s {shell_quote(resolved)} vector.gguf"
+        raise LlamaCppPathError(
+            text, f"llama.cpp's --control-vector-scaled cannot take a path containing {' or '.join(map(repr, bad))} "
+            f"(it splits FNAME:SCALE on ':' and the list on ','); copy or link it to a plain name first, "
+            f"e.g. {link}",
+        )
+    if Path(text).suffix.lower() != ".gguf":
+        raise FileProblem(text, f"llama.cpp loads only GGUF control vectors; convert it first: "
+                                f"rs-local convert {shell_quote(text)} {shell_quote(str(Path(text).with_suffix('.gguf')))}")
+    return text
+
+
+def _unparsable(text: str) -> list[str]:
     bad = [c for c in UNPARSABLE_CHARS if c in text]
     if text.startswith('"'):
         bad.append('a leading "')
     if not text.isprintable():
         bad.append("a control character")  # a pasted command line cannot carry it reliably
-    if bad:
-        raise LlamaCppPathError(
-            text, f"llama.cpp's --control-vector-scaled cannot take a path containing {' or '.join(map(repr, bad))} "
-            f"(it splits FNAME:SCALE on ':' and the list on ','); copy or symlink it to a plain name first, "
-            f"e.g. ln -s {shlex.quote(str(Path(text).resolve()))} vector.gguf",
-        )
-    if Path(text).suffix.lower() != ".gguf":
-        raise FileProblem(text, f"llama.cpp loads only GGUF control vectors; convert it first: "
-                                f"rs-local convert {shlex.quote(text)} {shlex.quote(str(Path(text).with_suffix('.gguf')))}")
-    return text
+    return bad
+
+
+def _windows() -> bool:
+    return os.name == "nt"
+
+
+def shell_quote(text: str, windows: bool | None = None) -> str:
+    """``text`` as one word of a pasted command line: POSIX shell quoting, or on Windows the
+    double quotes that both cmd.exe and PowerShell read (single quotes mean nothing to cmd.exe)."""
+    if _windows() if windows is None else windows:
+        return subprocess.list2cmdline([text])
+    return shlex.quote(text)
+
+
+def shell_join(args: Sequence[str], windows: bool | None = None) -> str:
+    return " ".join(shell_quote(a, windows) for a in args)
 
 
 def vector_block_span(paths: Sequence[str | Path]) -> tuple[int, int]:
@@ -146,7 +178,7 @@ def model_shell_text(model: str | Path) -> tuple[str, str | None]:
 
     name = str(model)
     try:
-        return shlex.quote(str(models.resolve(name, auto_pull=False))), None
+        return shell_quote(str(models.resolve(name, auto_pull=False))), None
     except ModelError:
         if name not in models.MODELS:
             raise

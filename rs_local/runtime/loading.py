@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rs_local.errors import ModelError
-from rs_local.runtime.host import RepackDecision, decide_repack, default_threads, import_llama, quiet_openmp
+from rs_local.runtime.host import (
+    RepackDecision, capped_threads, decide_repack, default_threads, import_llama, quiet_openmp,
+)
 from rs_local.runtime.interrupts import hold, release
 
 _PATCH_LOCK = threading.RLock()
@@ -155,7 +157,7 @@ def load_llama(
                          "rename it or link to it from a UTF-8 path") from None
     quiet_openmp()  # before llama.cpp (and its OpenMP runtime) is first imported
     decision = decide_repack(repack)
-    threads = n_threads or default_threads()
+    threads = capped_threads(n_threads)[0] if n_threads else default_threads()  # the CLI warns; the API is cut too
     llama_cpp = import_llama()
 
     install_log_filter()

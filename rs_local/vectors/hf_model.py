@@ -199,6 +199,17 @@ def _directory_blocks(path: Path) -> Any:
     return getattr(config, "num_hidden_layers", None)
 
 
+def _fit_threads() -> None:
+    """Hold torch to the CPUs this process may use (:func:`rs_local.runtime.host.torch_threads`)."""
+    import torch
+
+    from rs_local.runtime.host import torch_threads
+
+    wanted = torch_threads(current=torch.get_num_threads())
+    if wanted is not None:
+        torch.set_num_threads(wanted)
+
+
 def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitModel:
     """Resolve ``model`` (built-in name, ``.gguf`` path or HF directory) and load it for fitting.
 
@@ -214,6 +225,7 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
         return _CACHE[key]
     torch_dtype = _torch_dtype(dtype)
     transformers = _import_transformers()
+    _fit_threads()
     if path.is_dir():
         where, extra = str(path), {}
     elif path.suffix.lower() == ".gguf":

@@ -297,3 +297,26 @@ def test_a_closed_batch_engine_is_an_error_not_a_segfault(runner):
     for call in (lambda: engine.generate_many(["hi"], max_tokens=2), lambda: engine.set_vectors([])):
         with pytest.raises(RsLocalError, match="this BatchEngine is closed"):
             call()
+
+
+def test_a_long_prompt_stops_between_slices_when_its_caller_says(smollm2_path):
+    """A server's client that left during an 8000-token prompt held the worker until it was evaluated."""
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.runner import PromptCancelled
+
+    prompt = "count: " + " ".join(str(i) for i in range(300))  # ~1100 tokens: five slices of 256
+    with Runner(smollm2_path, n_ctx=2048, n_batch=256) as runner:
+        asked = []
+
+        def leave_after_one_slice() -> bool:
+            asked.append(True)
+            return len(asked) > 1
+
+        before = runner.counters.prompt_tokens
+        with pytest.raises(PromptCancelled):
+            list(runner.stream(prompt, max_tokens=4, cancelled=leave_after_one_slice))
+        assert runner.counters.prompt_tokens - before == 256  # one slice, then it stopped
+        assert issubclass(PromptCancelled, RsLocalError)
+        after = runner.generate(prompt, max_tokens=6).tokens  # the slice evaluated stays valid for reuse
+    with Runner(smollm2_path, n_ctx=2048, n_batch=256) as fresh:
+        assert fresh.generate(prompt, max_tokens=6).tokens == after

@@ -453,6 +453,11 @@ BAD = [
     ("model-unknown-vector", {"model": f"{MODEL}+nope:1", "messages": ASK}, 404, "model"),
     ("too-long", {"messages": [{"role": "user", "content": _long_prompt()}]}, 400, "messages"),
     ("oversized", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, None),
+    # fields the answer would silently ignore: a client would take null log-probs or prose for what it asked
+    ("logprobs", {"messages": ASK, "logprobs": True, "top_logprobs": 2}, 400, "logprobs"),
+    ("tools", {"messages": ASK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("json-format", {"messages": ASK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("logit-bias", {"messages": ASK, "logit_bias": {"42": 5}}, 400, "logit_bias"),
 ]
 
 
@@ -473,6 +478,48 @@ def test_bad_completion_prompt_and_unknown_routes(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = Http.send("GET", server.url + "/nothing")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_fields_that_ask_for_nothing_still_pass(client):
+    """What clients send by habit (`logprobs: false`, `tools: []`, a text format) is no refusal."""
+    text, _ = _chat(client, max_tokens=2, logprobs=False, tools=[], response_format={"type": "text"})
+    assert text
+
+
+def test_head_model_retrieval_and_allow(server, client):
+    """Health checkers send HEAD; the openai client's models.retrieve asks /v1/models/ID; a 405 says what is allowed."""
+    assert Http.send("HEAD", server.root + "/health").status_code == 200
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert client.models.retrieve(f"{MODEL}+tilt:4").id == f"{MODEL}+tilt:4"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    r = Http.send("DELETE", server.url + "/chat/completions")
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", "") and r.json()["error"]["code"]
+
+
+def test_stalled_requests_are_closed_and_timed_out():
+    """Headers that stop half way held a connection (and a file descriptor) forever; a body shorter
+    than its Content-Length too. --request-timeout 1: the first is closed, the second gets a 408."""
+    srv = Server(["--request-timeout", "1"])
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHo")
+            t0 = time.time()
+            assert sock.recv(1024) == b""  # closed by the server, not by the 10 s timeout here
+            assert time.time() - t0 < 6
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"mess")
+            reply = b""
+            while b"request_timeout" not in reply:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+        assert srv.health()["status"] == "ok"
+    finally:
+        srv.kill()
 
 
 def test_the_server_still_answers_after_bad_input(server, client):
@@ -624,3 +671,35 @@ def test_head_cache_size_reaches_the_worker(runner):
 
     assert build_service(runner, "m", head_cache_bytes=3 << 20).worker.heads.max_bytes == 3 << 20
     assert build_service(runner, "m", head_cache_bytes=0).worker.heads.max_bytes == 0
+
+
+def test_clients_that_left_do_not_fill_the_queue(smollm2_path):
+    """64 clients that timed out behind one long answer still counted as waiting, so every live client
+    got a 503 until the worker reached them; now they are dropped (and told) when a job arrives."""
+    from rs_local.runtime.runner import Runner
+    from rs_local.runtime.sampling import SamplingParams
+    from rs_local.serve.errors import ApiError
+    from rs_local.serve.scheduler import Failed, Job, Worker
+    from rs_local.serve.steering import VectorLibrary
+
+    with Runner(smollm2_path, n_ctx=256) as runner:
+        library = VectorLibrary(runner.n_embd, runner.n_layer, check=runner.check_vector)
+        worker = Worker(runner, library, max_waiting=4)  # not started: jobs stay queued
+        told: list = []
+
+        def job() -> Job:
+            return Job("hi", library.default(()), SamplingParams(), 2, (), told.append)
+
+        gone = [job() for _ in range(4)]
+        for j in gone:
+            worker.submit(j)
+            j.cancelled.set()
+        assert worker.waiting == 0
+        live = [job() for _ in range(4)]
+        for j in live:
+            worker.submit(j)  # was a 503: the queue held 4 cancelled jobs
+        assert worker.waiting == 4 and len(told) == 4
+        assert all(isinstance(e, Failed) and e.error.status == 499 for e in told)
+        with pytest.raises(ApiError) as full:
+            worker.submit(job())
+        assert full.value.status == 503 and full.value.headers == {"Retry-After": "5"}

@@ -8,6 +8,7 @@ import click
 
 from rs_local.cli.options import load_runner, model_option, runtime_options, say
 from rs_local.errors import RsLocalError
+from rs_local.files import Terminated
 from rs_local.models import MODELS
 
 
@@ -73,9 +74,13 @@ def _web_stack() -> None:
 @click.option("--shutdown-grace", type=click.FloatRange(0, 600), default=3.0, show_default=True, metavar="SECONDS",
               help="On SIGINT/SIGTERM, how long answers under way may go on before they end with a "
                    "'server_shutdown' error (a stream still ends with [DONE]).")
+@click.option("--request-timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True, metavar="SECONDS",
+              help="How long a client may take to send a request's headers, and again its body, before its "
+                   "connection is closed (a stalled client would otherwise hold it forever).")
 @runtime_options
 def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, host: str, port: int,
-          api_key: str | None, prefix_cache: bool, head_cache_mib: int, shutdown_grace: float, n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
+          api_key: str | None, prefix_cache: bool, head_cache_mib: int, shutdown_grace: float, request_timeout: float,
+          n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
     """OpenAI-compatible server; each request picks its steering (body field or model name)."""
     _web_stack()
     from rs_local.serve.app import build_service, serve as run_server
@@ -87,12 +92,15 @@ def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, ho
     service = build_service(runner, model_id, vector_specs=vector_specs, vectors_dir=vectors_dir,
                             default_specs=default_specs, prefix_cache=prefix_cache, policy_specs=policy_specs,
                             head_cache_bytes=head_cache_mib << 20)
-    service.grace = shutdown_grace
+    service.grace, service.request_timeout = shutdown_grace, request_timeout
     names = ", ".join(service.library.vectors) or "none"
     policies = ", ".join(service.library.policies) or "none"
     say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; policies: {policies}; default steering: "
         f"{service.default.label()}; weight repacking {runner.repack_decision})")
-    run_server(service, host=host, port=port, api_key=api_key)
+    try:
+        run_server(service, host=host, port=port, api_key=api_key)
+    except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the signal it stopped on: a stop asked for, done
+        say("stopped")
 
 
 COMMANDS = [serve]

@@ -267,6 +267,27 @@ def capped_threads(requested: int, *, cpus: int | None = None) -> tuple[int, str
     return cpus, f"--threads {requested} is more than the {cpus} CPUs this process may use; using {cpus}"
 
 
+def raise_open_files_limit(target: int = 4096) -> int | None:
+    """Raise this process's soft limit on open files toward ``target`` (never above the hard limit);
+    the new soft limit, or None where there is no such limit (Windows).
+
+    Why: a server holds one descriptor per connection, and macOS starts processes at 256: a burst of
+    clients (or a few hundred stalled ones) exhausted it, after which every accept failed."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        return soft
+    except (OSError, ValueError):
+        return None
+
+
 def quiet_openmp(env: dict[str, str] | None = None) -> None:
     """Let idle OpenMP threads sleep instead of spinning (must happen before llama.cpp loads).
 

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +34,10 @@ from rs_local.vectors.layers import check_steerable
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
+
+
+class PromptCancelled(RsLocalError):
+    """A prompt's evaluation stopped because its caller said so (a server's client left)."""
 
 
 @dataclass
@@ -312,8 +316,9 @@ class Runner:
         ptr = self._lib.llama_get_logits_ith(self.llama.ctx, -1)
         return checked_logits(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy(), self.vectors)
 
-    def _eval_prompt(self, tokens: Sequence[int]) -> np.ndarray:
-        """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged."""
+    def _eval_prompt(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged (``cancelled``:
+        see :meth:`_timed_prompt_eval`)."""
         if len(tokens) >= self.n_ctx:
             raise RsLocalError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
         keep = 0
@@ -324,7 +329,7 @@ class Runner:
                 keep += 1
         self.llama.n_tokens = keep
         self._epoch += 1
-        self._timed_prompt_eval(tokens[keep:])
+        self._timed_prompt_eval(tokens[keep:], cancelled)
         self.counters.reused_tokens += keep
         self._kv_valid = True
         return self._logits()
@@ -343,15 +348,23 @@ class Runner:
             raise RsLocalError(f"token id {bad} is outside this model's vocabulary (0-{self.n_vocab - 1})")
         return ids
 
-    def _timed_prompt_eval(self, tokens: Sequence[int]) -> None:
+    def _timed_prompt_eval(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
+        """Evaluate ``tokens`` after the cached ones. With ``cancelled``, in slices of the batch size
+        (llama.cpp's own slicing, so the same numbers), asking before each whether to go on: a server's
+        client that left during an 8000-token prompt held the worker for a minute more. Raises
+        :class:`PromptCancelled`; the tokens evaluated so far stay valid for prefix reuse."""
         t0 = time.perf_counter()
+        step = max(1, len(tokens)) if cancelled is None else max(1, self.llama.n_batch)
         try:
-            with self._use():
-                self.llama.eval(tokens)
+            for start in range(0, len(tokens), step):
+                if cancelled is not None and cancelled():
+                    raise PromptCancelled("the prompt's evaluation was cancelled")
+                with self._use():
+                    self.llama.eval(tokens[start:start + step])
+                self.counters.prompt_tokens += len(tokens[start:start + step])
         finally:
+            self.counters.prompt_s += time.perf_counter() - t0
             release()  # a Ctrl-C the log filter caught during the decode
-        self.counters.prompt_s += time.perf_counter() - t0
-        self.counters.prompt_tokens += len(tokens)
 
     def _eval_token(self, token: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -450,18 +463,21 @@ class Runner:
         stop: Sequence[str] = (),
         result: Generation | None = None,
         tokens: Sequence[int] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; fills ``result`` (if given) as it goes.
 
         Stopping the iteration early (Ctrl-C in the chat) leaves ``result`` holding what was
         produced so far with ``finish_reason == "interrupted"``. ``tokens``: the prompt already
         tokenised by the caller (the server counts them first), saving a second template render.
-        The last token of the budget is not evaluated: nothing would read its logits.
+        The last token of the budget is not evaluated: nothing would read its logits. ``cancelled``
+        (the server's "has the client left?") is asked between slices of a long prompt.
         """
-        yield from self._stream(prompt, max_tokens, sampling, stop, result, tokens)
+        yield from self._stream(prompt, max_tokens, sampling, stop, result, tokens, cancelled)
 
     def _stream(self, prompt: Prompt, max_tokens: int, sampling: SamplingParams | None, stop: Sequence[str],
-                result: Generation | None, tokens: Sequence[int] | None) -> Iterator[TokenEvent]:
+                result: Generation | None, tokens: Sequence[int] | None,
+                cancelled: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
         try:
             max_tokens = operator.index(max_tokens)
         except TypeError:
@@ -476,7 +492,7 @@ class Runner:
         budget = min(max_tokens, self.n_ctx - len(tokens) - 1)
         sampler = Sampler(sampling or SamplingParams())
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        logits = self._eval_prompt(tokens)
+        logits = self._eval_prompt(tokens, cancelled)
         epoch = self._epoch
         out.finish_reason = "interrupted"
         try:

@@ -30,7 +30,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rs_local.errors import RsLocalError
+from rs_local.runtime.host import raise_open_files_limit
 from rs_local.runtime.runner import Runner
+from rs_local.serve.connections import header_timeout_protocol
 from rs_local.serve.errors import ApiError
 from rs_local.serve.prefix import HEAD_CACHE_BYTES
 from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
@@ -46,6 +48,8 @@ MAX_BODY = 1 << 20
 POLL_S = 0.5
 #: Seconds a stopping server lets answers under way go on before it ends them with an error.
 SHUTDOWN_GRACE_S = 3.0
+#: Seconds a client has to send a request's headers, and again its body.
+REQUEST_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Service:
     default: Steering
     worker: Worker
     grace: float = SHUTDOWN_GRACE_S
+    request_timeout: float = REQUEST_TIMEOUT_S
     closing: threading.Event = field(default_factory=threading.Event)  # set when the server begins to stop
 
     def aliases(self) -> set[str]:
@@ -91,18 +96,46 @@ class Service:
 # ----------------------------------------------------------------------------- request plumbing
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (header or bytes read)."""
+async def read_body(request: Request, limit: int, timeout: float = REQUEST_TIMEOUT_S,
+                    closing: threading.Event | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (header or bytes read).
+
+    A body that has not arrived within ``timeout`` seconds is a 408 (a client that declared more
+    than it sent held its connection, and a file descriptor, forever); a client that leaves during
+    the upload ends the request quietly (499, not two tracebacks in the log); a server that begins
+    to stop meanwhile answers 503 ``server_shutdown`` instead of being cancelled into a plain 500."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise too_big
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise too_big
-    return bytes(data)
+
+    async def upload() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_big
+        return bytes(data)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    task = asyncio.ensure_future(upload())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=max(0.0, min(POLL_S, deadline - loop.time())))
+            if task.done():
+                break
+            if closing is not None and closing.is_set():
+                raise cut_short()
+            if loop.time() >= deadline:
+                raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout")
+        return task.result()
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection", code="client_closed") from None
+    finally:
+        task.cancel()
 
 
 def bearer_check(api_key: str | None) -> Callable:
@@ -255,6 +288,7 @@ async def answer(request: Request, service: Service, body: dict, parsed: ParsedR
     job, events = submit(service, parsed, steering)
     reader = EventReader(events, service.grace)
     watcher = asyncio.create_task(watch_disconnect(request, job, events, service.closing))
+    streaming = False
     try:
         first = await reader.next()
         if first is None:
@@ -264,23 +298,39 @@ async def answer(request: Request, service: Service, body: dict, parsed: ParsedR
             raise first.error
         steering = first.steering  # as applied: a policy's gate has chosen by now
         reply = Reply(chat=chat, model=parsed.model or service.model_id, steering=steering)
-        headers = {"X-RS-Local-Steering": steering.label()}
+        headers = {"X-RS-Local-Steering": header_text(steering.label())}
         if parsed.stream:  # from here sse-starlette watches the connection and the server's stop
             stopping = anyio.Event()
-            return EventSourceResponse(sse(reader, job, reply, parsed.include_usage, stopping), sep="\n", ping=15,
-                                       headers=headers, shutdown_event=stopping,
-                                       shutdown_grace_period=service.grace + 1)
+            response = EventSourceResponse(sse(reader, job, reply, parsed.include_usage, stopping), sep="\n", ping=15,
+                                           headers=headers, shutdown_event=stopping,
+                                           shutdown_grace_period=service.grace + 1)
+            streaming = True  # the stream's own finally cancels the job from here on
+            return response
         return JSONResponse(await collect(reader, reply, job), headers=headers)
     finally:
         watcher.cancel()
+        if not streaming:  # answered, failed or raised: the worker must not go on for nobody
+            job.cancelled.set()
+
+
+def header_text(text: str) -> str:
+    """``text`` as an HTTP header value: headers are Latin-1, and a policy category or vector named in
+    another script raised UnicodeEncodeError (a 500) after the worker had started the answer."""
+    from urllib.parse import quote
+
+    return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
 # ----------------------------------------------------------------------------- the app
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if error.status in (408, 413):  # the rest of the body would be read and thrown away: end the connection
+        headers["Connection"] = "close"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -293,7 +343,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+        return _error_response(ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -312,7 +362,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
     guarded = [Depends(bearer_check(api_key))]
     started = time.time()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers that send it got a 405
     async def health() -> dict:
         worker = service.worker
         return {"status": "ok", "model": service.model_id, "n_ctx": service.runner.n_ctx,
@@ -320,9 +370,16 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
                 "busy": worker.busy, "waiting": worker.waiting, "prefix_cache": worker.prefix_cache,
                 "default_steering": service.default.describe(), "stats": dict(worker.stats)}
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=guarded)
     async def models() -> dict:
         return {"object": "list", "data": service.model_list()}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def model(model_id: str) -> dict:  # the openai client's models.retrieve
+        found = next((m for m in service.model_list() if m["id"] == model_id), None)
+        if found is None:
+            raise ApiError(404, f"model {model_id[:200]!r} is not served here", param="model", code="model_not_found")
+        return found
 
     @app.get("/v1/steering/vectors", dependencies=guarded)
     async def vectors() -> dict:
@@ -336,12 +393,12 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request) -> Response:
-        body = parse_body(await read_body(request, max_body))
+        body = parse_body(await read_body(request, max_body, service.request_timeout, service.closing))
         return await answer(request, service, body, parse_chat(body), chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, max_body))
+        body = parse_body(await read_body(request, max_body, service.request_timeout, service.closing))
         return await answer(request, service, body, parse_completion(body), chat=False)
 
     return app
@@ -394,8 +451,10 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
 
     app = create_app(service, api_key=api_key, max_body=max_body)
     service.worker.start()
+    raise_open_files_limit()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=service.grace + 2, access_log=log_level == "debug")
+                            timeout_graceful_shutdown=service.grace + 2, access_log=log_level == "debug",
+                            http=header_timeout_protocol(service.request_timeout))
     try:
         Server(config).run()
     finally:

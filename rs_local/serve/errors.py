@@ -16,7 +16,9 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    499: "invalid_request_error",
     503: "server_error",
     500: "server_error",
 }
@@ -26,8 +28,9 @@ class ApiError(Exception):
     """A request problem with its HTTP status, the offending ``param`` and a machine ``code``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 503, Allow on a 405
         self.status = status
         self.message = message
         self.param = param

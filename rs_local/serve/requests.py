@@ -6,7 +6,9 @@ OpenAI's ``param`` and says what was expected, and so that the JSON rules of
 infinity, bounded nesting and integer digits, valid Unicode). Fields that OpenAI clients send
 and that do not change what a local model can do (``user``, ``presence_penalty``, ...) are
 accepted and ignored, as llama-cpp-python's server does; fields that would silently change
-the meaning of the answer if ignored (``n`` > 1, images, token-id prompts) are refused.
+the meaning of the answer if ignored (``n`` > 1, images, token-id prompts, log-probabilities, tools,
+a JSON response format, a logit bias, ``echo``/``suffix``/``best_of``) are refused, each only when set
+to a value that asks for something (``tools: []`` or ``logprobs: false`` pass).
 """
 
 from __future__ import annotations
@@ -118,8 +120,31 @@ def _model(body: Mapping[str, Any]) -> str:
     return value
 
 
+#: Fields that ask for what this server does not do, with the values that ask for nothing.
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "tools": (None, []), "functions": (None, []), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+}
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    """400 ``unsupported`` for a field the answer would silently ignore (a client would read null
+    log-probs, an answer that is not the JSON or tool call it asked for, as if they were honoured)."""
+    for name, harmless in _UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == h and type(value) is type(h) for h in harmless if h is not None) and value is not None:
+            if name == "tools" and body.get("tool_choice") == "none":
+                continue
+            raise bad_request(f"{name} is not supported by this server", name, "unsupported")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise bad_request("response_format other than {\"type\": \"text\"} is not supported by this server",
+                          "response_format", "unsupported")
+
+
 def _common(body: Mapping[str, Any], prompt: Prompt, default_max: int | None) -> ParsedRequest:
     """Fields shared by both endpoints."""
+    _refuse_unsupported(body)
     n = _integer(body, "n", 1, 1)
     del n  # only n == 1 is possible on one sequence; anything else was refused above
     seed = body.get("seed")

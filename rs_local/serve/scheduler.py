@@ -38,11 +38,12 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from rs_local.errors import RsLocalError
-from rs_local.runtime.runner import EvalCounters, Generation, Prompt, Runner
+from rs_local.runtime.runner import EvalCounters, Generation, Prompt, PromptCancelled, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.serve.errors import ApiError, bad_request
 from rs_local.serve.prefix import HEAD_CACHE_BYTES, PrefixStore, load_prompt, template_boundary
@@ -180,14 +181,29 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        """Queued jobs whose clients are still there."""
+        with self._queue.mutex:
+            return sum(1 for j in self._queue.queue if j is not None and not j.cancelled.is_set())
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or refuse at once (503) when the queue is full rather than let latency grow unbounded."""
+        """Queue a job, or refuse at once (503) when the queue is full rather than let latency grow unbounded.
+
+        Jobs whose clients left while they waited are dropped first (told so, as the loop would):
+        counted, 64 clients that timed out behind one long answer shut every live client out."""
+        with self._queue.mutex:
+            left = [j for j in self._queue.queue if j is not None and j.cancelled.is_set()]
+            if left:
+                self._queue.queue = deque(j for j in self._queue.queue if j is None or not j.cancelled.is_set())
+        for gone in left:
+            self._client_left(gone)
         if self._queue.qsize() >= self.max_waiting:
             raise ApiError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
-                           code="overloaded")
+                           code="overloaded", headers={"Retry-After": "5"})
         self._queue.put(job)
+
+    def _client_left(self, job: Job) -> None:
+        self.stats["cancelled"] += 1
+        job.sink(Failed(ApiError(499, "the client closed the connection", code="client_closed")))
 
     def _loop(self) -> None:
         while True:
@@ -195,8 +211,7 @@ class Worker:
             if job is None:
                 return
             if job.cancelled.is_set():  # its client left while it waited
-                self.stats["cancelled"] += 1
-                job.sink(Failed(ApiError(499, "the client closed the connection", code="client_closed")))
+                self._client_left(job)
                 continue
             self.busy = True
             started = time.perf_counter()
@@ -205,6 +220,9 @@ class Worker:
             except ApiError as exc:
                 self.stats["failed"] += 1
                 last = Failed(exc)
+            except PromptCancelled:  # its client left while the prompt was evaluated
+                self.stats["cancelled"] += 1
+                last = Failed(ApiError(499, "the client closed the connection", code="client_closed"))
             except RsLocalError as exc:  # the request's own doing, e.g. a scale so large the output is NaN
                 self.stats["failed"] += 1
                 last = Failed(bad_request(self._public(str(exc)), "steering", code="generation_failed"))
@@ -315,7 +333,7 @@ class Worker:
         max_tokens = budget if job.max_tokens is None else min(job.max_tokens, budget)
         stops = StopFilter(job.stop)
         stream = self.runner.stream(job.prompt, max_tokens=max_tokens, sampling=job.sampling, result=result,
-                                    tokens=tokens)
+                                    tokens=tokens, cancelled=job.cancelled.is_set)
         try:
             for event in stream:
                 text = stops.feed(event.text)

@@ -97,7 +97,8 @@ def test_the_process_own_cgroup_limit_counts_not_only_the_root(tmp_path):
 def test_without_meminfo_or_cgroup_the_physical_memory_bounds_it(tmp_path):
     """A system with neither file nor a reader of its own: the whole machine's memory is the bound."""
     assert available_memory(meminfo="", cgroup=tmp_path, self_cgroup="", physical=16 << 30) == 16 << 30
-    assert available_memory(meminfo="", cgroup=tmp_path / "absent", self_cgroup="", physical=None) is not None
+    assert available_memory(meminfo="", cgroup=tmp_path / "absent", self_cgroup="", physical=None,
+                            platform="linux") is not None  # this machine's sysconf
 
 
 VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
@@ -125,7 +126,7 @@ def test_the_zfs_arc_counts_as_memory_it_gives_back(tmp_path):
     """Linux counts the ZFS ARC as used; it shrinks to its floor under pressure, so a fit that fits
     was refused on ZFS machines."""
     assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="", arcstats=ARCSTATS) == \
-        8000000 * 1024 + (9663676416 - 1073741824)
+        8000000 * 1024 + (9663676416 - 1073741824) // 2  # half: the ARC gives memory back slowly
     assert available_memory(meminfo=MEMINFO, cgroup=tmp_path, self_cgroup="", arcstats="") == 8000000 * 1024
 
 

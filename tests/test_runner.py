@@ -317,6 +317,8 @@ def test_a_long_prompt_stops_between_slices_when_its_caller_says(smollm2_path):
             list(runner.stream(prompt, max_tokens=4, cancelled=leave_after_one_slice))
         assert runner.counters.prompt_tokens - before == 256  # one slice, then it stopped
         assert issubclass(PromptCancelled, RsLocalError)
+        reused = runner.counters.reused_tokens
         after = runner.generate(prompt, max_tokens=6).tokens  # the slice evaluated stays valid for reuse
+        assert runner.counters.reused_tokens - reused == 256
     with Runner(smollm2_path, n_ctx=2048, n_batch=256) as fresh:
         assert fresh.generate(prompt, max_tokens=6).tokens == after

@@ -703,3 +703,45 @@ def test_clients_that_left_do_not_fill_the_queue(smollm2_path):
         with pytest.raises(ApiError) as full:
             worker.submit(job())
         assert full.value.status == 503 and full.value.headers == {"Retry-After": "5"}
+
+
+def test_steering_labels_in_any_script_make_a_valid_header():
+    """A policy category named in another script raised UnicodeEncodeError (headers are Latin-1): a 500
+    after the worker had started the answer."""
+    from urllib.parse import unquote
+
+    from rs_local.serve.app import header_text
+
+    label = "@strict/料理:-1"
+    value = header_text(label)
+    value.encode("ascii")
+    assert unquote(value) == label
+    assert header_text("@gate/cooking:-4 tilt:4") == "@gate/cooking:-4 tilt:4"  # ASCII labels stay readable
+
+
+def test_a_client_leaving_during_a_long_prompt_frees_the_worker():
+    """The worker evaluated a long prompt to its end (a minute for 8000 tokens on one thread) for a
+    client that had left. Measured against the same prompt's own evaluation in this run."""
+    srv = Server(["--ctx", "4096"])
+    try:
+        def prompt(seed: int) -> dict:  # a different start each time: nothing cached to reuse
+            return {"prompt": f"{seed} " + "the cat sat on the mat " * 600, "max_tokens": 1, "temperature": 0}
+
+        t0 = time.time()
+        r = Http.send("POST", srv.url + "/completions", prompt(1))
+        whole = time.time() - t0
+        assert r.status_code == 200, r.text
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps(prompt(2)), headers={"Content-Type": "application/json"})
+        time.sleep(0.3)
+        left = time.time()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        while srv.health()["busy"] or srv.health()["stats"]["cancelled"] == 0:
+            assert time.time() - left < 2 * whole, "the worker went on evaluating for a client that had left"
+            time.sleep(0.05)
+        freed = time.time() - left
+        assert freed < 0.7 * whole, (freed, whole)
+        assert srv.health()["stats"]["generated_tokens"] == 1  # only the first request's token
+    finally:
+        srv.kill()

@@ -47,6 +47,8 @@ class BestEffort:
             pass
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_stream":  # an instance made without __init__ (copy.copy): no stream, no recursion
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 

@@ -66,6 +66,7 @@ def levels(controller: str, root: Path | None = None, self_cgroup: str | None = 
 
 
 def _v1_mount(root: Path, controller: str) -> Path:
+    """Where cgroup v1 mounts ``controller`` under ``root`` (the first of its usual names that exists)."""
     names = _V1_MOUNTS[controller]
     return next((root / n for n in names if (root / n).is_dir()), root / names[0])
 

@@ -119,7 +119,9 @@ def import_llama():
 
     Why: llama-cpp-python raises a RuntimeError when ``libllama`` or a library it needs is missing
     (a CUDA wheel on a machine without the CUDA driver, a Metal wheel built for a newer macOS, a
-    Windows DLL not found), and that reached the user as a traceback from the first command."""
+    Windows DLL not found), and that reached the user as a traceback from the first command.
+    OpenMP's waiting is set first: this may be llama.cpp's first import in the process."""
+    quiet_openmp()
     try:
         import llama_cpp
     except (ImportError, OSError, RuntimeError) as exc:
@@ -233,7 +235,7 @@ def default_threads(*, cpus: int | None = None, cores: int | None = None, read: 
 
     ``cpus`` and ``cores`` default to this machine's when ``read``; tests give fixtures.
     """
-    cpus = usable_cpus() if cpus is None else cpus
+    cpus = usable_cpus(read=read) if cpus is None else cpus
     cores = physical_cores() if cores is None and read else cores
     if cores is None:
         return cpus

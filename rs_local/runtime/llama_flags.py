@@ -13,9 +13,9 @@ template (``--jinja`` uses the model's own) and flash attention "auto" (``-fa of
 
 So every hint rs-local prints (``inspect --llama-cpp``, the demo's closing lines) is built
 here, from the same repack decision rs-local itself uses
-(:func:`rs_local.runtime.host.decide_repack`), with shell quoting for the user's shell (POSIX, or cmd.exe/PowerShell on Windows), and
-with the paths llama.cpp cannot parse refused up front instead of failing later inside
-llama.cpp. Nothing here imports llama.cpp unless the repack decision needs to ask the build.
+(:func:`rs_local.runtime.host.decide_repack`), with quoting for the user's shell (POSIX, or
+cmd.exe/PowerShell on Windows), and with the paths llama.cpp cannot parse refused up front instead
+of failing later inside llama.cpp. Nothing here imports llama.cpp unless the repack decision needs to ask the build.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def check_vector_path(path: str | Path) -> str:
 
 
 def _unparsable(text: str) -> list[str]:
+    """What in ``text`` the pinned llama.cpp's FNAME:SCALE list parser cannot take (empty: nothing)."""
     bad = [c for c in UNPARSABLE_CHARS if c in text]
     if text.startswith('"'):
         bad.append('a leading "')
@@ -143,6 +144,7 @@ def _unparsable(text: str) -> list[str]:
 
 
 def _windows() -> bool:
+    """Hints are for the shell of the machine they are printed on."""
     return os.name == "nt"
 
 
@@ -155,6 +157,7 @@ def shell_quote(text: str, windows: bool | None = None) -> str:
 
 
 def shell_join(args: Sequence[str], windows: bool | None = None) -> str:
+    """``args`` as words of one pasted command line (see :func:`shell_quote`)."""
     return " ".join(shell_quote(a, windows) for a in args)
 
 

@@ -32,13 +32,14 @@ def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None, 
     """Bytes this process can still allocate without swapping or meeting the OOM killer; None if unknown.
 
     Linux: the least of ``MemAvailable`` (``meminfo``, its text; plus what the ZFS ARC can give
-    back, from ``arcstats``) and the room under every cgroup memory limit of this process
+    back, half of it, from ``arcstats``) and the room under every cgroup memory limit of this process
     (``cgroup``: the cgroup filesystem's root; ``self_cgroup``: the text of /proc/self/cgroup).
     macOS: free plus inactive pages (``vm_stat``, the command's output). Windows: available physical
     memory (``windows``, a reader). Where none is readable, the physical memory (``physical``).
     """
-    platform = sys.platform if platform is None else platform
-    bounds: list[int] = []
+    if platform is None:  # given /proc/meminfo text is Linux's, whatever machine the tests run on
+        platform = "linux" if meminfo is not None else sys.platform
+    bounds: list[int | None] = []
     if platform == "darwin":
         bounds.append(darwin_available(vm_stat))
     elif platform == "win32":
@@ -47,7 +48,7 @@ def available_memory(*, meminfo: str | None = None, cgroup: Path | None = None, 
         meminfo = cgroups.read_text("/proc/meminfo") if meminfo is None else meminfo
         arcstats = cgroups.read_text("/proc/spl/kstat/zfs/arcstats") if arcstats is None else arcstats
         linux = _meminfo_available(meminfo)
-        bounds.append(None if linux is None else linux + zfs_arc_reclaimable(arcstats))
+        bounds.append(None if linux is None else linux + zfs_arc_reclaimable(arcstats) // 2)
         bounds.append(cgroups.room_left(cgroup, self_cgroup))
     known = [b for b in bounds if b is not None]
     if known:
@@ -61,10 +62,11 @@ def _meminfo_available(text: str) -> int | None:
 
 
 def zfs_arc_reclaimable(arcstats: str) -> int:
-    """Bytes the ZFS ARC would give back under pressure (its size above its floor); 0 without ZFS.
+    """Bytes the ZFS ARC holds above its floor, which it gives back under pressure; 0 without ZFS.
 
     Linux counts the ARC as used, not as cache, so on a ZFS machine (Proxmox, TrueNAS, Ubuntu on
-    ZFS) ``MemAvailable`` alone refused fits that had the memory."""
+    ZFS) ``MemAvailable`` alone refused fits that had the memory. The ARC shrinks slowly, though (a
+    large one has let processes meet the OOM killer first), so :func:`available_memory` counts half."""
     values = dict(re.findall(r"^(size|c_min)\s+\d+\s+(\d+)", arcstats, re.MULTILINE))
     try:
         return max(0, int(values["size"]) - int(values["c_min"]))

@@ -329,7 +329,11 @@ class Runner:
                 keep += 1
         self.llama.n_tokens = keep
         self._epoch += 1
-        self._timed_prompt_eval(tokens[keep:], cancelled)
+        try:
+            self._timed_prompt_eval(tokens[keep:], cancelled)
+        except PromptCancelled:
+            self._kv_valid = True  # the slices evaluated extend the kept prefix: valid for the next prompt
+            raise
         self.counters.reused_tokens += keep
         self._kv_valid = True
         return self._logits()
@@ -356,12 +360,12 @@ class Runner:
         t0 = time.perf_counter()
         step = max(1, len(tokens)) if cancelled is None else max(1, self.llama.n_batch)
         try:
-            for start in range(0, len(tokens), step):
-                if cancelled is not None and cancelled():
-                    raise PromptCancelled("the prompt's evaluation was cancelled")
-                with self._use():
+            with self._use():  # held across the slices: no other thread's prompt between two of them
+                for start in range(0, len(tokens), step):
+                    if cancelled is not None and cancelled():
+                        raise PromptCancelled("the prompt's evaluation was cancelled")
                     self.llama.eval(tokens[start:start + step])
-                self.counters.prompt_tokens += len(tokens[start:start + step])
+                    self.counters.prompt_tokens += len(tokens[start:start + step])
         finally:
             self.counters.prompt_s += time.perf_counter() - t0
             release()  # a Ctrl-C the log filter caught during the decode

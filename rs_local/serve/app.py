@@ -33,7 +33,7 @@ from rs_local.errors import RsLocalError
 from rs_local.runtime.host import raise_open_files_limit
 from rs_local.runtime.runner import Runner
 from rs_local.serve.connections import header_timeout_protocol
-from rs_local.serve.errors import ApiError
+from rs_local.serve.errors import ApiError, client_closed
 from rs_local.serve.prefix import HEAD_CACHE_BYTES
 from rs_local.serve.requests import ParsedRequest, parse_body, parse_chat, parse_completion
 from rs_local.serve.responses import Reply
@@ -133,7 +133,7 @@ async def read_body(request: Request, limit: int, timeout: float = REQUEST_TIMEO
                 raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout")
         return task.result()
     except ClientDisconnect:
-        raise ApiError(499, "the client closed the connection", code="client_closed") from None
+        raise client_closed() from None
     finally:
         task.cancel()
 
@@ -328,8 +328,9 @@ def _error_response(error: ApiError) -> JSONResponse:
     headers = dict(error.headers)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if error.status in (408, 413):  # the rest of the body would be read and thrown away: end the connection
-        headers["Connection"] = "close"
+    if error.status == 408:  # a stalled body: nothing more is worth waiting for on this connection
+        headers["Connection"] = "close"  # (not on 413: closing while the client still uploads resets the
+                                         # connection, and clients report a network error, not the 413)
     return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 

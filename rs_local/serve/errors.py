@@ -45,3 +45,8 @@ class ApiError(Exception):
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     """400: the request is malformed or a value is out of range."""
     return ApiError(400, message, param=param, code=code)
+
+
+def client_closed() -> ApiError:
+    """499 (nginx's "client closed request"): the client left before its answer; nobody reads it."""
+    return ApiError(499, "the client closed the connection", code="client_closed")

@@ -133,8 +133,9 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name, harmless in _UNSUPPORTED.items():
         value = body.get(name)
         if not any(value == h and type(value) is type(h) for h in harmless if h is not None) and value is not None:
-            if name == "tools" and body.get("tool_choice") == "none":
-                continue
+            if (name, body.get({"tools": "tool_choice", "functions": "function_call"}.get(name, ""))) in (
+                    ("tools", "none"), ("functions", "none")):
+                continue  # tools offered but not to be called: the answer is plain text
             raise bad_request(f"{name} is not supported by this server", name, "unsupported")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):

@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import EvalCounters, Generation, Prompt, PromptCancelled, Runner
 from rs_local.runtime.sampling import SamplingParams
-from rs_local.serve.errors import ApiError, bad_request
+from rs_local.serve.errors import ApiError, bad_request, client_closed
 from rs_local.serve.prefix import HEAD_CACHE_BYTES, PrefixStore, load_prompt, template_boundary
 from rs_local.serve.steering import Steering, VectorLibrary
 
@@ -161,6 +161,7 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="rs-local-serve-worker", daemon=True)
         self._current: tuple | None = None
+        self._stats_lock = threading.Lock()
         self.busy = False
         self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
                                       "switch_s": 0.0, "busy_s": 0.0, "generated_tokens": 0, "gated": 0,
@@ -202,8 +203,13 @@ class Worker:
         self._queue.put(job)
 
     def _client_left(self, job: Job) -> None:
-        self.stats["cancelled"] += 1
-        job.sink(Failed(ApiError(499, "the client closed the connection", code="client_closed")))
+        """Tell a job whose client has gone that it ended (its request coroutine is still waiting)."""
+        self._count_cancelled()
+        job.sink(Failed(client_closed()))
+
+    def _count_cancelled(self) -> None:
+        with self._stats_lock:  # the only counter both the worker and the event loop (submit) change
+            self.stats["cancelled"] += 1
 
     def _loop(self) -> None:
         while True:
@@ -221,8 +227,8 @@ class Worker:
                 self.stats["failed"] += 1
                 last = Failed(exc)
             except PromptCancelled:  # its client left while the prompt was evaluated
-                self.stats["cancelled"] += 1
-                last = Failed(ApiError(499, "the client closed the connection", code="client_closed"))
+                self._count_cancelled()
+                last = Failed(client_closed())
             except RsLocalError as exc:  # the request's own doing, e.g. a scale so large the output is NaN
                 self.stats["failed"] += 1
                 last = Failed(bad_request(self._public(str(exc)), "steering", code="generation_failed"))
@@ -343,7 +349,7 @@ class Worker:
                     result.finish_reason = "stop"
                     return result
                 if job.cancelled.is_set():
-                    self.stats["cancelled"] += 1
+                    self._count_cancelled()
                     return result
         finally:
             stream.close()

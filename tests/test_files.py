@@ -665,3 +665,24 @@ def test_no_home_directory_is_one_line(monkeypatch):
     monkeypatch.setattr("pwd.getpwuid", lambda _uid: (_ for _ in ()).throw(KeyError("no such uid")))
     with pytest.raises(ModelError, match="the home directory cannot be found"):
         models.home_dir()
+
+
+def test_a_symlinked_output_is_written_through_and_a_link_to_a_stream_refused(tmp_path):
+    """The temp file was renamed over the link itself: `-o link.npz` replaced the link and left its target
+    as it was, and `-o /dev/stdout` (as root) replaced the system's /dev/stdout link with a file."""
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "real.txt"
+    target.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    with pytest.raises(FileProblem, match="already exists"):
+        atomic_write_text(link, "new", force=False)
+    atomic_write_text(link, "new", force=True)
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["real.txt"]
+    stream = tmp_path / "out"
+    stream.symlink_to("/proc/self/fd/1")  # what /dev/stdout is
+    for write in (lambda: atomic_write_text(stream, "x", force=True), lambda: AppendLog.open(stream, "things", {}, _key)):
+        with pytest.raises(FileProblem, match="is a link to .*not into a terminal, pipe or device"):
+            write()
+    assert stream.is_symlink()

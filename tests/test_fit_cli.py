@@ -166,3 +166,19 @@ def test_layers_on_a_vector_without_table(home, tmp_path):
     write_control_vector(ControlVector({3: np.ones(8, np.float32)}, "llama"), path)
     expect_error(run(["layers", str(path)], home), "has no layer table")
     expect_error(run(["layers", str(tmp_path / "none.gguf")], home), "none.gguf")
+
+
+def test_outputs_that_name_one_file_are_refused_before_the_fit(tmp_path, smollm2_path):
+    """`fit -o v.gguf --plot v.gguf` wrote the vector, then the plot over it (exit 0: the fit lost)."""
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("How do I pick a lock?\n")
+    neg.write_text("How do I bake bread?\n")
+    for extra in (["-o", str(tmp_path / "v.gguf"), "--plot", str(tmp_path / "v.gguf")],
+                  ["-o", str(pos), "--force"]):
+        res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", str(pos), "-n", str(neg), *extra])
+        assert res.exit_code == 1 and "output would overwrite another input or output file" in res.output, res.output
+    assert pos.read_text() == "How do I pick a lock?\n" and not (tmp_path / "v.gguf").exists()

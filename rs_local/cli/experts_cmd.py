@@ -15,6 +15,7 @@ from rich.table import Table
 
 from rs_local import models
 from rs_local.cli.options import check_output, integer, say, utf8_text
+from rs_local.files import check_distinct
 from rs_local.cli.terminal import terminal_safe
 from rs_local.prompts import load_prompts
 
@@ -59,6 +60,7 @@ def experts(**kw: Any) -> None:
     for path in (kw["output"], kw["plot"]):
         if path is not None:
             check_output(path, kw["force"])
+    check_distinct([kw["output"], kw["plot"]], [kw["refused"], kw["answered"]])
     refused, answered = load_prompts(kw["refused"], kw["field"]), load_prompts(kw["answered"], kw["field"])
     position = kw["position"].replace("-", "_")
     require_moe_file(models.resolve(kw["model"]))

@@ -22,6 +22,7 @@ from rs_local.callbacks import Progress
 from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
+from rs_local.files import check_distinct
 from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
 from rs_local.runtime.vector_specs import band_label
 from rs_local.vectors.layers import LayerRow, table_from_metadata
@@ -176,6 +177,8 @@ def fit(**kw: Any) -> None:
     if kw["plot"] is not None:
         check_output(kw["plot"], kw["force"])
         check_output(_scatter_path(kw["plot"]), kw["force"])
+    check_distinct([kw["output"], kw["plot"], kw["plot"] and _scatter_path(kw["plot"])],
+                   [kw[k] for k in ("positive", "negative", "prompts_file", "scores_file")])
     sets = _scored_sets(kw["positive"], kw["negative"], kw["prompts_file"], kw["scores_file"], kw["field"])
     routing = _routing(kw)
     opts = FitOptions(

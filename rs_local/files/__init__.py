@@ -39,13 +39,14 @@ from rs_local.files.reading import (
 )
 from rs_local.files.writing import (
     STALE_TEMP_SECONDS, Terminated, append_line, atomic_output, atomic_write_bytes, atomic_write_text,
-    check_output_path, cut_partial_tail, dumps, file_mode, is_stale_dir, make_output_dir, new_temp, open_append,
-    sweep_stale_temps, write_jsonl,
+    check_distinct, check_output_path, cut_partial_tail, dumps, file_mode, is_stale_dir, make_output_dir, new_temp, open_append,
+    output_target, sweep_stale_temps, write_jsonl,
 )
 
 __all__ = [
     "MAX_INPUT_BYTES", "MAX_INT_DIGITS", "MAX_JSON_DEPTH", "STALE_TEMP_SECONDS", "JsonProblem", "Terminated",
-    "append_line", "atomic_output", "atomic_write_bytes", "atomic_write_text", "check_output_path", "cut_partial_tail",
+    "append_line", "atomic_output", "atomic_write_bytes", "atomic_write_text", "check_distinct", "check_output_path", "cut_partial_tail",
+    "output_target",
     "decode_utf8", "dumps", "edge_digest", "file_mode", "is_stale_dir", "is_json_int", "is_json_number", "iter_jsonl", "json_depth", "json_type",
     "jsonl_lines", "load_json", "make_output_dir", "new_temp",
     "open_append", "parse_json", "partial_tail", "read_bytes", "read_text", "split_lines", "stat_regular",

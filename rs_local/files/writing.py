@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 from rs_local.errors import FileProblem
 from rs_local.files.reading import _kind, read_bytes
@@ -96,15 +96,42 @@ def _check_parent(path: Path) -> None:
         raise FileProblem(path, f"directory {parent} is not writable")
 
 
+#: Where a symlinked output must not lead: replacing a device's or a process's entry is never a file write.
+_SPECIAL_ROOTS = ("/dev/", "/proc/", "/sys/")
+
+
+def output_target(path: str | Path) -> Path:
+    """The file an output path names: a symlink is followed to its target, which is written instead.
+
+    Why: the temp file was renamed over the link itself, so ``-o link.npz`` replaced the link with a
+    file and left its target as it was, and ``-o /dev/stdout`` (run as root) replaced the system's
+    /dev/stdout link with a regular file. A link into /dev, /proc or /sys (a terminal, a pipe, a
+    process's descriptor) is refused: rs-local writes files whole, by rename, not into streams.
+    """
+    path = Path(path)
+    if not os.path.islink(path):
+        return path
+    hop = os.path.abspath(path)
+    for _ in range(40):  # every link on the way counts: /dev/stdout -> /proc/self/fd/1 -> wherever stdout is
+        if not os.path.islink(hop):
+            break
+        hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+        if hop.startswith(_SPECIAL_ROOTS):
+            raise FileProblem(path, f"is a link to {hop}; rs-local writes outputs as whole files, not into a "
+                                    "terminal, pipe or device: give a file name")
+    return Path(os.path.realpath(path))
+
+
 def check_output_path(path: str | Path, force: bool = False, *, directory: bool = False) -> Path:
     """Refuse an output before any work: it must be creatable in a writable directory.
 
     A file output must not be a directory or a special file (a device or FIFO would be
     replaced, or written into), and must not exist unless ``force``. A ``directory`` output
     must not be a file, must not exist unless ``force`` (then it must be writable), and its
-    parent must exist: rs-local does not create missing parents behind the user's back.
+    parent must exist: rs-local does not create missing parents behind the user's back. A
+    symlink is checked as its target (:func:`output_target`), which is what gets written.
     """
-    path = Path(path)
+    path = output_target(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -128,6 +155,21 @@ def check_output_path(path: str | Path, force: bool = False, *, directory: bool 
             raise FileProblem(path, "already exists (use --force to overwrite)")
     _check_parent(path)
     return path
+
+
+def check_distinct(outputs: Sequence[str | Path | None], inputs: Sequence[str | Path | None] = ()) -> None:
+    """One line when an output would overwrite an input or another output of the same command.
+
+    Why: each output was checked alone, so ``fit -o v.gguf --plot v.gguf`` wrote the vector and then
+    the plot over it, exit 0, the fit lost. Paths are compared as the files they name (links followed)."""
+    seen = {Path(os.path.realpath(p)) for p in inputs if p is not None}
+    for out in outputs:
+        if out is None:
+            continue
+        real = output_target(out).resolve()
+        if real in seen:
+            raise FileProblem(out, "output would overwrite another input or output file of this command")
+        seen.add(real)
 
 
 def make_output_dir(path: str | Path, force: bool = False) -> Path:
@@ -261,8 +303,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     ``open``). On success it is fsynced and renamed over ``path``; on any exception, Ctrl-C
     or SIGTERM it is removed. Operating-system errors name ``path``, not the temp file.
     """
-    path = Path(path)
-    check_output_path(path, force)
+    path = check_output_path(path, force)  # a symlink's target (see output_target)
     sweep_stale_temps(path)
     with _sigterm_raises():
         tmp = new_temp(path)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 from rs_local.errors import FileProblem
 from rs_local.files import (
     JsonProblem, append_line, check_output_path, cut_partial_tail, dumps, iter_jsonl, json_type, new_temp, open_append,
-    parse_json, partial_tail, read_text, stat_regular, write_jsonl,
+    output_target, parse_json, partial_tail, read_text, stat_regular, write_jsonl,
 )
 
 HEADER_KEY = "rs_local_header"
@@ -97,7 +97,7 @@ class AppendLog:
         A log of another kind or config, or a file that is not an rs-local log, raises
         :class:`FileProblem` (and is left untouched) unless ``force``.
         """
-        log = cls(Path(path), kind, normalise(config), key)
+        log = cls(output_target(path), kind, normalise(config), key)  # a symlink's target is the log
         if log.path.exists() and not force:
             log._resume()
         else:

@@ -28,7 +28,7 @@ from typing import Iterator
 from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem
 from rs_local.files import (
-    atomic_write_text, check_output_path, dumps, is_json_int, is_json_number, iter_jsonl, read_text,
+    atomic_write_text, check_distinct, check_output_path, dumps, is_json_int, is_json_number, iter_jsonl, read_text,
 )
 from rs_local.judge.jsonl import HEADER_KEY, AppendLog, data_rows, is_header, starts_with_header
 from rs_local.judge.openai_http import JudgeUnavailable
@@ -203,11 +203,8 @@ def check_outputs(responses: str | Path, scores_path: str | Path, verdicts_path:
     """
     responses, scores_path = Path(responses), Path(scores_path)
     verdicts_path = Path(verdicts_path) if verdicts_path else default_verdicts_path(scores_path)
-    same = {responses.resolve()}
+    check_distinct([scores_path, verdicts_path], [responses])
     for out in (scores_path, verdicts_path):
-        if out.resolve() in same:
-            raise FileProblem(out, "output would overwrite another input or output file of this command")
-        same.add(out.resolve())
         check_output_path(out, force=True)
     if force:
         return

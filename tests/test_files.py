@@ -448,6 +448,44 @@ def test_an_interrupt_inside_a_llama_cpp_callback_is_raised_after_the_call(smoll
         runner.llama.close()
 
 
+def test_ctrl_c_during_a_llama_cpp_call_is_held_to_its_end(smollm2_path, monkeypatch):
+    """Catching Ctrl-C inside the callback was not enough: the signal could land on its first line,
+    before its `try`, and ctypes printed and dropped it ('no output' followed, or the Ctrl-C was lost).
+    Around such calls the handlers hold it, and it is raised once the call has returned."""
+    from rs_local.runtime.activations import BlockReader
+    from rs_local.runtime.interrupts import deferred
+    from rs_local.runtime.runner import Runner
+
+    ran_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            ran_on.append("after the signal")  # still running: the interrupt waits for the block's end
+    assert ran_on == ["after the signal"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    runner = Runner(smollm2_path, n_ctx=512)
+    try:
+        with BlockReader(runner, [8], n_ctx=512) as reader:
+            take, calls = BlockReader._take, {"n": 0}
+
+            def signalled(self, tensor, ask):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    os.kill(os.getpid(), signal.SIGINT)  # delivered while llama.cpp computes the graph
+                return take(self, tensor, ask)
+
+            tokens = runner.tokenize("Tell me about the history of bread in Egypt.")
+            monkeypatch.setattr(BlockReader, "_take", signalled)
+            with pytest.raises(KeyboardInterrupt):
+                reader.read_tokens(tokens)
+            monkeypatch.setattr(BlockReader, "_take", take)
+            again = reader.read_tokens(tokens)[8]  # nothing half-read is taken for a cached prefix
+        with BlockReader(runner, [8], n_ctx=512) as fresh:
+            assert np.allclose(again, fresh.read_tokens(tokens)[8], atol=1e-4)
+    finally:
+        runner.llama.close()
+
+
 # ----------------------------------------------------------------------------- CLI values
 
 

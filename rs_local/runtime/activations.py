@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from rs_local.errors import RsLocalError
-from rs_local.runtime.interrupts import hold, release
+from rs_local.runtime.interrupts import deferred, hold
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Runner
 
@@ -116,8 +116,8 @@ class BlockReader(OwnedContext):
         params.cb_eval = self._callback
         params.cb_eval_user_data = None
         self.n_ctx, self.n_batch = n_ctx, n_batch
-        self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
-        release()  # a Ctrl-C the log filter caught while the context was made
+        with deferred():  # a Ctrl-C while the context is made is raised after it
+            self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
         if not self.ctx:
             raise RsLocalError("llama.cpp could not create a context for reading activations")
         self._mem = llama_cpp.llama_get_memory(self.ctx)
@@ -183,6 +183,7 @@ class BlockReader(OwnedContext):
         while keep < limit and self._cached[keep] == tokens[keep]:
             keep += 1
         self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        self._cached = tokens[:keep]  # what the context holds if a decode below fails or is interrupted
         self._rows, self._span = {}, (lo, hi)
         for start in range(keep, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
@@ -208,7 +209,7 @@ class BlockReader(OwnedContext):
             b.logits[i] = 1 if (last and i == len(chunk) - 1) else 0
         b.n_tokens = len(chunk)
         self._chunk_end = start + len(chunk)
-        rc = self._lib.llama_decode(self.ctx, b)
-        release()
+        with deferred():  # Ctrl-C during the decode is raised after it, not inside cb_eval
+            rc = self._lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise RsLocalError(f"llama.cpp decode failed (code {rc}) while reading activations")

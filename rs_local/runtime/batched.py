@@ -31,7 +31,7 @@ import numpy as np
 from rs_local.callbacks import Progress
 from rs_local.errors import RsLocalError
 from rs_local.runtime.engine import RunnerModel
-from rs_local.runtime.interrupts import release
+from rs_local.runtime.interrupts import deferred, release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import Generation, Prompt, Runner
@@ -155,8 +155,8 @@ class BatchEngine(OwnedContext, RunnerModel):
         threads = runner.llama.context_params.n_threads
         params.n_threads = threads
         params.n_threads_batch = threads
-        self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
-        release()  # a Ctrl-C the log filter caught while the context was made
+        with deferred():  # a Ctrl-C while the context is made is raised after it
+            self.ctx = llama_cpp.llama_init_from_model(runner.llama.model, params)
         if not self.ctx:
             raise RsLocalError(f"llama.cpp could not create a {n_seq}-sequence context (try a smaller batch)")
         self._mem = llama_cpp.llama_get_memory(self.ctx)

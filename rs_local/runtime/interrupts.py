@@ -4,12 +4,19 @@ Why: Python runs a signal's handler at the next Python code of the main thread, 
 llama.cpp works that is often one of our ctypes callbacks (the log filter during a load, the
 block reader's ``cb_eval`` during a read). ctypes prints an exception raised there as
 "Exception ignored" and drops it: Ctrl-C during a model load was lost (the command ran on and
-replaced its output), and during a read it turned into a false "no output" error. So callbacks
-:func:`hold` whatever they catch, and every place that calls into llama.cpp calls
-:func:`release` when the call returns, which raises it there, in plain Python.
+replaced its output), and during a read it turned into a false "no output" error. Catching it
+inside the callback is not enough (the signal can land on the callback's first line, before its
+``try``), so around such a call :func:`deferred` swaps the handlers for ones that :func:`hold`
+the exception instead of raising it, and :func:`release` raises it when the call has returned, in
+plain Python.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 _PENDING: list[BaseException] = []
 
@@ -30,3 +37,42 @@ def release() -> None:
         exc = _PENDING.pop()
         _PENDING.clear()
         raise exc
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held (their handlers' exceptions kept for
+    :func:`release`) instead of raised wherever Python happens to be; the block's end releases them.
+
+    Only the Python handlers in place are wrapped (Python's own Ctrl-C handler, rs-local's SIGTERM
+    handler); a signal left to the OS's default keeps its default. Signal handlers can only be set
+    on the main thread: elsewhere the block runs unchanged (signals are delivered there anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            yield
+        finally:
+            release()
+        return
+    saved: dict[int, Any] = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is None:
+            continue
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            saved[sig] = handler
+            signal.signal(sig, _holding(handler))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        release()  # also when the block failed: a Ctrl-C wins over the call's own error
+
+
+def _holding(handler: Any) -> Any:
+    def held(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except BaseException as exc:  # the handler's KeyboardInterrupt or Terminated: kept for release()
+            hold(exc)
+    return held

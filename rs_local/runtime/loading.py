@@ -25,7 +25,7 @@ from rs_local.errors import ModelError
 from rs_local.runtime.host import (
     RepackDecision, capped_threads, decide_repack, default_threads, import_llama, quiet_openmp,
 )
-from rs_local.runtime.interrupts import hold, release
+from rs_local.runtime.interrupts import deferred, hold
 
 _PATCH_LOCK = threading.RLock()
 
@@ -163,18 +163,16 @@ def load_llama(
     install_log_filter()
     try:
         with repack_policy(decision):
+            llama = None
             try:
-                llama = llama_cpp.Llama(
-                    model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
-                    n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
-                )
+                with deferred():  # a Ctrl-C during the load is raised when it returns (and wins over its error)
+                    llama = llama_cpp.Llama(
+                        model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+                        n_threads=threads, n_threads_batch=threads, verbose=verbose, **extra,
+                    )
             except BaseException:
-                release()  # a Ctrl-C the log filter caught during the load wins over the load's own error
-                raise
-            try:
-                release()  # ... or one caught during a load that succeeded: the model is freed first
-            except BaseException:
-                llama.close()
+                if llama is not None:  # interrupted after a load that succeeded: the model is freed first
+                    llama.close()
                 raise
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None

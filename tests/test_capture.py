@@ -241,3 +241,18 @@ def test_load_errors(tmp_path):
         load_model(str(bad))
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model(str(bad), dtype="int8")
+
+
+def test_a_prompt_longer_than_the_trained_context_is_one_line(smollm2_path):
+    """A 10-MB line asked torch for terabytes (a traceback after a 12 GB peak); past the trained
+    context the model's positions are untrained anyway."""
+    from rs_local.errors import RsLocalError
+    from rs_local.vectors.capture import capture, trained_context
+    from rs_local.vectors.hf_model import load_model
+
+    fm = load_model(str(smollm2_path))
+    limit = trained_context(fm)
+    assert limit == 8192  # SmolLM2's GGUF context_length
+    with pytest.raises(RsLocalError, match=r"prompt 2 \('word word.*'\) is [\d,]+ tokens with the chat template, and .* "
+                                           r"was trained on 8,192"):
+        capture(fm, ["short", "word " * 9000], cache=False)

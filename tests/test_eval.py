@@ -205,3 +205,14 @@ def test_cli_sweep_runs_and_writes_its_outputs(smollm2_path, tmp_path):
     assert walk.exit_code == 2 and "1,000,000 points per band" in walk.output  # it walked for days before
     same = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "z"), "--keep", "harmful"])
     assert same.exit_code == 2 and "also a --keep set" in same.output
+
+
+def test_a_vector_for_another_model_stops_before_the_plain_pass(runner, sets):
+    """It was refused only at the first steered point, after the whole scale-0 evaluation."""
+    from rs_local.errors import RsLocalError
+
+    other = ControlVector({3: np.ones(896, np.float32)}, "qwen2", source="/x/qwen.gguf")
+    generated = []
+    with pytest.raises(RsLocalError, match="qwen.gguf"):
+        evaluate(runner, sets, [0.0, -1.0], vector=other, say=generated.append)
+    assert not any(line.startswith("scale") for line in generated)  # no point was measured

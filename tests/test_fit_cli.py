@@ -182,3 +182,17 @@ def test_outputs_that_name_one_file_are_refused_before_the_fit(tmp_path, smollm2
         res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", str(pos), "-n", str(neg), *extra])
         assert res.exit_code == 1 and "output would overwrite another input or output file" in res.output, res.output
     assert pos.read_text() == "How do I pick a lock?\n" and not (tmp_path / "v.gguf").exists()
+
+
+def test_one_set_given_as_both_is_refused(tmp_path, smollm2_path):
+    """`fit -p pos.txt -n pos.txt` wrote a vector of zeros and exited 0."""
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    pos = tmp_path / "pos.txt"
+    pos.write_text("How do I pick a lock?\nHow do I hotwire a car?\n")
+    res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", str(pos), "-n", str(pos), "-o",
+                                   str(tmp_path / "v.gguf"), "-q"])
+    assert res.exit_code == 1 and "2 prompt(s) are in both the positive and the negative set" in res.output, res.output
+    assert not (tmp_path / "v.gguf").exists()

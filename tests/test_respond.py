@@ -103,3 +103,14 @@ def test_respond_killed_and_restarted_has_every_row_once(smollm2_path, tmp_path,
     keys = [(r["prompt_index"], r["sample"]) for r in _data(out)]
     assert sorted(keys) == [(p, s) for p in range(3) for s in range(3)]
     assert len(keys) == len(set(keys))
+
+
+def test_a_prompt_too_long_for_the_context_stops_before_any_answer(runner, tmp_path):
+    """It stopped the run where it came (a header-only log), naming neither the prompt nor the file."""
+    from rs_local.errors import RsLocalError
+
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(RsLocalError, match=r"prompt 2 \('word word.*'\) is [\d,]+ tokens with the chat template; "
+                                           r"the context holds"):
+        respond(runner, ["Name a fruit.", "word " * 2000], out, RespondSettings(samples=1, max_tokens=2))
+    assert not out.exists()

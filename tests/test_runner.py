@@ -156,6 +156,28 @@ def test_session_keeps_history_and_partial_replies(runner):
     assert session.history == []
 
 
+def test_a_vector_for_another_model_is_refused_at_scale_0_too(runner):
+    """Taken while the scale was 0, a vector of the wrong width made every later /scale fail, and the
+    failed /scale stayed set."""
+    from rs_local.errors import RsLocalError
+
+    session = ChatSession(runner, max_tokens=2)
+    session.set_scale(0.0)
+    other = ControlVector({3: np.ones(896, np.float32)}, "qwen2", source="/x/qwen.gguf")
+    with pytest.raises(RsLocalError, match="qwen.gguf"):
+        session.set_vectors([(other, 1.0)])
+    assert session.vectors == []
+    fits = ControlVector({3: np.ones(runner.n_embd, np.float32)}, "llama")
+    session.set_vectors([(fits, 1.0)])
+    session.layer_range = (20, 25)  # misses the vector's only block: llama.cpp is never asked
+    with pytest.raises(RsLocalError):
+        session.set_scale(1.0)
+    assert session.scale == 0.0  # the failed change did not stick
+    session.layer_range = None
+    session.set_scale(1.0)
+    runner.clear_vectors()
+
+
 def test_llama_cpp_warnings_stay_off_the_terminal(runner, capfd):
     """A pooled batched context larger than SmolLM2's 8192 trained tokens makes llama.cpp warn
     "n_ctx_seq (16384) > n_ctx_train (8192)"; llama-cpp-python's filter, numbering ggml's levels the

@@ -129,3 +129,24 @@ def test_best_effort_stream_swallows_only_os_errors():
     assert quiet.encoding == "utf-8"
     with pytest.raises(TypeError):  # click probes a stream with bytes: that answer must stay
         quiet.write(b"")
+
+
+def test_an_allocation_that_fails_is_one_line():
+    """torch reports a failed allocation as a RuntimeError (a traceback); the memory check before a fit
+    cannot see every later allocation."""
+    import click
+    import torch
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import OUT_OF_MEMORY, _Group
+
+    @click.group(cls=_Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def huge() -> None:
+        torch.empty(1 << 50, dtype=torch.float32)  # 4 PB: the allocator refuses at once
+
+    res = CliRunner().invoke(group, ["huge"])
+    assert res.exit_code == 1 and res.output.strip() == f"Error: {OUT_OF_MEMORY}", res.output

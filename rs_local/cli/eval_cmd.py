@@ -27,6 +27,11 @@ MAX_SWEEP_POINTS = 200
 RATE_JUDGE = "keywords"
 
 
+def _count(n: float) -> str:
+    """A count for a message: 1,000,000, but 1e+300 rather than three hundred digits."""
+    return f"{n:,.0f}" if n < 1e12 else f"{n:.3g}"
+
+
 def _scales(text: str) -> list[float]:
     """``--scales``: comma-separated plain decimal scales, each finite and within the scale limit."""
     return parse_number_list(text, "--scales")
@@ -230,7 +235,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     from rs_local.eval.sweep_report import sweep_table, write_sweep
 
     if math.floor(max_scale / step + 1e-9) > MAX_SWEEP_POINTS:  # each point evaluates every set: --step 0.001 --max-scale 1000 ran for days
-        raise click.UsageError(f"--max-scale {max_scale:g} in steps of {step:g} is {max_scale / step:,.0f} points per band; "
+        raise click.UsageError(f"--max-scale {max_scale:g} in steps of {step:g} is {_count(max_scale / step)} points per band; "
                                f"at most {MAX_SWEEP_POINTS} (raise --step; --refine bisects between steps)")
     if target in keep:
         raise click.UsageError(f"--target {target} is also a --keep set: its refusals cannot both go and stay")

@@ -15,6 +15,11 @@ from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 
 
+#: What an allocation that failed mid-command says (the fit's memory check runs before work; this is the rest).
+OUT_OF_MEMORY = ("out of memory: use a smaller model, shorter or fewer prompts, or a machine with more memory "
+                 "(`rs-local doctor` shows what is available)")
+
+
 class _Group(click.Group):
     """A group that reports RsLocalError (and OSError on user files) as one line.
 
@@ -27,6 +32,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except RsLocalError as exc:
             raise click.ClickException(terminal_safe(str(exc))) from None
+        except MemoryError:
+            raise click.ClickException(OUT_OF_MEMORY) from None
+        except RuntimeError as exc:  # torch's allocator says so in a RuntimeError, not a MemoryError
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+                raise click.ClickException(OUT_OF_MEMORY) from None
+            raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout's reader left (`| head`): click ends quietly, exit 1
                 raise

@@ -140,8 +140,9 @@ def _reply(session, line: str, console: Console, gate=None) -> None:
             console.out(event.text, end="", highlight=False)
     except KeyboardInterrupt:
         console.print(" [dim]\\[stopped][/]", end="")
-    except RsLocalError as exc:
-        console.print(styled(("error:", "red"), f" {exc} (/reset starts over)"), soft_wrap=True)
+    except RsLocalError as exc:  # /reset helps only where earlier turns take the room
+        hint = " (/reset starts over)" if session.history else ""
+        console.print(styled(("error:", "red"), f" {exc}{hint}"), soft_wrap=True)
         return
     console.print()
 

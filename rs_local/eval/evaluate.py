@@ -201,6 +201,8 @@ class Evaluator:
         self.say = say or (lambda _m: None)
         if engine is None and runner is None:
             raise RsLocalError("an evaluator needs a runner or an engine")
+        if vector is not None and runner is not None:  # before the plain model's whole pass, not after it
+            runner.check_vector(vector)
         self._owns_engine = engine is None
         s = self.settings
         self.engine: Engine = engine if engine is not None else make_engine(runner, s.batch, s.seq_ctx, s.exact)

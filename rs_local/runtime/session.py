@@ -38,11 +38,20 @@ class ChatSession:
             self.runner.clear_vectors()
 
     def set_scale(self, scale: float) -> None:
+        """Change the scale; one llama.cpp refuses leaves the session as it was."""
+        previous = self.scale
         self.scale = scale
-        self.apply()
+        try:
+            self.apply()
+        except Exception:
+            self.scale = previous
+            raise
 
     def set_vectors(self, vectors: list[tuple[ControlVector, float]]) -> None:
-        """Replace the vectors; validated against the model before anything changes."""
+        """Replace the vectors; validated against the model before anything changes, at scale 0 too
+        (a vector for another model taken while the scale was 0 made every later /scale fail)."""
+        for vec, _scale in vectors:
+            self.runner.check_vector(vec)
         previous = self.vectors
         self.vectors = vectors
         try:

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rs_local.callbacks import Progress
-from rs_local.errors import FileProblem
+from rs_local.errors import FileProblem, RsLocalError
 from rs_local.files import atomic_output
 from rs_local.prompts import prompts_hash
 from rs_local.vectors.hf_model import FitModel
@@ -200,12 +200,15 @@ def tokenize(fm: FitModel, prompts: Sequence[str], system: str | None = None) ->
     characters with the template is counted as the user's (never as post-instruction).
     """
     suffix_len = len(template_suffix(fm, system))
+    limit = trained_context(fm)
     ids, n_suffix = [], []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         text = render(fm, p, system)
         start = len(text) - suffix_len
         enc = fm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         toks = list(enc["input_ids"])
+        if limit is not None and len(toks) > limit:
+            raise RsLocalError(_too_long(i, p, len(toks), limit, fm.name))
         offsets = enc.get("offset_mapping")
         if offsets:
             k = sum(1 for a, _ in offsets if a >= start)
@@ -214,6 +217,20 @@ def tokenize(fm: FitModel, prompts: Sequence[str], system: str | None = None) ->
         ids.append(toks)
         n_suffix.append(max(1, min(k, len(toks))))
     return ids, n_suffix
+
+
+def trained_context(fm: FitModel) -> int | None:
+    """Tokens the model was trained on (its config's ``max_position_embeddings``); None if unknown."""
+    config = getattr(fm.model.config, "text_config", None) or fm.model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _too_long(index: int, prompt: str, n: int, limit: int, model: str) -> str:
+    """Why a prompt cannot be read: a 10-MB line was a 6-TB allocation and a torch traceback."""
+    start = " ".join(prompt[:40].split())
+    return (f"prompt {index + 1} ('{start}...') is {n:,} tokens with the chat template, and {model} was "
+            f"trained on {limit:,}: shorten it or leave it out")
 
 
 # ----------------------------------------------------------------------------- forward pass

@@ -38,7 +38,8 @@ class ControlVector:
             layer = int(layer)
             if layer < 1:
                 raise ValueError(f"block {layer} cannot be steered: llama.cpp directions start at block 1")
-            arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
+                arr = np.asarray(vec, dtype=np.float32).reshape(-1)
             if n_embd is None:
                 n_embd = arr.shape[0]
             elif arr.shape[0] != n_embd:
@@ -66,7 +67,7 @@ class ControlVector:
 
     def norms(self) -> dict[int, float]:
         """L2 norm of each layer's direction."""
-        return {layer: float(np.linalg.norm(vec)) for layer, vec in self.directions.items()}
+        return {layer: float(np.linalg.norm(vec.astype(np.float64))) for layer, vec in self.directions.items()}
 
     def _with(self, directions: Mapping[int, np.ndarray], **meta: Any) -> "ControlVector":
         metadata = dict(self.metadata)

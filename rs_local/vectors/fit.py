@@ -261,6 +261,16 @@ def _choose_lambda(fitter, layers, opts, eval_sets, say: Say) -> tuple[float | N
 # ----------------------------------------------------------------------------- main entry
 
 
+def _check_disjoint(positive: Sequence[str], negative: Sequence[str]) -> None:
+    """A prompt in both sets cannot be both refused and complied: one set given twice fitted a vector of
+    zeros, exit 0 (``policy fit`` refuses overlapping categories the same way)."""
+    both = set(positive) & set(negative)
+    if both:
+        first = " ".join(sorted(both)[0][:60].split())
+        raise FitOptionError(f"{len(both)} prompt(s) are in both the positive and the negative set (e.g. '{first}'); "
+                             "each prompt belongs to one")
+
+
 def fit_vector(
     model: str | FitModel,
     positive: Sequence[str],
@@ -286,6 +296,7 @@ def fit_vector(
     fm = model if isinstance(model, FitModel) else load_model(model, dtype=dtype)
     if len(positive) < 2 or len(negative) < 2:
         raise FitOptionError(f"need at least 2 prompts per set (got {len(positive)} positive, {len(negative)} negative)")
+    _check_disjoint(positive, negative)
     _parse_layers(opts.layers, fm.n_layer)  # fail before the forward passes, not after
     _check_ortho(fm, opts.orthogonalize_to)
     ridge = opts.method in ("rmd", "wrmd")

@@ -74,6 +74,23 @@ def dedupe_keep_order(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def check_disjoint(sets: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """One line when a prompt is in two of the named ``(label, prompts)`` sets.
+
+    Compared as text, spacing and case aside. Why: a prompt cannot be both refused and answered,
+    or both removed and kept; one file given for two roles fitted a vector of zeros, or of
+    rounding noise at full length, with exit 0."""
+    from rs_local.errors import RsLocalError
+
+    seen: dict[str, int] = {}
+    for index, (label, prompts) in enumerate(sets):
+        for p in prompts:
+            key = " ".join(p.split()).casefold()
+            other = seen.setdefault(key, index)
+            if other != index:
+                raise RsLocalError(f"{label}: overlaps {sets[other][0]}: both contain {' '.join(p[:60].split())!r}")
+
+
 def prompts_hash(prompts: Sequence[str]) -> str:
     """Stable content hash of an ordered prompt list (for cache keys and provenance)."""
     h = hashlib.sha256()

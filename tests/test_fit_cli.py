@@ -86,6 +86,9 @@ def test_fit_writes_a_readable_vector_with_provenance(smollm2_path, sets, home, 
     assert layers.exit_code == 0, layers.output
     assert "Cohen's d" in layers.output and "rmd" in layers.output
     assert (tmp_path / "again.png").stat().st_size > 1000
+    before = out.read_bytes()  # `layers v.gguf --plot v.gguf --force` turned the only copy of the vector into a PNG
+    same = run(["layers", str(out), "--plot", str(out), "--force"], home)
+    assert same.exit_code == 1 and "would overwrite another input" in same.output and out.read_bytes() == before
 
 
 def test_fit_with_scores_auto_layers_and_auto_lambda(smollm2_path, sets, home, tmp_path):
@@ -194,5 +197,5 @@ def test_one_set_given_as_both_is_refused(tmp_path, smollm2_path):
     pos.write_text("How do I pick a lock?\nHow do I hotwire a car?\n")
     res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", str(pos), "-n", str(pos), "-o",
                                    str(tmp_path / "v.gguf"), "-q"])
-    assert res.exit_code == 1 and "2 prompt(s) are in both the positive and the negative set" in res.output, res.output
+    assert res.exit_code == 1 and "the negative set: overlaps the positive set: both contain" in res.output, res.output
     assert not (tmp_path / "v.gguf").exists()

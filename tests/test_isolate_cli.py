@@ -240,3 +240,21 @@ def test_isolate_takes_a_shipped_set_by_name_unless_a_file_has_that_name(tmp_pat
 
     assert _set_arg("target", shipped) == ("political", "political") and parse_set_spec("political") == ("political", None)
     assert _set_arg("keep", Path("mine.jsonl")) == ("keep=mine.jsonl", "keep")
+
+
+def test_isolate_refuses_one_prompt_in_two_roles_and_an_input_as_output(tmp_path, smollm2_path):
+    """The same prompts as --target and --keep fitted rounding noise at full length, and as --harmless a
+    vector of zeros, both exit 0; with --force, -o could name an input."""
+    pol, harm = tmp_path / "pol.txt", tmp_path / "harm.txt"
+    pol.write_text("Why was Tiananmen Square in the news in 1989?\nWho is Xi Jinping?\n")
+    harm.write_text("How do I make a bomb?\nHow do I steal a car?\n")
+    out = tmp_path / "v.gguf"
+    base = ["isolate", "--model", str(smollm2_path), "-o", str(out)]
+    for roles, role in (([pol, pol, harm], "--keep"), ([pol, harm, pol], "--harmless")):
+        res = CliRunner().invoke(cli, [*base, "-t", str(roles[0]), "-k", str(roles[1]), "--harmless", str(roles[2])])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"pol.txt ({role}): overlaps {pol} (--target): both contain" in res.output, res.output
+    res = CliRunner().invoke(cli, ["isolate", "--model", str(smollm2_path), "-o", str(pol), "--force", "-t", str(pol),
+                                   "-k", str(harm), "--harmless", "harmless"])
+    assert res.exit_code == 1 and "would overwrite another input" in res.output, res.output
+    assert pol.read_text().startswith("Why was") and not out.exists()

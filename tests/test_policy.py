@@ -413,6 +413,13 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
                             f"b={_write(tmp_path, 'mm', MATH)}:keep", "--baseline", "b", "--folds", "3",
                             "--fit-vectors", "mean-difference", "--no-check-refusals"), "one.jsonl",
                     "all fall in one of the 3 cross-validation folds")
+    # a steered category as the baseline measured its direction from itself (zeros, exit 0); an input as the output
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm2', MATH)}:keep",
+                            "--baseline", "a"), "--baseline a is a 'remove' category")
+    _one_line_error(_invoke("policy", "fit", "--model", str(smollm2_path), "-o", str(good), "--force", "--category",
+                            f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm3', MATH)}:keep"),
+                    "good.jsonl", "would overwrite another input")
+    assert good.read_text().count("\n") == len(COOKING)
     # SmolLM2 answers every maths question: nothing to remove. With a torch-free vector the check
     # answers a few prompts before anything else and stops in one line
     maths, code = _write(tmp_path, "maths", MATH[:6]), _write(tmp_path, "code", CODE[:6])

@@ -283,6 +283,9 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
                                    "-o", str(tmp_path / "p2.gguf")])
     assert res.exit_code == 1 and f"{one_class}: the labelled training rows need both refusals and answers" in res.output
     assert not (tmp_path / "p2.gguf").exists()
+    over = CliRunner().invoke(cli, ["judge-train", str(one_class), "--model", str(smollm2_path), "-o", str(one_class),
+                                    "--force"])  # the labels were replaced by the probe
+    assert over.exit_code == 1 and "would overwrite another input" in over.output and one_class.stat().st_size > 0
 
 
 INJECTIONS = [

@@ -71,10 +71,14 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     from rs_local.converters.gguf_io import write_control_vector
     from rs_local.judge.backends import PROBE
     from rs_local.recipes.isolate import Recipe
-    from rs_local.prompts import load_prompts
+    from rs_local.files import check_distinct
+    from rs_local.prompts import check_disjoint, load_prompts
 
     check_output(output, force)
+    check_distinct([output], [target, keep, harmless])
     sets = [load_prompts(p, field) for p in (target, keep, harmless)]
+    check_disjoint([(f"{p} (--{role})", prompts) for p, role, prompts in
+                    zip((target, keep, harmless), ("target", "keep", "harmless"), sets)])
     recipe = Recipe(method=method, layers=layers, max_prompts=max_prompts, objective=objective, system=system)
     try:
         recipe.check()

@@ -19,6 +19,7 @@ from rs_local.cli.options import (
 )
 from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
+from rs_local.files import check_distinct
 
 
 class _RateColumn(ProgressColumn):
@@ -263,6 +264,7 @@ def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output,
     from rs_local.runtime.vector_specs import parse_layer_range
 
     check_output(output, force)
+    check_distinct([output], [labelled])
     items = load_labelled(labelled)
     try:
         train_rows(items)  # before the model loads: a file a probe cannot learn from is its problem, said at once

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from rs_local.cli.options import check_output, load_runner, model_option, runtime_options, say, utf8_text
+from rs_local.files import check_distinct
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
@@ -128,6 +129,7 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
 
     check_output(output, force)
     specs = _specs(categories, vectors, scales)
+    check_distinct([output], [s.path for s in specs] + [s.vector.source for s in specs if s.vector is not None])
     threshold, per_category = _thresholds(thresholds, [s.name for s in specs])
     base, source = check_roles(specs, baseline, refusal_from)
     to_fit = needs_gradient(specs, fit_vectors)

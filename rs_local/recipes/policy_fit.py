@@ -90,7 +90,7 @@ def parse_category(text: str) -> CategorySpec:
 
 def load_category_prompts(specs: Sequence[CategorySpec]) -> None:
     """Read every category's prompts; refuse duplicate names, empty files and overlapping files."""
-    from rs_local.prompts import load_prompts
+    from rs_local.prompts import check_disjoint, load_prompts
 
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -98,16 +98,9 @@ def load_category_prompts(specs: Sequence[CategorySpec]) -> None:
         raise RsLocalError(f"category {dup[0]} is given twice")
     if len(specs) < 2:
         raise RsLocalError("a policy needs at least two categories (one of them the prompts to leave alone)")
-    seen: dict[str, CategorySpec] = {}
     for spec in specs:
         spec.prompts = load_prompts(spec.path)  # PromptSetError (file: no prompts) when empty
-        for p in spec.prompts:
-            key = " ".join(p.split()).casefold()
-            other = seen.get(key)
-            if other is not None and other is not spec:
-                raise RsLocalError(f"{spec.path}: overlaps {other.path} (category {other.name}): "
-                                   f"both contain {p[:60]!r}")
-            seen[key] = spec
+    check_disjoint([(f"{spec.path} (category {spec.name})", spec.prompts) for spec in specs])
 
 
 def default_probe_blocks(n_layer: int) -> list[int]:
@@ -346,6 +339,9 @@ def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_fro
     base = _pick(specs, baseline, ("benign", "harmless", "ok"), "--baseline")
     if needs_md and base is None:
         raise RsLocalError("name the benign category the directions are measured from with --baseline")
+    if base is not None and specs[base].action != "keep":  # a steered category measured from itself: zeros
+        raise RsLocalError(f"--baseline {specs[base].name} is a '{specs[base].action}' category; the baseline is "
+                           "prompts the model answers as they are (a 'keep' category)")
     source = _pick(specs, refusal_from, ("harmful",), "--refusal-from")
     if any(s.action == "refuse" for s in needs_md) and source is None:
         raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")

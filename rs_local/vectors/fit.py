@@ -54,6 +54,7 @@ import numpy as np
 
 from rs_local.callbacks import Progress, Say
 from rs_local.errors import RsLocalError, VectorFileError
+from rs_local.prompts import check_disjoint
 from rs_local.vectors import methods as M
 from rs_local.vectors.capture import Activations, StreamingMoments, capture
 from rs_local.vectors.control_vector import ControlVector
@@ -261,16 +262,6 @@ def _choose_lambda(fitter, layers, opts, eval_sets, say: Say) -> tuple[float | N
 # ----------------------------------------------------------------------------- main entry
 
 
-def _check_disjoint(positive: Sequence[str], negative: Sequence[str]) -> None:
-    """A prompt in both sets cannot be both refused and complied: one set given twice fitted a vector of
-    zeros, exit 0 (``policy fit`` refuses overlapping categories the same way)."""
-    both = set(positive) & set(negative)
-    if both:
-        first = " ".join(sorted(both)[0][:60].split())
-        raise FitOptionError(f"{len(both)} prompt(s) are in both the positive and the negative set (e.g. '{first}'); "
-                             "each prompt belongs to one")
-
-
 def fit_vector(
     model: str | FitModel,
     positive: Sequence[str],
@@ -296,7 +287,7 @@ def fit_vector(
     fm = model if isinstance(model, FitModel) else load_model(model, dtype=dtype)
     if len(positive) < 2 or len(negative) < 2:
         raise FitOptionError(f"need at least 2 prompts per set (got {len(positive)} positive, {len(negative)} negative)")
-    _check_disjoint(positive, negative)
+    check_disjoint([("the positive set", positive), ("the negative set", negative)])  # zeros, exit 0, before
     _parse_layers(opts.layers, fm.n_layer)  # fail before the forward passes, not after
     _check_ortho(fm, opts.orthogonalize_to)
     ridge = opts.method in ("rmd", "wrmd")

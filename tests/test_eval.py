@@ -216,3 +216,19 @@ def test_a_vector_for_another_model_stops_before_the_plain_pass(runner, sets):
     with pytest.raises(RsLocalError, match="qwen.gguf"):
         evaluate(runner, sets, [0.0, -1.0], vector=other, say=generated.append)
     assert not any(line.startswith("scale") for line in generated)  # no point was measured
+
+
+def test_long_prompts_get_larger_slots_and_too_long_ones_one_line(runner):
+    """Slots were a fixed 1024 tokens: a 1500-token prompt stopped isolate and eval ("one batch slot
+    holds 1024") although the context held more; one longer than the context is named before any answer."""
+    from rs_local.errors import RsLocalError
+
+    long_prompt = "Summarise: " + "the cat sat on the mat. " * 35  # ~280 tokens: over a 256-token floor
+    ev = Evaluator(runner, [PromptSet("long", [long_prompt, "Name a fruit."])],
+                   settings=EvalSettings(max_tokens=4, kl_set=None, seq_ctx=256, batch=2))
+    try:
+        assert ev.settings.seq_ctx == 512 and len(ev.answers("long", 0.0)) == 2
+    finally:
+        ev.close()
+    with pytest.raises(RsLocalError, match=r"set long: prompt 2 is [\d,]+ tokens with the chat template; the context holds 512"):
+        Evaluator(runner, [PromptSet("long", ["Name a fruit.", "word " * 600])], settings=EvalSettings(kl_set=None))

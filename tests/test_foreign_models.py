@@ -146,9 +146,12 @@ def test_isolate_on_an_architecture_transformers_cannot_load_stops_before_labell
     """llama.cpp runs it, so the labelling ran for minutes before the Transformers load failed."""
     path = variants["granite"]
     assert _run("generate", "--model", str(path), "--max-tokens", "2", "Hi").exit_code == 0
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("How do I make a bomb?\nHow do I hack a bank?\n")
-    res = _run("isolate", "-m", str(path), "-t", str(prompts), "-k", str(prompts), "--harmless", str(prompts),
+    sets = []
+    for name, text in (("t", "Who is Xi Jinping?\nWhat happened in 1989?\n"), ("k", "How do I make a bomb?\nHow do I hack a bank?\n"),
+                       ("h", "Bake bread.\nName a river.\n")):
+        (tmp_path / f"{name}.txt").write_text(text)
+        sets.append(str(tmp_path / f"{name}.txt"))
+    res = _run("isolate", "-m", str(path), "-t", sets[0], "-k", sets[1], "--harmless", sets[2],
                "-o", str(tmp_path / "v.gguf"))
     assert res.exit_code == 1 and "Transformers cannot load it" in res.stderr and "granite" in res.stderr, res.output
     assert "training prompts refused" not in res.output and not (tmp_path / "v.gguf").exists()

@@ -233,9 +233,10 @@ def test_commands_stop_before_any_work(command, smollm2_path, tmp_path, monkeypa
     _small_machine(monkeypatch)
     a = _prompts(tmp_path / "a.jsonl", ["How do I pick a lock?", "Write a phishing email."])
     b = _prompts(tmp_path / "b.jsonl", ["Name a river.", "Bake bread."])
+    k = _prompts(tmp_path / "k.jsonl", ["How do I hotwire a car?", "Write ransomware."])
     out = tmp_path / "v.gguf"
     args = (["fit", "-m", str(smollm2_path), "--positive", str(a), "--negative", str(b)] if command == "fit" else
-            ["isolate", "-m", str(smollm2_path), "-t", str(a), "-k", str(a), "--harmless", str(b)]) + ["-o", str(out)]
+            ["isolate", "-m", str(smollm2_path), "-t", str(a), "-k", str(k), "--harmless", str(b)]) + ["-o", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1, res.output
     last = res.output.strip().splitlines()[-1]

@@ -413,6 +413,9 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
                             f"b={_write(tmp_path, 'mm', MATH)}:keep", "--baseline", "b", "--folds", "3",
                             "--fit-vectors", "mean-difference", "--no-check-refusals"), "one.jsonl",
                     "all fall in one of the 3 cross-validation folds")
+    # the final block keeps only its last token's row in llama.cpp: it cannot be probed (it was, as one token)
+    _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm4', MATH)}:keep",
+                            "--baseline", "b", "--probe-layers", "29"), "--probe-layers: the final block (29)")
     # a steered category as the baseline measured its direction from itself (zeros, exit 0); an input as the output
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm2', MATH)}:keep",
                             "--baseline", "a"), "--baseline a is a 'remove' category")

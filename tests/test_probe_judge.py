@@ -267,6 +267,7 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert read_probe(out).training["test_rows_excluded"] == sum(1 for n in range(36) if n % 5 == 0)
+    assert read_probe(out).training["model_ref"] == str(smollm2_path.resolve())  # usable from any directory
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "already exists" in again.output
     res = CliRunner().invoke(cli, ["judge-eval", str(labelled), "--judge", f"probe={out}", "--split", "test", "--json"])
@@ -367,3 +368,17 @@ def test_probe_judge_shares_the_commands_runner_and_ignores_its_vectors(qwen_pat
         assert judge.runner is not other
     finally:
         judge.close()
+
+
+def test_rows_cross_validation_cannot_score_are_refused():
+    """24 rows all answering one prompt fell in one fold: every fold was skipped, every score stayed 0.5,
+    and judge-train reported the keywords' accuracy as the probe's ("83.3%")."""
+    from rs_local.errors import RsLocalError
+    from rs_local.judge.judge_eval import LabelledAnswer
+    from rs_local.judge.probe_train import train_rows
+
+    same = [LabelledAnswer(prompt="Q?", response=f"answer {i}", refusal=i % 2 == 0) for i in range(24)]
+    with pytest.raises(RsLocalError, match="cover 1 distinct prompt.*cannot score 24 of them"):
+        train_rows(same)
+    spread = [LabelledAnswer(prompt=f"Q{i}?", response=f"answer {i}", refusal=i % 2 == 0) for i in range(24)]
+    assert len(train_rows(spread)) == 24

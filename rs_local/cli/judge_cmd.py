@@ -19,6 +19,7 @@ from rs_local.cli.options import (
 )
 from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
+from rs_local.models import MODELS
 from rs_local.files import check_distinct
 
 
@@ -275,7 +276,8 @@ def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output,
     block_list = list(range(span[0], span[1] + 1)) if span else None
     with row_progress("reading answers") as progress:
         pf = train_probe(runner, items, blocks=block_list, progress=progress, source=str(labelled))
-    pf.training["model_ref"] = model
+    # a built-in name stays a name; a path is kept absolute (a relative one worked only from where it was trained)
+    pf.training["model_ref"] = model if model in MODELS else str(runner.path.resolve())
     write_probe(pf, output, force=force)
     info = summary(pf)
     say(f"probe on block {info['layer']}, threshold {info['threshold']:.3f}, cross-validated accuracy "

@@ -83,8 +83,11 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
         blocks = parse_layers(spec, n_layer)
     except ValueError as exc:
         raise RsLocalError(f"{option}: {exc}") from None
-    if not blocks:
-        raise RsLocalError(f"{option}: give blocks explicitly, e.g. 8-16")
+    if blocks is None:  # auto: the policy's own defaults (default_probe_blocks / default_steer_blocks)
+        return None
+    if option == "--probe-layers" and n_layer - 1 in blocks:  # llama.cpp keeps only its last token's row
+        raise RsLocalError(f"{option}: the final block ({n_layer - 1}) cannot be probed: llama.cpp keeps only its last "
+                           "token's output there, and the probe averages the prompt's last tokens")
     return blocks
 
 
@@ -136,6 +139,8 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
     if to_fit:
         check_fit_extra()
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
+    steer = _blocks(layers, runner.n_layer, "--layers")  # a typo in a block list costs no labelling pass
+    probe_blocks = _blocks(probe_layers, runner.n_layer, "--probe-layers")
     for spec in specs:  # a given vector must fit the model before anything is read
         if spec.vector is not None:
             runner.check_vector(spec.vector, spec.vector.source or spec.name)
@@ -144,11 +149,10 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
             if spec.action == "remove" and all(spec is not f for f in to_fit):
                 n = check_refuses(runner, spec, system=system)
                 say(f"{spec.name}: {n} of its first {min(16, len(spec.prompts))} prompts refused by the plain model")
-    steer = _blocks(layers, runner.n_layer, "--layers")
     if to_fit:
         fit_category_vectors(str(runner.path), runner, to_fit, specs[base], None if source is None else specs[source],
                              steer or default_steer_blocks(runner.n_layer), say=say, system=system)
-    pol = fit_policy(runner, specs, probe_blocks=_blocks(probe_layers, runner.n_layer, "--probe-layers"),
+    pol = fit_policy(runner, specs, probe_blocks=probe_blocks,
                      steer_blocks=steer, baseline=baseline,
                      refusal_from=refusal_from, threshold=threshold, thresholds=per_category, system=system, k=folds,
                      say=say)

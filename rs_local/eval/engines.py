@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rs_local.callbacks import Progress
+from rs_local.errors import RsLocalError
 from rs_local.runtime.engine import Engine, RunnerModel
 from rs_local.runtime.runner import Generation, Prompt, Runner
 from rs_local.runtime.sampling import SamplingParams
@@ -54,6 +55,26 @@ class SequentialEngine(RunnerModel):
 
     def close(self) -> None:
         """The Runner belongs to the caller."""
+
+
+def slot_size(runner: Runner, prompts: Sequence[tuple[str, Sequence]], max_tokens: int, floor: int) -> int:
+    """Tokens one batch slot must hold for every prompt and its answer: ``floor``, or more, in steps of 256.
+
+    ``prompts``: ``(where, [prompt, ...])`` per set, where a prompt is what the engine gets (text or
+    messages). Why: slots were a fixed 1024 (512 in ``policy fit``'s check), so one long prompt (a
+    jailbreak template, a pasted document) stopped ``isolate``, ``eval`` or ``policy fit`` with "one
+    batch slot holds 1024" although the context held 4096; a prompt too long for the context is now
+    one line naming its set and position, before any answer."""
+    longest = 0
+    for where, items in prompts:
+        for i, prompt in enumerate(items):
+            n = len(runner.tokenize(prompt))
+            if n + 1 >= runner.n_ctx:
+                raise RsLocalError(f"{where}: prompt {i + 1} is {n:,} tokens with the chat template; the context "
+                                   f"holds {runner.n_ctx:,} (use --ctx, or shorten it)")
+            longest = max(longest, n)
+    need = longest + max_tokens + 1
+    return floor if need <= floor else min(runner.n_ctx, -(-need // 256) * 256)
 
 
 def make_engine(runner: Runner, batch: int | None = None, seq_ctx: int = 1024, exact: bool = False) -> Engine:

@@ -24,7 +24,7 @@ from rs_local.callbacks import Say
 from rs_local.errors import RsLocalError
 from rs_local.eval import metrics
 from rs_local.eval.baseline_cache import EvalCache, digest, model_key
-from rs_local.eval.engines import make_engine
+from rs_local.eval.engines import make_engine, slot_size
 from rs_local.eval.prompt_sets import PromptSet
 from rs_local.runtime.engine import Engine
 from rs_local.runtime.runner import Generation, Runner
@@ -205,6 +205,9 @@ class Evaluator:
             runner.check_vector(vector)
         self._owns_engine = engine is None
         s = self.settings
+        if engine is None:  # slots large enough for the longest prompt and its answer (or one line naming it)
+            s.seq_ctx = slot_size(runner, [(f"set {ps.name}", [self._messages(p) for p in ps.prompts])
+                                           for ps in self.sets.values()], max(s.max_tokens, s.kl_tokens), s.seq_ctx)
         self.engine: Engine = engine if engine is not None else make_engine(runner, s.batch, s.seq_ctx, s.exact)
         self._model_key = model_key(self.engine.model_path)
         self._judge_key = self.judge.describe()

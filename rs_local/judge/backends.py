@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from rs_local.errors import RsLocalError
+from rs_local.errors import ModelError, RsLocalError
 from rs_local.judge.verdict import Verdict
 
 KEYWORDS = "keywords"
@@ -106,7 +106,13 @@ def load_probe_judge(probe_path: str | None = None, *, n_ctx: int | None = None,
     path = Path(probe_path) if probe_path else SHIPPED_PROBE
     pf = read_probe(path)
     model_ref = str(pf.training.get("model_ref") or models.DEFAULT_MODEL)
-    model_path = models.resolve(model_ref, progress=on_status)
+    try:
+        model_path = models.resolve(model_ref, progress=on_status)
+    except ModelError as exc:  # probes trained before paths were stored absolute: try beside the probe file
+        beside = path.parent / model_ref
+        if model_ref in models.MODELS or not beside.is_file():
+            raise ModelError(f"{path}: trained for model {model_ref!r}, which cannot be found ({exc})") from None
+        model_path = beside
     if share is not None and Path(share.path).resolve() == Path(model_path).resolve():
         return ProbeJudge(share, pf, path)
     runner = Runner(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)

@@ -17,7 +17,7 @@ from rs_local.errors import RsLocalError
 from rs_local.judge.judge_eval import LabelledAnswer
 from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.judge.probe import ProbeFile, make_reader, read_judge_rows
-from rs_local.judge.probe_fit import cross_validate, fit_probe
+from rs_local.judge.probe_fit import check_folds, cross_validate, fit_probe
 
 
 
@@ -44,13 +44,15 @@ def read_features(runner: Any, rows: Sequence[LabelledAnswer], blocks: Sequence[
     return {b: np.stack(v) for b, v in out.items()}
 
 
-def train_rows(rows: Sequence[LabelledAnswer]) -> list[LabelledAnswer]:
-    """The rows a probe may learn from: everything not marked as test."""
+def train_rows(rows: Sequence[LabelledAnswer], folds: int = 5) -> list[LabelledAnswer]:
+    """The rows a probe may learn from: everything not marked as test, enough of them and spread
+    over enough prompts for grouped cross-validation to score every row."""
     train = [r for r in rows if r.split != "test"]
     if len({r.refusal for r in train}) < 2:
         raise RsLocalError("the labelled training rows need both refusals and answers")
     if len(train) < 20:
         raise RsLocalError(f"only {len(train)} labelled training rows; a probe needs at least 20")
+    check_folds([r.prompt for r in train], np.array([r.refusal for r in train], float), folds)
     return train
 
 
@@ -71,7 +73,7 @@ def train_probe(runner: Any, rows: Sequence[LabelledAnswer], *, blocks: Sequence
     output becomes one row: "answer-mean" (the mean over the answer's tokens, the better one in
     cross-validation) or "last" (the last token, as the first probes did).
     """
-    train = train_rows(rows)
+    train = train_rows(rows, folds)
     blocks = list(blocks) if blocks else candidate_blocks(runner.n_layer)
     feats = features if features is not None else read_features(runner, train, blocks, progress, pooling)
     y = np.array([1.0 if r.refusal else 0.0 for r in train])

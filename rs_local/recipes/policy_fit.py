@@ -427,10 +427,13 @@ def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_toke
     from rs_local.judge.keywords import find_refusal_phrase
     from rs_local.runtime.batched import BatchEngine
 
-    prompts = spec.prompts[:sample]
-    with BatchEngine(runner, n_seq=8, seq_ctx=512) as engine:
-        head = [{"role": "system", "content": system}] if system else []
-        gens = engine.generate_many([head + [{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
+    from rs_local.eval.engines import slot_size
+
+    head = [{"role": "system", "content": system}] if system else []
+    asks = [head + [{"role": "user", "content": p}] for p in spec.prompts[:sample]]
+    with BatchEngine(runner, n_seq=8, seq_ctx=slot_size(runner, [(str(spec.path), asks)], max_tokens, 512)) as engine:
+        gens = engine.generate_many(asks, max_tokens=max_tokens)
+    prompts = asks
     n = sum(find_refusal_phrase(g.text) is not None for g in gens)
     if n == 0:
         raise RsLocalError(f"{spec.path}: the model refuses none of {len(prompts)} of these prompts (keyword judge): "

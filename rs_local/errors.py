@@ -33,3 +33,7 @@ class ModelError(RsLocalError):
 
 class PromptSetError(FileProblem):
     """A prompt set is empty, has no usable column, or cannot be decoded."""
+
+
+class PromptTooLong(RsLocalError):
+    """A prompt that cannot fit the context with room to answer (the caller adds its file)."""

@@ -230,5 +230,5 @@ def test_long_prompts_get_larger_slots_and_too_long_ones_one_line(runner):
         assert ev.settings.seq_ctx == 512 and len(ev.answers("long", 0.0)) == 2
     finally:
         ev.close()
-    with pytest.raises(RsLocalError, match=r"set long: prompt 2 is [\d,]+ tokens with the chat template; the context holds 512"):
+    with pytest.raises(RsLocalError, match=r"set long: prompt 2 \(.word word.*\) is [\d,]+ tokens with the chat template; the context holds 512"):
         Evaluator(runner, [PromptSet("long", ["Name a fruit.", "word " * 600])], settings=EvalSettings(kl_set=None))

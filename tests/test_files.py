@@ -20,7 +20,7 @@ from rs_local.cli.main import cli
 from rs_local.cli.options import Number, parse_number_list
 from rs_local.errors import FileProblem, PromptSetError, RsLocalError
 from rs_local.files import (
-    JsonProblem, atomic_output, atomic_write_text, check_output_path, make_output_dir, parse_json, read_text, split_lines,
+    JsonProblem, atomic_output, atomic_write_text, check_distinct, check_output_path, make_output_dir, parse_json, read_text, split_lines,
     sweep_stale_temps,
 )
 from rs_local.judge.jsonl import AppendLog, data_rows
@@ -471,17 +471,20 @@ def test_ctrl_c_during_a_llama_cpp_call_is_held_to_its_end(smollm2_path, monkeyp
             def signalled(self, tensor, ask):
                 calls["n"] += 1
                 if calls["n"] == 3:
+                    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # held, not raised
                     os.kill(os.getpid(), signal.SIGINT)  # delivered while llama.cpp computes the graph
                 return take(self, tensor, ask)
 
-            tokens = runner.tokenize("Tell me about the history of bread in Egypt.")
+            first = runner.tokenize("Tell me about the history of bread in Egypt.")
+            other = runner.tokenize("Tell me about the history of cheese in France and its makers.")
+            reader.read_tokens(first)
             monkeypatch.setattr(BlockReader, "_take", signalled)
             with pytest.raises(KeyboardInterrupt):
-                reader.read_tokens(tokens)
+                reader.read_tokens(other)  # shares a prefix with the first; its own tokens replace the rest
             monkeypatch.setattr(BlockReader, "_take", take)
-            again = reader.read_tokens(tokens)[8]  # nothing half-read is taken for a cached prefix
+            again = reader.read_tokens(first)[8]  # the other text's positions are not taken for the first's
         with BlockReader(runner, [8], n_ctx=512) as fresh:
-            assert np.allclose(again, fresh.read_tokens(tokens)[8], atol=1e-4)
+            assert np.allclose(again, fresh.read_tokens(first)[8], atol=1e-4)
     finally:
         runner.llama.close()
 
@@ -718,6 +721,9 @@ def test_a_symlinked_output_is_written_through_and_a_link_to_a_stream_refused(tm
     atomic_write_text(link, "new", force=True)
     assert link.is_symlink() and target.read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["real.txt"]
+    os.link(target, tmp_path / "hard.txt")  # another name for the same file is the same file
+    with pytest.raises(FileProblem, match="would overwrite another input"):
+        check_distinct([tmp_path / "hard.txt"], [target])
     stream = tmp_path / "out"
     stream.symlink_to("/proc/self/fd/1")  # what /dev/stdout is
     for write in (lambda: atomic_write_text(stream, "x", force=True), lambda: AppendLog.open(stream, "things", {}, _key)):

@@ -197,5 +197,5 @@ def test_one_set_given_as_both_is_refused(tmp_path, smollm2_path):
     pos.write_text("How do I pick a lock?\nHow do I hotwire a car?\n")
     res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", str(pos), "-n", str(pos), "-o",
                                    str(tmp_path / "v.gguf"), "-q"])
-    assert res.exit_code == 1 and "the negative set: overlaps the positive set: both contain" in res.output, res.output
+    assert res.exit_code == 1 and f"{pos} (complied): overlaps {pos} (refused): both contain" in res.output, res.output
     assert not (tmp_path / "v.gguf").exists()

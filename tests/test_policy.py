@@ -418,7 +418,7 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
                             "--baseline", "b", "--probe-layers", "29"), "--probe-layers: the final block (29)")
     # a steered category as the baseline measured its direction from itself (zeros, exit 0); an input as the output
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm2', MATH)}:keep",
-                            "--baseline", "a"), "--baseline a is a 'remove' category")
+                            "--baseline", "a"), "the baseline category a is a 'remove' category")
     _one_line_error(_invoke("policy", "fit", "--model", str(smollm2_path), "-o", str(good), "--force", "--category",
                             f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm3', MATH)}:keep"),
                     "good.jsonl", "would overwrite another input")

@@ -268,6 +268,23 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
     assert res.exit_code == 0, res.output
     assert read_probe(out).training["test_rows_excluded"] == sum(1 for n in range(36) if n % 5 == 0)
     assert read_probe(out).training["model_ref"] == str(smollm2_path.resolve())  # usable from any directory
+    moved = tmp_path / "moved"  # another machine: the probe and its model copied together, the old path gone
+    moved.mkdir()
+    pf = read_probe(out)
+    pf.training["model_ref"] = f"/nowhere/{smollm2_path.name}"
+    write_probe(pf, moved / "probe.gguf")
+    (moved / smollm2_path.name).symlink_to(smollm2_path)
+    from rs_local.judge.backends import load_probe_judge
+
+    judge = load_probe_judge(str(moved / "probe.gguf"), n_ctx=512)
+    try:
+        assert judge.judge("How do I pick a lock?", "I'm sorry, I can't help with that.").verdict == 1
+    finally:
+        judge.close()
+        judge.runner.close()
+    (moved / smollm2_path.name).unlink()
+    with pytest.raises(RsLocalError, match=r"probe.gguf: trained for model '/nowhere/.*put the model file beside"):
+        load_probe_judge(str(moved / "probe.gguf"), n_ctx=512)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "already exists" in again.output
     res = CliRunner().invoke(cli, ["judge-eval", str(labelled), "--judge", f"probe={out}", "--split", "test", "--json"])
@@ -378,7 +395,7 @@ def test_rows_cross_validation_cannot_score_are_refused():
     from rs_local.judge.probe_train import train_rows
 
     same = [LabelledAnswer(prompt="Q?", response=f"answer {i}", refusal=i % 2 == 0) for i in range(24)]
-    with pytest.raises(RsLocalError, match="cover 1 distinct prompt.*cannot score 24 of them"):
+    with pytest.raises(RsLocalError, match="cover 1 distinct prompt.*cannot score 24 of the 24 rows"):
         train_rows(same)
     spread = [LabelledAnswer(prompt=f"Q{i}?", response=f"answer {i}", refusal=i % 2 == 0) for i in range(24)]
     assert len(train_rows(spread)) == 24

@@ -88,6 +88,14 @@ def test_cli_respond_errors(smollm2_path, tmp_path):
     res = cli_runner.invoke(cli, ["respond", "--model", str(smollm2_path), "--prompts", str(prompts), "-o", str(foreign)])
     assert res.exit_code == 1 and "use --force" in res.output
     assert foreign.read_text() == '{"x": 1}\n'
+    long = tmp_path / "long.txt"
+    long.write_text("Hi.\n" + "word " * 600 + "\n")
+    res = cli_runner.invoke(cli, ["respond", "--model", str(smollm2_path), "--prompts", str(long), "--ctx", "512",
+                                  "-o", str(tmp_path / "r2.jsonl")])
+    assert res.exit_code == 1 and f"{long}: prompt 2 ('word word" in res.output, res.output
+    over = cli_runner.invoke(cli, ["respond", "--model", str(smollm2_path), "--prompts", str(prompts), "-o", str(prompts),
+                                   "--force"])  # the prompts became a response log
+    assert over.exit_code == 1 and "would overwrite another input" in over.output and prompts.read_text() == "Hi.\n"
 
 
 def test_respond_killed_and_restarted_has_every_row_once(smollm2_path, tmp_path, kill_after_rows):

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from rs_local import models
 from rs_local.cli.options import check_output, integer, say, utf8_text
-from rs_local.files import check_distinct
 from rs_local.cli.terminal import terminal_safe
+from rs_local.files import check_distinct
 from rs_local.prompts import load_prompts
 
 err = Console(stderr=True)

@@ -23,7 +23,7 @@ from rs_local.cli.options import SEED, Number, check_output, integer, number, ut
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
 from rs_local.files import check_distinct
-from rs_local.prompts import NEUTRAL_THRESHOLD, load_prompts, load_scores, split_by_scores
+from rs_local.prompts import NEUTRAL_THRESHOLD, check_disjoint, load_prompts, load_scores, split_by_scores
 from rs_local.runtime.vector_specs import band_label
 from rs_local.vectors.layers import LayerRow, table_from_metadata
 
@@ -178,8 +178,10 @@ def fit(**kw: Any) -> None:
         check_output(kw["plot"], kw["force"])
         check_output(_scatter_path(kw["plot"]), kw["force"])
     check_distinct([kw["output"], kw["plot"], kw["plot"] and _scatter_path(kw["plot"])],
-                   [kw[k] for k in ("positive", "negative", "prompts_file", "scores_file")])
+                   [kw[k] for k in ("positive", "negative", "prompts_file", "scores_file", "orthogonalize_to", "routing")])
     sets = _scored_sets(kw["positive"], kw["negative"], kw["prompts_file"], kw["scores_file"], kw["field"])
+    check_disjoint([(f"{kw['positive'] or kw['scores_file']} (refused)", sets["pos"]),  # before the model loads
+                    (f"{kw['negative'] or kw['scores_file']} (complied)", sets["neg"])])
     routing = _routing(kw)
     opts = FitOptions(
         method=kw["method"], lam=_lambda(kw["lam"]), layers=kw["layers"], position=kw["position"].replace("-", "_"),

@@ -18,7 +18,7 @@ from rs_local.cli.options import (
     vector_options,
 )
 from rs_local.cli.terminal import plain, styled
-from rs_local.errors import RsLocalError
+from rs_local.errors import FileProblem, PromptTooLong, RsLocalError
 from rs_local.models import MODELS
 from rs_local.files import check_distinct
 
@@ -126,15 +126,19 @@ def respond(model, prompts_path, field, samples, max_tokens, temperature, top_p,
     check_output(output, force=True)  # writable place, not a directory; an existing log is resumed below
     prompts = load_prompts(prompts_path, field=field)
     parts, layer_range = load_vectors(vectors, scale, layers)
+    check_distinct([output], [prompts_path, *(v.source for v, _ in parts)])  # -o p.jsonl turned prompts into a log
     if samples > 1 and temperature == 0:
         err_console.print("[yellow]warning:[/] --temperature 0 is greedy: every sample of a prompt will be the same answer")
     settings = RespondSettings(samples, max_tokens, temperature, top_p, top_k, seed, system)
     model_path = models.resolve(model, progress=say)
     check_respond_output(output, model_path, settings, prompts, parts, layer_range, force)
     runner = load_runner(str(model_path), n_ctx, n_gpu_layers, n_threads)
-    with row_progress("answers") as progress:
-        report = run_respond(runner, prompts, output, settings, vectors=parts, layer_range=layer_range,
-                             force=force, progress=progress)
+    try:
+        with row_progress("answers") as progress:
+            report = run_respond(runner, prompts, output, settings, vectors=parts, layer_range=layer_range,
+                                 force=force, progress=progress)
+    except PromptTooLong as exc:
+        raise FileProblem(prompts_path, str(exc)) from None
     resumed = f" ({report.already_done} were already there)" if report.already_done else ""
     err_console.print(plain(f"{report.total} answers to {len(prompts)} prompts in {output}{resumed}"), soft_wrap=True)
 
@@ -260,7 +264,6 @@ def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output,
     """Train a probe judge for MODEL on hand-labelled answers (rows with "split": "test" are left out)."""
     from rs_local.judge.judge_eval import load_labelled
     from rs_local.judge.probe import write_probe
-    from rs_local.errors import FileProblem
     from rs_local.judge.probe_train import summary, train_probe, train_rows
     from rs_local.runtime.vector_specs import parse_layer_range
 

@@ -36,7 +36,8 @@ class _Group(click.Group):
             raise click.ClickException(OUT_OF_MEMORY) from None
         except RuntimeError as exc:  # torch's allocator says so in a RuntimeError, not a MemoryError
             if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
-                raise click.ClickException(OUT_OF_MEMORY) from None
+                detail = " ".join(str(exc).split())[:200]  # which device, how much: worth keeping
+                raise click.ClickException(terminal_safe(f"{OUT_OF_MEMORY} [{detail}]")) from None
             raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout's reader left (`| head`): click ends quietly, exit 1

@@ -7,10 +7,9 @@ from pathlib import Path
 import click
 
 from rs_local.cli.options import check_output, load_runner, model_option, runtime_options, say, utf8_text
-from rs_local.files import check_distinct
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import RsLocalError
-from rs_local.files import dumps
+from rs_local.files import check_distinct, dumps
 
 
 @click.group()
@@ -85,6 +84,8 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
         raise RsLocalError(f"{option}: {exc}") from None
     if blocks is None:  # auto: the policy's own defaults (default_probe_blocks / default_steer_blocks)
         return None
+    if option == "--probe-layers" and spec.strip().lower() == "all":  # every block that can be probed
+        blocks = [b for b in blocks if b != n_layer - 1]
     if option == "--probe-layers" and n_layer - 1 in blocks:  # llama.cpp keeps only its last token's row
         raise RsLocalError(f"{option}: the final block ({n_layer - 1}) cannot be probed: llama.cpp keeps only its last "
                            "token's output there, and the probe averages the prompt's last tokens")

@@ -70,8 +70,9 @@ def slot_size(runner: Runner, prompts: Sequence[tuple[str, Sequence]], max_token
         for i, prompt in enumerate(items):
             n = len(runner.tokenize(prompt))
             if n + 1 >= runner.n_ctx:
-                raise RsLocalError(f"{where}: prompt {i + 1} is {n:,} tokens with the chat template; the context "
-                                   f"holds {runner.n_ctx:,} (use --ctx, or shorten it)")
+                text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+                raise RsLocalError(f"{where}: prompt {i + 1} ('{' '.join(text[:40].split())}...') is {n:,} tokens with "
+                                   f"the chat template; the context holds {runner.n_ctx:,} (use --ctx, or shorten it)")
             longest = max(longest, n)
     need = longest + max_tokens + 1
     return floor if need <= floor else min(runner.n_ctx, -(-need // 256) * 256)
@@ -93,10 +94,13 @@ def make_engine(runner: Runner, batch: int | None = None, seq_ctx: int = 1024, e
     is exact on every CPU. The kind names the mode, so the cache never serves one mode's answers
     to the other.
     """
-    from rs_local.runtime.batched import BatchEngine, default_batch, kv_bytes_per_token
+    from rs_local.runtime.batched import DEFAULT_KV_BUDGET, BatchEngine, default_batch, kv_bytes_per_token
 
     if batch is None:
-        batch = default_batch(kv_bytes_per_token(runner), seq_ctx)
+        per_token = kv_bytes_per_token(runner)
+        # two slots of a long prompt's size over the KV budget (a 7B model's 16k-token prompt: 16 GB
+        # beside its own context): answer one at a time in the Runner's context instead
+        batch = default_batch(per_token, seq_ctx) if 2 * per_token * seq_ctx <= DEFAULT_KV_BUDGET else 1
     if batch <= 1:
         return SequentialEngine(runner)
 

@@ -96,8 +96,9 @@ def _check_parent(path: Path) -> None:
         raise FileProblem(path, f"directory {parent} is not writable")
 
 
-#: Where a symlinked output must not lead: replacing a device's or a process's entry is never a file write.
-_SPECIAL_ROOTS = ("/dev/", "/proc/", "/sys/")
+#: Where a symlinked output must not lead: a process's descriptors (/dev/stdout is a link into /proc) and
+#: kernel objects. A link to a device itself is refused by the regular-file check, /dev/shm's files pass.
+_SPECIAL_ROOTS = ("/proc/", "/sys/")
 
 
 def output_target(path: str | Path) -> Path:
@@ -105,8 +106,8 @@ def output_target(path: str | Path) -> Path:
 
     Why: the temp file was renamed over the link itself, so ``-o link.npz`` replaced the link with a
     file and left its target as it was, and ``-o /dev/stdout`` (run as root) replaced the system's
-    /dev/stdout link with a regular file. A link into /dev, /proc or /sys (a terminal, a pipe, a
-    process's descriptor) is refused: rs-local writes files whole, by rename, not into streams.
+    /dev/stdout link with a regular file. A link through /proc or /sys (a process's descriptor: a
+    terminal, a pipe) is refused: rs-local writes files whole, by rename, not into streams.
     """
     path = Path(path)
     if not os.path.islink(path):
@@ -162,14 +163,24 @@ def check_distinct(outputs: Sequence[str | Path | None], inputs: Sequence[str | 
 
     Why: each output was checked alone, so ``fit -o v.gguf --plot v.gguf`` wrote the vector and then
     the plot over it, exit 0, the fit lost. Paths are compared as the files they name (links followed)."""
-    seen = {Path(os.path.realpath(p)) for p in inputs if p is not None}
+    seen = [_identity(Path(os.path.realpath(p))) for p in inputs if p is not None]
     for out in outputs:
         if out is None:
             continue
-        real = output_target(out).resolve()
-        if real in seen:
+        real = _identity(output_target(out).resolve())
+        if any(real == other or (real[1] is not None and real[1] == other[1]) for other in seen):
             raise FileProblem(out, "output would overwrite another input or output file of this command")
-        seen.add(real)
+        seen.append(real)
+
+
+def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
+    """A path and, where the file exists, its (device, inode): hard links and case-insensitive
+    file systems name one file by several paths."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, None
+    return path, (st.st_dev, st.st_ino)
 
 
 def make_output_dir(path: str | Path, force: bool = False) -> Path:

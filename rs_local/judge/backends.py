@@ -108,10 +108,13 @@ def load_probe_judge(probe_path: str | None = None, *, n_ctx: int | None = None,
     model_ref = str(pf.training.get("model_ref") or models.DEFAULT_MODEL)
     try:
         model_path = models.resolve(model_ref, progress=on_status)
-    except ModelError as exc:  # probes trained before paths were stored absolute: try beside the probe file
-        beside = path.parent / model_ref
-        if model_ref in models.MODELS or not beside.is_file():
-            raise ModelError(f"{path}: trained for model {model_ref!r}, which cannot be found ({exc})") from None
+    except ModelError as exc:
+        if model_ref in models.MODELS:  # a failed pull says why itself
+            raise
+        beside = path.parent / Path(model_ref).name  # the probe moved (another directory, another machine) with its model
+        if not beside.is_file():
+            raise ModelError(f"{path}: trained for model {model_ref!r}, which cannot be found ({exc}); put the model "
+                             f"file beside the probe") from None
         model_path = beside
     if share is not None and Path(share.path).resolve() == Path(model_path).resolve():
         return ProbeJudge(share, pf, path)

@@ -120,8 +120,8 @@ def check_folds(groups: list[str], y: np.ndarray, k: int) -> None:
         held = folds == f
         if held.any() and len(set(np.asarray(y)[~held])) < 2:
             raise RsLocalError(f"the labelled rows cover {len(set(groups))} distinct prompt(s), and cross-validation "
-                               f"by prompt cannot score {int(held.sum())} of them (without their prompts the rest "
-                               "lack refusals or answers): label answers to more prompts")
+                               f"by prompt cannot score {int(held.sum())} of the {len(groups)} rows (without their "
+                               "prompts the rest lack refusals or answers): label answers to more prompts")
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rs_local.callbacks import Progress
-from rs_local.errors import RsLocalError
+from rs_local.errors import PromptTooLong
 from rs_local.files import edge_digest
 from rs_local.judge.jsonl import AppendLog
 from rs_local.prompts import prompts_hash
@@ -123,7 +123,7 @@ def respond(
     return RespondReport(total, already, done - already, Path(output))
 
 
-def _check_lengths(runner, prompts: Sequence[str], system: str | None) -> None:
+def _check_lengths(runner: Any, prompts: Sequence[str], system: str | None) -> None:
     """Every prompt must leave room to answer; checked before the log opens. A long prompt stopped the
     run where it came, with an error that named neither the prompt nor the file."""
     for pi, prompt in enumerate(prompts):
@@ -131,8 +131,8 @@ def _check_lengths(runner, prompts: Sequence[str], system: str | None) -> None:
         n = len(runner.tokenize(messages))
         if n >= runner.n_ctx - 1:
             start = " ".join(prompt[:40].split())
-            raise RsLocalError(f"prompt {pi + 1} ('{start}...') is {n:,} tokens with the chat template; the context "
-                               f"holds {runner.n_ctx:,} (use --ctx, or shorten it)")
+            raise PromptTooLong(f"prompt {pi + 1} ('{start}...') is {n:,} tokens with the chat template; the context "
+                                f"holds {runner.n_ctx:,} (use --ctx, or shorten it)")
 
 
 def check_respond_output(output: str | Path, model_path: str | Path, settings: RespondSettings, prompts: Sequence[str],

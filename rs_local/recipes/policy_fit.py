@@ -339,9 +339,9 @@ def check_roles(specs: Sequence[CategorySpec], baseline: str | None, refusal_fro
     base = _pick(specs, baseline, ("benign", "harmless", "ok"), "--baseline")
     if needs_md and base is None:
         raise RsLocalError("name the benign category the directions are measured from with --baseline")
-    if base is not None and specs[base].action != "keep":  # a steered category measured from itself: zeros
-        raise RsLocalError(f"--baseline {specs[base].name} is a '{specs[base].action}' category; the baseline is "
-                           "prompts the model answers as they are (a 'keep' category)")
+    if needs_md and base is not None and specs[base].action != "keep":  # a steered category measured from itself
+        raise RsLocalError(f"the baseline category {specs[base].name} is a '{specs[base].action}' category; the "
+                           "baseline is prompts the model answers as they are (a 'keep' category; --baseline)")
     source = _pick(specs, refusal_from, ("harmful",), "--refusal-from")
     if any(s.action == "refuse" for s in needs_md) and source is None:
         raise RsLocalError("a refuse category needs a category the model refuses: name it with --refusal-from")
@@ -433,10 +433,9 @@ def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_toke
     asks = [head + [{"role": "user", "content": p}] for p in spec.prompts[:sample]]
     with BatchEngine(runner, n_seq=8, seq_ctx=slot_size(runner, [(str(spec.path), asks)], max_tokens, 512)) as engine:
         gens = engine.generate_many(asks, max_tokens=max_tokens)
-    prompts = asks
     n = sum(find_refusal_phrase(g.text) is not None for g in gens)
     if n == 0:
-        raise RsLocalError(f"{spec.path}: the model refuses none of {len(prompts)} of these prompts (keyword judge): "
+        raise RsLocalError(f"{spec.path}: the model refuses none of {len(asks)} of these prompts (keyword judge): "
                            f"nothing for '{spec.name}:remove' to remove")
     return n
 

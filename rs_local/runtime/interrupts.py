@@ -18,24 +18,32 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-_PENDING: list[BaseException] = []
+_STATE = threading.local()  # per thread: a Ctrl-C held for the main thread never surfaces on a worker
+
+
+def _pending() -> list[BaseException]:
+    if not hasattr(_STATE, "held"):
+        _STATE.held = []
+    return _STATE.held
 
 
 def hold(exc: BaseException) -> None:
     """Keep ``exc`` for :func:`release`; called by callbacks, which must not raise. The first one is
     kept, except that a SIGTERM (SystemExit) wins over a Ctrl-C: ``chat`` takes Ctrl-C as "stop this
     reply", and a termination must not be lost behind it."""
-    if not _PENDING:
-        _PENDING.append(exc)
-    elif isinstance(exc, SystemExit) and isinstance(_PENDING[0], KeyboardInterrupt):
-        _PENDING[0] = exc
+    held = _pending()
+    if not held:
+        held.append(exc)
+    elif isinstance(exc, SystemExit) and isinstance(held[0], KeyboardInterrupt):
+        held[0] = exc
 
 
 def release() -> None:
     """Raise the exception a callback held, if any (after a llama.cpp call has returned)."""
-    if _PENDING:
-        exc = _PENDING.pop()
-        _PENDING.clear()
+    held = _pending()
+    if held:
+        exc = held.pop()
+        held.clear()
         raise exc
 
 
@@ -64,9 +72,11 @@ def deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        release()  # also when the block failed: a Ctrl-C wins over the call's own error
+        try:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        finally:  # even if a second Ctrl-C lands while the handlers are put back: nothing stays held
+            release()  # also when the block failed: a Ctrl-C wins over the call's own error
 
 
 def _holding(handler: Any) -> Any:

@@ -638,3 +638,14 @@ def test_generate_notes_a_policy_fitted_under_another_system_prompt(smollm2_path
     assert res.exit_code == 0, res.output
     assert "chef.gguf was fitted under the system prompt 'You are a chef.'" in res.output, res.output
     assert "fitted under" not in _invoke(*base, "--system", "You are a chef.").output
+
+
+def test_block_options_take_auto_and_all_as_documented():
+    """`auto` was refused ("give blocks explicitly"); `all` would now name the final block, which cannot be probed."""
+    from rs_local.cli.policy_cmd import _blocks
+
+    assert _blocks("auto", 30, "--probe-layers") is None and _blocks("auto", 30, "--layers") is None
+    assert _blocks("all", 30, "--probe-layers") == list(range(1, 29))
+    assert _blocks("all", 30, "--layers") == list(range(1, 30))
+    with pytest.raises(RsLocalError, match="final block"):
+        _blocks("20-29", 30, "--probe-layers")

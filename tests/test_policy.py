@@ -416,6 +416,10 @@ def test_cli_fit_error_paths(tmp_path, smollm2_path):
     # the final block keeps only its last token's row in llama.cpp: it cannot be probed (it was, as one token)
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm4', MATH)}:keep",
                             "--baseline", "b", "--probe-layers", "29"), "--probe-layers: the final block (29)")
+    # a prompt the probe's reader cannot hold failed after the vectors were fitted, naming no file
+    _one_line_error(_invoke(*base, "--ctx", "512", "--category", f"a={good}:remove", "--category",
+                            f"b={_write(tmp_path, 'long', MATH[:3] + ['word ' * 600])}:keep", "--baseline", "b"),
+                    "long.jsonl: prompt 4", "the probe reads at most 512")
     # a steered category as the baseline measured its direction from itself (zeros, exit 0); an input as the output
     _one_line_error(_invoke(*base, "--category", f"a={good}:remove", "--category", f"b={_write(tmp_path, 'm2', MATH)}:keep",
                             "--baseline", "a"), "the baseline category a is a 'remove' category")

@@ -127,7 +127,9 @@ def _blocks(spec: str | None, n_layer: int, option: str) -> list[int] | None:
 def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, thresholds, layers, probe_layers, folds,
         check_refusals: bool, system, output: Path, force: bool, model: str, n_ctx, n_gpu_layers, n_threads) -> None:
     """Fit category probes and per-category vectors into one policy file."""
-    from rs_local.recipes.policy_fit import check_refuses, check_roles, default_steer_blocks, fit_policy
+    from rs_local.recipes.policy_fit import (
+        check_prompt_lengths, check_refuses, check_roles, default_steer_blocks, fit_policy,
+    )
     from rs_local.recipes.policy_vectors import check_fit_extra, fit_category_vectors, needs_gradient
     from rs_local.runtime.policy_file import write_policy
 
@@ -142,6 +144,7 @@ def fit(categories, vectors, fit_vectors: str, scales, baseline, refusal_from, t
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     steer = _blocks(layers, runner.n_layer, "--layers")  # a typo in a block list costs no labelling pass
     probe_blocks = _blocks(probe_layers, runner.n_layer, "--probe-layers")
+    check_prompt_lengths(runner, specs, system)
     for spec in specs:  # a given vector must fit the model before anything is read
         if spec.vector is not None:
             runner.check_vector(spec.vector, spec.vector.source or spec.name)

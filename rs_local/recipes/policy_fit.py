@@ -131,6 +131,23 @@ def template_tail(runner: Any, system: str | None = None) -> int:
     return max(1, min(n, 16))
 
 
+#: Tokens the probe's reader holds at most (its own llama.cpp context beside the model's).
+READER_CTX = 4096
+
+
+def check_prompt_lengths(runner: Any, specs: Sequence[CategorySpec], system: str | None = None) -> None:
+    """Every category prompt must fit the probe's reader; checked after the model loads, before any
+    reading. A longer one failed after the vectors were fitted, in a line naming neither file nor prompt."""
+    limit = min(runner.n_ctx, READER_CTX)
+    head = [{"role": "system", "content": system}] if system else []
+    for spec in specs:
+        for i, p in enumerate(spec.prompts):
+            n = len(runner.tokenize(head + [{"role": "user", "content": p}]))
+            if n > limit:
+                raise RsLocalError(f"{spec.path}: prompt {i + 1} ('{' '.join(p[:40].split())}...') is {n:,} tokens with "
+                                   f"the chat template; the probe reads at most {limit:,}")
+
+
 def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *, system: str | None = None,
                   pool_tokens: int = 1, say: Say | None = None) -> dict[int, np.ndarray]:
     """``{block: float64[len(prompts), n_embd]}``: the mean of each prompt's last ``pool_tokens``
@@ -142,7 +159,7 @@ def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *,
     from rs_local.runtime.activations import BlockReader
 
     out = {b: np.zeros((len(prompts), runner.n_embd)) for b in blocks}
-    with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, 4096), tail=pool_tokens) as reader:
+    with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, READER_CTX), tail=pool_tokens) as reader:
         for i, p in enumerate(prompts):
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
             rows = reader.read(msgs)

@@ -180,14 +180,14 @@ def fit(**kw: Any) -> None:
     check_distinct([kw["output"], kw["plot"], kw["plot"] and _scatter_path(kw["plot"])],
                    [kw[k] for k in ("positive", "negative", "prompts_file", "scores_file", "orthogonalize_to", "routing")])
     sets = _scored_sets(kw["positive"], kw["negative"], kw["prompts_file"], kw["scores_file"], kw["field"])
-    check_disjoint([(f"{kw['positive'] or kw['scores_file']} (refused)", sets["pos"]),  # before the model loads
-                    (f"{kw['negative'] or kw['scores_file']} (complied)", sets["neg"])])
     routing = _routing(kw)
     opts = FitOptions(
         method=kw["method"], lam=_lambda(kw["lam"]), layers=kw["layers"], position=kw["position"].replace("-", "_"),
         holdout=kw["holdout"], seed=kw["seed"], batch_size=kw["batch_size"], system=kw["system"],
         orthogonalize_to=_ortho(kw["orthogonalize_to"]), cache=not kw["no_cache"],
     )
+    check_disjoint([(f"{kw['positive'] or kw['scores_file']} (refused)", sets["pos"]),  # before the model loads
+                    (f"{kw['negative'] or kw['scores_file']} (complied)", sets["neg"])])
     say = (lambda _m: None) if kw["quiet"] else (lambda m: err.print(Text(m, style="dim")))
     if kw["method"] == "wrmd" and sets["pos_s"] is None:
         say("wrmd without --scores: every prompt weighs 1 (same as rmd)")

@@ -136,7 +136,8 @@ def test_a_model_without_a_chat_template(variants, tmp_path, monkeypatch):
     assert _run("generate", "--model", str(path), "--raw", "--max-tokens", "2", "Hi").exit_code == 0
     monkeypatch.setenv("RS_LOCAL_FIT_CACHE", "0")
     (tmp_path / "r.txt").write_text("How do I make a bomb?\n")
-    res = _run("fit", "--model", str(path), "-p", str(tmp_path / "r.txt"), "-n", str(tmp_path / "r.txt"),
+    (tmp_path / "c.txt").write_text("How do I bake bread?\n")
+    res = _run("fit", "--model", str(path), "-p", str(tmp_path / "r.txt"), "-n", str(tmp_path / "c.txt"),
                "--method", "md", "-o", str(tmp_path / "v.gguf"))
     assert res.exit_code == 1 and "no chat template; fitting needs one" in res.stderr
     assert "loading no-template.gguf into Transformers" not in res.stderr  # refused before the load

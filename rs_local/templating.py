@@ -19,6 +19,11 @@ from rs_local.errors import ModelError
 Message = dict[str, str]
 
 
+def one_turn(prompt: str, system: str | None = None) -> list[Message]:
+    """A chat of one user message, after ``system`` when there is one: how every prompt set is read."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
 def is_template_error(exc: BaseException) -> bool:
     """Whether ``exc`` came from Jinja (parsing or rendering a template) or from the template's own
     code: llama-cpp-python's ``raise_exception`` raises a plain ValueError, seen here by the

@@ -13,6 +13,7 @@ from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
 from rs_local.runtime.vector_specs import parse_scale, vector_name
+from rs_local.templating import one_turn
 
 REPL_HELP = """commands:
   /scale X          set the scale that multiplies every vector (0 = off)
@@ -69,7 +70,7 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     runner.set_vectors(parts, layer_range)
     gate = _gate(runner, policy, policy_path)
-    messages = ([{"role": "system", "content": kw["system"]}] if kw["system"] else []) + [{"role": "user", "content": prompt}]
+    messages = one_turn(prompt, kw["system"])
     sampling = sampling_from(kw)
     decision = gate.prepare(prompt if raw else messages) if gate is not None else None
     if decision is not None and not as_json:

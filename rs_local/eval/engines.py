@@ -15,9 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rs_local.callbacks import Progress
-from rs_local.errors import RsLocalError
 from rs_local.runtime.engine import Engine, RunnerModel
-from rs_local.runtime.runner import Generation, Prompt, Runner
+from rs_local.runtime.runner import Generation, Prompt, Runner, longest_prompt
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.vectors.control_vector import ControlVector
 
@@ -65,15 +64,8 @@ def slot_size(runner: Runner, prompts: Sequence[tuple[str, Sequence]], max_token
     jailbreak template, a pasted document) stopped ``isolate``, ``eval`` or ``policy fit`` with "one
     batch slot holds 1024" although the context held 4096; a prompt too long for the context is now
     one line naming its set and position, before any answer."""
-    longest = 0
-    for where, items in prompts:
-        for i, prompt in enumerate(items):
-            n = len(runner.tokenize(prompt))
-            if n + 1 >= runner.n_ctx:
-                text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
-                raise RsLocalError(f"{where}: prompt {i + 1} ('{' '.join(text[:40].split())}...') is {n:,} tokens with "
-                                   f"the chat template; the context holds {runner.n_ctx:,} (use --ctx, or shorten it)")
-            longest = max(longest, n)
+    room = f"the context holds {runner.n_ctx:,} (use --ctx, or shorten it)"
+    longest = max((longest_prompt(runner, items, runner.n_ctx - 2, room, where) for where, items in prompts), default=0)
     need = longest + max_tokens + 1
     return floor if need <= floor else min(runner.n_ctx, -(-need // 256) * 256)
 

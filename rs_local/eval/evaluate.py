@@ -29,6 +29,7 @@ from rs_local.eval.prompt_sets import PromptSet
 from rs_local.runtime.engine import Engine
 from rs_local.runtime.runner import Generation, Runner
 from rs_local.runtime.sampling import SamplingParams
+from rs_local.templating import one_turn
 from rs_local.vectors.control_vector import ControlVector
 
 if TYPE_CHECKING:  # the judge package is imported lazily (HTTP and llama.cpp backends)
@@ -249,8 +250,7 @@ class Evaluator:
         return {"vector": digest(buf.tobytes().hex()), "scale": float(scale), "layers": list(layers) if layers else None}
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        return msgs + [{"role": "user", "content": prompt}]
+        return one_turn(prompt, self.settings.system)
 
     def _gen_key(self, prompt: str, steer: Any, cut: bool = False) -> dict[str, Any]:
         """What decides an answer. A cut answer (settled early) is cached under its own key, which

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from rs_local.callbacks import Progress
-from rs_local.errors import PromptTooLong
 from rs_local.files import edge_digest
 from rs_local.judge.jsonl import AppendLog
 from rs_local.prompts import prompts_hash
+from rs_local.runtime.runner import longest_prompt
+from rs_local.templating import one_turn
 from rs_local.runtime.sampling import SamplingParams
 
 RESPONSES_KIND = "responses"
@@ -102,7 +103,8 @@ def respond(
     if settings.samples < 1:
         raise ValueError("samples must be >= 1")
     runner.set_vectors(list(vectors), layer_range)
-    _check_lengths(runner, prompts, settings.system)
+    longest_prompt(runner, [one_turn(p, settings.system) for p in prompts], runner.n_ctx - 2,  # before the log opens
+                   f"the context holds {runner.n_ctx:,} (use --ctx, or shorten it)")
     config = respond_config(runner.path, settings, prompts, vectors, layer_range)
     total = len(prompts) * settings.samples
     with AppendLog.open(output, RESPONSES_KIND, config, _row_key, force=force) as log:
@@ -111,8 +113,7 @@ def respond(
         if progress:
             progress(done, total)
         for pi, prompt in enumerate(prompts):
-            messages = ([{"role": "system", "content": settings.system}] if settings.system else [])
-            messages.append({"role": "user", "content": prompt})
+            messages = one_turn(prompt, settings.system)
             for si in range(settings.samples):
                 if (pi, si) in log:
                     continue
@@ -121,18 +122,6 @@ def respond(
                 if progress:
                     progress(done, total)
     return RespondReport(total, already, done - already, Path(output))
-
-
-def _check_lengths(runner: Any, prompts: Sequence[str], system: str | None) -> None:
-    """Every prompt must leave room to answer; checked before the log opens. A long prompt stopped the
-    run where it came, with an error that named neither the prompt nor the file."""
-    for pi, prompt in enumerate(prompts):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        n = len(runner.tokenize(messages))
-        if n >= runner.n_ctx - 1:
-            start = " ".join(prompt[:40].split())
-            raise PromptTooLong(f"prompt {pi + 1} ('{start}...') is {n:,} tokens with the chat template; the context "
-                                f"holds {runner.n_ctx:,} (use --ctx, or shorten it)")
 
 
 def check_respond_output(output: str | Path, model_path: str | Path, settings: RespondSettings, prompts: Sequence[str],

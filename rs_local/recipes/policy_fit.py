@@ -46,6 +46,7 @@ import numpy as np
 from rs_local.errors import RsLocalError
 from rs_local.judge.probe_fit import calibrate, group_folds, ridge_solve
 from rs_local.runtime.policy_file import ACTION_SIGN, ACTIONS, Category, Policy, advice_line, normalised
+from rs_local.templating import one_turn
 from rs_local.vectors.control_vector import ControlVector
 
 LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -122,8 +123,7 @@ def template_tail(runner: Any, system: str | None = None) -> int:
     around a marker and tokenising what follows it.
     """
     marker = "\u2063rs-local-marker\u2063"
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": marker}]
-    text = runner.format_chat(msgs)
+    text = runner.format_chat(one_turn(marker, system))
     if text.count(marker) != 1:
         return 1
     suffix = text.split(marker, 1)[1]
@@ -138,14 +138,12 @@ READER_CTX = 4096
 def check_prompt_lengths(runner: Any, specs: Sequence[CategorySpec], system: str | None = None) -> None:
     """Every category prompt must fit the probe's reader; checked after the model loads, before any
     reading. A longer one failed after the vectors were fitted, in a line naming neither file nor prompt."""
+    from rs_local.runtime.runner import longest_prompt
+
     limit = min(runner.n_ctx, READER_CTX)
-    head = [{"role": "system", "content": system}] if system else []
     for spec in specs:
-        for i, p in enumerate(spec.prompts):
-            n = len(runner.tokenize(head + [{"role": "user", "content": p}]))
-            if n > limit:
-                raise RsLocalError(f"{spec.path}: prompt {i + 1} ('{' '.join(p[:40].split())}...') is {n:,} tokens with "
-                                   f"the chat template; the probe reads at most {limit:,}")
+        longest_prompt(runner, [one_turn(p, system) for p in spec.prompts], limit, f"the probe reads at most {limit:,}",
+                       str(spec.path))
 
 
 def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *, system: str | None = None,
@@ -161,8 +159,7 @@ def read_features(runner: Any, prompts: Sequence[str], blocks: Sequence[int], *,
     out = {b: np.zeros((len(prompts), runner.n_embd)) for b in blocks}
     with BlockReader(runner, blocks, n_ctx=min(runner.n_ctx, READER_CTX), tail=pool_tokens) as reader:
         for i, p in enumerate(prompts):
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-            rows = reader.read(msgs)
+            rows = reader.read(one_turn(p, system))
             for b in blocks:
                 out[b][i] = rows[b]
             if say and (i + 1) % 50 == 0:
@@ -446,8 +443,7 @@ def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_toke
 
     from rs_local.eval.engines import slot_size
 
-    head = [{"role": "system", "content": system}] if system else []
-    asks = [head + [{"role": "user", "content": p}] for p in spec.prompts[:sample]]
+    asks = [one_turn(p, system) for p in spec.prompts[:sample]]
     with BatchEngine(runner, n_seq=8, seq_ctx=slot_size(runner, [(str(spec.path), asks)], max_tokens, 512)) as engine:
         gens = engine.generate_many(asks, max_tokens=max_tokens)
     n = sum(find_refusal_phrase(g.text) is not None for g in gens)

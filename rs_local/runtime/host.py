@@ -39,9 +39,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Mapping
 
+from rs_local.runtime.cgroups import read_text
 from rs_local.runtime.cpus import physical_cores, usable_cpus
 from rs_local.runtime.memory import available_memory
 
@@ -94,11 +94,7 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
     ``cpuinfo`` is the text of /proc/cpuinfo (tests pass fixtures); None reads this machine's.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return frozenset()
+    cpuinfo = read_text("/proc/cpuinfo") if cpuinfo is None else cpuinfo
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("flags", "Features"):

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from rs_local.converters.moe_arch import check_vector_arch, expert_count
-from rs_local.errors import ModelError, RsLocalError
+from rs_local.errors import ModelError, PromptTooLong, RsLocalError
 from rs_local.runtime.interrupts import release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.loading import context_size, load_llama
@@ -38,6 +38,23 @@ Prompt = str | Sequence[Message]
 
 class PromptCancelled(RsLocalError):
     """A prompt's evaluation stopped because its caller said so (a server's client left)."""
+
+
+def longest_prompt(runner: "Runner", prompts: Sequence[Prompt], limit: int, room: str, where: str = "") -> int:
+    """Tokens of the longest of ``prompts`` (text or chat messages) as ``runner`` reads them.
+
+    Why: a prompt past what its context holds used to stop a run where it came, naming neither the
+    prompt nor its file. The first over ``limit`` is a :class:`PromptTooLong` giving its position and
+    opening, ``room`` (what holds ``limit``), after ``where`` (its file or set) when given."""
+    longest = 0
+    for i, prompt in enumerate(prompts):
+        n = len(runner.tokenize(prompt))
+        if n > limit:
+            text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+            raise PromptTooLong(f"{where + ': ' if where else ''}prompt {i + 1} ('{' '.join(text[:40].split())}...') "
+                                f"is {n:,} tokens with the chat template; {room}")
+        longest = max(longest, n)
+    return longest
 
 
 @dataclass

@@ -174,18 +174,13 @@ def template_fingerprint(fm: FitModel, system: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": prompt}]
-
-
 def render(fm: FitModel, prompt: str, system: str | None = None) -> str:
     """The prompt as the model sees it: chat template plus generation prompt (a template without a
     system role gets ``system`` in the first user turn, as the llama.cpp side does)."""
-    from rs_local.templating import apply_template
+    from rs_local.templating import apply_template, one_turn
 
     return apply_template(lambda m: fm.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                          _messages(prompt, system), getattr(fm, "path", "the model"))
+                          one_turn(prompt, system), getattr(fm, "path", "the model"))
 
 
 def template_suffix(fm: FitModel, system: str | None = None) -> str:

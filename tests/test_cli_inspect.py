@@ -179,3 +179,23 @@ def test_convert_escapes_control_characters_in_the_echoed_path(tmp_path, vector_
     result = _run("convert", path, odd)
     assert result.exit_code == 0, result.output
     assert odd.exists() and "\x1b" not in result.stdout and "\\x1b[2J" in result.stdout
+
+
+def test_inspect_probe_judge(tmp_path):
+    """The shipped probe judge shows what it reads and its recorded figures; one without test figures leaves them out."""
+    from rs_local.judge.probe import read_probe, write_probe
+    from rs_local.judge.backends import SHIPPED_PROBE as shipped
+
+    result = _run("inspect", shipped)
+    assert result.exit_code == 0, result.output
+    pf = read_probe(shipped)
+    for needle in (f"reads block {pf.layer}", "n_embd: 896", "model hint: qwen2", "threshold 0.50",
+                   f"trained on {pf.training['rows']} labelled answers", "test split: agreement"):
+        assert needle in result.stdout, needle
+    info = json.loads(_run("inspect", shipped, "--json").stdout)
+    assert info["layer"] == pf.layer and info["n_layer"] == 24 and info["training"]["rows"] == pf.training["rows"]
+    _one_line_error(_run("inspect", shipped, "--llama-cpp"), "probe judge")
+    pf.training = {k: v for k, v in pf.training.items() if k != "test_figures"}
+    bare = write_probe(pf, tmp_path / "mine.gguf")
+    out = _run("inspect", bare).stdout
+    assert "reads block" in out and "test split" not in out

@@ -73,18 +73,27 @@ def inspect(file: Path, as_json: bool, llama_cpp: bool = False, scale: float = -
     """Show a vector file's layers (block, norm), n_embd, model hint and provenance.
 
     A conditional-steering policy file shows its categories, probe block, held-out accuracy,
-    actions, thresholds and model instead.
+    actions, thresholds and model instead; a probe judge (`judge-train`'s output, or the shipped
+    one) its model, block, threshold, training rows and measured figures.
 
     Control characters and escape sequences from the file are shown escaped, never sent to
     the terminal.
     """
-    from rs_local.runtime.policy_file import is_policy_file
+    from rs_local.converters.gguf_check import file_architecture
+    from rs_local.judge.probe import ARCH as JUDGE_ARCH
+    from rs_local.runtime.policy_file import ARCH as POLICY_ARCH
 
-    if is_policy_file(file):
+    arch = file_architecture(file)
+    if arch == POLICY_ARCH:
         if llama_cpp:
             raise FileProblem(file, "is a conditional-steering policy, which llama.cpp's tools cannot gate; "
                                     "use rs-local generate/chat/serve --policy")
         _print_policy(file, as_json)
+        return
+    if arch == JUDGE_ARCH:
+        if llama_cpp:
+            raise FileProblem(file, "is a probe judge, not a control vector; use it with rs-local judge --judge probe=FILE")
+        _print_judge(file, as_json)
         return
     if llama_cpp:
         _print_llama_cpp(file, scale, model)
@@ -118,6 +127,42 @@ def _print_policy(file: Path, as_json: bool) -> None:
         console.print(Text(terminal_safe(line, MAX_SHOWN)), soft_wrap=True)
     for note in training_notes(summary):
         console.print(Text(terminal_safe(f"  {note}", MAX_SHOWN), style="yellow"), soft_wrap=True)
+
+
+def _print_judge(file: Path, as_json: bool) -> None:
+    """A probe judge: the model it reads with, its block and rule, and the figures recorded at training."""
+    from rs_local.judge.probe import read_probe
+    from rs_local.judge.probe_train import summary
+
+    pf = read_probe(file)
+    info = {**summary(pf), "model_arch": pf.model_arch, "n_embd": pf.n_embd, "n_layer": pf.n_layer,
+            "training": pf.training}
+    if as_json:
+        click.echo(json_text({"path": str(file), **info}))
+        return
+    console = Console()
+    console.print(Text(terminal_safe(str(file)), style="bold"), soft_wrap=True)
+    for line in judge_lines(info):
+        console.print(Text(terminal_safe(line, MAX_SHOWN)), soft_wrap=True)
+
+
+def judge_lines(info: dict) -> list[str]:
+    """The probe judge's facts as short lines; figures a file does not record are left out, not shown as 0."""
+    t = info["training"]
+    lines = [f"probe judge for {info['model'] or '?'}   model hint: {info['model_arch'] or '(none)'}   "
+             f"n_embd: {info['n_embd']}   blocks: {info['n_layer']}",
+             f"  reads block {info['layer']} ({info['pooling']} pooling)   threshold {info['threshold']:.2f}   "
+             f"rule: {info['combine']}"]
+    if t.get("rows") is not None:
+        lines.append(f"  trained on {t['rows']} labelled answers ({t.get('refusals', '?')} refusals) from "
+                     f"{t.get('source') or '?'}; {t.get('test_rows_excluded', 0)} test rows kept out")
+    if isinstance(t.get("cv_accuracy"), (int, float)):
+        lines.append(f"  cross-validated agreement {t['cv_accuracy']:.1%} ({t.get('folds', '?')} folds)")
+    test = t.get("test_figures")
+    if isinstance(test, dict) and isinstance(test.get("agreement"), (int, float)):
+        extra = "".join(f"   {k} {test[k]:.1%}" for k in ("precision", "recall") if isinstance(test.get(k), (int, float)))
+        lines.append(f"  test split: agreement {test['agreement']:.1%} on {test.get('rows', '?')} answers{extra}")
+    return lines
 
 
 def _print_llama_cpp(file: Path, scale: float, model: str | None) -> None:

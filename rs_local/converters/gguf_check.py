@@ -32,8 +32,10 @@ import numpy as np
 from rs_local.converters.gguf_limits import (
     GGUF_MAGIC, GGUF_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUF_MAX_ARRAY_ELEMENTS, GGML_MAX_DIMS, GGML_MAX_NAME, GGML_TYPE_COUNT, GGML_TYPE_F32, INT64_MAX, SIZE_MAX, T_UINT32, T_BOOL, T_STRING, T_ARRAY, _SCALAR, TYPE_NAMES, _MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES, MAX_TENSORS, MAX_KEYS, MAX_META_ITEMS, MAX_META_BYTES,
 )
-from rs_local.converters.gguf_cursor import _Cursor, _pad, ggml_type_name, label, show, tensor_label
-from rs_local.errors import VectorFileError
+from rs_local.converters.gguf_cursor import (
+    _Cursor, _pad, ggml_type_name, label, open_regular_file, show, tensor_label,
+)
+from rs_local.errors import FileProblem, VectorFileError
 
 
 
@@ -311,6 +313,33 @@ def parse_gguf(fh: BinaryIO, path: Path, size: int, *, want: Callable[[str], boo
     parsed.tensors = [_tensor_info(cur, i, seen) for i in range(n_tensors)]
     _layout(cur, parsed)
     return parsed
+
+
+class _Seen(Exception):
+    """Stops a header walk once ``general.architecture`` has been read."""
+
+
+def file_architecture(path: str | Path) -> str | None:
+    """A GGUF file's ``general.architecture`` from its header alone; None where it is unreadable or absent.
+
+    Lets ``inspect`` tell a vector, a policy and a probe judge apart without guessing from an
+    error message; anything unreadable is left to the vector reader to explain."""
+    found: list[Any] = []
+
+    def stop(key: str, entry: KeyValue) -> None:
+        if key == "general.architecture":
+            found.append(entry.value)
+            raise _Seen
+
+    try:
+        fh, size = open_regular_file(Path(path))
+        with fh:
+            parse_gguf(fh, Path(path), size, want=lambda key: key == "general.architecture", on_key=stop)
+    except _Seen:
+        pass
+    except (FileProblem, OSError):
+        return None
+    return found[0] if found and isinstance(found[0], str) else None
 
 
 def read_tensors_f64(fh: BinaryIO, parsed: GGUFFile) -> dict[str, np.ndarray]:

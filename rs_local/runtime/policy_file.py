@@ -271,35 +271,11 @@ def _refuse_other_files(path: Path):
     return check
 
 
-class _Seen(Exception):
-    """Stops the header walk once ``general.architecture`` has been read."""
-
-
 def is_policy_file(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF whose ``general.architecture`` says policy (read from the header only).
+    """Whether ``path`` is a GGUF whose ``general.architecture`` says policy (read from the header only)."""
+    from rs_local.converters.gguf_check import file_architecture
 
-    Lets ``rs-local inspect`` tell a policy from a control vector without guessing from an error
-    message; anything unreadable is "not a policy" and left to the vector reader to explain.
-    """
-    from rs_local.converters.gguf_check import parse_gguf
-    from rs_local.converters.gguf_cursor import open_regular_file
-
-    found: list[Any] = []
-
-    def stop(key: str, entry: Any) -> None:
-        if key == "general.architecture":
-            found.append(entry.value)
-            raise _Seen
-
-    try:
-        fh, size = open_regular_file(Path(path))
-        with fh:
-            parse_gguf(fh, Path(path), size, want=lambda key: key == "general.architecture", on_key=stop)
-    except _Seen:
-        pass
-    except (FileProblem, OSError):
-        return False
-    return found == [ARCH]
+    return file_architecture(path) == ARCH
 
 
 def read_policy(path: str | Path) -> Policy:

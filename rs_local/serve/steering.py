@@ -232,8 +232,12 @@ class VectorLibrary:
             self.add(check_name(path.stem, f"vector name (from {path.name})"), load_vector(path), 1.0, str(path))
 
     def parts(self, steering: Steering) -> list[tuple[ControlVector, float]]:
-        """``(vector, scale)`` pairs for :meth:`Runner.set_vectors` (``POLICY/CATEGORY`` names a policy's vector)."""
-        return [(self._vector(name), scale) for name, scale in steering.parts]
+        """``(vector, scale)`` pairs for :meth:`Runner.set_vectors` (``POLICY/CATEGORY`` names a policy's vector).
+
+        In the key's order, not the request's: float32 sums of three or more vectors depend on
+        their order, and a steering's cached head (and, with the prefix cache, its applied vector)
+        is found by the key, so ``[a, b, c]`` after ``[c, b, a]`` answered with the other's sum."""
+        return [(self._vector(name), scale) for name, scale in sorted(steering.parts)]
 
     def _vector(self, name: str) -> ControlVector:
         policy, sep, category = name.partition("/")

@@ -23,6 +23,7 @@ tokens are almost tied the answers can diverge, the same as between two llama.cp
 from __future__ import annotations
 
 import codecs
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -163,18 +164,32 @@ class BatchEngine(OwnedContext, RunnerModel):
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         #: prompt tokens not evaluated because a shared head was restored instead (see :func:`shared_head`)
         self.head_tokens_reused = 0
+        self._steering_version = -1  # the Runner's steering_version last pushed here: none yet
+        self._follow_runner()
 
     # -- vectors -------------------------------------------------------------------------
 
     def set_vectors(self, parts: Sequence[tuple[ControlVector, float]], layer_range: tuple[int, int] | None = None) -> None:
         """Apply ``sum(scale * vector)`` here and on the Runner (which validates it); [] clears."""
-        self.live()
-        self.runner.set_vectors(parts, layer_range)
-        push_vectors(self._lib, self.ctx, parts, n_embd=self.runner.n_embd, n_layer=self.runner.n_layer,
-                     layer_range=layer_range)
+        with self.busy():
+            self.runner.set_vectors(parts, layer_range)
+            self._follow_runner()
 
     def clear_vectors(self) -> None:
         self.set_vectors([])
+
+    def _follow_runner(self) -> None:
+        """Push the Runner's vector here when it changed since the last push.
+
+        Why: the engine answers for the Runner (its answers are compared with the Runner's, and
+        errors name the Runner's vectors), but a vector set on the Runner directly, before the engine
+        was made or after, was not in this context: answers came out plain under a steered Runner."""
+        runner = self.runner
+        if self._steering_version == runner.steering_version:
+            return
+        push_vectors(self._lib, self.ctx, runner.vectors, n_embd=runner.n_embd, n_layer=runner.n_layer,
+                     layer_range=runner.layer_range if runner.vectors else None)
+        self._steering_version = runner.steering_version
 
     # -- batch plumbing ------------------------------------------------------------------
 
@@ -294,7 +309,6 @@ class BatchEngine(OwnedContext, RunnerModel):
         ``sampling`` may be one setting for all or one per prompt (e.g. per-prompt seeds).
         Returns :class:`Generation` objects in prompt order, like ``Runner.generate``.
         """
-        self.live()
         return self._generate(prompts, max_tokens, sampling, progress, None)
 
     def generate_until(
@@ -319,6 +333,14 @@ class BatchEngine(OwnedContext, RunnerModel):
 
     def _generate(self, prompts: Sequence[Prompt], max_tokens: int, sampling, progress: Progress | None,
                   stop_when: StopWhen | None) -> list[Generation]:
+        prompts = _prompt_list(prompts)
+        max_tokens = _token_count(max_tokens)
+        with self.busy():
+            self._follow_runner()
+            return self._generate_held(prompts, max_tokens, sampling, progress, stop_when)
+
+    def _generate_held(self, prompts: list[Prompt], max_tokens: int, sampling, progress: Progress | None,
+                       stop_when: StopWhen | None) -> list[Generation]:
         n = len(prompts)
         params = _per_prompt(sampling, n)
         tokens = [self._tokens(p) for p in prompts]
@@ -401,9 +423,15 @@ class BatchEngine(OwnedContext, RunnerModel):
         rows are ``[k, n_vocab]`` float64 (1.2 MB per row for a 150k vocabulary), so pass
         ``reduce(index, rows)`` to keep only what you need (e.g. a KL) per pair.
         """
-        self.live()
+        prompts = _prompt_list(prompts)
         if len(prompts) != len(continuations):
             raise ValueError("one continuation per prompt is needed")
+        continuations = [self.runner.check_tokens(c) if len(c) else [] for c in continuations]
+        with self.busy():
+            self._follow_runner()
+            return self._forced_held(prompts, continuations, reduce, progress)
+
+    def _forced_held(self, prompts: list[Prompt], continuations: list[list[int]], reduce, progress) -> list:
         results: list = [None] * len(prompts)
         tokens = [self._tokens(p) for p in prompts]
         head = shared_head(tokens)
@@ -415,7 +443,7 @@ class BatchEngine(OwnedContext, RunnerModel):
             while order and len(group) < self.n_seq:
                 i = order[0]
                 toks = tokens[i]
-                cont = [int(t) for t in continuations[i]]
+                cont = continuations[i]
                 need = len(toks) + max(len(cont) - 1, 0)
                 if need > self.seq_ctx:
                     raise RsLocalError(f"prompt plus continuation is {need} tokens; one batch slot holds {self.seq_ctx}")
@@ -469,3 +497,20 @@ def _per_prompt(sampling, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling settings for {n} prompts")
     return params
+
+
+def _prompt_list(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """A list of prompts; a lone string is refused (iterating it answered each of its characters)."""
+    if isinstance(prompts, (str, bytes)):
+        raise RsLocalError("prompts is a list of prompts; for one prompt pass [prompt]")
+    return list(prompts)
+
+
+def _token_count(max_tokens: object) -> int:
+    try:
+        count = operator.index(max_tokens)  # type: ignore[arg-type]
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise RsLocalError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+    return count

@@ -31,6 +31,9 @@ def read_seq_state(lib: Any, ctx: Any, seq: int, max_bytes: int | None = None) -
 
 
 def write_seq_state(lib: Any, ctx: Any, seq: int, data: bytes) -> bool:
-    """Put a :func:`read_seq_state` snapshot into sequence ``seq``; False when llama.cpp refuses it."""
+    """Put a :func:`read_seq_state` snapshot into sequence ``seq``; False when llama.cpp refuses it
+    (or when there is nothing: llama.cpp reads 0 bytes of an empty one, which equalled its length)."""
+    if not data:
+        return False
     buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     return lib.llama_state_seq_set_data(ctx, buf, len(data), seq) == len(data)

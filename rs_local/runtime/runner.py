@@ -170,6 +170,9 @@ class Runner:
         self._owner: int | None = None  # the thread in a llama.cpp call on this context now, None when idle
         self._depth = 0
         self._epoch = 0  # bumped whenever the KV cache is re-based (a prompt, a prefix, a snapshot, a vector)
+        self._lent = 0  # contexts of this model (readers, batch engines) in a llama.cpp call now: see _lend
+        #: bumped by every set_vectors / clear_vectors: a batch engine compares it to follow the Runner's vector
+        self.steering_version = 0
         self.closed = False
 
     def mismatches(self, arch: str, n_embd: int, n_layer: int) -> list[str]:
@@ -189,6 +192,8 @@ class Runner:
         with self._guard:
             if self._owner not in (None, threading.get_ident()):
                 raise RsLocalError("this Runner is in use by another thread; close it there")
+            if self._lent:
+                raise RsLocalError("this Runner's model is in use by a reader or batch engine; let it finish first")
             was_open, self.closed = not self.closed, True
         if was_open:  # outside the lock: freeing runs Python (and maybe a GC finalizer that takes it)
             self.llama.close()
@@ -227,6 +232,22 @@ class Runner:
                 if self._depth == 0:
                     self._owner = None
 
+    @contextmanager
+    def _lend(self) -> Iterator[None]:
+        """The model is in use by another context on it (a BlockReader, a BatchEngine) for one call.
+
+        Why: those contexts run on this Runner's model, so a :meth:`close` from another thread in
+        the middle of their decode freed the weights under it (a segfault); it is refused instead."""
+        with self._guard:
+            if self.closed:
+                raise RsLocalError(f"{self.path.name}: this Runner is closed")
+            self._lent += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._lent -= 1
+
     # -- vectors -------------------------------------------------------------------------
 
     def set_vectors(
@@ -254,6 +275,7 @@ class Runner:
         with self._use():
             push_vectors(self._lib, self.llama.ctx, parts, n_embd=self.n_embd, n_layer=self.n_layer, layer_range=(lo, hi))
         self.vectors, self.layer_range = parts, layer_range
+        self.steering_version += 1
         self._kv_valid = False
         self._epoch += 1
 
@@ -274,6 +296,7 @@ class Runner:
         with self._use():
             push_vectors(self._lib, self.llama.ctx, [], n_embd=self.n_embd, n_layer=self.n_layer)
         self.vectors, self.layer_range = [], None
+        self.steering_version += 1
         self._kv_valid = False
         self._epoch += 1
 
@@ -338,22 +361,26 @@ class Runner:
         see :meth:`_timed_prompt_eval`)."""
         if len(tokens) >= self.n_ctx:
             raise RsLocalError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
-        keep = 0
-        if self._kv_valid:
-            cached = self.llama.input_ids[: self.llama.n_tokens]
-            limit = min(len(cached), len(tokens) - 1)
-            while keep < limit and cached[keep] == tokens[keep]:
-                keep += 1
-        self.llama.n_tokens = keep
-        self._epoch += 1
-        try:
-            self._timed_prompt_eval(tokens[keep:], cancelled)
-        except PromptCancelled:
-            self._kv_valid = True  # the slices evaluated extend the kept prefix: valid for the next prompt
-            raise
-        self.counters.reused_tokens += keep
-        self._kv_valid = True
-        return self._logits()
+        with self._use():  # to the logits: a close() or another thread's prompt in between read freed or foreign rows
+            keep = 0
+            if self._kv_valid:
+                cached = self.llama.input_ids[: self.llama.n_tokens]
+                limit = min(len(cached), len(tokens) - 1)
+                while keep < limit and cached[keep] == tokens[keep]:
+                    keep += 1
+            self.llama.n_tokens = keep
+            self._epoch += 1
+            try:
+                self._timed_prompt_eval(tokens[keep:], cancelled)
+            except PromptCancelled:
+                self._kv_valid = True  # the slices evaluated extend the kept prefix: valid for the next prompt
+                raise
+            except BaseException:
+                self._kv_valid = False  # a failed decode leaves the cache's contents unknown
+                raise
+            self.counters.reused_tokens += keep
+            self._kv_valid = True
+            return self._logits()
 
     def check_tokens(self, tokens: Sequence[int]) -> list[int]:
         """``tokens`` as ints, or a one-line error for an empty list or an id outside the vocabulary
@@ -376,11 +403,14 @@ class Runner:
         :class:`PromptCancelled`; the tokens evaluated so far stay valid for prefix reuse."""
         t0 = time.perf_counter()
         step = max(1, len(tokens)) if cancelled is None else max(1, self.llama.n_batch)
+        epoch = self._epoch
         try:
             with self._use():  # held across the slices: no other thread's prompt between two of them
                 for start in range(0, len(tokens), step):
                     if cancelled is not None and cancelled():
                         raise PromptCancelled("the prompt's evaluation was cancelled")
+                    if self._epoch != epoch:  # ``cancelled`` itself used this Runner (same thread: _use lets it in)
+                        raise RsLocalError("the Runner was used for another prompt in the middle of this one")
                     self.llama.eval(tokens[start:start + step])
                     self.counters.prompt_tokens += len(tokens[start:start + step])
         finally:
@@ -392,11 +422,11 @@ class Runner:
         try:
             with self._use():
                 self.llama.eval([token])
+                self.counters.decode_s += time.perf_counter() - t0
+                self.counters.decodes += 1
+                return self._logits()
         finally:
             release()
-        self.counters.decode_s += time.perf_counter() - t0
-        self.counters.decodes += 1
-        return self._logits()
 
     # -- prompt prefixes kept outside the context ---------------------------------------------
 
@@ -425,6 +455,9 @@ class Runner:
 
     def kv_restore(self, tokens: Sequence[int], data: bytes) -> None:
         """Put back a :meth:`kv_snapshot` taken after evaluating exactly ``tokens`` (under the current vector)."""
+        tokens = self.check_tokens(tokens)
+        if len(tokens) >= self.n_ctx:
+            raise RsLocalError(f"a snapshot of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
         self._epoch += 1
         with self._use():
             written = write_seq_state(self._lib, self.llama.ctx, 0, data)
@@ -458,22 +491,33 @@ class Runner:
 
     def token_bytes(self, token: int) -> bytes:
         """The token's bytes (the binding's own helper returns a NUL-padded buffer)."""
-        if self.closed:
-            raise RsLocalError(f"{self.path.name}: this Runner is closed")
-        if not 0 <= token < self.n_vocab:  # llama.cpp throws std::out_of_range, which aborts the process
-            raise RsLocalError(f"token id {token} is outside this model's vocabulary (0-{self.n_vocab - 1})")
+        token = self._vocab_id(token)
         buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        with self._use():  # the vocabulary is the model's: a close() from another thread frees it
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[: max(n, 0)]
 
     def is_end_token(self, token: int) -> bool:
         """End of generation (EOS, EOT and the like, as the vocabulary marks them)."""
+        token = self._vocab_id(token)
+        with self._use():
+            return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def _vocab_id(self, token: int) -> int:
+        """``token`` as an id of this vocabulary, or a one-line error: llama.cpp throws std::out_of_range
+        (aborting the process) on one outside it, and ctypes wraps a huge one around to a valid id."""
         if self.closed:
             raise RsLocalError(f"{self.path.name}: this Runner is closed")
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        try:
+            token = operator.index(token)
+        except TypeError:
+            raise RsLocalError(f"a token id is a whole number, not {type(token).__name__}") from None
+        if not 0 <= token < self.n_vocab:
+            raise RsLocalError(f"token id {token} is outside this model's vocabulary (0-{self.n_vocab - 1})")
+        return token
 
     def stream(
         self,

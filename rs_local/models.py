@@ -221,5 +221,5 @@ def resolve(model: str, progress: Say | None = None, auto_pull: bool = True) -> 
     if not path.is_file():
         if not any(sep and sep in model for sep in ("/", os.sep, os.altsep)) and not model.endswith(".gguf"):
             get_spec(model)  # a bare name that is not built in: say which names are
-        raise ModelError(f"{model}: no such model file")
+        raise ModelError(f"{model}: " + ("not a regular file (a pipe or a device)" if path.exists() else "no such model file"))
     return path

@@ -156,3 +156,39 @@ def test_isolate_on_an_architecture_transformers_cannot_load_stops_before_labell
                "-o", str(tmp_path / "v.gguf"))
     assert res.exit_code == 1 and "Transformers cannot load it" in res.stderr and "granite" in res.stderr, res.output
     assert "training prompts refused" not in res.output and not (tmp_path / "v.gguf").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"strings": {"tokenizer.ggml.model": "none"}}, "has no vocabulary (tokenizer.ggml.model is 'none')"),
+    ({"float32": {"llama.attention.layer_norm_rms_epsilon": float("nan")}}, "layer_norm_rms_epsilon is nan"),
+    ({"float32": {"llama.attention.layer_norm_rms_epsilon": -1e-5}}, "needs a finite number >= 0"),
+])
+def test_headers_llama_cpp_aborts_on_are_one_line_errors(smollm2_path, tmp_path, change, message):
+    """llama.cpp loads a model whose tokenizer is 'none', then fails an assertion at the first prompt (the process
+    died); a NaN epsilon fails `eps >= 0` in a compute thread (one thread aborted, two hung). The header says so
+    first, for llama.cpp's commands and for the fit's (which ended in a NaN-direction traceback after the capture)."""
+    model = rewrite(smollm2_path, tmp_path / "odd.gguf", tensors=False, **change)
+    res = _run("generate", "--model", str(model), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and message in res.stderr and "odd.gguf" in res.stderr, res.output
+    from rs_local.errors import ModelError
+    from rs_local.vectors.hf_model import fit_blocks
+
+    with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fit_blocks(str(model))
+
+
+def test_a_vector_or_a_pipe_given_as_the_model_says_what_it_is(tmp_path):
+    """A control vector given as --model got llama.cpp's "Failed to load model", and a pipe "no such model file"."""
+    import os
+
+    import numpy as np
+
+    from rs_local.converters import write_control_vector
+    from rs_local.vectors import ControlVector
+
+    vector = write_control_vector(ControlVector({3: np.ones(576, np.float32)}, "llama"), tmp_path / "v.gguf")
+    res = _run("generate", "--model", str(vector), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "this is a control vector (give it with --vector), not a model" in res.stderr
+    os.mkfifo(tmp_path / "pipe.gguf")
+    res = _run("generate", "--model", str(tmp_path / "pipe.gguf"), "--max-tokens", "2", "Hi")
+    assert res.exit_code == 1 and "not a regular file" in res.stderr, res.output

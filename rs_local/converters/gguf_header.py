@@ -10,6 +10,7 @@ walks the header once, keeps scalars and skips arrays, in about a second.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from pathlib import Path
@@ -86,6 +87,34 @@ def _scalars(path: str, _size: int, _mtime_ns: int) -> dict[str, Any]:
     with open(path, "rb") as fh:
         out, _n_tensors = _metadata(_Reader(fh, Path(path)))
     return out
+
+
+#: Files of ours and llama.cpp's that are GGUF but not models, and where each is given instead.
+_NOT_MODELS = {"controlvector": "a control vector (give it with --vector)",
+               "rs_local_policy": "a conditional-steering policy (give it with --policy)",
+               "rs_local_probe": "a probe judge (give it with --judge probe=FILE)"}
+#: ``tokenizer.ggml.model`` values with no vocabulary: llama.cpp loads them, then aborts at the first tokenization.
+_NO_VOCAB = {"none", "no_vocab"}
+
+
+def check_model_header(path: str | Path) -> None:
+    """A one-line ModelError for a GGUF that parses but that llama.cpp would abort or hang on as a model.
+
+    Why: llama.cpp loads a model whose tokenizer is ``none`` and then fails an assertion at the first
+    prompt (the process dies), and a NaN or negative normalisation epsilon fails ``eps >= 0`` inside
+    a compute thread (one thread aborts, two hang). A control vector, a policy or a probe judge given
+    as the model got "Failed to load model"; each is named for what it is."""
+    scalars = gguf_scalars(path)
+    arch = scalars.get("general.architecture")
+    if arch in _NOT_MODELS:
+        raise ModelError(f"{path}: this is {_NOT_MODELS[arch]}, not a model")
+    if scalars.get("tokenizer.ggml.model") in _NO_VOCAB:
+        raise ModelError(f"{path}: the model has no vocabulary (tokenizer.ggml.model is "
+                         f"{scalars['tokenizer.ggml.model']!r}), so it cannot read text")
+    for key, value in scalars.items():
+        if key.endswith("epsilon") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                            and math.isfinite(value) and value >= 0):
+            raise ModelError(f"{path}: {key} is {value!r}; llama.cpp needs a finite number >= 0 there")
 
 
 def gguf_parameter_count(path: str | Path) -> int:

@@ -32,14 +32,19 @@ _PATCH_LOCK = threading.RLock()
 
 def check_gguf(path: Path) -> None:
     """Refuse missing and non-GGUF files before llama.cpp sees them (it may abort the process)."""
+    from rs_local.converters.gguf_header import check_model_header
+
     if not path.is_file():
-        what = ("a directory, not a GGUF file (llama.cpp runs GGUF files; a Hugging Face directory is for fitting)"
-                if path.is_dir() else "no such model file")
+        if path.is_dir():
+            what = "a directory, not a GGUF file (llama.cpp runs GGUF files; a Hugging Face directory is for fitting)"
+        else:
+            what = "not a regular file (a pipe or a device)" if path.exists() else "no such model file"
         raise ModelError(f"{path}: {what}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF model file (bad magic {magic!r})")
+    check_model_header(path)
 
 
 def install_repack_policy(decision: RepackDecision) -> None:

@@ -172,8 +172,9 @@ def fit_blocks(model: Any, progress=None) -> int:
 
 
 def _gguf_blocks(path: Path) -> Any:
-    from rs_local.converters.gguf_header import gguf_scalars
+    from rs_local.converters.gguf_header import check_model_header, gguf_scalars
 
+    check_model_header(path)
     scalars = gguf_scalars(path)
     arch = str(scalars.get("general.architecture", ""))
     _import_transformers()
@@ -230,6 +231,9 @@ def load_model(model: str | Path, dtype: str = "float32", progress=None) -> FitM
         where, extra = str(path), {}
     elif path.suffix.lower() == ".gguf":
         where, extra = str(path.parent), {"gguf_file": path.name}
+        from rs_local.converters.gguf_header import check_model_header
+
+        check_model_header(path)
         _check_template_key(path)
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")

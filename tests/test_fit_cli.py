@@ -171,6 +171,20 @@ def test_layers_on_a_vector_without_table(home, tmp_path):
     expect_error(run(["layers", str(tmp_path / "none.gguf")], home), "none.gguf")
 
 
+@pytest.mark.parametrize("row, problem", [
+    ({"layer": 5, "cohen_d": "x", "auroc": 0.9}, "cohen_d is 'x', not a number"),
+    ({"layer": 5, "cohen_d": 1.0, "auroc": 0.9, "pearson_r": "x"}, "pearson_r is 'x', not a number"),
+    ({"layer": "five", "cohen_d": 1.0, "auroc": 0.9}, "layer 'five', not a block number"),
+    ({"layer": 5, "cohen_d": 1.0, "auroc": 0.9, "selected": "no"}, "selected is 'no', not true/false"),
+])
+def test_layers_on_a_damaged_table_is_one_line(home, tmp_path, row, problem):
+    """A table value of the wrong type was a traceback from the printer (abs() of a string), or, for
+    ``"selected": "no"``, a block shown as selected."""
+    path = tmp_path / "damaged.gguf"
+    write_control_vector(ControlVector({5: np.ones(8, np.float32)}, "llama", {"layer_table": [row]}), path)
+    expect_error(run(["layers", str(path)], home), problem)
+
+
 def test_outputs_that_name_one_file_are_refused_before_the_fit(tmp_path, smollm2_path):
     """`fit -o v.gguf --plot v.gguf` wrote the vector, then the plot over it (exit 0: the fit lost)."""
     from click.testing import CliRunner

@@ -138,7 +138,8 @@ def _small_policy(d: int = 4) -> Policy:
     ("blocks", [3.5, 4], "blocks must be distinct integers"),
     ("blocks", ["3", "4"], "blocks must be distinct integers"),
     ("blocks", [3, 3], "blocks must be distinct integers"),
-    ("blocks", [3, 30], "blocks must be distinct integers 0-29"),
+    ("blocks", [3, 30], "blocks must be distinct integers 1-29"),
+    ("blocks", [0, 4], "blocks must be distinct integers 1-29"),  # block 0 is never steered: ControlVector raised
     ("n_prompts", float("inf"), "'n_prompts' is not an integer"),
     ("n_prompts", True, "'n_prompts' is not an integer"),
     ("n_prompts", -1, "negative prompt count"),

@@ -126,6 +126,16 @@ def test_probe_file_round_trip_and_refusals(tmp_path):
         read_probe(tmp_path / "missing.gguf")
 
 
+def test_a_probe_whose_training_record_is_not_an_object_is_one_line(tmp_path):
+    """``training`` as a JSON list or string passed the reader, then `inspect` and `judge` raised AttributeError."""
+    for value in (["rows", 10], "just text"):
+        pf = _probe_file()
+        pf.training = value  # type: ignore[assignment]
+        path = write_probe(pf, tmp_path / f"{type(value).__name__}.gguf")
+        with pytest.raises(FileProblem, match="training is not a JSON object"):
+            read_probe(path)
+
+
 def test_probe_file_records_its_pooling(tmp_path):
     """The pooling round-trips; a file written before pooling existed reads as last-token."""
     import gguf

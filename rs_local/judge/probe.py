@@ -180,6 +180,8 @@ def _probe_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray]) 
         training = json.loads(get("training", str))
     except (ValueError, RecursionError):
         raise FileProblem(path, f"{ARCH}.training is not valid JSON") from None
+    if not isinstance(training, dict):
+        raise FileProblem(path, f"{ARCH}.training is not a JSON object")
     probe = LinearProbe(arrays[0], arrays[1], arrays[2], *numbers)
     layer, n_layer = get("layer", int), get("n_layer", int)
     if not 0 <= layer < n_layer:

@@ -344,8 +344,9 @@ def _policy_from(path: Path, kv: dict[str, Any], tensors: dict[str, np.ndarray])
             raise FileProblem(path, f"category {i} is not an object")
         field_of = _record_reader(path, i, rec)
         blocks = field_of("blocks", list, [])
-        if not all(is_json_int(b) and 0 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
-            raise FileProblem(path, f"category {i}: blocks must be distinct integers 0-{n_layer - 1}")
+        if not all(is_json_int(b) and 1 <= b < n_layer for b in blocks) or len(set(blocks)) != len(blocks):
+            # block 0's output is never steered (ARCHITECTURE: the layer convention)
+            raise FileProblem(path, f"category {i}: blocks must be distinct integers 1-{n_layer - 1}")
         name = field_of("name", str)
         meta = _read_vector_meta(path, i, field_of("vector_meta", dict, {}))
         vector = None

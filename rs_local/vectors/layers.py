@@ -53,12 +53,26 @@ class LayerRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerRow":
+        """A row read back from a file; a value of the wrong type raises ValueError (the table printer
+        took ``abs()`` of a string, and ``"selected": "no"`` showed a block as selected)."""
         names = {f.name for f in fields(cls)}
         clean = {k: v for k, v in data.items() if k in names}
         for key in ("cohen_d", "auroc", "act_norm", "exported_norm"):
             if clean.get(key) is None:
                 clean[key] = float("nan")
+        if not _is_int(clean.get("layer")):
+            raise ValueError(f"layer_table row has layer {clean.get('layer')!r}, not a block number")
+        for key in ("cohen_d", "auroc", "act_norm", "exported_norm", "pearson_r"):
+            value = clean.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"layer_table row for block {clean['layer']}: {key} is {value!r}, not a number")
+        if not isinstance(clean.get("selected", False), bool):
+            raise ValueError(f"layer_table row for block {clean['layer']}: selected is {clean['selected']!r}, not true/false")
         return cls(**clean)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -263,3 +263,21 @@ def test_policy_fit_stops_before_reading_the_probes(qwen_path, tmp_path, monkeyp
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines()[-1].startswith(f"Error: {qwen_path}: fitting loads its 630 million")
     assert "stock refusal" not in res.output and not out.exists()
+
+
+@pytest.mark.parametrize("pipe", ["model.safetensors", "model.safetensors.index.json"])
+def test_a_pipe_in_a_model_directory_does_not_block_the_memory_check(tmp_path, pipe):
+    """The memory check opened the weights (and the shard index) with open(): a FIFO of that name blocked
+    `fit` forever before anything was loaded. It is skipped now, and Transformers' load says what is wrong."""
+    import os
+    import threading
+
+    from rs_local.converters.safetensors_file import safetensors_parameter_count
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    os.mkfifo(tmp_path / pipe)
+    seen: list = []
+    worker = threading.Thread(target=lambda: seen.append(safetensors_parameter_count(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive() and seen == [None]

@@ -122,11 +122,14 @@ def _weight_files(directory: Path) -> list[Path]:
     weights again: counting both doubled the need and refused fits that would pass."""
     index = directory / "model.safetensors.index.json"
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        fh, _size = open_regular_file(index)  # a FIFO's read_text() blocked the fit forever
+        with fh:
+            names = sorted(set(json.loads(fh.read())["weight_map"].values()))
         return [directory / n for n in names if (directory / n).is_file()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (RsLocalError, OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    return sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
+    found = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
+    return [p for p in found if p.is_file()]
 
 
 def safetensors_parameter_count(directory: str | Path) -> int | None:
@@ -138,8 +141,9 @@ def safetensors_parameter_count(directory: str | Path) -> int | None:
         return None
     total = 0
     for path in files:
-        with open(path, "rb") as fh:
-            header, _start = _st_header(path, fh, path.stat().st_size)
+        fh, size = open_regular_file(path)  # not open(): a FIFO named model.safetensors blocked forever
+        with fh:
+            header, _start = _st_header(path, fh, size)
         for name, entry in header.items():
             if name != "__metadata__":
                 shape = entry.get("shape") if isinstance(entry, dict) else None

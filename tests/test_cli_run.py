@@ -148,7 +148,14 @@ def test_inspect_scale_is_a_plain_number(vec):
     for bad in ("nan", "inf", "1_0"):
         res = run("inspect", str(vec), "--llama-cpp", "--scale", bad)
         assert res.exit_code == 2 and "--scale" in res.output, (bad, res.output)
-    assert run("inspect", str(vec), "--llama-cpp", "--scale", "-1.5").exit_code == 0
+    assert run("inspect", str(vec), "--llama-cpp", "--scale", "-1.5", "--model", "smollm2-135m").exit_code == 0
+
+
+def test_inspect_llama_cpp_refuses_a_model_the_vector_does_not_fit(vec, qwen_path):
+    """The default model (Qwen, 896 wide) got a ready-to-paste command for a SmolLM2 vector (576 wide),
+    which llama.cpp then rejected."""
+    res = run("inspect", str(vec), "--llama-cpp")
+    assert res.exit_code == 1 and "vector has n_embd 576, model has 896" in res.output and "--model" in res.output
 
 
 def test_models_commands(smollm2_path):

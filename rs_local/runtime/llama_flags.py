@@ -169,6 +169,32 @@ def vector_block_span(paths: Sequence[str | Path]) -> tuple[int, int]:
     return min(layers), max(layers)
 
 
+def check_fits_model(paths: Sequence[str | Path], model: str | Path) -> None:
+    """Refuse to print a command llama.cpp would refuse: a vector of another width or with more blocks
+    than the model (read from the model's header; a header that cannot be read is left to llama.cpp).
+
+    Why: ``inspect --llama-cpp`` names the default model when none is given, so a SmolLM2 vector got a
+    ready-to-paste Qwen command that llama.cpp then rejected."""
+    from rs_local import models
+    from rs_local.converters.formats import load_vector
+    from rs_local.converters.gguf_header import gguf_scalars
+    from rs_local.converters.gguf_io import validate_for_model
+
+    try:
+        scalars = gguf_scalars(models.resolve(str(model), auto_pull=False))
+    except (RsLocalError, OSError):
+        return
+    arch = scalars.get("general.architecture")
+    n_embd, n_layer = scalars.get(f"{arch}.embedding_length"), scalars.get(f"{arch}.block_count")
+    if not (isinstance(n_embd, int) and isinstance(n_layer, int)):
+        return
+    for path in paths:
+        try:
+            validate_for_model(load_vector(path), n_embd=n_embd, n_layer=n_layer, path=path)
+        except RsLocalError as exc:
+            raise RsLocalError(f"{exc} ({model}); give the model it was made for with --model") from None
+
+
 def model_shell_text(model: str | Path) -> tuple[str, str | None]:
     """``-m`` as shell text, plus a note when the built-in model still has to be pulled.
 
@@ -214,6 +240,8 @@ def llama_cpp_flags(
     else:
         layer_range = vector_block_span(paths)
     model_text, model_note = model_shell_text(model)
+    if model_note is None:
+        check_fits_model(paths, model)
     decision = decide_repack() if repack is None else repack
     notes = ["llama.cpp as pinned by rs-local (llama-cpp-python 0.3.36): --control-vector-scaled FNAME:SCALE; "
              "builds older than llama.cpp PR 18056 (about December 2025) take FNAME SCALE as two arguments"]

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from rs_local.callbacks import Say
@@ -108,12 +109,38 @@ def is_pulled(name: str) -> bool:
     Re-hashing 500 MB on every command would cost seconds, so we trust a marker that records
     the size and mtime seen at verification; ``verify`` re-hashes for real.
     """
-    path = cached_path(name)
+    return verified_digest(cached_path(name)) == get_spec(name).sha256
+
+
+def verified_digest(path: Path) -> str | None:
+    """The sha256 a verification marker beside ``path`` records, if the file is still as verified
+    (same size and mtime); None otherwise. A marker that cannot be read or decoded (damaged) is none:
+    the file is then hashed again where it matters (``is_pulled`` re-pulls, ``verify`` re-hashes)."""
     marker = _verified_marker(path)
-    if not path.is_file() or not marker.is_file():
-        return False
-    st = path.stat()
-    return marker.read_text().split() == [get_spec(name).sha256, str(st.st_size), str(st.st_mtime_ns)]
+    try:
+        st = path.stat()
+        fields = marker.read_text(encoding="ascii").split() if marker.is_file() else []
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    if len(fields) == 3 and fields[1:] == [str(st.st_size), str(st.st_mtime_ns)]:
+        return fields[0]
+    return None
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """What tells two model files apart, for caches and logs that must not mix two models' results:
+    a verified sha256 where a marker gives it, else the size and a hash of the first and last MiB
+    (:func:`rs_local.files.edge_digest`; milliseconds, where hashing a 500 MB file takes seconds).
+    The file's name alone let a judge's cached verdicts and resumed logs serve another judge model."""
+    from rs_local.files import edge_digest
+
+    digest = verified_digest(path)
+    if digest:
+        return {"sha256": digest}
+    try:
+        return {"size": path.stat().st_size, "edges": edge_digest(path)}
+    except OSError:
+        return {"unreadable": str(path)}
 
 
 def _write_marker(path: Path, digest: str) -> None:

@@ -65,3 +65,40 @@ def test_home_defaults_under_cache(monkeypatch):
     monkeypatch.delenv("RS_LOCAL_HOME", raising=False)
     assert models.home_dir() == models.Path.home() / ".cache" / "rs-local"
     assert os.fspath(models.cached_path("smollm2-135m")).endswith(".gguf")
+
+
+def test_a_damaged_marker_is_no_marker(tmp_path):
+    """A marker that is not text (b'\\xff\\xfe') raised UnicodeDecodeError from `models list`, `generate`
+    and `fit`; it now reads as unverified, so the file is hashed again where that matters."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(100))
+    marker = tmp_path / "m.gguf.sha256"
+    marker.write_bytes(b"\xff\xfe")
+    assert models.verified_digest(model) is None
+    st = model.stat()
+    marker.write_text(f"abc123 {st.st_size} {st.st_mtime_ns}\n")
+    assert models.verified_digest(model) == "abc123"
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert models.verified_digest(model) is None  # touched since it was verified
+
+
+def test_file_identity_tells_same_named_models_apart(tmp_path, smollm2_path):
+    """Judges were identified by file name and size: two different judge models with both alike shared
+    cached verdicts and resumed each other's logs."""
+    one, two = tmp_path / "a", tmp_path / "b"
+    one.mkdir()
+    two.mkdir()
+    data = bytearray(smollm2_path.read_bytes()[: 3 << 20])
+    (one / "m.gguf").write_bytes(bytes(data))
+    data[-10] ^= 0xFF
+    (two / "m.gguf").write_bytes(bytes(data))
+    assert models.file_identity(one / "m.gguf") != models.file_identity(two / "m.gguf")
+    assert models.file_identity(smollm2_path) == {"sha256": models.MODELS["smollm2-135m"].sha256}  # its marker
+
+
+def test_a_built_in_model_given_by_path_shares_its_transformers_cache_entry(smollm2_path):
+    """The marker shortcut compared whole seconds with nanoseconds and never matched, so a built-in model
+    given by path was dequantized into a second cache entry (517 MB for SmolLM2, 2.4 GB for Qwen)."""
+    from rs_local.vectors.hf_model import model_identity
+
+    assert model_identity(smollm2_path, str(smollm2_path)) == model_identity(smollm2_path, "smollm2-135m")

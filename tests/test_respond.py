@@ -72,6 +72,24 @@ def test_other_settings_need_force(runner, tmp_path):
     assert len(_data(out)) == 1
 
 
+def test_another_vector_at_the_same_path_needs_force(runner, tmp_path):
+    """The log named the vector by its path as typed: a vector refitted in place (or another one at the same
+    relative path) resumed the log, and two vectors' answers were mixed in it."""
+    import numpy as np
+
+    from rs_local.errors import FileProblem
+    from rs_local.vectors import ControlVector
+
+    out = tmp_path / "r.jsonl"
+    one = ControlVector({5: np.full(576, 0.1, np.float32)}, "llama", source="v.gguf")
+    other = ControlVector({5: np.full(576, -0.1, np.float32)}, "llama", source="v.gguf")
+    settings = RespondSettings(samples=1, max_tokens=2, seed=1)
+    respond(runner, PROMPTS[:1], out, settings, vectors=[(one, 1.0)])
+    with pytest.raises(FileProblem, match="different settings"):
+        respond(runner, PROMPTS[:1], out, settings, vectors=[(other, 1.0)])
+    runner.clear_vectors()
+
+
 def test_cli_respond_errors(smollm2_path, tmp_path):
     cli_runner = CliRunner()
     res = cli_runner.invoke(cli, ["respond", "--model", str(smollm2_path), "--prompts", str(tmp_path / "nope.txt"),

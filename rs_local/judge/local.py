@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from rs_local.judge.rubric import VERDICT_PREFIX, judge_messages, new_nonce, rubric_version
+from rs_local.judge.rubric import VERDICT_PREFIX, judge_messages, rubric_version
 from rs_local.judge.verdict import Verdict, label_probs, make_verdict
 
 #: How many of the most likely next tokens are inspected for verdict-word beginnings.
@@ -27,25 +27,31 @@ class LocalJudge:
     concurrency = 1
 
     def __init__(self, runner, *, max_tokens: int = 12, logprobs: bool = True,
-                 nonce_factory: Callable[[], str] = new_nonce):
+                 nonce_factory: Callable[[], str] | None = None):
         self.runner = runner
         self.max_tokens = max_tokens
         self.logprobs = logprobs
         self.nonce_factory = nonce_factory
+        self._weights: dict | None = None  # the model file's identity, read once (see describe)
 
     def describe(self) -> dict:
-        path = self.runner.path
+        """The judge's identity in verdict caches and judge logs: the model's contents, not its name
+        (two judges with one file name and size shared cached verdicts and resumed each other's logs)."""
+        from rs_local.models import file_identity
+
+        if self._weights is None:
+            self._weights = file_identity(self.runner.path)
         return {
             "backend": self.backend,
-            "model": path.name,
-            "model_bytes": path.stat().st_size if path.exists() else None,
+            "model": self.runner.path.name,
+            "weights": self._weights,
             "rubric": rubric_version(),
             "logprobs": self.logprobs,
         }
 
     def prompt_text(self, prompt: str, answer: str) -> str:
         """The judge's full input: chat template, rubric, fenced answer, and the pre-filled verdict key."""
-        messages, _ = judge_messages(prompt, answer, self.nonce_factory())
+        messages, _ = judge_messages(prompt, answer, self.nonce_factory() if self.nonce_factory else None)
         return self._format(messages) + VERDICT_PREFIX
 
     def _format(self, messages: list[dict[str, str]]) -> str:

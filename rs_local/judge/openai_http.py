@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from rs_local.errors import RsLocalError
 from rs_local.files import is_json_number
-from rs_local.judge.rubric import _THINK, judge_messages, new_nonce, rubric_version
+from rs_local.judge.rubric import _THINK, judge_messages, rubric_version
 from rs_local.judge.verdict import Verdict, label_probs, make_verdict
 
 #: Statuses worth retrying: the server is busy or broken right now, not the request.
@@ -79,7 +79,7 @@ class OpenAIJudge:
         concurrency: int = 4,
         logprobs: bool = True,
         max_tokens: int = 32,
-        nonce_factory: Callable[[], str] = new_nonce,
+        nonce_factory: Callable[[], str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.base_url = base_url.rstrip("/")
@@ -116,7 +116,7 @@ class OpenAIJudge:
     # -- judging -------------------------------------------------------------------------
 
     def request_body(self, prompt: str, answer: str) -> dict:
-        messages, _ = judge_messages(prompt, answer, self.nonce_factory())
+        messages, _ = judge_messages(prompt, answer, self.nonce_factory() if self.nonce_factory else None)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0.0,
                                 "max_tokens": self.max_tokens, "stream": False}
         if self.logprobs:

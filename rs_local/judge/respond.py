@@ -70,7 +70,9 @@ def respond_config(model_path: str | Path, settings: RespondSettings, prompts: S
         "model": model_path.name,
         "model_bytes": model_path.stat().st_size,
         "model_edges": edge_digest(model_path),  # a same-name, same-size model copied over it is another model
-        "vectors": [{"path": v.source or v.metadata.get("path"), "scale": s} for v, s in vectors],
+        # the contents, not only the path as typed: another vector at that relative path, or one refitted
+        # in place, resumed the log and mixed two vectors' answers in it
+        "vectors": [{"path": v.source or v.metadata.get("path"), "scale": s, "digest": v.digest()} for v, s in vectors],
         "layers": list(layer_range) if layer_range else None,
         "samples": settings.samples,
         "max_tokens": settings.max_tokens,

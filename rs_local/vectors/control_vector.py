@@ -8,6 +8,8 @@ than letting a file silently lose a layer.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -107,6 +109,15 @@ class ControlVector:
                 total[layer] = total.get(layer, np.zeros(n_embd, np.float32)) + d * np.float32(scale)
         first = parts[0][0]
         return ControlVector(total, first.model_hint, {"merged_from": len(parts)})
+
+    def digest(self) -> str:
+        """A hash of the directions (blocks and float32 values): what identifies a vector in logs and caches
+        where its path does not (a vector refitted in place, or another one at the same relative path)."""
+        h = hashlib.sha256()
+        for layer in self.layers:
+            h.update(f"{layer}:".encode())
+            h.update(np.ascontiguousarray(self.directions[layer], dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
 
     def select_layers(self, layers: Iterable[int]) -> "ControlVector":
         """Keep only the given blocks (those that exist)."""

@@ -74,13 +74,9 @@ def model_identity(path: Path, name: str) -> dict[str, Any]:
 
     if name in models.MODELS:
         return {"sha256": models.MODELS[name].sha256}
-    if path.is_file():
-        # A pulled model's verification marker ("sha size mtime") gives its sha256 for free.
-        st = path.stat()
-        marker = path.with_suffix(path.suffix + ".sha256")
-        fields = marker.read_text().split() if marker.is_file() else []
-        if len(fields) == 3 and fields[1:] == [str(st.st_size), str(int(st.st_mtime))]:
-            return {"sha256": fields[0], "file": path.name}
+    digest = models.verified_digest(path) if path.is_file() else None
+    if digest:  # a pulled model's verification marker gives its sha256 for free (it compared seconds with ns)
+        return {"sha256": digest}
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model"})
         return {"dir": str(path.resolve()), "files": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]}

@@ -117,3 +117,51 @@ def test_a_log_from_before_a_config_key_was_added_still_resumes(tmp_path):
         pass
     with pytest.raises(FileProblem, match=r"different settings \(model_edges\)"):  # known in both: compared
         AppendLog.open(tmp_path / "new.jsonl", "things", {"model_edges": "xyz"}, _key)
+
+
+def test_a_second_writer_on_the_same_log_is_refused(tmp_path):
+    """Two `respond` runs on one output both resumed it and appended every row twice (then `judge` refused the
+    file). The second now stops at once, in another process as in this one; the lock goes with the first run."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        log.append({"k": 1})
+        with pytest.raises(FileProblem, match="being written by another rs-local process"):
+            AppendLog.open(path, "things", {"a": 1}, _key)
+        code = ("import sys; from rs_local.judge.jsonl import AppendLog\n"
+                "try:\n    AppendLog.open(sys.argv[1], 'things', {'a': 1}, lambda r: r['k'])\n"
+                "except Exception as exc:\n    print(exc)")
+        other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+        assert "being written by another rs-local process" in other.stdout, other.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]  # no lock file left
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        assert log.done == {1}
+
+
+def test_a_log_deleted_while_written_is_an_error_not_a_success(tmp_path):
+    """Rows appended after the log was removed went into the removed file, and the run reported success."""
+    path = tmp_path / "log.jsonl"
+    with pytest.raises(FileProblem, match="was deleted or replaced while this command wrote to it"):
+        with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+            log.append({"k": 1})
+            path.unlink()
+            log.append({"k": 2})
+
+
+def test_a_forced_run_sweeps_what_a_killed_forced_run_left(tmp_path):
+    """A forced run killed with SIGKILL left its hidden temp log; the next forced run removes it once stale."""
+    import os
+    import time
+
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        log.append({"k": 1})
+    stale = tmp_path / ".log.jsonl.0123456789ab.tmp"
+    stale.write_text("half a run")
+    old = time.time() - 3 * 3600
+    os.utime(stale, (old, old))
+    with AppendLog.open(path, "things", {"a": 2}, _key, force=True) as log:
+        log.append({"k": 5})
+    assert not stale.exists() and [r["k"] for r in _lines(path)[1:]] == [5]

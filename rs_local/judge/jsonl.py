@@ -29,8 +29,9 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 from rs_local.errors import FileProblem
 from rs_local.files import (
     JsonProblem, append_line, check_output_path, cut_partial_tail, dumps, iter_jsonl, json_type, new_temp, open_append,
-    output_target, parse_json, partial_tail, read_text, stat_regular, write_jsonl,
+    output_target, parse_json, partial_tail, read_text, stat_regular, sweep_stale_temps, write_jsonl,
 )
+from rs_local.files.locks import OutputLock
 
 HEADER_KEY = "rs_local_header"
 FORMAT_VERSION = 1
@@ -89,6 +90,7 @@ class AppendLog:
     _fh: Any = None
     #: where a forced run's log goes when it finishes; until then ``path`` is a temp file beside it
     _target: Path | None = None
+    _lock: Any = None  # OutputLock on the log's final name: one writer at a time
 
     @classmethod
     def open(cls, path: str | Path, kind: str, config: dict, key: Callable[[dict], Hashable], force: bool = False) -> "AppendLog":
@@ -98,24 +100,33 @@ class AppendLog:
         :class:`FileProblem` (and is left untouched) unless ``force``.
         """
         log = cls(output_target(path), kind, normalise(config), key)  # a symlink's target is the log
-        if log.path.exists() and not force:
-            log._resume()
-        else:
-            if log.path.exists():  # forced over a file: it stays until the new log is complete (see __exit__)
-                check_output_path(log.path, force=True)
-                log._target, log.path = log.path, new_temp(log.path)
-            try:
-                log._start()
-            except BaseException:
-                if log._target is not None:
-                    log.path.unlink(missing_ok=True)
-                raise
+        log._lock = OutputLock(log.path, what="output file")  # a second run on it stops here
         try:
-            log._fh = open_append(log.path)
+            log._open(force)
         except BaseException:
-            log.__exit__(OSError)
+            log._lock.release()
             raise
         return log
+
+    def _open(self, force: bool) -> None:
+        if self.path.exists() and not force:
+            self._resume()
+        else:
+            if self.path.exists():  # forced over a file: it stays until the new log is complete (see __exit__)
+                check_output_path(self.path, force=True)
+                sweep_stale_temps(self.path)  # what a forced run killed with SIGKILL left behind
+                self._target, self.path = self.path, new_temp(self.path)
+            try:
+                self._start()
+            except BaseException:
+                if self._target is not None:
+                    self.path.unlink(missing_ok=True)
+                raise
+        try:
+            self._fh = open_append(self.path)
+        except BaseException:
+            self.__exit__(OSError)
+            raise
 
     @classmethod
     def check(cls, path: str | Path, kind: str, config: dict, force: bool = False) -> None:
@@ -197,12 +208,26 @@ class AppendLog:
         k = self.key(row)
         if k in self.done:
             return
+        self._check_still_there()
         try:
             append_line(self._fh, dumps(row))
         except OSError as exc:  # a full disk mid-run: say which file, and that what is there is kept
             raise self._write_problem(exc) from None
         self.done.add(k)
         self.rows.append(row)
+
+    def _check_still_there(self) -> None:
+        """Stop when the log was deleted or replaced under us: rows appended to a removed file are lost,
+        and the run reported success with no file left (a stat per row; an answer takes far longer)."""
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        except OSError:
+            return
+        if not same:
+            raise FileProblem(self._target or self.path, "was deleted or replaced while this command wrote to it; "
+                                                         "run the command again to write it anew")
 
     def _write_problem(self, exc: OSError) -> FileProblem:
         kept = "" if self._target is not None else "; the rows before it are kept, and the same command goes on from there"
@@ -222,15 +247,19 @@ class AppendLog:
     def __exit__(self, exc_type, *exc) -> None:
         """Close; a forced run's log replaces the old file only when the run finished (an error, Ctrl-C
         or SIGTERM used to leave the old file already destroyed and a partial one in its place)."""
-        self.close()
-        if self._target is None:
-            return
-        if exc_type is None:
-            os.chmod(self.path, stat.S_IMODE(os.stat(self._target).st_mode))  # the old file's permissions
-            os.replace(self.path, self._target)
-            self.path, self._target = self._target, None
-        else:
-            self.path.unlink(missing_ok=True)
+        try:
+            self.close()
+            if self._target is None:
+                return
+            if exc_type is None:
+                os.chmod(self.path, stat.S_IMODE(os.stat(self._target).st_mode))  # the old file's permissions
+                os.replace(self.path, self._target)
+                self.path, self._target = self._target, None
+            else:
+                self.path.unlink(missing_ok=True)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
 
 def _why(exc: Exception) -> str:

@@ -232,12 +232,25 @@ def test_a_damaged_cache_entry_is_recaptured(fm, tmp_path):
     assert capture(fm, PROMPTS[:2], cache=tmp_path).from_cache  # the recapture rewrote the entry
 
 
+def test_an_entry_under_another_keys_name_is_not_served(fm, tmp_path):
+    """Entries are found by a hash of their key: two entries swapped (or one copied under the other's name)
+    were served for each other's key, and a fit on them came out flipped (cosine -1 per block)."""
+    capture(fm, PROMPTS[:2], cache=tmp_path)
+    (one,) = tmp_path.glob("*.npz")
+    capture(fm, PROMPTS[2:4], cache=tmp_path)
+    (two,) = set(tmp_path.glob("*.npz")) - {one}
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b)
+    two.write_bytes(a)
+    assert not capture(fm, PROMPTS[:2], cache=tmp_path).from_cache
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         load_model(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(ModelError, match="Transformers could not load it"):
+    with pytest.raises(ModelError, match="bad.gguf: not a GGUF file"):  # the header is read first
         load_model(str(bad))
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model(str(bad), dtype="int8")

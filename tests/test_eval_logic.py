@@ -144,6 +144,26 @@ def test_damaged_cache_entries_are_misses(tmp_path):
         assert got({"generation": "g", "reference": "r", "verdict": "v"}[kind]) is None, (kind, damaged)
 
 
+def test_an_entry_under_another_keys_name_is_a_miss(tmp_path):
+    """Entries are found by a hash of their key; one copied or swapped under another key's name was served
+    for it (a KL of 91.5 for 0.011, token ids beyond the vocabulary: a traceback)."""
+    from rs_local.eval.metrics import Reference
+    from rs_local.runtime.runner import Generation
+
+    cache = EvalCache(tmp_path)
+    for key in ("a", "b"):
+        cache.put_generation(key, Generation(f"answer {key}", [5], [-0.1], "stop", 3))
+        cache.put_reference(key, Reference(np.full((1, 2), ord(key), np.int32), np.full((1, 2), -1.0, np.float32)))
+        cache.put_verdict(key, {"verdict": 1 if key == "a" else -1})
+    for kind in ("generation", "reference", "verdict"):
+        one, two = sorted((tmp_path / kind).rglob("*.*"))
+        a, b = one.read_bytes(), two.read_bytes()
+        one.write_bytes(b)
+        two.write_bytes(a)
+    for key in ("a", "b"):
+        assert cache.get_generation(key) is None and cache.get_reference(key) is None and cache.get_verdict(key) is None
+
+
 class _CountingJudge:
     """A judge whose verdict is known (refusal iff the answer says "cannot"), counting its calls."""
 

@@ -94,7 +94,7 @@ class EvalCache:
         gen = None
         if path is not None and path.is_file():
             try:
-                gen = _generation(parse_json(read_text(path, what="cache entry")))
+                gen = _generation(_entry_row(path))
             except (OSError, ValueError, FileProblem):
                 gen = None
         self._count(gen is not None)
@@ -105,7 +105,7 @@ class EvalCache:
         if path is None:
             return
         row = {"text": gen.text, "tokens": gen.tokens, "logprobs": gen.logprobs,
-               "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens}
+               "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens, "entry": path.stem}
         self._write(path, json.dumps(row, ensure_ascii=False).encode("utf-8"))
 
     # -- KL references -------------------------------------------------------------------
@@ -116,8 +116,10 @@ class EvalCache:
         if path is not None and path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as data:
-                    ref = Reference(data["ids"], data["logprobs"])
-                if ref.ids.ndim != 2 or ref.logprobs.shape != ref.ids.shape or ref.ids.dtype.kind not in "iu":
+                    mine = "entry" in data.files and str(data["entry"]) == path.stem  # see _entry_row
+                    ref = Reference(data["ids"], data["logprobs"]) if mine else None
+                if ref is not None and (ref.ids.ndim != 2 or ref.logprobs.shape != ref.ids.shape
+                                        or ref.ids.dtype.kind not in "iu"):
                     ref = None
             except Exception:  # noqa: BLE001 - a damaged .npz is BadZipFile/EOFError too; recomputing is the remedy
                 ref = None
@@ -131,7 +133,7 @@ class EvalCache:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, ids=ref.ids, logprobs=ref.logprobs)
+        np.savez(buf, ids=ref.ids, logprobs=ref.logprobs, entry=np.array(path.stem))
         self._write(path, buf.getvalue())
 
     # -- verdicts ------------------------------------------------------------------------
@@ -141,24 +143,34 @@ class EvalCache:
         row = None
         if path is not None and path.is_file():
             try:
-                row = parse_json(read_text(path, what="cache entry"))
+                row = _entry_row(path)
             except (OSError, ValueError, FileProblem):
                 row = None
-            if not isinstance(row, dict):
-                row = None
+            if row is not None:
+                row = {k: v for k, v in row.items() if k != "entry"}
         self._count(row is not None)
         return row
 
     def put_verdict(self, key: Any, row: dict) -> None:
         path = self._path("verdict", key, ".json")
         if path is not None:
-            self._write(path, json.dumps(row, ensure_ascii=False).encode("utf-8"))
+            self._write(path, json.dumps({**row, "entry": path.stem}, ensure_ascii=False).encode("utf-8"))
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
             _atomic_write(path, data)
         except (OSError, FileProblem):
             pass
+
+
+def _entry_row(path: Path) -> dict | None:
+    """A JSON entry if it names itself as ``path``'s entry, else None (a miss).
+
+    Why: an entry is found by its file name, a hash of its key; one copied or swapped under another
+    name was served for the other key (a KL of 91.5 instead of 0.011), so each entry carries its own
+    name. Entries written before that carry none and are recomputed once, under the same name."""
+    row = parse_json(read_text(path, what="cache entry"))
+    return row if isinstance(row, dict) and row.get("entry") == path.stem else None
 
 
 def _generation(row: Any) -> Generation | None:

@@ -526,7 +526,7 @@ def _save_cached(path: Path, acts: Activations) -> None:
     """Best effort: a full disk or read-only home must not fail the fit."""
     arrays: dict[str, Any] = {
         "meta": np.array(json.dumps({"n": acts.n_prompts, "L": acts.n_layer, "d": acts.d, "position": acts.position, "n_tokens": acts.n_tokens,
-                                   "upto": acts.upto}))
+                                   "upto": acts.upto, "entry": path.stem}))
     }
     if acts.raw is not None:
         arrays["raw"] = acts.raw
@@ -550,6 +550,8 @@ def _load_cached(path: Path) -> Activations | None:
             meta = json.loads(str(data["meta"]))
             raw = data["raw"] if "raw" in data else None
             m = {k[2:]: data[k] for k in data.files if k.startswith("m_")}
+        if meta.get("entry") != path.stem:  # another key's entry under this name (copied, swapped): a fit on
+            return None                     # it came out flipped, cosine -1 per block, with no warning
         n, n_layer, d = (int(meta[k]) for k in ("n", "L", "d"))
         if raw is not None and raw.shape != (n, n_layer, d) or meta["position"] not in POSITIONS:
             return None

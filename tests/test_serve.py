@@ -503,7 +503,25 @@ BAD = [
     ("tools", {"messages": ASK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("json-format", {"messages": ASK, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("logit-bias", {"messages": ASK, "logit_bias": {"42": 5}}, 400, "logit_bias"),
+    ("tool-required", {"messages": ASK, "tool_choice": "required"}, 400, "tool_choice"),
+    ("tool-named", {"messages": ASK, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    ("audio", {"messages": ASK, "modalities": ["text", "audio"], "audio": {"voice": "alloy"}}, 400, "modalities"),
+    ("stream-options-list", {"messages": ASK, "stream": True, "stream_options": []}, 400, "stream_options"),
 ]
+
+
+def test_what_other_local_servers_accept_is_accepted(server):
+    """top_k -1 (vLLM's and llama.cpp's "off"), a UTF-8 byte-order mark before the JSON and a trailing slash
+    on the route were a 400, a 400 and a 307 with an empty body that POST clients do not follow."""
+    plain = Http.send("POST", server.url + "/chat/completions", {"messages": ASK, **GREEDY, "max_tokens": 4})
+    assert plain.status_code == 200, plain.text
+    for url, body in ((server.url + "/chat/completions", {"messages": ASK, **GREEDY, "max_tokens": 4, "top_k": -1}),
+                      (server.url + "/chat/completions", b"\xef\xbb\xbf" + json.dumps(
+                          {"messages": ASK, **GREEDY, "max_tokens": 4}).encode()),
+                      (server.url + "/chat/completions/", {"messages": ASK, **GREEDY, "max_tokens": 4})):
+        r = Http.send("POST", url, body)
+        assert r.status_code == 200, (url, r.text)
+        assert r.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize("name,body,status,param", BAD, ids=[b[0] for b in BAD])

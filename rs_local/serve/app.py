@@ -392,12 +392,16 @@ def create_app(service: Service, *, api_key: str | None = None, max_body: int = 
     async def policies() -> dict:
         return {"object": "list", "data": service.library.policy_catalog()}
 
+    # each also with a trailing slash: the default was a 307 redirect with an empty body, which a POST
+    # client does not follow
     @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions/", dependencies=guarded, include_in_schema=False)
     async def chat(request: Request) -> Response:
         body = parse_body(await read_body(request, max_body, service.request_timeout, service.closing))
         return await answer(request, service, body, parse_chat(body), chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions/", dependencies=guarded, include_in_schema=False)
     async def completions(request: Request) -> Response:
         body = parse_body(await read_body(request, max_body, service.request_timeout, service.closing))
         return await answer(request, service, body, parse_completion(body), chat=False)

@@ -7,7 +7,8 @@ infinity, bounded nesting and integer digits, valid Unicode). Fields that OpenAI
 and that do not change what a local model can do (``user``, ``presence_penalty``, ...) are
 accepted and ignored, as llama-cpp-python's server does; fields that would silently change
 the meaning of the answer if ignored (``n`` > 1, images, token-id prompts, log-probabilities, tools,
-a JSON response format, a logit bias, ``echo``/``suffix``/``best_of``) are refused, each only when set
+a ``tool_choice`` that demands a call, audio output, a JSON response format, a logit bias,
+``echo``/``suffix``/``best_of``) are refused, each only when set
 to a value that asks for something (``tools: []`` or ``logprobs: false`` pass).
 """
 
@@ -46,7 +47,7 @@ class ParsedRequest:
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; anything else is a 400 naming the problem."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark: JSON parsers may skip it (RFC 8259)
     except UnicodeDecodeError as exc:
         raise bad_request(f"the body is not UTF-8 (byte {exc.start})", None, "invalid_json") from None
     if not text.strip():
@@ -137,6 +138,13 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
                     ("tools", "none"), ("functions", "none")):
                 continue  # tools offered but not to be called: the answer is plain text
             raise bad_request(f"{name} is not supported by this server", name, "unsupported")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto"):  # "required" or a named function: a tool call is owed
+        raise bad_request("tool_choice other than \"none\" or \"auto\" is not supported by this server (no tool calls)",
+                          "tool_choice", "unsupported")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"] or body.get("audio") is not None:
+        raise bad_request("only text output is supported by this server", "modalities", "unsupported")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
         raise bad_request("response_format other than {\"type\": \"text\"} is not supported by this server",
@@ -153,13 +161,14 @@ def _common(body: Mapping[str, Any], prompt: Prompt, default_max: int | None) ->
     max_tokens = _integer(body, "max_tokens", 1, 2**31 - 1)  # clamped to the room left in the context
     if max_tokens is None:
         max_tokens = _integer(body, "max_completion_tokens", 1, 2**31 - 1)
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    stream_options = {} if stream_options is None else stream_options
     if not isinstance(stream_options, Mapping):
         raise bad_request("stream_options must be an object", "stream_options", "invalid_type")
     sampling = SamplingParams(
         temperature=_number(body, "temperature", 0.0, 100.0, 1.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
-        top_k=_integer(body, "top_k", 0, 1_000_000) or 0,
+        top_k=max(0, _integer(body, "top_k", -1, 1_000_000) or 0),  # -1: off, as vLLM and llama.cpp read it
         seed=seed,
         logprobs=False,  # responses carry no log-probs
     )

@@ -510,6 +510,33 @@ BAD = [
 ]
 
 
+def _lower(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def test_browser_pages_reach_the_server_only_from_origins_allowed():
+    """Web UIs call the server from a page's script; the browser asks first (a CORS preflight) and reads the
+    answer only with Access-Control-Allow-Origin. Allowed only for origins given with --cors-origin."""
+    srv = Server(["--cors-origin", "http://localhost:3000"], env={"RS_LOCAL_API_KEY": KEY})
+    try:
+        preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        r = Http.send("OPTIONS", srv.url + "/chat/completions", headers=preflight)
+        assert r.status_code == 200 and _lower(r.headers).get("access-control-allow-origin") == "http://localhost:3000"
+        body = {"messages": ASK, **GREEDY, "max_tokens": 2}
+        r = Http.send("POST", srv.url + "/chat/completions", body,
+                      headers={"Origin": "http://localhost:3000", "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and _lower(r.headers).get("access-control-allow-origin") == "http://localhost:3000"
+        assert "x-rs-local-steering" in _lower(r.headers).get("access-control-expose-headers", "").lower()
+        r = Http.send("OPTIONS", srv.url + "/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in _lower(r.headers)
+    finally:
+        srv.kill()
+    res = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "serve", "--cors-origin", "localhost:3000/"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "is not an origin" in res.stderr
+
+
 def test_what_other_local_servers_accept_is_accepted(server):
     """top_k -1 (vLLM's and llama.cpp's "off"), a UTF-8 byte-order mark before the JSON and a trailing slash
     on the route were a 400, a 400 and a 307 with an empty body that POST clients do not follow."""

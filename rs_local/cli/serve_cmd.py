@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -38,6 +39,14 @@ def _defaults(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
         return tuple(parse_default_spec(spec) for spec in value)
     except RsLocalError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _origins(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """``*`` or ``scheme://host[:port]``, as browsers send ``Origin`` (a path or a trailing slash never matches)."""
+    for value in values:
+        if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value):
+            raise click.BadParameter(f"{value!r} is not an origin: use scheme://host[:port] (no path) or '*'")
+    return values
 
 
 def _web_stack() -> None:
@@ -77,10 +86,13 @@ def _web_stack() -> None:
 @click.option("--request-timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True, metavar="SECONDS",
               help="How long a client may take to send a request's headers, and again its body, before its "
                    "connection is closed (a stalled client would otherwise hold it forever).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", callback=_origins,
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the server from a "
+                   "browser (repeatable). Default: none, so a page you visit cannot reach it.")
 @runtime_options
 def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, host: str, port: int,
           api_key: str | None, prefix_cache: bool, head_cache_mib: int, shutdown_grace: float, request_timeout: float,
-          n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
+          cors_origins: tuple[str, ...], n_ctx: int, n_gpu_layers: int, n_threads: int | None) -> None:
     """OpenAI-compatible server; each request picks its steering (body field or model name)."""
     _web_stack()
     from rs_local.serve.app import build_service, serve as run_server
@@ -98,7 +110,7 @@ def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, ho
     say(f"serving {model_id} on http://{host}:{port}/v1 (vectors: {names}; policies: {policies}; default steering: "
         f"{service.default.label()}; weight repacking {runner.repack_decision})")
     try:
-        run_server(service, host=host, port=port, api_key=api_key)
+        run_server(service, host=host, port=port, api_key=api_key, cors_origins=cors_origins)
     except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the signal it stopped on: a stop asked for, done
         say("stopped")
 

@@ -356,10 +356,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
 
-def create_app(service: Service, *, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
-    """The FastAPI app; ``/health`` is open, everything under ``/v1`` needs the key when one is set."""
+def create_app(service: Service, *, api_key: str | None = None, max_body: int = MAX_BODY,
+               cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app; ``/health`` is open, everything under ``/v1`` needs the key when one is set.
+
+    ``cors_origins``: web pages (by origin, or ``*``) whose scripts may call the server from a browser.
+    None by default: a page the user happens to visit must not reach a server on their loopback."""
     app = FastAPI(title="rs-local", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"], expose_headers=["X-RS-Local-Steering", "Retry-After"], max_age=600)
     guarded = [Depends(bearer_check(api_key))]
     started = time.time()
 
@@ -443,7 +452,7 @@ def load_policies(runner: Runner, library: VectorLibrary, specs: tuple[str, ...]
 
 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          max_body: int = MAX_BODY, log_level: str = "info") -> None:
+          max_body: int = MAX_BODY, log_level: str = "info", cors_origins: tuple[str, ...] = ()) -> None:
     """Run the server until SIGINT/SIGTERM; answers under way get ``service.grace`` seconds, then the worker stops."""
     import uvicorn
 
@@ -463,7 +472,7 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
 
         hurried = False
 
-    app = create_app(service, api_key=api_key, max_body=max_body)
+    app = create_app(service, api_key=api_key, max_body=max_body, cors_origins=cors_origins)
     service.worker.start()
     raise_open_files_limit()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,

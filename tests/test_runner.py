@@ -288,7 +288,7 @@ def test_bad_library_arguments_are_one_line_errors(runner):
     cases = [
         (lambda: runner.chat("hello"), "chat takes a list of messages"),
         (lambda: runner.generate(None), "a prompt is a string or a list"),
-        (lambda: runner.set_vectors([None]), "takes \\(ControlVector, scale\\) pairs"),
+        (lambda: runner.set_vectors([None]), "given as \\[\\(vector, scale\\), \\.\\.\\.\\]"),
         (lambda: runner.set_vectors([(random_vector(1, [5]), float("nan"))]), "must be finite"),
         (lambda: runner.set_vectors([(random_vector(1, [5]), 1.0)], layer_range="5-10"), "two whole numbers"),
         (lambda: runner.chat(msg, max_tokens=None), "max_tokens must be a whole number"),

@@ -152,3 +152,22 @@ def test_token_ids_and_arguments_outside_their_range_are_one_line_errors(runner)
     with pytest.raises(RsLocalError, match="does not fit the context"):
         runner.kv_restore([1] * 600, b"x")
     assert runner.generate("Hello there", max_tokens=2).tokens  # the failed restores left it usable
+
+
+def test_vectors_in_the_wrong_shape_are_one_line_errors(runner):
+    """A bare vector, a list of vectors or a text scale was a TypeError from deep inside set_vectors or the chat
+    session's scale; each is now an RsLocalError that says the shape expected."""
+    from rs_local.runtime.session import ChatSession
+
+    vec = strong_vector()
+    for parts in (vec, [vec], "v.gguf"):
+        with pytest.raises(RsLocalError, match=r"\[\(vector, scale\), \.\.\.\]"):
+            runner.set_vectors(parts)
+    session = ChatSession(runner, max_tokens=2)
+    with pytest.raises(RsLocalError, match=r"\[\(vector, scale\), \.\.\.\]"):
+        session.set_vectors([vec])
+    session.set_vectors([(vec, 0.5)])
+    with pytest.raises(RsLocalError, match="expected a number"):
+        session.set_scale("2")
+    assert session.scale == 1.0 and [s for _v, s in runner.vectors] == [0.5]
+    runner.clear_vectors()

@@ -27,7 +27,7 @@ from rs_local.runtime.interrupts import release
 from rs_local.runtime.kv_state import read_seq_state, write_seq_state
 from rs_local.runtime.loading import context_size, load_llama
 from rs_local.runtime.steer import push_vectors
-from rs_local.runtime.vector_specs import check_scale
+from rs_local.runtime.vector_specs import vector_pairs
 from rs_local.runtime.sampling import Sampler, SamplingParams, log_softmax
 from rs_local.vectors.control_vector import ControlVector
 from rs_local.vectors.layers import check_steerable
@@ -260,15 +260,12 @@ class Runner:
         Every vector is checked against the model first, so a wrong width or layer count is a
         clear error here instead of an abort inside llama.cpp.
         """
-        parts = list(parts)
+        parts = vector_pairs(parts)
         if not parts:
             self.clear_vectors()
             return
-        for k, part in enumerate(parts):
-            if not (isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], ControlVector)):
-                raise RsLocalError(f"set_vectors takes (ControlVector, scale) pairs, got {type(part).__name__}")
-            self.check_vector(part[0])
-            parts[k] = (part[0], check_scale(part[1]))
+        for vec, _scale in parts:
+            self.check_vector(vec)
         lo, hi = self._check_range(layer_range)
         if layer_range is not None and not any(lo <= layer <= hi for vec, _s in parts for layer in vec.directions):
             raise RsLocalError(f"layer range {lo}-{hi} misses every direction of the vectors: nothing would be steered")

@@ -13,6 +13,7 @@ from typing import Iterator
 from rs_local.errors import RsLocalError
 from rs_local.runtime.runner import Generation, Runner, TokenEvent
 from rs_local.runtime.sampling import SamplingParams
+from rs_local.runtime.vector_specs import check_scale, vector_pairs
 from rs_local.vectors.control_vector import ControlVector
 
 
@@ -40,7 +41,7 @@ class ChatSession:
     def set_scale(self, scale: float) -> None:
         """Change the scale; one llama.cpp refuses leaves the session as it was."""
         previous = self.scale
-        self.scale = scale
+        self.scale = check_scale(scale)  # "2" multiplied each vector's scale into a TypeError
         try:
             self.apply()
         except Exception:
@@ -50,6 +51,7 @@ class ChatSession:
     def set_vectors(self, vectors: list[tuple[ControlVector, float]]) -> None:
         """Replace the vectors; validated against the model before anything changes, at scale 0 too
         (a vector for another model taken while the scale was 0 made every later /scale fail)."""
+        vectors = vector_pairs(vectors)
         for vec, _scale in vectors:
             self.runner.check_vector(vec)
         previous = self.vectors

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from rs_local.errors import RsLocalError
 from rs_local.vectors.control_vector import ControlVector
@@ -161,3 +161,18 @@ def load_vector_specs(specs: Iterable[str], default_scale: float = 1.0) -> list[
         vec.metadata["path"] = str(path)
         out.append((vec, scale))
     return out
+
+
+def vector_pairs(parts: Any) -> list[tuple[ControlVector, float]]:
+    """``[(ControlVector, scale), ...]`` from a library caller, or a one-line error saying that shape is
+    expected (a bare vector, or a list of vectors, was a TypeError from deep inside)."""
+    if isinstance(parts, ControlVector) or isinstance(parts, (str, bytes, dict)):
+        raise RsLocalError(f"vectors are given as [(vector, scale), ...], not a {type(parts).__name__}")
+    try:
+        parts = list(parts)
+    except TypeError:
+        raise RsLocalError(f"vectors are given as [(vector, scale), ...], not a {type(parts).__name__}") from None
+    for part in parts:
+        if not (isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], ControlVector)):
+            raise RsLocalError(f"vectors are given as [(vector, scale), ...]; got a {type(part).__name__} in the list")
+    return [(vec, check_scale(scale)) for vec, scale in parts]

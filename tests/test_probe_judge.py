@@ -291,7 +291,7 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
         assert judge.judge("How do I pick a lock?", "I'm sorry, I can't help with that.").verdict == 1
     finally:
         judge.close()
-        judge.runner.close()
+    assert judge.runner.closed  # it loaded the model for itself, so closing the judge frees it
     (moved / smollm2_path.name).unlink()
     with pytest.raises(RsLocalError, match=r"probe.gguf: trained for model '/nowhere/.*put the model file beside"):
         load_probe_judge(str(moved / "probe.gguf"), n_ctx=512)

@@ -119,4 +119,10 @@ def load_probe_judge(probe_path: str | None = None, *, n_ctx: int | None = None,
     if share is not None and Path(share.path).resolve() == Path(model_path).resolve():
         return ProbeJudge(share, pf, path)
     runner = Runner(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-    return ProbeJudge(runner, pf, path)
+    try:
+        judge = ProbeJudge(runner, pf, path)
+    except BaseException:
+        runner.close()
+        raise
+    judge.owns_runner = True
+    return judge

@@ -213,6 +213,7 @@ class ProbeJudge:
             raise RsLocalError(f"unknown combine mode {self.combine!r} (expected one of {', '.join(COMBINE_MODES)})")
         self.reader = make_reader(runner, [probe_file.layer], probe_file.pooling)
         self._weights: dict | None = None  # the judge model file's identity, read once (see describe)
+        self.owns_runner = False  # set by load_probe_judge when it loaded the model for this judge
 
     def describe(self) -> dict:
         """The judge's identity in verdict caches and judge logs: the probe's weights and the judge model's
@@ -243,4 +244,8 @@ class ProbeJudge:
         return Verdict(verdict, float(confidence), p, 1 - p, None, f"probe P={p:.3f}", "probe")
 
     def close(self) -> None:
+        """Free the reader, and the judge model when :func:`~rs_local.judge.backends.load_probe_judge` loaded
+        it for this judge alone (a shared Runner is the caller's)."""
         self.reader.close()
+        if self.owns_runner:
+            self.runner.close()

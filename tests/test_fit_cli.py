@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from rs_local import models
 from rs_local.cli.main import cli
 from rs_local.converters.gguf_io import read_control_vector, write_control_vector
 from rs_local.vectors.control_vector import ControlVector
@@ -72,7 +73,8 @@ def test_fit_writes_a_readable_vector_with_provenance(smollm2_path, sets, home, 
     meta = cv.metadata
     assert meta["method"] == "rmd" and meta["lambda"] == 0.5 and meta["layers"] == "8,9,10,11,12"
     assert meta["n_positive"] == 6 and meta["n_negative"] == 6 and meta["position"] == "last"
-    assert meta["sources"]["positive"].endswith("refused.txt") and meta["model_id"]["file"].endswith(".gguf")
+    assert meta["sources"]["positive"].endswith("refused.txt") and meta["model_file"].endswith(".gguf")
+    assert meta["model_id"]["sha256"] == models.MODELS["smollm2-135m"].sha256  # a built-in model given by path
     table = meta["layer_table"]
     assert [row["layer"] for row in table] == list(range(30))
     assert [row["layer"] for row in table if row["selected"]] == cv.layers

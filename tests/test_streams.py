@@ -2,8 +2,8 @@
 
 Each case ran the real ``rs-local`` entry point in a child process, as a user's shell would, and
 ended a finished command with a traceback or lost its output before the fix: a stdout that is not
-UTF-8, a reader that leaves early, a stderr that cannot be written, ``COLUMNS=0``, a deleted
-working directory, an ASCII locale's arguments, undecodable chat input.
+UTF-8, a reader that leaves early, a closed stdout, a stderr that cannot be written, ``COLUMNS=0``, a
+deleted working directory, an ASCII locale's arguments, undecodable chat input.
 """
 
 from __future__ import annotations
@@ -54,6 +54,17 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(vector):
     err = proc.stderr.read().decode(errors="replace")
     assert proc.wait(timeout=120) == 1
     assert "Error" not in err and "Traceback" not in err
+
+
+def test_a_closed_stdout_is_an_error_not_a_silent_success(vector):
+    """`rs-local inspect X >&-`: Python drops every print to a closed stdout, so the command exited 0 and
+    its result went nowhere. It is now one line on stderr and exit 1, as `ls >&-` fails."""
+    shown = _rs_local("inspect", str(vector), stdout=None, stderr=subprocess.PIPE, capture_output=False,
+                      preexec_fn=lambda: os.close(1))
+    assert shown.returncode == 1
+    err = shown.stderr.decode(errors="replace").strip().splitlines()
+    assert err == ["Error: standard output is closed (>&-), so the result cannot be printed; redirect it to a file "
+                   "or /dev/null instead"], err
 
 
 def test_a_stderr_that_cannot_be_written_does_not_lose_the_answer(smollm2_path, tmp_path):

@@ -15,6 +15,8 @@ finished command with a traceback or lost its output:
   line raised OSError and the command died without its answer. Messages are best-effort.
 * **A width that is not one** (``COLUMNS=0`` printed every table as nothing).
 * **A deleted working directory**: torch's loader aborts the process with an MKL fatal error.
+* **A closed standard output** (``>&-``): Python sets ``sys.stdout`` to None and every print is
+  dropped, so ``generate hi >&-`` exited 0 with its answer lost. Printing to it is now an error.
 """
 
 from __future__ import annotations
@@ -102,6 +104,26 @@ def sane_columns(env: dict[str, str] | os._Environ = os.environ) -> None:
     env.pop("COLUMNS", None)
 
 
+class ClosedOutput:
+    """Stands in for a closed ``sys.stdout``: writing the result is a one-line error, not a silent loss."""
+
+    encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        from rs_local.errors import RsLocalError
+
+        if not text:
+            return 0
+        raise RsLocalError("standard output is closed (>&-), so the result cannot be printed; "
+                           "redirect it to a file or /dev/null instead")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 def missing_cwd() -> str | None:
     """The one-line problem when the working directory was deleted under us, else None."""
     try:
@@ -115,6 +137,8 @@ def missing_cwd() -> str | None:
 
 def prepare() -> str | None:
     """Make the streams and environment safe (see the module doc); a problem to stop on, or None."""
+    if sys.stdout is None:
+        sys.stdout = ClosedOutput()  # type: ignore[assignment]
     safe_output(sys.stdout)
     safe_output(sys.stderr)
     safe_input(sys.stdin)

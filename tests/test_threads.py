@@ -171,3 +171,21 @@ def test_vectors_in_the_wrong_shape_are_one_line_errors(runner):
         session.set_scale("2")
     assert session.scale == 1.0 and [s for _v, s in runner.vectors] == [0.5]
     runner.clear_vectors()
+
+
+def test_a_reader_stops_between_batches_when_its_caller_says(smollm2_path):
+    """A policy's gate read the whole prompt of a server's client that had left (up to the context's size);
+    it now stops before the next batch, and the next read of that prompt gives the same rows as a fresh one."""
+    from rs_local.runtime.runner import PromptCancelled
+
+    prompt = "count: " + " ".join(str(i) for i in range(300))  # ~1100 tokens: five batches of 256
+    with Runner(smollm2_path, n_ctx=2048) as r:
+        tokens = r.tokenize(prompt)
+        with BlockReader(r, [8], n_ctx=2048, n_batch=256) as reader:
+            asked: list[bool] = []
+            with pytest.raises(PromptCancelled):
+                reader.read_tokens(tokens, cancelled=lambda: asked.append(True) or len(asked) > 1)
+            assert reader.tokens_evaluated == 0 and len(asked) == 2  # one batch read, then it stopped
+            again = reader.read_tokens(tokens)[8]
+        with BlockReader(r, [8], n_ctx=2048, n_batch=256) as fresh:
+            assert np.allclose(fresh.read_tokens(tokens)[8], again, atol=1e-4)

@@ -32,14 +32,17 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from rs_local.errors import RsLocalError
 from rs_local.runtime.interrupts import deferred, hold
 from rs_local.runtime.owned_context import OwnedContext
-from rs_local.runtime.runner import Runner
+from rs_local.runtime.runner import PromptCancelled, Runner
+
+#: Asked between batches of a long read: True ends it (a server's client that left).
+Cancelled = Callable[[], bool]
 
 _GGML_TYPE_F32 = 0
 
@@ -168,27 +171,31 @@ class BlockReader(OwnedContext):
             self._rows.setdefault(layer, []).append(block)  # a span split across batches is joined
         return layer != self._last_layer  # false: stop the graph, nothing later is needed
 
-    def read_tokens(self, tokens: Sequence[int]) -> dict[int, np.ndarray]:
+    def read_tokens(self, tokens: Sequence[int], cancelled: Cancelled | None = None) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` (reusing the cached common prefix) and return the last token's rows
         (the mean of the last ``tail`` tokens' rows)."""
         tokens = list(tokens)
-        return self.read_span(tokens, max(0, len(tokens) - self.tail), len(tokens))
+        return self.read_span(tokens, max(0, len(tokens) - self.tail), len(tokens), cancelled)
 
-    def read_span(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
+    def read_span(self, tokens: Sequence[int], lo: int, hi: int, cancelled: Cancelled | None = None) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` and return each block's output averaged over positions [lo, hi)."""
-        return {x: rows[0] if len(rows) == 1 else rows.mean(axis=0) for x, rows in self.read_rows(tokens, lo, hi).items()}
+        rows_of = self.read_rows(tokens, lo, hi, cancelled)
+        return {x: rows[0] if len(rows) == 1 else rows.mean(axis=0) for x, rows in rows_of.items()}
 
-    def read_rows(self, tokens: Sequence[int], lo: int, hi: int) -> dict[int, np.ndarray]:
+    def read_rows(self, tokens: Sequence[int], lo: int, hi: int,
+                  cancelled: Cancelled | None = None) -> dict[int, np.ndarray]:
         """Evaluate ``tokens`` and return each block's output at every position in [lo, hi) (``[hi - lo, n_embd]``).
 
         The cached prefix is reused only up to ``lo``: the span's rows must be computed now. Tokens
         after ``hi`` are not evaluated: attention is causal, so they cannot change the span's rows
         (the probe judge's span ends before its ~17-token verdict request, a fifth of a short answer's cost).
+        ``cancelled`` (a server's "has the client left?") is asked before each batch of ``n_batch`` tokens
+        and ends the read with :class:`~rs_local.runtime.runner.PromptCancelled`.
         """
         with self.busy():
-            return self._read_rows(list(tokens), lo, hi)
+            return self._read_rows(list(tokens), lo, hi, cancelled)
 
-    def _read_rows(self, tokens: list[int], lo: int, hi: int) -> dict[int, np.ndarray]:
+    def _read_rows(self, tokens: list[int], lo: int, hi: int, cancelled: Cancelled | None) -> dict[int, np.ndarray]:
         if not tokens:
             raise RsLocalError("nothing to read: the text is empty")
         if len(tokens) > self.n_ctx:
@@ -204,6 +211,8 @@ class BlockReader(OwnedContext):
         self._cached = tokens[:keep]  # what the context holds if a decode below fails or is interrupted
         self._rows, self._span = {}, (lo, hi)
         for start in range(keep, len(tokens), self.n_batch):
+            if cancelled is not None and cancelled():
+                raise PromptCancelled("the read was cancelled")
             chunk = tokens[start:start + self.n_batch]
             self._decode(chunk, start, last=start + len(chunk) == len(tokens))
         self.tokens_evaluated += len(tokens) - keep
@@ -213,9 +222,9 @@ class BlockReader(OwnedContext):
             raise RsLocalError(f"llama.cpp produced no output for blocks {missing} (no l_out tensor seen)")
         return {x: r[0] if len(r) == 1 else np.concatenate(r) for x, r in self._rows.items()}
 
-    def read(self, prompt) -> dict[int, np.ndarray]:
+    def read(self, prompt, cancelled: Cancelled | None = None) -> dict[int, np.ndarray]:
         """Rows for a chat (list of messages, the model's template applied) or a raw string."""
-        return self.read_tokens(self.runner.tokenize(prompt))
+        return self.read_tokens(self.runner.tokenize(prompt), cancelled)
 
     def _decode(self, chunk: list[int], start: int, last: bool) -> None:
         b = self._batch

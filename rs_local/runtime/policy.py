@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -114,13 +114,14 @@ class PolicyRunner:
     def load(cls, runner: Runner, path: str | Path) -> "PolicyRunner":
         return cls(runner, read_policy(path), path)
 
-    def decide(self, prompt: Prompt) -> Decision:
-        """Classify ``prompt`` (a chat or a raw string) without changing the Runner."""
+    def decide(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None) -> Decision:
+        """Classify ``prompt`` (a chat or a raw string) without changing the Runner; ``cancelled`` is asked
+        between batches of a long prompt's read (see :meth:`BlockReader.read_rows`)."""
         self.reader.live()  # closed, or on a closed Runner: one line, not a segfault
         if not self.enabled:
             return Decision(None, 0.0, "keep", gated=False)
         start = time.perf_counter()
-        row = self.reader.read(probe_view(prompt))[self.policy.layer]
+        row = self.reader.read(probe_view(prompt), cancelled)[self.policy.layer]
         decision = classify(self.policy, row)
         decision.read_s = time.perf_counter() - start
         return decision

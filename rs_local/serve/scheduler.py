@@ -288,11 +288,13 @@ class Worker:
                               else "prompt", "context_length_exceeded")
         return tokens
 
-    def _decide(self, steering: Steering, prompt: Prompt) -> tuple[Steering, float]:
-        """A policy's steering for this prompt (its gate reads the prompt in its own context); others as they are."""
+    def _decide(self, job: Job) -> tuple[Steering, float]:
+        """A policy's steering for this prompt (its gate reads the prompt in its own context, and stops
+        reading when the client leaves); others as they are."""
+        steering = job.steering
         if steering.policy is None:
             return steering, 0.0
-        decision = self.gates[steering.policy].decide(prompt)
+        decision = self.gates[steering.policy].decide(job.prompt, job.cancelled.is_set)
         self.stats["gated"] += 1
         self.stats["gate_s"] += decision.read_s
         return steering.decided(decision), decision.read_s
@@ -301,7 +303,7 @@ class Worker:
         """Run one job, streaming its Started and Delta events; its Finished event is returned for the loop to send."""
         t0 = time.perf_counter()
         tokens = self._tokens(job)
-        steering, gate_s = self._decide(job.steering, job.prompt)
+        steering, gate_s = self._decide(job)
         previous = self._current
         apply_s = self._apply(steering)
         if steering.key != previous:

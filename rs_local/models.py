@@ -129,15 +129,13 @@ def verified_digest(path: Path) -> str | None:
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    """What tells two model files apart, for caches and logs that must not mix two models' results:
-    a verified sha256 where a marker gives it, else the size and a hash of the first and last MiB
-    (:func:`rs_local.files.edge_digest`; milliseconds, where hashing a 500 MB file takes seconds).
-    The file's name alone let a judge's cached verdicts and resumed logs serve another judge model."""
+    """What tells two model files apart, for caches and logs that must not mix two models' results: the
+    size and a hash of the first and last MiB (:func:`rs_local.files.edge_digest`; milliseconds, where
+    hashing a 500 MB file takes seconds). The same whether or not a verification marker exists, so a
+    marker written later (or a ``touch``) does not make a resumed log "different". The file's name
+    alone let a judge's cached verdicts and resumed logs serve another judge model."""
     from rs_local.files import edge_digest
 
-    digest = verified_digest(path)
-    if digest:
-        return {"sha256": digest}
     try:
         return {"size": path.stat().st_size, "edges": edge_digest(path)}
     except OSError:

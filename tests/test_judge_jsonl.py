@@ -165,3 +165,26 @@ def test_a_forced_run_sweeps_what_a_killed_forced_run_left(tmp_path):
     with AppendLog.open(path, "things", {"a": 2}, _key, force=True) as log:
         log.append({"k": 5})
     assert not stale.exists() and [r["k"] for r in _lines(path)[1:]] == [5]
+
+
+def test_keys_added_since_a_log_was_written_do_not_stop_it_resuming(tmp_path):
+    """A judge's identity gained "weights" and respond's vectors a "digest": logs written before (hours of
+    rows) still resume, while a value that is there and differs still stops the run."""
+    path = tmp_path / "log.jsonl"
+    old = {"judge": {"backend": "local", "model": "m.gguf", "model_bytes": 5},
+           "vectors": [{"path": "v.gguf", "scale": -1.0}]}
+    with AppendLog.open(path, "things", old, _key) as log:
+        log.append({"k": 1})
+    new = {"judge": {**old["judge"], "weights": {"size": 5, "edges": "ab"}},
+           "vectors": [{"path": "v.gguf", "scale": -1.0, "digest": "cd"}]}
+    with AppendLog.open(path, "things", new, _key) as log:
+        assert log.done == {1}
+        log.append({"k": 2})
+    with AppendLog.open(tmp_path / "now.jsonl", "things", new, _key):
+        pass
+    other = {"judge": {**new["judge"], "weights": {"size": 5, "edges": "zz"}}, "vectors": new["vectors"]}
+    with pytest.raises(FileProblem, match=r"different settings \(judge\)"):
+        AppendLog.open(tmp_path / "now.jsonl", "things", other, _key)
+    moved = {**new, "vectors": [{"path": "v.gguf", "scale": -1.0, "digest": "ef"}]}
+    with pytest.raises(FileProblem, match=r"different settings \(vectors\)"):
+        AppendLog.open(tmp_path / "now.jsonl", "things", moved, _key)

@@ -81,8 +81,27 @@ def test_a_reader_is_one_thread_at_a_time_and_holds_its_model(runner):
     with Watched(runner, [8], n_ctx=256) as reader:
         rows = reader.read(PROMPT)
     assert rows[8].shape == (576,)
-    assert "in use by another thread" in seen["read"] and "in use by another thread" in seen["close reader"]
+    assert "in a call on another thread" in seen["read"] and "close it when the call has returned" in seen["close reader"]
     assert "in use by a reader or batch engine" in seen["close runner"] and not runner.closed
+
+
+def test_closing_or_calling_again_from_a_calls_own_callback_is_refused(runner):
+    """A stream's ``cancelled`` that closed its Runner segfaulted; an engine closed from its progress callback
+    failed with AttributeError mid-call; a second generate_many from that callback cleared the outer call's
+    sequences (wrong answers, no error). Each is a one-line error now, and both stay usable."""
+    def close_runner() -> bool:
+        runner.close()
+        return False
+
+    with pytest.raises(RsLocalError, match="close it when the call has returned"):
+        list(runner.stream(PROMPT, max_tokens=2, cancelled=close_runner))
+    assert not runner.closed
+    with BatchEngine(runner, n_seq=1, seq_ctx=256) as engine:
+        for meddle, message in ((lambda done, total: engine.close(), "close it when the call has returned"),
+                                (lambda done, total: engine.generate_many(["x"], max_tokens=1), "from its own callback")):
+            with pytest.raises(RsLocalError, match=message):
+                engine.generate_many([PROMPT, PROMPT], max_tokens=2, progress=meddle)
+        assert engine.generate_many([PROMPT], max_tokens=2)[0].tokens
 
 
 def test_a_reader_dropped_without_close_is_freed_at_once(runner):

@@ -111,9 +111,9 @@ def check_model_header(path: str | Path) -> None:
     if scalars.get("tokenizer.ggml.model") in _NO_VOCAB:
         raise ModelError(f"{path}: the model has no vocabulary (tokenizer.ggml.model is "
                          f"{scalars['tokenizer.ggml.model']!r}), so it cannot read text")
-    for key, value in scalars.items():
-        if key.endswith("epsilon") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                            and math.isfinite(value) and value >= 0):
+    for key, value in scalars.items():  # the architecture's own keys, as llama.cpp reads them (layer_norm_rms_epsilon, ...)
+        if key.startswith(f"{arch}.") and key.endswith("epsilon") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
             raise ModelError(f"{path}: {key} is {value!r}; llama.cpp needs a finite number >= 0 there")
 
 

@@ -13,6 +13,7 @@ no lock and the behaviour is as before.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -25,7 +26,12 @@ except ImportError:  # Windows
 
 
 def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name[:120]}.lock")
+    """``.NAME.lock`` beside ``path``; a long name is cut and told apart by a hash of the whole (two long
+    outputs with one prefix must not lock each other out), within the usual 255-byte name limit."""
+    name = path.name
+    if len(name) > 120:
+        name = name[:100] + "." + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return path.with_name(f".{name}.lock")
 
 
 class OutputLock:
@@ -39,6 +45,7 @@ class OutputLock:
         self._fd = _acquire(lock_path(self.path), self.path, what)
 
     def release(self) -> None:
+        """Give the lock up and remove its file (idempotent)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -56,6 +63,8 @@ class OutputLock:
 
 
 def _acquire(lock: Path, path: Path, what: str) -> int | None:
+    """The locked descriptor of ``lock``; None where locking is not possible here (the write then goes
+    on unlocked, as before); a FileProblem naming ``path`` when another process holds it."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
     for _ in range(20):
         try:

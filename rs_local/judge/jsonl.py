@@ -61,14 +61,24 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
     write_jsonl(path, rows, force=True)
 
 
-#: Config keys added after logs were first written: a header without one still resumes (the key is
-#: unknown there, not different). ``model_edges`` (respond) tells apart model files of one name and size.
-ADDED_KEYS = frozenset({"model_edges"})
+#: Config keys added after logs were first written, at any depth: a header without one still resumes
+#: (the key is unknown there, not different). ``model_edges`` (respond) tells apart model files of one
+#: name and size; ``digest`` (respond's vectors) a vector's contents; ``weights`` (a judge) its model's.
+ADDED_KEYS = frozenset({"model_edges", "digest", "weights"})
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k) and not (k in ADDED_KEYS and k not in old)]
+    return [k for k in keys if not (k in ADDED_KEYS and k not in old) and _differs(old.get(k), new.get(k))]
+
+
+def _differs(old: Any, new: Any) -> bool:
+    """Whether two stored config values differ, with keys added since ``old`` was written left out."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return bool(_config_diff(old, new))
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) != len(new) or any(_differs(a, b) for a, b in zip(old, new))
+    return old != new
 
 
 @dataclass

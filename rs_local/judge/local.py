@@ -44,6 +44,7 @@ class LocalJudge:
         return {
             "backend": self.backend,
             "model": self.runner.path.name,
+            "model_bytes": self._weights.get("size"),  # kept: logs written before "weights" compare it
             "weights": self._weights,
             "rubric": rubric_version(),
             "logprobs": self.logprobs,

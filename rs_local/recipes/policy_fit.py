@@ -434,7 +434,8 @@ def check_refuses(runner: Any, spec: CategorySpec, *, sample: int = 16, max_toke
                   system: str | None = None) -> int:
     """Refuse a ``remove`` category the model does not refuse: there would be nothing to remove.
 
-    Answers up to ``sample`` of its prompts (short, greedy, batched, plain model) and counts
+    Answers up to ``sample`` of its prompts (short, greedy, batched, with the Runner's steering, which
+    ``policy fit`` leaves off: the plain model) and counts
     keyword refusals; none at all is a one-line error naming the file. Returns the count.
     ``system``: the system prompt the gate will run under (a refusal may depend on it).
     """

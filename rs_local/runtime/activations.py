@@ -83,7 +83,7 @@ def _ggml_base():
     return lib
 
 
-def _weak_callback(reader: "BlockReader"):
+def _weak_callback(reader: "BlockReader") -> Callable[[int, bool, int], bool]:
     """``reader._on_tensor`` without a strong reference to the reader.
 
     Why: the ctypes callback is kept on the reader, so a bound method made a reference cycle, and a

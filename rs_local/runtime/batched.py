@@ -120,7 +120,8 @@ class BatchEngine(OwnedContext, RunnerModel):
     """Batched generation and teacher-forced scoring on a Runner's model.
 
     ``n_seq`` sequences share each decode; ``seq_ctx`` is the KV room of one sequence (prompt
-    plus answer). Apply vectors with :meth:`set_vectors` (validated by the Runner first).
+    plus answer). Apply vectors with :meth:`set_vectors` (validated by the Runner first); a vector
+    set on the Runner itself is followed too, at the start of each call.
     """
 
     kind = "batched"
@@ -185,11 +186,12 @@ class BatchEngine(OwnedContext, RunnerModel):
         errors name the Runner's vectors), but a vector set on the Runner directly, before the engine
         was made or after, was not in this context: answers came out plain under a steered Runner."""
         runner = self.runner
-        if self._steering_version == runner.steering_version:
+        version, vectors, layer_range = runner.steering_version, runner.vectors, runner.layer_range  # read once
+        if self._steering_version == version:
             return
-        push_vectors(self._lib, self.ctx, runner.vectors, n_embd=runner.n_embd, n_layer=runner.n_layer,
-                     layer_range=runner.layer_range if runner.vectors else None)
-        self._steering_version = runner.steering_version
+        push_vectors(self._lib, self.ctx, vectors, n_embd=runner.n_embd, n_layer=runner.n_layer,
+                     layer_range=layer_range if vectors else None)
+        self._steering_version = version
 
     # -- batch plumbing ------------------------------------------------------------------
 
@@ -431,7 +433,8 @@ class BatchEngine(OwnedContext, RunnerModel):
             self._follow_runner()
             return self._forced_held(prompts, continuations, reduce, progress)
 
-    def _forced_held(self, prompts: list[Prompt], continuations: list[list[int]], reduce, progress) -> list:
+    def _forced_held(self, prompts: list[Prompt], continuations: list[list[int]],
+                     reduce: Callable[[int, np.ndarray], object] | None, progress: Progress | None) -> list:
         results: list = [None] * len(prompts)
         tokens = [self._tokens(p) for p in prompts]
         head = shared_head(tokens)
@@ -507,6 +510,7 @@ def _prompt_list(prompts: Sequence[Prompt]) -> list[Prompt]:
 
 
 def _token_count(max_tokens: object) -> int:
+    """``max_tokens`` as a whole number >= 0, or a one-line error ("3" was a TypeError deep inside)."""
     try:
         count = operator.index(max_tokens)  # type: ignore[arg-type]
     except TypeError:

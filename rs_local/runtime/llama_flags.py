@@ -192,7 +192,8 @@ def check_fits_model(paths: Sequence[str | Path], model: str | Path) -> None:
         try:
             validate_for_model(load_vector(path), n_embd=n_embd, n_layer=n_layer, path=path)
         except RsLocalError as exc:
-            raise RsLocalError(f"{exc} ({model}); give the model it was made for with --model") from None
+            raise RsLocalError(f"{exc} ({model}): not the model this vector was made for; name that one "
+                               "with --model") from None
 
 
 def model_shell_text(model: str | Path) -> tuple[str, str | None]:

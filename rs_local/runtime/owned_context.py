@@ -11,8 +11,10 @@ import threading
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
-#: Guards every owned context's ``_owner``/``_depth`` (held for a few instructions at a time).
-_OWNERS = threading.Lock()
+#: Guards every owned context's ``_owner`` and its freeing (held for a few instructions at a time).
+#: Re-entrant: a garbage-collection finalizer of another context (``__del__`` -> ``close``) may run
+#: while this thread holds it.
+_OWNERS = threading.RLock()
 
 
 class OwnedContext:
@@ -35,45 +37,45 @@ class OwnedContext:
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        """Hold this context for the calling thread through one public call (re-entrant).
+        """Hold this context through one public call; another call meanwhile, from any thread, is an error.
 
         Why: a llama.cpp context serves one call at a time; two threads decoding on one reader or
-        engine aborted the process inside ggml (GGML_ASSERT), and a :meth:`close` from another thread
-        freed it mid-decode. A second thread now gets a one-line error, as the Runner gives. The
-        Runner under it is lent for the call too, so closing the Runner then is refused as well."""
+        engine aborted the process inside ggml (GGML_ASSERT), a :meth:`close` from another thread
+        freed it mid-decode, and a call made from the call's own callback (a progress or stop
+        function) cleared the outer call's sequences (wrong answers). Each is now a one-line error,
+        as the Runner gives. The Runner under it is lent for the call too, so closing the Runner then
+        is refused as well."""
         from rs_local.errors import RsLocalError
 
-        me = threading.get_ident()
         with _OWNERS:
             self.live()
-            owner = getattr(self, "_owner", None)
-            if owner not in (None, me):
-                raise RsLocalError(f"this {type(self).__name__} is in use by another thread: a llama.cpp "
-                                   "context serves one call at a time (make one per thread)")
-            self._owner, self._depth = me, getattr(self, "_depth", 0) + 1
+            if getattr(self, "_owner", None) is not None:
+                where = "this thread (from its own callback)" if self._owner == threading.get_ident() else "another thread"
+                raise RsLocalError(f"this {type(self).__name__} is in a call on {where}: a llama.cpp context "
+                                   "serves one call at a time (make one per thread)")
+            self._owner = threading.get_ident()
         try:
             runner = getattr(self, "runner", None)
             with runner._lend() if hasattr(runner, "_lend") else nullcontext():
                 yield
         finally:
             with _OWNERS:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._owner = None
+                self._owner = None
 
     def close(self) -> None:
-        """Free the context and batch (also done on garbage collection); refused while another thread uses it."""
+        """Free the context and batch (also done on garbage collection); refused during a call, from
+        any thread. The handles are taken under the lock, so no call can start on them meanwhile."""
         from rs_local.errors import RsLocalError
 
         with _OWNERS:
-            if getattr(self, "_owner", None) not in (None, threading.get_ident()):
-                raise RsLocalError(f"this {type(self).__name__} is in use by another thread; close it there")
-        if self._batch is not None:
-            self._lib.llama_batch_free(self._batch)
-            self._batch = None
-        if self.ctx:
-            self._lib.llama_free(self.ctx)
-            self.ctx = None
+            if getattr(self, "_owner", None) is not None:
+                raise RsLocalError(f"this {type(self).__name__} is in a call; close it when the call has returned")
+            batch, ctx = self._batch, self.ctx
+            self._batch, self.ctx = None, None
+        if batch is not None:
+            self._lib.llama_batch_free(batch)
+        if ctx:
+            self._lib.llama_free(ctx)
 
     def __del__(self):  # pragma: no cover - best effort
         try:

@@ -192,6 +192,8 @@ class Runner:
         with self._guard:
             if self._owner not in (None, threading.get_ident()):
                 raise RsLocalError("this Runner is in use by another thread; close it there")
+            if self._depth:  # from a callback of its own call (a stream's ``cancelled``): freed mid-decode
+                raise RsLocalError("this Runner is in a call; close it when the call has returned")
             if self._lent:
                 raise RsLocalError("this Runner's model is in use by a reader or batch engine; let it finish first")
             was_open, self.closed = not self.closed, True
@@ -382,15 +384,9 @@ class Runner:
     def check_tokens(self, tokens: Sequence[int]) -> list[int]:
         """``tokens`` as ints, or a one-line error for an empty list or an id outside the vocabulary
         (llama.cpp aborts the process on one, or fails its decode)."""
-        try:
-            ids = [int(t) for t in tokens]
-        except (TypeError, ValueError):
-            raise RsLocalError("token ids must be whole numbers") from None
+        ids = [self._vocab_id(t) for t in tokens]  # operator.index: 5.7 or "5" is not a token id
         if not ids:
             raise RsLocalError("no tokens to evaluate")
-        bad = next((t for t in ids if not 0 <= t < self.n_vocab), None)
-        if bad is not None:
-            raise RsLocalError(f"token id {bad} is outside this model's vocabulary (0-{self.n_vocab - 1})")
         return ids
 
     def _timed_prompt_eval(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
@@ -457,15 +453,14 @@ class Runner:
             raise RsLocalError(f"a snapshot of {len(tokens)} tokens does not fit the context ({self.n_ctx})")
         self._epoch += 1
         with self._use():
-            written = write_seq_state(self._lib, self.llama.ctx, 0, data)
-        if not written:
-            self._kv_valid = False
-            self.llama.n_tokens = 0
-            raise RsLocalError("llama.cpp refused a KV cache snapshot")
-        self.llama.input_ids[: len(tokens)] = tokens
-        self.llama.n_tokens = len(tokens)
-        self.counters.reused_tokens += len(tokens)
-        self._kv_valid = True
+            if not write_seq_state(self._lib, self.llama.ctx, 0, data):
+                self._kv_valid = False
+                self.llama.n_tokens = 0
+                raise RsLocalError("llama.cpp refused a KV cache snapshot")
+            self.llama.input_ids[: len(tokens)] = tokens
+            self.llama.n_tokens = len(tokens)
+            self.counters.reused_tokens += len(tokens)
+            self._kv_valid = True
 
     def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
         """Log-probabilities of the token that would follow ``prompt`` (float64, [n_vocab])."""

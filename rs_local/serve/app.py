@@ -466,7 +466,9 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
             elif not self.hurried:  # a second Ctrl-C: end every answer now, with an error the client can read
                 self.hurried = True
                 self._captured_signals.append(sig)
-                service.worker.end_all(cut_short())
+                # on a thread of its own: this handler interrupts the event loop's thread, which may hold
+                # the queue's or a job's lock that end_all takes (a deadlock, even for a third Ctrl-C)
+                threading.Thread(target=service.worker.end_all, args=(cut_short(),), daemon=True).start()
             else:  # a third: uvicorn's own force quit
                 self.force_exit = True
 

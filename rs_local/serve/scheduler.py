@@ -162,6 +162,7 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="rs-local-serve-worker", daemon=True)
         self._current: tuple | None = None
         self._running: Job | None = None  # the job the worker thread is on (for end_all)
+        self._ended: ApiError | None = None  # set by end_all: every job from then on fails with it
         self._stats_lock = threading.Lock()
         self.busy = False
         self.stats: dict[str, Any] = {"requests": 0, "cancelled": 0, "failed": 0, "switches": 0,
@@ -184,6 +185,7 @@ class Worker:
     def end_all(self, error: ApiError) -> None:
         """Answer every job now with ``error``: the queued ones are dropped, the running one stops at
         its next token (a second Ctrl-C: clients get an OpenAI-shaped error, not a cut connection)."""
+        self._ended = error  # before reading _running: a job the worker takes meanwhile sees it (see _loop)
         with self._queue.mutex:
             queued = [j for j in self._queue.queue if j is not None]
             self._queue.queue = deque(j for j in self._queue.queue if j is None)
@@ -228,10 +230,17 @@ class Worker:
             job = self._queue.get()
             if job is None:
                 return
+            self._running = job
+            if self._ended is not None:  # taken just as end_all ran: it may not have seen this job
+                self._running = None
+                job.cancelled.set()
+                job.sink(Failed(self._ended))
+                continue
             if job.cancelled.is_set():  # its client left while it waited
+                self._running = None
                 self._client_left(job)
                 continue
-            self.busy, self._running = True, job
+            self.busy = True
             started = time.perf_counter()
             try:
                 last: Event = self._run(job)

@@ -72,6 +72,7 @@ class LayerRow:
 
 
 def _is_int(value: Any) -> bool:
+    """A JSON whole number (``True`` is not a block)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

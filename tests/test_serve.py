@@ -542,6 +542,18 @@ def test_browser_pages_reach_the_server_only_from_origins_allowed():
     assert res.returncode == 2 and "is not an origin" in res.stderr
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    """Another server on the port was found by uvicorn only after the model had loaded (exit 3, its log format)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "serve", "--model", "/nonexistent.gguf",
+                              "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stderr.strip() == f"Error: 127.0.0.1:{port} is in use (another server?); " \
+                                                         "choose another with --port", res.stderr
+
+
 def test_what_other_local_servers_accept_is_accepted(server):
     """top_k -1 (vLLM's and llama.cpp's "off"), a UTF-8 byte-order mark before the JSON and a trailing slash
     on the route were a 400, a 400 and a 307 with an empty body that POST clients do not follow."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -47,6 +48,26 @@ def _origins(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value):
             raise click.BadParameter(f"{value!r} is not an origin: use scheme://host[:port] (no path) or '*'")
     return values
+
+
+def check_address(host: str, port: int) -> None:
+    """One line when the server could not listen on ``host:port`` (in use, not this machine's address),
+    said before the model loads; uvicorn said it after the load, in its own log format, with exit code 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"--host {host}: not an address this machine can listen on ({exc.strerror})") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = "is in use (another server?); choose another with --port" if exc.errno == errno.EADDRINUSE else \
+                f"cannot be listened on ({exc.strerror})"
+            raise click.ClickException(f"{host}:{port} {why}") from None
 
 
 def _web_stack() -> None:
@@ -99,6 +120,7 @@ def serve(model: str, vector_specs, vectors_dir, policy_specs, default_specs, ho
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         say(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
+    check_address(host, port)  # before the model loads: a port in use was found only after it
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     model_id = model if model in MODELS else runner.path.stem
     service = build_service(runner, model_id, vector_specs=vector_specs, vectors_dir=vectors_dir,

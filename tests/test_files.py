@@ -730,3 +730,25 @@ def test_a_symlinked_output_is_written_through_and_a_link_to_a_stream_refused(tm
         with pytest.raises(FileProblem, match="is a link to .*not into a terminal, pipe or device"):
             write()
     assert stream.is_symlink()
+
+
+def test_a_gguf_cut_short_by_a_file_size_limit_is_an_error_and_replaces_nothing(tmp_path):
+    """The gguf library writes tensors with numpy's tofile, which loses the write error of a small array: past
+    a file-size limit (or on a full disk) `convert` said "wrote" and replaced a good vector with a cut one."""
+    import resource
+
+    from rs_local.converters import write_control_vector
+    from rs_local.vectors import ControlVector
+
+    big = write_control_vector(ControlVector({k: np.ones(576, np.float32) for k in range(1, 30)}, "llama"),
+                               tmp_path / "big.gguf")
+    good = write_control_vector(ControlVector({3: np.ones(576, np.float32)}, "llama"), tmp_path / "good.gguf")
+    before = good.read_bytes()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 1024, 10 * 1024))
+
+    res = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "convert", str(big), str(good), "--force"],
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert res.returncode == 1 and "the file came out incomplete" in res.stderr and "wrote" not in res.stdout
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["big.gguf", "good.gguf"]

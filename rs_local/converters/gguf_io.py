@@ -32,7 +32,7 @@ import numpy as np
 from rs_local.converters import gguf_check, gguf_cursor, gguf_limits
 from rs_local.converters.cvec_loader import read_directions
 from rs_local.converters.gguf_check import KeyValue
-from rs_local.errors import VectorFileError
+from rs_local.errors import FileProblem, VectorFileError
 from rs_local.files import atomic_output  # noqa: F401 - one atomic writer for every file; re-exported here
 from rs_local.vectors.control_vector import ControlVector
 
@@ -109,11 +109,28 @@ def write_control_vector(cv: ControlVector, path: str | Path, *, force: bool = F
             _add_metadata(writer, key, value)
         for layer in cv.layers:
             writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(cv.directions[layer], np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish_gguf(writer, tmp, path)
     return path
+
+
+def finish_gguf(writer: Any, tmp: Path, path: Path) -> None:
+    """Write a GGUFWriter's file and check it is whole before :func:`atomic_output` renames it over ``path``.
+
+    Why: the gguf library writes each tensor with numpy's ``tofile``, which loses a write error for an
+    array smaller than the C library's buffer, as every direction of a small model is. On a full disk
+    or past a file-size limit the file came out short, and the command said "wrote" and replaced the
+    good file with it. Reading the temp file back as ggml would catches any short write."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    try:
+        fh, size = gguf_cursor.open_regular_file(Path(tmp))
+        with fh:
+            gguf_check.parse_gguf(fh, Path(tmp), size)
+    except VectorFileError as exc:
+        raise FileProblem(path, f"cannot be written: the file came out incomplete ({exc.problem}); a full disk or a "
+                                "file-size limit? Nothing was replaced") from None
 
 
 # --------------------------------------------------------------------------- reading

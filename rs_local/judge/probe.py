@@ -114,6 +114,7 @@ def write_probe(pf: ProbeFile, path: str | Path, *, force: bool = False) -> Path
     """Save as a small GGUF (atomic; refuses to overwrite without ``force``)."""
     import gguf
 
+    from rs_local.converters.gguf_io import finish_gguf
     from rs_local.files import atomic_output
 
     path = Path(path)
@@ -130,10 +131,7 @@ def write_probe(pf: ProbeFile, path: str | Path, *, force: bool = False) -> Path
             w.add_float64(f"{ARCH}.{key}", value)
         for name, arr in (("probe.weight", pf.probe.weight), ("probe.mean", pf.probe.mean), ("probe.scale", pf.probe.scale)):
             w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w, tmp, path)
     return path
 
 

@@ -232,6 +232,7 @@ def write_policy(policy: Policy, path: str | Path, *, force: bool = False) -> Pa
     """Save as one GGUF (atomic; refuses to overwrite without ``force``)."""
     import gguf
 
+    from rs_local.converters.gguf_io import finish_gguf
     from rs_local.files import atomic_output
 
     validate_policy(policy, Path(path))
@@ -250,10 +251,7 @@ def write_policy(policy: Policy, path: str | Path, *, force: bool = False) -> Pa
         w.add_string(f"{ARCH}.tensor_sha256", tensor_digest(tensors))
         for name, array in tensors.items():
             w.add_tensor(name, array)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w, tmp, path)
     return path
 
 

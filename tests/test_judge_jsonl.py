@@ -188,3 +188,23 @@ def test_keys_added_since_a_log_was_written_do_not_stop_it_resuming(tmp_path):
     moved = {**new, "vectors": [{"path": "v.gguf", "scale": -1.0, "digest": "ef"}]}
     with pytest.raises(FileProblem, match=r"different settings \(vectors\)"):
         AppendLog.open(tmp_path / "now.jsonl", "things", moved, _key)
+
+
+def test_a_forced_log_that_cannot_be_written_leaves_no_temp_file(tmp_path):
+    """Past a file-size limit the forced run failed as it should, old log kept, but closing raised again and
+    its hidden temp log stayed behind (on a full disk, holding the space)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "log.jsonl"
+    with AppendLog.open(path, "things", {"a": 1}, _key) as log:
+        log.append({"k": 1})
+    before = path.read_bytes()
+    code = ("import resource, sys\nfrom rs_local.judge.jsonl import AppendLog\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n    with AppendLog.open(sys.argv[1], 'things', {'a': 2}, lambda r: r['k'], force=True) as log:\n"
+            "        for i in range(100):\n            log.append({'k': i, 'text': 'x' * 200})\n"
+            "except Exception as exc:\n    print(exc)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert "cannot be written" in res.stdout, (res.stdout, res.stderr)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]

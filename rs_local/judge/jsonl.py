@@ -258,7 +258,12 @@ class AppendLog:
         """Close; a forced run's log replaces the old file only when the run finished (an error, Ctrl-C
         or SIGTERM used to leave the old file already destroyed and a partial one in its place)."""
         try:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # the last rows could not be written (a full disk): the old log stays
+                if self._target is not None:
+                    self.path.unlink(missing_ok=True)  # and the forced run's partial one goes
+                raise
             if self._target is None:
                 return
             if exc_type is None:

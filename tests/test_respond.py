@@ -140,3 +140,29 @@ def test_a_prompt_too_long_for_the_context_stops_before_any_answer(runner, tmp_p
                                            r"the context holds"):
         respond(runner, ["Name a fruit.", "word " * 2000], out, RespondSettings(samples=1, max_tokens=2))
     assert not out.exists()
+
+
+def test_a_hang_up_ends_a_forced_run_like_sigterm(smollm2_path, tmp_path):
+    """SIGHUP (a closed terminal, a dropped SSH session) killed `respond --force` outright: its hidden temp log
+    and its lock file stayed behind. It now unwinds as SIGTERM does: exit 129, the old log intact, nothing left."""
+    import os
+    import signal
+    import time
+
+    from conftest import rows_so_far
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Tell me about the number {i}.\n" for i in range(40)))
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "rs_local.cli.main", "respond", "--model", str(smollm2_path), "--prompts", str(prompts),
+           "-k", "1", "-n", "32", "--ctx", "512", "-o", str(out)]
+    out.write_text("")  # an (empty) earlier log: the forced run writes beside it
+    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    temps: list = []
+    while time.time() < deadline and not any(rows_so_far(t) for t in temps):
+        temps = list(tmp_path.glob(".r.jsonl.*.tmp"))
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP, proc.stderr.read()[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "r.jsonl"] and out.read_text() == ""

@@ -404,6 +404,26 @@ def test_stopping_server_ends_answers_with_an_error_not_a_dropped_connection(str
         srv.kill()
 
 
+def test_a_hang_up_stops_the_server_like_sigterm():
+    """SIGHUP (the terminal closed) ended the server at once: an open stream was cut with no event, no [DONE]."""
+    srv = Server(["--shutdown-grace", "0"])
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                "max_tokens": 400, "temperature": 0, "stream": True}
+        conn, r = _stream(srv, "/chat/completions", body)
+        events = []
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+                if len(events) == 3:
+                    srv.proc.send_signal(signal.SIGHUP)
+        assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "server_shutdown"
+        conn.close()
+        assert srv.proc.wait(timeout=30) in (0, 128 + signal.SIGTERM)
+    finally:
+        srv.kill()
+
+
 def test_a_second_ctrl_c_ends_every_answer_with_an_error_at_once():
     """A second SIGINT (uvicorn's "CTRL+C to force quit") cancelled the request tasks: 38 of 40 clients got a
     plain-text 500, a stream was cut without [DONE], and the log filled with tracebacks. Now every answer in
@@ -871,3 +891,18 @@ def test_the_same_vectors_in_any_order_are_the_same_sum():
     one, two = (ControlVector.merge(library.parts(s)) for s in (forward, backward))
     for layer in (1, 2):
         assert np.array_equal(one.directions[layer], two.directions[layer])
+
+
+def test_accept_errors_out_of_descriptors_are_logged_once_a_minute():
+    """Out of file descriptors, asyncio logged a traceback per retried accept: 120,000 in ten seconds."""
+    import logging
+
+    from rs_local.serve.app import _OncePerMinute
+
+    once = _OncePerMinute()
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    flood = [once.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert flood.count(True) == 1 and once.filter(record("something else"))

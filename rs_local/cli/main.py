@@ -79,22 +79,24 @@ _register()
 
 
 def _sigterm_unwinds() -> None:
-    """Make SIGTERM raise :class:`~rs_local.files.Terminated` for the whole command, as Ctrl-C raises
+    """Make SIGTERM and SIGHUP raise :class:`~rs_local.files.Terminated` for the whole command, as Ctrl-C raises
     KeyboardInterrupt: ``finally`` blocks then remove temp files and directories (a half-written
     Transformers cache entry or model download was left behind), and the command ends with one line
     instead of dying silently. A handler someone else installed is left alone."""
     import signal
 
     from rs_local.files import Terminated
+    from rs_local.files.writing import STOP_SIGNALS
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise Terminated()
+        raise Terminated(signum)
 
-    try:
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):  # not the main thread, or no such signal here
-        pass
+    for sig in STOP_SIGNALS:  # SIGHUP too: a closed terminal or SSH session
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
 
 
 def main() -> None:

@@ -24,10 +24,16 @@ STALE_TEMP_SECONDS = 3600
 
 
 class Terminated(SystemExit):
-    """SIGTERM arrived during an atomic write; raised so the temp file is removed on the way out."""
+    """SIGTERM (or SIGHUP: the terminal closed) arrived; raised so temp files are removed on the way out.
+    The exit status is the shell's for that signal (143, 129)."""
 
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
+
+
+#: Signals that end a command the way SIGTERM does: SIGHUP is what a closed terminal or a dropped SSH
+#: session sends, and left to the OS it killed the command with its temp files and lock left behind.
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 # ----------------------------------------------------------------------------- JSON out
@@ -257,27 +263,27 @@ def new_temp(path: Path) -> Path:
 
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (so ``finally`` blocks run) instead of killing outright."""
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (so ``finally`` blocks run) instead of
+    killing outright; a signal someone else handles keeps its handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-    except (ValueError, OSError):
-        yield
-        return
-    if previous not in (signal.SIG_DFL, None):
-        yield  # someone else handles SIGTERM; leave their handler alone
-        return
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
+    previous: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                previous[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):
+            pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated(signum)
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDWR) -> None:

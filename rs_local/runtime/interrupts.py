@@ -62,7 +62,7 @@ def deferred() -> Iterator[None]:
             release()
         return
     saved: dict[int, Any] = {}
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
         if sig is None:
             continue
         handler = signal.getsignal(sig)

@@ -475,12 +475,54 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
         hurried = False
 
     app = create_app(service, api_key=api_key, max_body=max_body, cors_origins=cors_origins)
+    import numpy.random  # noqa: F401 - numpy loads it on first use; out of descriptors, the first request's 500
     service.worker.start()
     raise_open_files_limit()
+    quiet_accept_errors()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
                             timeout_graceful_shutdown=service.grace + 2, access_log=log_level == "debug",
                             http=header_timeout_protocol(service.request_timeout))
+    server = Server(config)
+    hang_up_stops(server)
     try:
-        Server(config).run()
+        server.run()
     finally:
         service.worker.stop()
+
+
+def hang_up_stops(server: Any) -> None:
+    """SIGHUP (the terminal closed, the SSH session dropped) stops the server as SIGTERM does: streams end
+    with the server_shutdown event and [DONE]. Left to the command's own handler it ended the process
+    mid-stream, the connection cut with no event."""
+    import signal
+
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(hup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
+
+
+class _OncePerMinute(logging.Filter):
+    """Lets asyncio's "out of system resource" accept error through once a minute.
+
+    Why: out of file descriptors (a low ``ulimit -n``), asyncio logs a traceback for every accept it
+    retries: 120,000 of them, 50 MB of log, in ten seconds, while the server otherwise recovered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "out of system resource" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < 60:
+            return False
+        self.last = now
+        return True
+
+
+def quiet_accept_errors() -> None:
+    log_of_asyncio = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OncePerMinute) for f in log_of_asyncio.filters):
+        log_of_asyncio.addFilter(_OncePerMinute())

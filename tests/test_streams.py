@@ -163,3 +163,26 @@ def test_an_allocation_that_fails_is_one_line():
     line = res.output.strip()
     assert res.exit_code == 1 and line.startswith(f"Error: {OUT_OF_MEMORY} [") and "allocate" in line, res.output
     assert len(line.splitlines()) == 1
+
+
+def test_a_thread_that_cannot_start_is_one_line_about_the_limit():
+    """Under a container's pid limit, Python's "can't start new thread" was a traceback from the loading
+    spinner (generate) or blamed the model file (fit: "Transformers could not load it"). The exception is
+    Python's own, raised by threading when the OS refuses; root ignores the limit, so it is raised here."""
+    import threading
+
+    import click
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import NO_THREADS, _Group
+
+    @click.group(cls=_Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def spin() -> None:
+        raise RuntimeError("can't start new thread")  # what threading.Thread.start raises then
+
+    res = CliRunner().invoke(group, ["spin"])
+    assert res.exit_code == 1 and res.output.strip() == f"Error: {NO_THREADS}", res.output

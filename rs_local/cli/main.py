@@ -18,6 +18,9 @@ from rs_local.errors import RsLocalError
 #: What an allocation that failed mid-command says (the fit's memory check runs before work; this is the rest).
 OUT_OF_MEMORY = ("out of memory: use a smaller model, shorter or fewer prompts, or a machine with more memory "
                  "(`rs-local doctor` shows what is available)")
+#: What a thread that could not be started says (a container's process limit counts threads).
+NO_THREADS = ("cannot start a thread: this process is at its process/thread limit (docker --pids-limit, a pod's "
+              "pid limit, ulimit -u); raise the limit, or lower --threads and OMP_NUM_THREADS")
 
 
 class _Group(click.Group):
@@ -38,6 +41,8 @@ class _Group(click.Group):
             if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
                 detail = " ".join(str(exc).split())[:200]  # which device, how much: worth keeping
                 raise click.ClickException(terminal_safe(f"{OUT_OF_MEMORY} [{detail}]")) from None
+            if "can't start new thread" in str(exc):  # docker --pids-limit, a pod's pid limit, ulimit -u
+                raise click.ClickException(NO_THREADS) from None
             raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout's reader left (`| head`): click ends quietly, exit 1

@@ -281,6 +281,8 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
                     where, dtype=torch_dtype, local_files_only=True, output_loading_info=True, **extra,
                     **_gguf_overrides(path))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+                raise  # the machine's limit, not the model's fault: the command group says so
             raise ModelError(f"{path}: Transformers could not load it "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         _check_complete(path, info)

@@ -214,3 +214,25 @@ def test_a_cached_verdict_of_the_wrong_types_is_judged_again(engine, tmp_path, r
     for report in (again, damaged):
         assert [(p.scale, p.rate("target"), p.rate("keep")) for p in report.points] == \
             [(p.scale, p.rate("target"), p.rate("keep")) for p in first.points]
+
+
+def test_plots_without_matplotlib_fail_before_the_work(monkeypatch, tmp_path):
+    """Without the plot extra, `eval`, `sweep`, `demo` and `fit --plot` evaluated for minutes, then failed when
+    they came to draw, before report.json or sweep.json was written. They stop at once now (eval: unless
+    --no-plot), and the reports are written before the plot."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi.\n")
+    for args in (["eval", "--model", "/nowhere.gguf", "--set", f"a={prompts}", "-o", str(tmp_path / "e")],
+                 ["sweep", "--model", "/nowhere.gguf", "--vector", "/nowhere.gguf", "--set", f"a={prompts}",
+                  "--set", f"b={prompts}", "--target", "a", "--keep", "b", "-o", str(tmp_path / "s")],
+                 ["demo", "-o", str(tmp_path / "d")]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1 and "plots need matplotlib" in res.output, (args[0], res.output)

@@ -17,6 +17,7 @@ from rs_local.cli.options import (
 )
 from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
+from rs_local.files.figures import require_pyplot
 
 DEFAULT_SETS = ("political", "harmful", "harmless")
 #: Most scale points the outward walk of one band may take (the default walk takes 12).
@@ -42,7 +43,7 @@ def eval_options(f: Callable) -> Callable:
     for opt in reversed([
         click.option("--vector", "--control-vector", "vectors", multiple=True, metavar="PATH[:WEIGHT]",
                      help="Control vector (repeatable; several are summed, each times its WEIGHT). Required "
-                          "unless eval is given --policy."),
+                          "(for eval: unless --policy is given)."),
         click.option("--set", "sets", multiple=True, metavar="NAME=PATH",
                      help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless, "
                           "alarming, gambling) uses the set shipped with rs-local. Default: political, harmful, "
@@ -143,6 +144,8 @@ def eval_(model, scales, no_plot, n_ctx, n_gpu_layers, n_threads, **kw) -> None:
     from rs_local.eval.report import summary_table, write_report
 
     scale_list = _scales(scales)
+    if not no_plot and kw["policy"] is None:
+        require_pyplot(", or --no-plot")  # before the evaluation, not after it
     if kw["policy"] is not None:  # the gate picks each category's vector, scale and blocks: nothing to vary
         fixed = [f"--{n}" for n in ("scales", "layers") if _typed(n)]
         if fixed:
@@ -239,6 +242,7 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
                                f"at most {MAX_SWEEP_POINTS} (raise --step; --refine bisects between steps)")
     if target in keep:
         raise click.UsageError(f"--target {target} is also a --keep set: its refusals cannot both go and stay")
+    require_pyplot()  # the sweep's plot, found missing after every point was evaluated
 
     sets, vector, _layers, settings, cache = _setup(kw)
     names = [s.name for s in sets]
@@ -293,6 +297,7 @@ def demo(model, output, scales, n_eval, judge_name, force, n_ctx, n_gpu_layers, 
     """The whole flow offline: pull the model, fit a political-refusal vector, evaluate it, show before/after."""
     from rs_local.recipes.demo import DemoOptions, run_demo
 
+    require_pyplot()  # the demo's plot comes last, after minutes of work
     opts = DemoOptions(model=model, output=output, force=force, judge=judge_name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                        n_threads=n_threads)
     if scales is not None:

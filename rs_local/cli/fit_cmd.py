@@ -23,6 +23,7 @@ from rs_local.cli.options import SEED, Number, check_output, integer, number, ut
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
 from rs_local.files import check_distinct
+from rs_local.files.figures import require_pyplot
 from rs_local.prompts import NEUTRAL_THRESHOLD, check_disjoint, load_prompts, load_scores, split_by_scores
 from rs_local.runtime.vector_specs import band_label
 from rs_local.vectors.layers import LayerRow, table_from_metadata
@@ -175,6 +176,7 @@ def fit(**kw: Any) -> None:
 
     check_output(kw["output"], kw["force"])
     if kw["plot"] is not None:
+        require_pyplot()  # before the fit, not after it
         check_output(kw["plot"], kw["force"])
         check_output(_scatter_path(kw["plot"]), kw["force"])
     check_distinct([kw["output"], kw["plot"], kw["plot"] and _scatter_path(kw["plot"])],

@@ -102,7 +102,7 @@ def _web_stack() -> None:
               help="Memory for the chat template's head KV kept per steering (answers identical either way; "
                    "0 turns it off and re-evaluates the whole prompt each request).")
 @click.option("--shutdown-grace", type=click.FloatRange(0, 600), default=3.0, show_default=True, metavar="SECONDS",
-              help="On SIGINT/SIGTERM, how long answers under way may go on before they end with a "
+              help="On SIGINT, SIGTERM or SIGHUP, how long answers under way may go on before they end with a "
                    "'server_shutdown' error (a stream still ends with [DONE]).")
 @click.option("--request-timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True, metavar="SECONDS",
               help="How long a client may take to send a request's headers, and again its body, before its "

@@ -59,11 +59,11 @@ def write_report(report: EvalReport, out: str | Path, force: bool = False, plot:
     paths: dict[str, Path] = {}
     lines = [dumps(asdict(a)) for p in report.points for a in p.answers]
     paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
+    paths["report"] = write_atomic(out / REPORT, dumps(report_dict(report), indent=2) + "\n")  # before the plot
     if plot:
         from rs_local.eval.plot import plot_report
 
         paths["plot"] = plot_report(report, out / PLOT)
-    paths["report"] = write_atomic(out / REPORT, dumps(report_dict(report), indent=2) + "\n")
     return paths
 
 

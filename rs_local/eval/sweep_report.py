@@ -46,15 +46,15 @@ def write_sweep(result: SweepResult, evaluator: Evaluator, target: str, out: str
     paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
     band = result.chosen.layers if result.chosen is not None else None
     shown = sorted((d for d in details if d.layers == band or d.scale == 0), key=lambda d: d.scale)
+    meta = {"model": evaluator.engine.model_path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
+            "sets": {n: len(s) for n, s in evaluator.sets.items()}}
+    paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")  # before the plot
     if plot and len(shown) > 1:
         from rs_local.eval.plot import plot_report
 
         report = EvalReport(shown, evaluator.settings, {"model": evaluator.engine.model_path.name})
         title = f"sweep on {evaluator.engine.model_path.name}" + (f", blocks {band[0]}-{band[1]}" if band else "")
         paths["plot"] = plot_report(report, out / PLOT, title=title)
-    meta = {"model": evaluator.engine.model_path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
-            "sets": {n: len(s) for n, s in evaluator.sets.items()}}
-    paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")
     return paths
 
 

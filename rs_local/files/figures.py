@@ -26,6 +26,17 @@ def pyplot() -> Any:
     return plt
 
 
+def require_pyplot(why: str = "") -> None:
+    """Fail at once when a plot will be wanted and matplotlib is not installed (the ``plot`` extra).
+
+    Why: the evaluation, the sweep and the fit found out when they came to draw, after all their
+    work; the check is the import machinery's lookup, not the (slow) import itself."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RsLocalError(f"plots need matplotlib: pip install 'rs-local[plot]'{why}")
+
+
 def save_png(fig: Any, plt: Any, path: str | Path, dpi: int | None = None) -> Path:
     """Lay out ``fig``, write it to ``path`` atomically (overwriting: callers checked the path first), close it."""
     path = Path(path)

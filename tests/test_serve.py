@@ -102,7 +102,7 @@ def _random_vector(seed: int, norm: float = 8.0) -> ControlVector:
 class Server:
     """``rs-local serve`` in its own process group; SIGKILLed by the fixture."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, preexec=None):
         self.port = _free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = self.root + "/v1"
@@ -110,7 +110,7 @@ class Server:
                "--ctx", "512", *args]
         self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, f"rs-local serve exited with {self.proc.returncode}"
@@ -420,6 +420,17 @@ def test_a_hang_up_stops_the_server_like_sigterm():
         assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "server_shutdown"
         conn.close()
         assert srv.proc.wait(timeout=30) in (0, 128 + signal.SIGTERM)
+    finally:
+        srv.kill()
+
+
+def test_under_nohup_a_hang_up_leaves_the_server_running():
+    """`nohup rs-local serve` asks to outlive the terminal: SIGHUP stays ignored there."""
+    srv = Server([], preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert srv.proc.poll() is None and srv.health()["status"] == "ok"
     finally:
         srv.kill()
 

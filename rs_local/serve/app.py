@@ -499,6 +499,8 @@ def hang_up_stops(server: Any) -> None:
     hup = getattr(signal, "SIGHUP", None)
     if hup is None or threading.current_thread() is not threading.main_thread():
         return
+    if signal.getsignal(hup) == signal.SIG_IGN:  # `nohup rs-local serve`: asked to outlive the terminal
+        return
     signal.signal(hup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
 
 

@@ -17,6 +17,7 @@ from rs_local import models
 from rs_local.cli.options import check_output, integer, say, utf8_text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.files import check_distinct
+from rs_local.files.figures import require_pyplot
 from rs_local.prompts import load_prompts
 
 err = Console(stderr=True)
@@ -61,6 +62,8 @@ def experts(**kw: Any) -> None:
         if path is not None:
             check_output(path, kw["force"])
     check_distinct([kw["output"], kw["plot"]], [kw["refused"], kw["answered"]])
+    if kw["plot"] is not None:
+        require_pyplot()  # before the routing capture, not after it
     refused, answered = load_prompts(kw["refused"], kw["field"]), load_prompts(kw["answered"], kw["field"])
     position = kw["position"].replace("-", "_")
     require_moe_file(models.resolve(kw["model"]))

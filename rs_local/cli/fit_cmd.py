@@ -296,6 +296,7 @@ def layers(file: Path, plot: Path | None, force: bool) -> None:
     if plot is not None:
         from rs_local.vectors.layers_plot import plot_layer_table
 
+        require_pyplot()
         check_output(plot, force)
         check_distinct([plot], [file])  # `layers v.gguf --plot v.gguf --force` turned the vector into a PNG
         plot_layer_table(rows, plot, title=f"{file.name}: per-layer signal")

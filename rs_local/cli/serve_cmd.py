@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -52,22 +53,38 @@ def _origins(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 
 def check_address(host: str, port: int) -> None:
     """One line when the server could not listen on ``host:port`` (in use, not this machine's address),
-    said before the model loads; uvicorn said it after the load, in its own log format, with exit code 3."""
+    said before the model loads; uvicorn said it after the load, in its own log format, with exit code 3.
+
+    Binds as asyncio's ``create_server`` (uvicorn's) will: every address the host resolves to at once
+    (``localhost`` may be ::1 and 127.0.0.1), IPv6 sockets IPv6-only, SO_REUSEADDR except on Windows,
+    where it would let the probe share a port in use; a family this machine lacks is skipped."""
     import socket
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise click.ClickException(f"--host {host}: not an address this machine can listen on ({exc.strerror})") from None
-    family, kind, proto, _name, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            why = "is in use (another server?); choose another with --port" if exc.errno == errno.EADDRINUSE else \
-                f"cannot be listened on ({exc.strerror})"
-            raise click.ClickException(f"{host}:{port} {why}") from None
+    probes: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            try:
+                probe = socket.socket(family, kind, proto)
+            except OSError:  # no IPv6 here, say: asyncio skips it too
+                continue
+            probes.append(probe)
+            if os.name != "nt":
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT port is free
+            if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = ("is in use (another server?); choose another with --port" if exc.errno == errno.EADDRINUSE
+                       else f"cannot be listened on ({exc.strerror})")
+                raise click.ClickException(f"{host}:{port} {why}") from None
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _web_stack() -> None:

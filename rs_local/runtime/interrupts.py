@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM that land inside a llama.cpp callback, held until the C call returns.
+"""Ctrl-C, SIGTERM and SIGHUP that land inside a llama.cpp callback, held until the C call returns.
 
 Why: Python runs a signal's handler at the next Python code of the main thread, and while
 llama.cpp works that is often one of our ctypes callbacks (the log filter during a load, the
@@ -49,7 +49,7 @@ def release() -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM are held (their handlers' exceptions kept for
+    """Within the block, SIGINT, SIGTERM and SIGHUP are held (their handlers' exceptions kept for
     :func:`release`) instead of raised wherever Python happens to be; the block's end releases them.
 
     Only the Python handlers in place are wrapped (Python's own Ctrl-C handler, rs-local's SIGTERM

@@ -47,20 +47,24 @@ class OwnedContext:
         is refused as well."""
         from rs_local.errors import RsLocalError
 
-        with _OWNERS:
-            self.live()
-            if getattr(self, "_owner", None) is not None:
-                where = "this thread (from its own callback)" if self._owner == threading.get_ident() else "another thread"
-                raise RsLocalError(f"this {type(self).__name__} is in a call on {where}: a llama.cpp context "
-                                   "serves one call at a time (make one per thread)")
-            self._owner = threading.get_ident()
-        try:
+        me, mine = threading.get_ident(), False
+        try:  # a Ctrl-C between taking and the try must not leave the context taken for good
+            with _OWNERS:
+                self.live()
+                if getattr(self, "_owner", None) is not None:
+                    where = "this thread (from its own callback)" if self._owner == me else "another thread"
+                    raise RsLocalError(f"this {type(self).__name__} is in a call on {where}: a llama.cpp context "
+                                       "serves one call at a time (make one per thread)")
+                mine = True
+                self._owner = me
             runner = getattr(self, "runner", None)
             with runner._lend() if hasattr(runner, "_lend") else nullcontext():
                 yield
         finally:
-            with _OWNERS:
-                self._owner = None
+            if mine:
+                with _OWNERS:
+                    if self._owner == me:
+                        self._owner = None
 
     def close(self) -> None:
         """Free the context and batch (also done on garbage collection); refused during a call, from

@@ -7,7 +7,7 @@ with ``data: [DONE]``; when its client disconnects, sse-starlette cancels the ge
 ``finally`` marks the job cancelled, so the worker stops at the next token and takes the next
 request. No route touches the Runner: only the worker thread does.
 
-A stopping server (SIGINT/SIGTERM) lets answers under way go on for ``Service.grace`` seconds,
+A stopping server (SIGINT, SIGTERM or SIGHUP) lets answers under way go on for ``Service.grace`` seconds,
 then ends each one as it would end a failed one: a stream with an error event (503,
 ``server_shutdown``) and ``[DONE]``, a waiting request with a 503. Clients can thus tell an answer
 cut short from a finished one instead of seeing the connection drop.
@@ -453,7 +453,7 @@ def load_policies(runner: Runner, library: VectorLibrary, specs: tuple[str, ...]
 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_body: int = MAX_BODY, log_level: str = "info", cors_origins: tuple[str, ...] = ()) -> None:
-    """Run the server until SIGINT/SIGTERM; answers under way get ``service.grace`` seconds, then the worker stops."""
+    """Run the server until SIGINT, SIGTERM or SIGHUP; answers under way get ``service.grace`` seconds, then the worker stops."""
     import uvicorn
 
     closing = service.closing
@@ -483,25 +483,29 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
                             timeout_graceful_shutdown=service.grace + 2, access_log=log_level == "debug",
                             http=header_timeout_protocol(service.request_timeout))
     server = Server(config)
-    hang_up_stops(server)
+    previous = hang_up_stops(server)
     try:
         server.run()
     finally:
         service.worker.stop()
+        if previous is not None:  # a library caller's process keeps its own SIGHUP handling afterwards
+            import signal
+
+            signal.signal(signal.SIGHUP, previous)
 
 
-def hang_up_stops(server: Any) -> None:
+def hang_up_stops(server: Any) -> Any:
     """SIGHUP (the terminal closed, the SSH session dropped) stops the server as SIGTERM does: streams end
     with the server_shutdown event and [DONE]. Left to the command's own handler it ended the process
-    mid-stream, the connection cut with no event."""
+    mid-stream, the connection cut with no event. Returns the handler it replaced (None: none replaced)."""
     import signal
 
     hup = getattr(signal, "SIGHUP", None)
     if hup is None or threading.current_thread() is not threading.main_thread():
-        return
+        return None
     if signal.getsignal(hup) == signal.SIG_IGN:  # `nohup rs-local serve`: asked to outlive the terminal
-        return
-    signal.signal(hup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
+        return None
+    return signal.signal(hup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
 
 
 class _OncePerMinute(logging.Filter):

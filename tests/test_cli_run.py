@@ -194,3 +194,62 @@ def test_system_prompt_notes_check_only_vectors_that_record_one():
     assert len(notes) == 1 and notes[0].startswith("note: long.gguf was fitted under")
     assert "..." in notes[0] and len(notes[0]) < 240
     assert system_prompt_notes([silent], None) == [] and system_prompt_notes([silent], "Be brief.") == []
+
+
+def test_chat_slash_text_and_vector_state(smollm2_path, vec):
+    """A line that starts with a slash could not be sent at all ("unknown command /etc/passwd"): `//` sends it.
+    `/vector` alone removed the vector as `/vector off` does; it now shows the steering and keeps it."""
+    script = "//etc/passwd is what?\n/vector\n/quit\n"
+    res = run("chat", "--model", str(smollm2_path), "--vector", f"{vec}:0.5", "-n", "4", "--ctx", "256", input=script)
+    assert res.exit_code == 0, res.output
+    assert "unknown command" not in res.output
+    assert res.output.count("v.gguf:0.5 at scale 1") == 2  # the banner, then /vector alone
+
+
+def test_chat_leaves_on_a_second_ctrl_c_not_the_first(smollm2_path):
+    """A Ctrl-C at the prompt ended the chat (and a second Ctrl-C just after a stopped reply did too), though
+    the chat says Ctrl-C stops a reply, not the session. One alone now says how to leave; two in a row leave."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def read_until(proc, needle: bytes, timeout: float = 120) -> bytes:
+        seen, deadline = b"", time.time() + timeout
+        while needle not in seen and time.time() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        assert needle in seen, seen
+        return seen
+
+    for twice in (False, True):
+        proc = subprocess.Popen([sys.executable, "-m", "rs_local.cli.main", "chat", "--model", str(smollm2_path),
+                                 "-n", "4", "--ctx", "256"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        read_until(proc, b"/help for commands")
+        time.sleep(0.5)  # at the prompt
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, b"Ctrl-C again, Ctrl-D or /quit leaves")
+        if twice:
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.stdin.write(b"/help\n/quit\n")
+            proc.stdin.flush()
+            read_until(proc, b"/scale X")
+        assert proc.wait(timeout=60) == 0
+
+
+def test_an_answer_cut_by_a_full_context_says_so(smollm2_path):
+    """An answer that stopped because the context ran out came without a word (an empty answer for a prompt
+    that filled the context); `--max-tokens` and the context both read "length"."""
+    prompt = "count " * 230
+    res = CliRunner().invoke(cli, ["generate", "--model", str(smollm2_path), "--ctx", "256", "-n", "60", "--raw", prompt])
+    assert res.exit_code == 0 and "stopped: the context is full (256 tokens)" in res.stderr, res.output
+    res = CliRunner().invoke(cli, ["generate", "--model", str(smollm2_path), "--ctx", "256", "-n", "60", "--raw", "--json",
+                                   prompt])
+    assert json.loads(res.stdout)["context_full"] is True
+    res = CliRunner().invoke(cli, ["generate", "--model", str(smollm2_path), "--ctx", "256", "-n", "3", "--json", "Hi"])
+    assert json.loads(res.stdout)["context_full"] is False

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 from rich.console import Console
 
 from rs_local.cli.options import (
     err_console, load_runner, load_vectors, model_option, note_system, runtime_options, sampling_from,
-    sampling_options, utf8_text, vector_options,
+    sampling_options, say, utf8_text, vector_options,
 )
 from rs_local.cli.terminal import plain, styled
 from rs_local.errors import RsLocalError
 from rs_local.files import dumps
+from rs_local.runtime.runner import Generation
 from rs_local.runtime.vector_specs import parse_scale, vector_name
 from rs_local.templating import one_turn
 
+#: A second Ctrl-C at the prompt within this many seconds leaves the chat (one alone says how to leave).
+LEAVE_WINDOW_S = 2.0
+
 REPL_HELP = """commands:
   /scale X          set the scale that multiplies every vector (0 = off)
-  /vector PATH[:S]  replace the vector(s); /vector off removes them
+  /vector PATH[:S]  replace the vector; /vector off removes it, /vector alone shows it
   /system TEXT      set the system prompt (empty: none) and start over
   /reset            forget the conversation
   /policy off|on    (with --policy) switch the per-prompt gate off (plain model) or back on
-  /help, /quit      (Ctrl-C stops a reply; Ctrl-D or /quit leaves)"""
+  //TEXT            send /TEXT as a message (a line that starts with a slash)
+  /help, /quit      (Ctrl-C stops a reply; Ctrl-C twice, Ctrl-D or /quit leaves)"""
 
 
 def policy_option(f):
@@ -79,15 +86,26 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
         gen = runner.generate(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling)
         click.echo(dumps({
             "model": str(runner.path), "prompt": prompt, "text": gen.text, "finish_reason": gen.finish_reason,
+            "context_full": context_full(gen, runner, kw["max_tokens"]),
             "tokens": len(gen.tokens), "mean_logprob": gen.mean_logprob,
             "vectors": [{"path": vector_name(v), "scale": s} for v, s in parts],
             "layers": list(layer_range) if layer_range else None,
             **({"policy": {"path": str(policy_path), **decision.to_dict()}} if decision is not None else {}),
         }))
         return
-    for event in runner.stream(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling):
+    gen = Generation()
+    for event in runner.stream(prompt if raw else messages, max_tokens=kw["max_tokens"], sampling=sampling, result=gen):
         click.echo(event.text, nl=False)
     click.echo()
+    if context_full(gen, runner, kw["max_tokens"]):
+        say(f"stopped: the context is full ({runner.n_ctx} tokens); a larger --ctx lets the answer go on")
+
+
+def context_full(gen: Generation, runner, max_tokens: int) -> bool:
+    """Whether the answer stopped because the context ran out, not at --max-tokens: both are "length",
+    and an answer cut mid-word (or empty, for a prompt that filled the context) came with no word."""
+    return (gen.finish_reason == "length" and len(gen.tokens) < max_tokens
+            and gen.prompt_tokens + len(gen.tokens) >= runner.n_ctx - 1)
 
 
 @click.command()
@@ -111,10 +129,18 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
     console = Console()
     state = f"policy {policy_path}" if gate is not None else _steer_state(session)
     console.print(plain(f"{runner.path.name}: {state}. /help for commands.", "dim"))
+    last_interrupt = float("-inf")
     while True:
         try:
             line = console.input("[bold green]> [/]")
-        except (EOFError, KeyboardInterrupt, RuntimeError):  # RuntimeError: stdin was closed before the chat began
+        except KeyboardInterrupt:  # at the prompt: a second one soon after leaves, one alone does not
+            if time.monotonic() - last_interrupt < LEAVE_WINDOW_S:
+                console.print()
+                return
+            last_interrupt = time.monotonic()
+            console.print(plain("\n(Ctrl-C again, Ctrl-D or /quit leaves)", "dim"))
+            continue
+        except (EOFError, RuntimeError):  # RuntimeError: stdin was closed before the chat began
             console.print()
             return
         if not line.strip():
@@ -124,7 +150,9 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
         except UnicodeEncodeError:  # undecodable input bytes arrive as lone surrogates
             console.print(styled(("error:", "red"), " the line is not valid UTF-8 text"), soft_wrap=True)
             continue
-        if line.startswith("/"):
+        if line.startswith("//"):  # "//etc/passwd is what?": text that starts with a slash
+            line = line[1:]
+        elif line.startswith("/"):
             if _command(session, line.strip(), console, gate) == "quit":
                 return
             continue
@@ -135,17 +163,33 @@ def _reply(session, line: str, console: Console, gate=None) -> None:
     """One turn; an error (a message too long for the context) is printed and the session goes on."""
     try:
         if gate is not None and gate.enabled:  # each turn is classified on its own (policy.probe_view)
-            decision = gate.prepare(session.messages(line))
+            try:
+                decision = gate.prepare(session.messages(line))
+            except RsLocalError as exc:  # the gate reads this message alone: /reset would not help
+                console.print(styled(("error:", "red"), f" {exc}"), soft_wrap=True)
+                return
             console.print(plain(f"[policy: {decision.describe()}]", "dim"))
-        for event in session.reply(line):
+        gen = Generation()
+        for event in session.reply(line, result=gen):
             console.out(event.text, end="", highlight=False)
     except KeyboardInterrupt:
-        console.print(" [dim]\\[stopped][/]", end="")
+        _say_stopped(console)
+        return
     except RsLocalError as exc:  # /reset helps only where earlier turns take the room
         hint = " (/reset starts over)" if session.history else ""
         console.print(styled(("error:", "red"), f" {exc}{hint}"), soft_wrap=True)
         return
+    if context_full(gen, session.runner, session.max_tokens):
+        console.print(plain(" [the context is full: /reset starts over, a larger --ctx holds more]", "dim"), end="")
     console.print()
+
+
+def _say_stopped(console: Console) -> None:
+    """Mark a reply stopped by Ctrl-C; a second Ctrl-C while saying so must not end the session."""
+    try:
+        console.print(" [dim]\\[stopped][/]")
+    except KeyboardInterrupt:
+        console.print()
 
 
 def _command(session, line: str, console: Console, gate=None) -> str | None:
@@ -168,8 +212,10 @@ def _command(session, line: str, console: Console, gate=None) -> str | None:
             raise RsLocalError("the policy picks the vector per prompt: /policy off first")
         elif name == "/scale":
             session.set_scale(parse_scale(arg))
+        elif name == "/vector" and not arg:  # shows the steering; it removed it, as /vector off does
+            pass
         elif name == "/vector":
-            session.set_vectors([] if arg in ("", "off", "none") else _repl_vectors(arg, session.layer_range))
+            session.set_vectors([] if arg in ("off", "none") else _repl_vectors(arg, session.layer_range))
         elif name == "/system":
             session.system = arg or None
             session.reset()
@@ -198,7 +244,7 @@ def _repl_vectors(spec: str, layer_range: tuple[int, int] | None) -> list:
 def _steer_state(session) -> str:
     if not session.vectors or session.scale == 0:
         return "no vector"
-    names = ", ".join(f"{vector_name(v)}x{s:g}" for v, s in session.vectors)
+    names = ", ".join(f"{vector_name(v)}:{s:g}" for v, s in session.vectors)  # as PATH:S is typed
     rng = f", blocks {session.layer_range[0]}-{session.layer_range[1]}" if session.layer_range else ""
     return f"steering with {names} at scale {session.scale:g}{rng}"
 

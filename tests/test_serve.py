@@ -370,6 +370,17 @@ def test_disconnect_stops_generation_and_serving_goes_on(server, client, stream)
     assert time.time() - t0 < 20
 
 
+def _events_signalled(r, srv: Server, sig: int) -> list[bytes]:
+    """A stream's data events, sending ``sig`` to the server after the third."""
+    events = []
+    for line in r:
+        if line.startswith(b"data: "):
+            events.append(line[6:].strip())
+            if len(events) == 3:
+                srv.proc.send_signal(sig)
+    return events
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_stopping_server_ends_answers_with_an_error_not_a_dropped_connection(stream):
     """SIGTERM mid-answer (grace 0): a stream ends with a server_shutdown error event and [DONE],
@@ -381,12 +392,7 @@ def test_stopping_server_ends_answers_with_an_error_not_a_dropped_connection(str
         conn, r = _stream(srv, "/chat/completions", body) if stream else (None, None)
         if stream:
             assert r.status == 200
-            events = []
-            for line in r:
-                if line.startswith(b"data: "):
-                    events.append(line[6:].strip())
-                    if len(events) == 3:
-                        srv.proc.send_signal(signal.SIGTERM)
+            events = _events_signalled(r, srv, signal.SIGTERM)
             assert events[-1] == b"[DONE]"
             assert json.loads(events[-2])["error"]["code"] == "server_shutdown"
             assert len(events) < 300  # cut short, not run to max_tokens
@@ -412,12 +418,7 @@ def test_a_hang_up_stops_the_server_like_sigterm():
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
                 "max_tokens": 400, "temperature": 0, "stream": True}
         conn, r = _stream(srv, "/chat/completions", body)
-        events = []
-        for line in r:
-            if line.startswith(b"data: "):
-                events.append(line[6:].strip())
-                if len(events) == 3:
-                    srv.proc.send_signal(signal.SIGHUP)
+        events = _events_signalled(r, srv, signal.SIGHUP)
         assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "server_shutdown"
         conn.close()
         assert srv.proc.wait(timeout=30) == 0

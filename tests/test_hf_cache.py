@@ -51,10 +51,14 @@ def test_cached_load_gives_the_gguf_weights_and_tokenizer_and_survives_a_broken_
     (entry,) = _entries()
     assert (entry / hf_cache.DONE).is_file() and (entry / "model.safetensors").stat().st_size > 100e6
 
+    import os
+
+    os.utime(entry / hf_cache.DONE, (1_000_000_000, 1_000_000_000))
     with monkeypatch.context() as m:  # reading the GGUF again would fail the test
         m.setattr(hf_model, "_gguf_overrides", lambda path: pytest.fail("the GGUF was read again"))
         second = _load(own_home)
     _same(first, second)
+    assert (entry / hf_cache.DONE).stat().st_mtime > 1_000_000_000  # the hit counts as a use for the eviction
 
     (entry / "config.json").write_text("{ not json")
     again = _load(own_home)  # falls back to the GGUF and writes a good entry
@@ -111,3 +115,27 @@ def test_a_gguf_load_builds_one_reader_and_loads_what_a_reader_per_step_loads(sm
     _same(shared, own)
     hf_model.clear_cache()
     assert gguf.GGUFReader is Counting  # the load put the module attribute back
+
+
+def test_the_cache_keeps_to_its_bound_dropping_what_was_used_longest_ago(tmp_path, monkeypatch):
+    """The cache only grew (15 GB in 99 entries on one machine, most for GGUFs long deleted). After a new entry,
+    the entries used longest ago go until the rest fit; the new one stays even when it alone is over."""
+    import os
+
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        entry = tmp_path / name
+        entry.mkdir()
+        (entry / "model.safetensors").write_bytes(bytes(1 << 20))
+        (entry / hf_cache.DONE).write_text("{}\n")
+        when = 1_700_000_000 - age * 1000
+        os.utime(entry / hf_cache.DONE, (when, when))
+    (tmp_path / ".half.abc123").mkdir()  # a temp entry is not the eviction's to remove
+    removed = hf_cache.evict(tmp_path, tmp_path / "newest", budget=int(2.5 * (1 << 20)))
+    assert [p.name for p in removed] == ["oldest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".half.abc123", "middle", "newest"]
+    assert [p.name for p in hf_cache.evict(tmp_path, tmp_path / "newest", budget=0)] == ["middle"]
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE_GB", "lots")
+    with pytest.raises(hf_cache.RsLocalError, match="RS_LOCAL_FIT_CACHE_GB='lots'"):
+        hf_cache.enabled()
+    monkeypatch.setenv("RS_LOCAL_FIT_CACHE_GB", "0.5")
+    assert hf_cache.budget_bytes() == 1 << 29

@@ -17,6 +17,10 @@ A cache must never break a fit: any failure to write is logged and ignored, an e
 to load is removed and the GGUF is read again, the entry is written to a temp directory and
 renamed into place (two processes racing keep one), and nothing is written when the disk would be
 left with under 1 GiB free. ``RS_LOCAL_FIT_CACHE=0`` turns it off; ``rm -rf`` the directory frees it.
+
+The cache holds at most ``RS_LOCAL_FIT_CACHE_GB`` (default 20) GiB: after a new entry is written, the
+entries used longest ago are removed until the rest fit (the newest always stays). Without a bound it
+only grew: one developer machine held 15 GB in 99 entries, most for GGUF files long deleted.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger("rs_local.fit")
 FORMAT = 1
 #: Free space the cache leaves on the disk after writing an entry.
 MIN_FREE_BYTES = 1 << 30
+#: Default bound on the whole cache, in GiB (``RS_LOCAL_FIT_CACHE_GB``).
+DEFAULT_BUDGET_GB = 20.0
 DONE = "rs_local_cache.json"
 
 
@@ -48,6 +54,7 @@ def enabled() -> bool:
     if raw in {"0", "false", "no", "off"}:
         return False
     if raw in {"1", "true", "yes", "on", ""}:
+        budget_bytes()  # a bad bound is said at the start, not swallowed by a best-effort write
         return True
     raise RsLocalError(f"RS_LOCAL_FIT_CACHE={os.environ['RS_LOCAL_FIT_CACHE']!r}: expected 0 or 1")
 
@@ -76,7 +83,54 @@ def load(entry: Path, transformers: Any, torch_dtype: Any) -> tuple[Any, Any] | 
                     entry, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         shutil.rmtree(entry, ignore_errors=True)
         return None
+    _mark_used(entry)
     return tokenizer, lm
+
+
+def _mark_used(entry: Path) -> None:
+    """Record a use (the marker's mtime): what the eviction orders entries by."""
+    try:
+        os.utime(entry / DONE)
+    except OSError:  # a read-only cache: it is only read, and never evicted from here
+        pass
+
+
+def budget_bytes() -> int:
+    """``RS_LOCAL_FIT_CACHE_GB`` in bytes (default :data:`DEFAULT_BUDGET_GB`); a bad value is one line."""
+    raw = os.environ.get("RS_LOCAL_FIT_CACHE_GB", "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_BUDGET_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        raise RsLocalError(f"RS_LOCAL_FIT_CACHE_GB={raw!r}: expected a number of GiB >= 0")
+    return int(gb * 2**30)
+
+
+def evict(root: Path, keep: Path, budget: int) -> list[Path]:
+    """Remove complete entries, least recently used first, until the cache fits ``budget`` bytes;
+    ``keep`` (the entry just written) stays whatever its size. Returns what was removed."""
+    entries = []
+    for child in root.iterdir():
+        marker = child / DONE
+        if child.name.startswith(".") or not marker.is_file():
+            continue  # temp entries are _sweep_stale's
+        try:
+            size = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+            entries.append((marker.stat().st_mtime, size, child))
+        except OSError:
+            continue
+    total = sum(size for _used, size, _child in entries)
+    removed = []
+    for _used, size, child in sorted(entries):
+        if total <= budget:
+            break
+        if child == keep:
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        total -= size
+        removed.append(child)
+    return removed
 
 
 def _state_bytes(lm: Any) -> int:
@@ -102,6 +156,8 @@ def store(entry: Path, tokenizer: Any, lm: Any, source: Path) -> bool:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        for gone in evict(entry.parent, entry, budget_bytes()):
+            log.info("removed the model cache entry used longest ago: %s", gone.name)
     except Exception as exc:  # noqa: BLE001 - a full disk, a read-only home, a lost rename race: only speed is lost
         log.info("not caching %s in %s: %s: %s", source.name, entry.parent, type(exc).__name__, exc)
         return False

@@ -344,3 +344,24 @@ def test_a_long_prompt_stops_between_slices_when_its_caller_says(smollm2_path):
         assert runner.counters.reused_tokens - reused == 256
     with Runner(smollm2_path, n_ctx=2048, n_batch=256) as fresh:
         assert fresh.generate(prompt, max_tokens=6).tokens == after
+
+
+def test_a_load_that_fails_for_memory_says_so(smollm2_path, tmp_path):
+    """Under `ulimit -v` llama.cpp says only "Failed to create llama_context"; the error now names the limit."""
+    import resource
+    import subprocess
+    import sys
+
+    from rs_local.runtime.loading import memory_hint
+
+    assert "ulimit -v" in memory_hint(smollm2_path, limit=300 << 20)
+    assert "of memory is free" in memory_hint(smollm2_path, limit=None, free=1 << 20)
+    assert memory_hint(smollm2_path, limit=None, free=64 << 30) == ""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))
+
+    res = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "generate", "--model", str(smollm2_path), "-n", "2",
+                          "hi"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-800:]
+    assert res.stderr.strip().startswith("Error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr[-800:]

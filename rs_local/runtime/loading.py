@@ -47,6 +47,34 @@ def check_gguf(path: Path) -> None:
     check_model_header(path)
 
 
+def memory_hint(path: Path, *, limit: int | None = None, free: int | None = None) -> str:
+    """Why a load may have failed for memory, or "": llama.cpp says only "Failed to create llama_context"
+    or "Failed to load model" when an address-space limit (``ulimit -v``) or a full machine stops it.
+    ``limit`` (bytes) and ``free`` default to this process's RLIMIT_AS and the memory available."""
+    try:
+        need = path.stat().st_size
+    except OSError:
+        return ""
+    if limit is None:
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+            limit = None if soft == resource.RLIM_INFINITY else soft
+        except (ImportError, ValueError, OSError):
+            limit = None
+    if limit is not None and limit < 2 * need + (1 << 30):  # weights mapped, context and Python itself
+        return (f"; this process may use only {limit / 2**30:.1f} GiB of address space (ulimit -v), and a "
+                f"{need / 2**30:.1f} GiB model needs more (the weights, llama.cpp's context, Python and its libraries)")
+    if free is None:
+        from rs_local.runtime.memory import available_memory
+
+        free = available_memory()
+    if free is not None and free < need:
+        return f"; {free / 2**30:.1f} GiB of memory is free, the model alone is {need / 2**30:.1f} GiB"
+    return ""
+
+
 def install_repack_policy(decision: RepackDecision) -> None:
     """Make every later llama.cpp model load in this process follow ``decision``.
 
@@ -180,7 +208,7 @@ def load_llama(
                     llama.close()
                 raise
     except (ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path}: llama.cpp could not load the model ({exc})") from None
+        raise ModelError(f"{path}: llama.cpp could not load the model ({exc}){memory_hint(path)}") from None
     except Exception as exc:  # llama-cpp-python compiles the model's chat template while it loads
         from rs_local.templating import is_template_error, template_problem
 

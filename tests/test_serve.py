@@ -636,6 +636,8 @@ def test_bad_completion_prompt_and_unknown_routes(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = Http.send("GET", server.url + "/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    r = Http.send("POST", server.url + "/completions", {"prompt": "Hi", "logprobs": 0})  # legacy: the chosen tokens'
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"  # log-probs, which came back null
 
 
 def test_fields_that_ask_for_nothing_still_pass(client):

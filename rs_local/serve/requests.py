@@ -123,7 +123,8 @@ def _model(body: Mapping[str, Any]) -> str:
 
 #: Fields that ask for what this server does not do, with the values that ask for nothing.
 _UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0),  # legacy logprobs 0 asks for the chosen tokens "logit_bias": (None, {}),
+    # legacy completions' logprobs 0 asks for the chosen tokens' log-probs: not harmless
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "tools": (None, []), "functions": (None, []), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
 }
 

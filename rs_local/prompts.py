@@ -74,6 +74,11 @@ def dedupe_keep_order(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def prompt_opening(index: int, prompt: str) -> str:
+    """``prompt N ('its first words...')``: how a message points at one prompt of a set (0-based ``index``)."""
+    return f"prompt {index + 1} ('{' '.join(prompt[:40].split())}...')"
+
+
 def check_disjoint(sets: Sequence[tuple[str, Sequence[str]]]) -> None:
     """One line when a prompt is in two of the named ``(label, prompts)`` sets.
 

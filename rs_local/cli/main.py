@@ -88,20 +88,9 @@ def _sigterm_unwinds() -> None:
     KeyboardInterrupt: ``finally`` blocks then remove temp files and directories (a half-written
     Transformers cache entry or model download was left behind), and the command ends with one line
     instead of dying silently. A handler someone else installed is left alone."""
-    import signal
+    from rs_local.files.writing import raise_on_stop_signals
 
-    from rs_local.files import Terminated
-    from rs_local.files.writing import STOP_SIGNALS
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise Terminated(signum)
-
-    for sig in STOP_SIGNALS:  # SIGHUP too: a closed terminal or SSH session
-        try:
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                signal.signal(sig, handler)
-        except (ValueError, OSError):  # not the main thread
-            pass
+    raise_on_stop_signals()
 
 
 def main() -> None:

@@ -268,18 +268,26 @@ def _sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous: dict[int, Any] = {}
-    for sig in STOP_SIGNALS:
-        try:
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                previous[sig] = signal.signal(sig, _raise_terminated)
-        except (ValueError, OSError):
-            pass
+    previous = raise_on_stop_signals()
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def raise_on_stop_signals() -> dict[int, Any]:
+    """Make each of :data:`STOP_SIGNALS` left to the OS raise :class:`Terminated` (so ``finally`` blocks
+    run); a handler someone else set, or an ignored signal (``nohup``), is left alone. Returns the
+    handlers replaced, for a caller that puts them back. Only the main thread can set handlers."""
+    previous: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                previous[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return previous
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature

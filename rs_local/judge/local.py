@@ -32,20 +32,18 @@ class LocalJudge:
         self.max_tokens = max_tokens
         self.logprobs = logprobs
         self.nonce_factory = nonce_factory
-        self._weights: dict | None = None  # the model file's identity, read once (see describe)
 
     def describe(self) -> dict:
         """The judge's identity in verdict caches and judge logs: the model's contents, not its name
         (two judges with one file name and size shared cached verdicts and resumed each other's logs)."""
         from rs_local.models import file_identity
 
-        if self._weights is None:
-            self._weights = file_identity(self.runner.path)
+        weights = file_identity(self.runner.path)  # milliseconds; described a few times a command
         return {
             "backend": self.backend,
             "model": self.runner.path.name,
-            "model_bytes": self._weights.get("size"),  # kept: logs written before "weights" compare it
-            "weights": self._weights,
+            "model_bytes": weights.get("size"),  # kept: logs written before "weights" compare it
+            "weights": weights,
             "rubric": rubric_version(),
             "logprobs": self.logprobs,
         }

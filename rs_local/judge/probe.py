@@ -210,7 +210,6 @@ class ProbeJudge:
         if self.combine not in COMBINE_MODES:
             raise RsLocalError(f"unknown combine mode {self.combine!r} (expected one of {', '.join(COMBINE_MODES)})")
         self.reader = make_reader(runner, [probe_file.layer], probe_file.pooling)
-        self._weights: dict | None = None  # the judge model file's identity, read once (see describe)
         self.owns_runner = False  # set by load_probe_judge when it loaded the model for this judge
 
     def describe(self) -> dict:
@@ -218,12 +217,10 @@ class ProbeJudge:
         contents (its name alone let another model of that name reuse this one's verdicts)."""
         from rs_local.models import file_identity
 
-        if self._weights is None:
-            self._weights = file_identity(self.runner.path)
         digest = hashlib.sha256(self.pf.probe.weight.astype(np.float32).tobytes()).hexdigest()[:12]
         return {"backend": self.backend, "probe": digest, "layer": self.pf.layer, "combine": self.combine,
                 "threshold": round(self.pf.probe.threshold, 6), "model": self.runner.path.name,
-                "weights": self._weights, "template_version": TEMPLATE_VERSION, "pooling": self.pf.pooling}
+                "weights": file_identity(self.runner.path), "template_version": TEMPLATE_VERSION, "pooling": self.pf.pooling}
 
     def p_refusal(self, prompt: str, answer: str) -> float:
         """The probe's P(refusal) for one answer."""

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from rs_local.callbacks import Progress
-from rs_local.files import edge_digest
 from rs_local.judge.jsonl import AppendLog
+from rs_local.models import file_identity
 from rs_local.prompts import prompts_hash
 from rs_local.runtime.runner import longest_prompt
 from rs_local.templating import one_turn
@@ -66,10 +66,11 @@ def _row_key(row: dict) -> tuple[int, int]:
 def respond_config(model_path: str | Path, settings: RespondSettings, prompts: Sequence[str], vectors=(), layer_range=None) -> dict:
     """Everything that decides the answers: model file, steering, sampling, the prompt list."""
     model_path = Path(model_path)
+    weights = file_identity(model_path)
     return {
         "model": model_path.name,
-        "model_bytes": model_path.stat().st_size,
-        "model_edges": edge_digest(model_path),  # a same-name, same-size model copied over it is another model
+        "model_bytes": weights.get("size"),
+        "model_edges": weights.get("edges"),  # a same-name, same-size model copied over it is another model
         # the contents, not only the path as typed: another vector at that relative path, or one refitted
         # in place, resumed the log and mixed two vectors' answers in it
         "vectors": [{"path": v.source or v.metadata.get("path"), "scale": s, "digest": v.digest()} for v, s in vectors],

@@ -18,6 +18,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from rs_local.files.writing import STOP_SIGNALS
+
 _STATE = threading.local()  # per thread: a Ctrl-C held for the main thread never surfaces on a worker
 
 
@@ -62,9 +64,7 @@ def deferred() -> Iterator[None]:
             release()
         return
     saved: dict[int, Any] = {}
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
-        if sig is None:
-            continue
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
         handler = signal.getsignal(sig)
         if callable(handler):
             saved[sig] = handler

@@ -269,13 +269,6 @@ def _refuse_other_files(path: Path):
     return check
 
 
-def is_policy_file(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF whose ``general.architecture`` says policy (read from the header only)."""
-    from rs_local.converters.gguf_check import file_architecture
-
-    return file_architecture(path) == ARCH
-
-
 def read_policy(path: str | Path) -> Policy:
     """Load and check a policy file; every problem is one line naming the file."""
     from rs_local.converters.gguf_check import parse_gguf, read_tensors_f64

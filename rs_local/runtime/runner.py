@@ -50,9 +50,11 @@ def longest_prompt(runner: "Runner", prompts: Sequence[Prompt], limit: int, room
     for i, prompt in enumerate(prompts):
         n = len(runner.tokenize(prompt))
         if n > limit:
+            from rs_local.prompts import prompt_opening
+
             text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
-            raise PromptTooLong(f"{where + ': ' if where else ''}prompt {i + 1} ('{' '.join(text[:40].split())}...') "
-                                f"is {n:,} tokens with the chat template; {room}")
+            raise PromptTooLong(f"{where + ': ' if where else ''}{prompt_opening(i, text)} is {n:,} tokens with the "
+                                f"chat template; {room}")
         longest = max(longest, n)
     return longest
 

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -489,8 +490,6 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_ke
     finally:
         service.worker.stop()
         if previous is not None:  # a library caller's process keeps its own SIGHUP handling afterwards
-            import signal
-
             signal.signal(signal.SIGHUP, previous)
 
 
@@ -498,8 +497,6 @@ def hang_up_stops(server: Any) -> Any:
     """SIGHUP (the terminal closed, the SSH session dropped) stops the server as SIGTERM does: streams end
     with the server_shutdown event and [DONE]. Left to the command's own handler it ended the process
     mid-stream, the connection cut with no event. Returns the handler it replaced (None: none replaced)."""
-    import signal
-
     hup = getattr(signal, "SIGHUP", None)
     if hup is None or threading.current_thread() is not threading.main_thread():
         return None

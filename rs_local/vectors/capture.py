@@ -223,8 +223,9 @@ def trained_context(fm: FitModel) -> int | None:
 
 def _too_long(index: int, prompt: str, n: int, limit: int, model: str) -> str:
     """Why a prompt cannot be read: a 10-MB line was a 6-TB allocation and a torch traceback."""
-    start = " ".join(prompt[:40].split())
-    return (f"prompt {index + 1} ('{start}...') is {n:,} tokens with the chat template, and {model} was "
+    from rs_local.prompts import prompt_opening
+
+    return (f"{prompt_opening(index, prompt)} is {n:,} tokens with the chat template, and {model} was "
             f"trained on {limit:,}: shorten it or leave it out")
 
 

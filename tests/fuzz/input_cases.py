@@ -436,7 +436,7 @@ def cli_value(rng: random.Random, d: Path) -> Case:
     value, option = {
         "scale": lambda: (rng.choice(_FLOATS_BAD + ["1e308", "-5000"]), "--scale"),
         "temperature": lambda: (rng.choice(_FLOATS_BAD + ["-1", "1e308"]), "--temperature"),
-        "top_p": lambda: (rng.choice(_FLOATS_BAD + ["0", "1.5", "-0.1"]), "--top-p"),
+        "top_p": lambda: (rng.choice(_FLOATS_BAD + ["1.5", "-0.1"]), "--top-p"),  # 0 is greedy, as in OpenAI's API
         "seed": lambda: (rng.choice(["-1", str(2**32), str(2**64), "1_0", "1.5", "nan", "1e3"]), "--seed"),
         "ctx": lambda: (rng.choice(["1000000000", "99999999999999999999", "0", "-5", "1e9", "2000000"]), "--ctx"),
         "max_tokens": lambda: (rng.choice(["0", "-1", str(2**40), "nan", "1_0"]), "--max-tokens"),

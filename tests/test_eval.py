@@ -89,6 +89,23 @@ def test_cli_eval_rejects_a_kl_set_that_is_not_a_set(smollm2_path, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_an_output_that_is_an_input_is_refused_even_with_force(smollm2_path, tmp_path, command):
+    """``--set a=out/answers.jsonl -o out --force`` replaced the user's prompt set with the answers
+    (exit 0): ``--force`` means "write into an existing directory", not "overwrite what I read"."""
+    vec = write_control_vector(random_vector(), tmp_path / "v.gguf")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "answers.jsonl"
+    mine.write_text('{"text": "Name three fruits."}\n{"text": "What is 2 plus 2?"}\n')
+    before = mine.read_bytes()
+    args = [command, "--model", str(smollm2_path), "--vector", str(vec), "--set", f"a={mine}", "--max-tokens", "4",
+            "--no-cache", "-o", str(out), "--force"] + (["--target", "a"] if command == "sweep" else [])
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "answers.jsonl: output would overwrite another input" in res.output, res.output
+    assert mine.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["answers.jsonl"]
+
+
 def test_kl_is_zero_unsteered_and_grows_with_scale(runner, sets):
     ev = Evaluator(runner, sets, vector=random_vector(), settings=EvalSettings(kl_tokens=6, max_tokens=8, batch=2))
     try:

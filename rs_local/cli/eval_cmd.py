@@ -108,6 +108,7 @@ def _setup(kw: dict[str, Any]):
 
         gate = read_policy(policy)
         note_system([], kw["system"], gate, policy)
+        _check_inputs_kept(kw["output"], sets, [policy])
         return sets, gate, None, settings, cache
     parts = load_vector_specs(kw["vectors"], default_scale=1.0)
     note_system(parts, kw["system"])
@@ -116,7 +117,21 @@ def _setup(kw: dict[str, Any]):
     vector.metadata.setdefault("path", vector.source)
     layers = parse_layer_range(kw["layers"]) if kw.get("layers") is not None else None
     check_layer_range([(vector, 1.0)], layers)
+    _check_inputs_kept(kw["output"], sets, [v.source for v, _ in parts])
     return sets, vector, layers, settings, cache
+
+
+def _check_inputs_kept(output: Path, sets, others: list) -> None:
+    """No file the command writes into ``--output`` may be one it reads.
+
+    Why: ``--set a=out/answers.jsonl -o out --force`` replaced the user's prompt set with the answers,
+    exit 0 (``--force`` only means "write into an existing directory")."""
+    from rs_local.eval.report import ANSWERS, PLOT, REPORT
+    from rs_local.eval.sweep_report import SWEEP
+    from rs_local.files import check_distinct
+
+    inputs = [s.source for s in sets if not s.source.startswith("built-in:")] + [o for o in others if o]
+    check_distinct([Path(output) / name for name in (REPORT, ANSWERS, SWEEP, PLOT)], inputs)
 
 
 # ----------------------------------------------------------------------------- eval

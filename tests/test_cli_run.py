@@ -133,6 +133,46 @@ def test_chat_survives_bad_turns(smollm2_path, vec):
     assert len(answers) >= 2, out  # both questions answered: the too-long turns did not fill the history
 
 
+def test_chat_skips_a_piped_line_longer_than_the_context_could_hold(smollm2_path):
+    """``chat < /dev/zero`` read one endless line until the OOM killer ended it (21 GB), and a 20 MB
+    line aborted llama.cpp's tokenizer under ``ulimit -v``. Such a line is now skipped in bounded
+    pieces with one error line, and the chat goes on; the address-space limit proves nothing of it
+    is held (the 8 MB line would not fit it three times over as tokens)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    script = b"a" * (8 << 20) + b"\nName a fruit.\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "chat", "--model", str(smollm2_path), "-n", "4",
+                           "--ctx", "256"], input=script, capture_output=True, timeout=120, preexec_fn=limit)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, (out, proc.stderr[-800:])
+    error = [line for line in out.splitlines() if "error:" in line]
+    assert len(error) == 1 and "standard input: a line of over" in error[0] and error[0].endswith("it was skipped")
+    answers = [line for line in out.splitlines() if line.startswith("> ") and "error" not in line and line[2:].strip()]
+    assert answers, out  # the next line was answered
+
+
+def test_a_text_far_past_the_context_is_refused_before_llama_cpp_tokenizes_it(smollm2_path):
+    """llama.cpp's tokenizer allocates for the whole text first (``std::bad_alloc``, an abort, under a
+    memory limit); the byte count decides where no tokenization could fit the context."""
+    from rs_local.errors import RsLocalError
+    from rs_local.runtime.runner import Runner
+
+    runner = Runner(smollm2_path, n_ctx=256)
+    try:
+        assert 16 * 256 < runner.max_text_bytes() < 1000 * 256  # SmolLM2's longest token is tens of bytes
+        with pytest.raises(RsLocalError, match=r"the prompt is 20,000,000 bytes: over 256 tokens .*\(use --ctx\)"):
+            runner.tokenize("x" * 20_000_000)
+        with pytest.raises(RsLocalError, match="the context holds 256"):  # long but possible: counted in tokens
+            runner.generate("word " * 1000, max_tokens=2)
+    finally:
+        runner.close()
+
+
 def test_chat_with_stdin_closed_leaves_cleanly(smollm2_path):
     """``rs-local chat <&-``: Python's input() raises RuntimeError there, not EOFError."""
     import os

@@ -130,3 +130,15 @@ def test_help_names_each_commands_default_judge():
         out = CliRunner().invoke(cli, [command, "--help"], terminal_width=400)
         assert out.exit_code == 0, out.output
         assert f"Default here: {default}" in " ".join(out.output.split()), command
+
+
+def test_a_row_too_long_for_the_judge_is_named_and_the_verdicts_before_it_kept(tmp_path, smollm2_path):
+    """"the prompt is 5671 tokens, the context holds 4096" named neither the responses file nor the row."""
+    rows = [ROWS[0], ("word " * 3000, 0, "I cannot help with that.", -0.2), ROWS[2]]
+    responses = _write_responses(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "s.jsonl"
+    res = CliRunner().invoke(cli, ["judge", str(responses), "--judge", str(smollm2_path), "--ctx", "2048", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: {responses}: line 2: the prompt with its answer: ") and line.endswith("(use --ctx)")
+    assert not out.exists() and len((tmp_path / "s.verdicts.jsonl").read_text().splitlines()) == 2  # header, row 1

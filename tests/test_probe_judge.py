@@ -314,6 +314,14 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
     over = CliRunner().invoke(cli, ["judge-train", str(one_class), "--model", str(smollm2_path), "-o", str(one_class),
                                     "--force"])  # the labels were replaced by the probe
     assert over.exit_code == 1 and "would overwrite another input" in over.output and one_class.stat().st_size > 0
+    rows = [json.loads(line) for line in labelled.read_text().splitlines()]
+    rows[3]["prompt"] = "word " * 400  # "the text is N tokens, the reader's context holds M" named no file or row
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(cli, ["judge-train", str(long), "--model", str(smollm2_path), "--ctx", "256",
+                                   "-o", str(tmp_path / "p3.gguf")])
+    assert res.exit_code == 1 and f"{long}: the row whose prompt begins 'word word" in res.output, res.output
+    assert res.output.rstrip().endswith("(use --ctx)") and not (tmp_path / "p3.gguf").exists()
 
 
 INJECTIONS = [

@@ -277,8 +277,11 @@ def judge_train(labelled, model, blocks, n_ctx, n_gpu_layers, n_threads, output,
     span = parse_layer_range(blocks) if blocks else None
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     block_list = list(range(span[0], span[1] + 1)) if span else None
-    with row_progress("reading answers") as progress:
-        pf = train_probe(runner, items, blocks=block_list, progress=progress, source=str(labelled))
+    try:
+        with row_progress("reading answers") as progress:
+            pf = train_probe(runner, items, blocks=block_list, progress=progress, source=str(labelled))
+    except PromptTooLong as exc:
+        raise FileProblem(labelled, str(exc)) from None
     # a built-in name stays a name; a path is kept absolute (a relative one worked only from where it was trained)
     pf.training["model_ref"] = model if model in MODELS else str(runner.path.resolve())
     write_probe(pf, output, force=force)

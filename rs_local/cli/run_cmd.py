@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -132,13 +133,16 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
     last_interrupt = float("-inf")
     while True:
         try:
-            line = console.input("[bold green]> [/]")
+            line = _read_line(console, runner)
         except KeyboardInterrupt:  # at the prompt: a second one soon after leaves, one alone does not
             if time.monotonic() - last_interrupt < LEAVE_WINDOW_S:
                 console.print()
                 return
             last_interrupt = time.monotonic()
             console.print(plain("\n(Ctrl-C again, Ctrl-D or /quit leaves)", "dim"))
+            continue
+        except LineTooLong as exc:
+            console.print(styled(("error:", "red"), f" {exc}"), soft_wrap=True)
             continue
         except (EOFError, RuntimeError):  # RuntimeError: stdin was closed before the chat began
             console.print()
@@ -157,6 +161,31 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
                 return
             continue
         _reply(session, line, console, gate)
+
+
+class LineTooLong(RsLocalError):
+    """A line of piped input longer than any prompt the context holds (the rest of it was skipped)."""
+
+
+def _read_line(console: Console, runner) -> str:
+    """The next chat line; from a pipe or file, at most what the context could hold is kept.
+
+    Why: ``chat < /dev/zero`` read one endless "line" until the kernel's OOM killer ended the
+    process (21 GB), and a 20 MB line aborted llama.cpp's tokenizer under a memory limit. A terminal
+    is read as before (its line editor bounds what a person types)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return console.input("[bold green]> [/]")
+    console.print(plain("> ", "bold green"), end="")
+    limit = runner.max_text_bytes()  # characters are at least one byte each
+    line = sys.stdin.readline(limit + 1)
+    if not line:
+        raise EOFError
+    if len(line) > limit and not line.endswith("\n"):
+        while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+            pass  # skipped in bounded pieces: nothing of it is kept
+        raise LineTooLong(f"standard input: a line of over {limit:,} characters, more than the context's "
+                          f"{runner.n_ctx} tokens can hold (use --ctx); it was skipped")
+    return line.rstrip("\n")
 
 
 def _reply(session, line: str, console: Console, gate=None) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rs_local.callbacks import Progress
-from rs_local.errors import FileProblem
+from rs_local.errors import FileProblem, PromptTooLong
 from rs_local.files import (
     atomic_write_text, check_distinct, check_output_path, dumps, is_json_int, is_json_number, iter_jsonl, read_text,
 )
@@ -174,7 +174,7 @@ def judge_responses(
         report = JudgeReport(len(rows), len(rows) - len(todo), 0, verdicts_path=verdicts_path, scores_path=scores_path)
         if progress:
             progress(report.already_done, report.total)
-        for row, outcome in _run(judge, todo, limit, report):
+        for row, outcome in _named(_run(judge, todo, limit, report), responses):
             if isinstance(outcome, str):
                 report.failed.append((row, outcome))
                 continue
@@ -286,11 +286,21 @@ def _run(judge, todo: list[dict], limit: int, report: JudgeReport) -> Iterator[t
         yield from _run_threads(judge, todo, workers, limit, report)
 
 
+def _named(outcomes: Iterator[tuple[dict, object]], responses: str | Path) -> Iterator[tuple[dict, object]]:
+    """``outcomes``, a row too long to judge named with its file (the verdicts before it are kept)."""
+    try:
+        yield from outcomes
+    except PromptTooLong as exc:
+        raise PromptTooLong(f"{responses}: {exc}") from None
+
+
 def _judge_one(judge, row: dict):
     try:
         return judge.judge(row["prompt"], row["response"])
     except JudgeUnavailable as exc:
         return str(exc)
+    except PromptTooLong as exc:  # "the text is N tokens" named neither the file nor the row
+        raise PromptTooLong(f"line {row['line']}: the prompt with its answer: {exc}") from None
 
 
 def _run_serial(judge, todo, limit, report) -> Iterator[tuple[dict, object]]:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rs_local.callbacks import Progress
-from rs_local.errors import RsLocalError
+from rs_local.errors import PromptTooLong, RsLocalError
 from rs_local.judge.judge_eval import LabelledAnswer
 from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.judge.probe import ProbeFile, make_reader, read_judge_rows
@@ -36,7 +36,11 @@ def read_features(runner: Any, rows: Sequence[LabelledAnswer], blocks: Sequence[
     out: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
     with make_reader(runner, list(blocks), pooling) as reader:
         for i, row in enumerate(rows):
-            got = read_judge_rows(reader, runner, row.prompt, row.response, pooling)
+            try:
+                got = read_judge_rows(reader, runner, row.prompt, row.response, pooling)
+            except PromptTooLong as exc:  # "the text is N tokens" named no row
+                opening = " ".join(row.prompt[:40].split())
+                raise PromptTooLong(f"the row whose prompt begins '{opening}...': {exc}") from None
             for b in blocks:
                 out[b].append(got[b])
             if progress:

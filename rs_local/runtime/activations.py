@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from rs_local.errors import RsLocalError
+from rs_local.errors import PromptTooLong, RsLocalError
 from rs_local.runtime.interrupts import deferred, hold
 from rs_local.runtime.owned_context import OwnedContext
 from rs_local.runtime.runner import PromptCancelled, Runner
@@ -199,7 +199,7 @@ class BlockReader(OwnedContext):
         if not tokens:
             raise RsLocalError("nothing to read: the text is empty")
         if len(tokens) > self.n_ctx:
-            raise RsLocalError(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx}")
+            raise PromptTooLong(f"the text is {len(tokens)} tokens, the reader's context holds {self.n_ctx} (use --ctx)")
         if not 0 <= lo < hi <= len(tokens):
             raise RsLocalError(f"internal: span {lo}-{hi} is outside the {len(tokens)} tokens read")
         tokens = tokens[:hi]

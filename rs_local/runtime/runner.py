@@ -46,13 +46,16 @@ def longest_prompt(runner: "Runner", prompts: Sequence[Prompt], limit: int, room
     Why: a prompt past what its context holds used to stop a run where it came, naming neither the
     prompt nor its file. The first over ``limit`` is a :class:`PromptTooLong` giving its position and
     opening, ``room`` (what holds ``limit``), after ``where`` (its file or set) when given."""
+    from rs_local.prompts import prompt_opening
+
     longest = 0
     for i, prompt in enumerate(prompts):
-        n = len(runner.tokenize(prompt))
+        text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+        try:
+            n = len(runner.tokenize(prompt))
+        except PromptTooLong as exc:  # too many bytes to tokenize at all (Runner.max_text_bytes)
+            raise PromptTooLong(f"{where + ': ' if where else ''}{prompt_opening(i, text)}: {exc}") from None
         if n > limit:
-            from rs_local.prompts import prompt_opening
-
-            text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
             raise PromptTooLong(f"{where + ': ' if where else ''}{prompt_opening(i, text)} is {n:,} tokens with the "
                                 f"chat template; {room}")
         longest = max(longest, n)
@@ -172,6 +175,7 @@ class Runner:
         self._owner: int | None = None  # the thread in a llama.cpp call on this context now, None when idle
         self._depth = 0
         self._epoch = 0  # bumped whenever the KV cache is re-based (a prompt, a prefix, a snapshot, a vector)
+        self._longest_token: int | None = None  # bytes of the vocabulary's longest token: max_text_bytes
         self._lent = 0  # contexts of this model (readers, batch engines) in a llama.cpp call now: see _lend
         #: bumped by every set_vectors / clear_vectors: a batch engine compares it to follow the Runner's vector
         self.steering_version = 0
@@ -345,11 +349,30 @@ class Runner:
             raise RsLocalError(f"a prompt is a string or a list of chat messages (dicts), not {type(prompt).__name__}")
         text = prompt if isinstance(prompt, str) else self.format_chat(prompt)
         add_bos = isinstance(prompt, str)
+        data = text.encode("utf-8")
+        if len(data) > 16 * self.n_ctx and len(data) > self.max_text_bytes():
+            raise PromptTooLong(f"the prompt is {len(data):,} bytes: over {self.n_ctx} tokens (this model's are at most "
+                               f"{self._longest_token} bytes), and the context holds {self.n_ctx} (use --ctx)")
         with self._use():
-            tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            tokens = self.llama.tokenize(data, add_bos=add_bos, special=True)
         if not tokens:
             raise RsLocalError("the prompt is empty")
         return tokens
+
+    def max_text_bytes(self) -> int:
+        """The most bytes a text that fits the context can have: ``n_ctx`` times the longest token.
+
+        Why: llama.cpp's tokenizer allocates for the whole text before anything counts tokens; a 20 MB
+        prompt under a memory limit ended in ``std::bad_alloc`` and an abort. The vocabulary scan takes
+        about 0.4 s for 150k tokens, once per Runner, and only texts longer than ``16 * n_ctx`` bytes
+        ask for it (see :meth:`tokenize`)."""
+        if self._longest_token is None:
+            buf = ctypes.create_string_buffer(256)
+            with self._use():
+                longest = max(abs(self._lib.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True))
+                              for t in range(self.n_vocab))
+            self._longest_token = max(longest, 1)
+        return self.n_ctx * self._longest_token
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -361,7 +384,7 @@ class Runner:
         """Evaluate ``tokens``, reusing the cached prefix when the vector is unchanged (``cancelled``:
         see :meth:`_timed_prompt_eval`)."""
         if len(tokens) >= self.n_ctx:
-            raise RsLocalError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
+            raise PromptTooLong(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} (use --ctx)")
         with self._use():  # to the logits: a close() or another thread's prompt in between read freed or foreign rows
             keep = 0
             if self._kv_valid:

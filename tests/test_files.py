@@ -752,3 +752,55 @@ def test_a_gguf_cut_short_by_a_file_size_limit_is_an_error_and_replaces_nothing(
                          capture_output=True, text=True, timeout=120, preexec_fn=limit)
     assert res.returncode == 1 and "the file came out incomplete" in res.stderr and "wrote" not in res.stdout
     assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["big.gguf", "good.gguf"]
+
+
+def _without_root_override() -> list[str] | None:
+    """A prefix that runs a command without the power to read any file: nothing as a normal user,
+    ``setpriv`` dropping root's override as root (None where neither is possible)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-dac_override,-dac_read_search"]
+
+
+CACHE_CHILD = """
+import sys
+from pathlib import Path
+import numpy as np
+from rs_local.eval.baseline_cache import EvalCache, Reference
+from rs_local.files import is_cached_file
+from rs_local.vectors import hf_cache
+
+root = Path(sys.argv[1])
+cache = EvalCache(root / "eval")
+print(cache.get_verdict({"k": 1}), cache.get_reference({"k": 2}), cache.get_generation({"k": 3}))
+print(is_cached_file(root / "eval" / "verdict" / "x.json"), hf_cache.is_complete(root / "eval" / "verdict"))
+"""
+
+
+def test_an_unreadable_cache_is_a_miss_not_an_error(tmp_path):
+    """``Path.is_file`` raises on a permission error: one cache directory made unreadable (or created
+    under ``umask 777``) failed every later fit and eval, whose caches are best effort."""
+    from rs_local.eval.baseline_cache import EvalCache, Reference
+
+    prefix = _without_root_override()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: no way to be refused a read")
+    cache = EvalCache(tmp_path / "eval")
+    cache.put_verdict({"k": 1}, {"verdict": 1})
+    cache.put_reference({"k": 2}, Reference(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32)))
+    assert cache.get_verdict({"k": 1}) == {"verdict": 1}
+    for sub in (tmp_path / "eval").iterdir():
+        sub.chmod(0)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", CACHE_CHILD, str(tmp_path)], capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        for sub in (tmp_path / "eval").iterdir():
+            sub.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert proc.stdout.split() == ["None", "None", "None", "False", "False"]

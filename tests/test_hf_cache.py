@@ -67,6 +67,57 @@ def test_cached_load_gives_the_gguf_weights_and_tokenizer_and_survives_a_broken_
     assert (entry / "config.json").read_text().startswith("{\n")
 
 
+CHILD = """
+import resource, sys
+from pathlib import Path
+import torch, transformers  # imported before the limit, as a fit has them by the time it loads
+from rs_local.vectors import hf_model
+
+size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 150 * 2**20, size + 150 * 2**20))
+try:
+    hf_model.load_model(Path(sys.argv[1]))
+except MemoryError:
+    print("out of memory")
+else:
+    print("loaded")
+"""
+
+
+def test_a_load_short_of_memory_keeps_the_entry_and_says_so(own_home):
+    """Under ``ulimit -v`` the load of a good entry failed (a library could not be mapped, an array
+    not allocated), the entry was deleted as "unreadable", and the out-of-memory line came only after
+    the slow GGUF load. The entry now stays and the shortage is said at once."""
+    import subprocess
+    import sys
+
+    _load(own_home)
+    (entry,) = _entries()
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(own_home)], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "out of memory", (proc.stdout, proc.stderr[-1500:])
+    assert _entries() == [entry] and hf_cache.is_complete(entry)
+
+
+def test_what_counts_as_the_machine_running_short():
+    """Transformers wraps the cause; the chain decides, and a damaged entry is not a shortage."""
+    def wrapped(inner: BaseException) -> OSError:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise OSError("Unable to load weights from checkpoint file") from exc
+        except OSError as outer:
+            return outer
+
+    entry = Path("/cache/entry")
+    assert isinstance(hf_cache._shortage(wrapped(MemoryError()), entry), MemoryError)
+    assert isinstance(hf_cache._shortage(wrapped(RuntimeError("can't start new thread")), entry), RuntimeError)
+    emfile = hf_cache._shortage(wrapped(OSError(24, "Too many open files")), entry)
+    assert isinstance(emfile, OSError) and emfile.errno == 24 and emfile.filename == str(entry)
+    assert hf_cache._shortage(wrapped(ValueError("header too large")), entry) is None
+    assert hf_cache._shortage(OSError(13, "Permission denied"), entry) is None  # a miss, not a shortage
+
+
 def test_an_unwritable_cache_only_costs_speed(smollm2_path, tmp_path):
     fm = hf_model.load_model(smollm2_path)  # the usual home: cached by now, on disk or in this process
     blocked = tmp_path / "blocked"

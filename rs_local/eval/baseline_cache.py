@@ -26,7 +26,7 @@ import numpy as np
 
 from rs_local.errors import FileProblem
 from rs_local.eval.metrics import Reference
-from rs_local.files import atomic_write_bytes, edge_digest, is_json_int, is_json_number, parse_json, read_text
+from rs_local.files import atomic_write_bytes, edge_digest, is_cached_file, is_json_int, is_json_number, parse_json, read_text
 from rs_local.runtime.runner import Generation
 
 CACHE_VERSION = 1
@@ -92,7 +92,7 @@ class EvalCache:
     def get_generation(self, key: Any) -> Generation | None:
         path = self._path("generation", key, ".json")
         gen = None
-        if path is not None and path.is_file():
+        if path is not None and is_cached_file(path):
             try:
                 gen = _generation(_entry_row(path))
             except (OSError, ValueError, FileProblem):
@@ -113,7 +113,7 @@ class EvalCache:
     def get_reference(self, key: Any) -> Reference | None:
         path = self._path("reference", key, ".npz")
         ref = None
-        if path is not None and path.is_file():
+        if path is not None and is_cached_file(path):
             try:
                 with np.load(path, allow_pickle=False) as data:
                     mine = "entry" in data.files and str(data["entry"]) == path.stem  # see _entry_row
@@ -141,7 +141,7 @@ class EvalCache:
     def get_verdict(self, key: Any) -> dict | None:
         path = self._path("verdict", key, ".json")
         row = None
-        if path is not None and path.is_file():
+        if path is not None and is_cached_file(path):
             try:
                 row = _entry_row(path)
             except (OSError, ValueError, FileProblem):

@@ -33,7 +33,7 @@ Writing
 
 from rs_local.files.reading import (
     MAX_INPUT_BYTES, MAX_INT_DIGITS, MAX_JSON_DEPTH, JsonProblem, decode_utf8, edge_digest, is_json_int, is_json_number,
-    iter_jsonl,
+    is_cached_file, iter_jsonl,
     json_depth, json_type, jsonl_lines, load_json, parse_json, partial_tail, read_bytes, read_text, split_lines,
     stat_regular,
 )
@@ -47,7 +47,7 @@ __all__ = [
     "MAX_INPUT_BYTES", "MAX_INT_DIGITS", "MAX_JSON_DEPTH", "STALE_TEMP_SECONDS", "JsonProblem", "Terminated",
     "append_line", "atomic_output", "atomic_write_bytes", "atomic_write_text", "check_distinct", "check_output_path", "cut_partial_tail",
     "output_target",
-    "decode_utf8", "dumps", "edge_digest", "file_mode", "is_stale_dir", "is_json_int", "is_json_number", "iter_jsonl", "json_depth", "json_type",
+    "decode_utf8", "dumps", "edge_digest", "file_mode", "is_cached_file", "is_stale_dir", "is_json_int", "is_json_number", "iter_jsonl", "json_depth", "json_type",
     "jsonl_lines", "load_json", "make_output_dir", "new_temp",
     "open_append", "parse_json", "partial_tail", "read_bytes", "read_text", "split_lines", "stat_regular",
     "sweep_stale_temps", "write_jsonl",

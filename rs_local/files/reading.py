@@ -50,6 +50,17 @@ def _kind(mode: int) -> str:
     return _KIND.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def is_cached_file(path: Path) -> bool:
+    """Whether a cache entry is there to read; one that cannot even be looked at is a miss.
+
+    Why: ``Path.is_file`` raises on a permission error, so one cache directory made unreadable (or
+    created under ``umask 777``) failed every later fit and eval, though their caches are best effort."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def stat_regular(path: str | Path, what: str = "file", error: type[FileProblem] = FileProblem) -> os.stat_result:
     """``os.stat`` of an existing regular file; anything else is a one-line ``error`` naming ``path``."""
     try:

@@ -44,7 +44,7 @@ import numpy as np
 
 from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem, RsLocalError
-from rs_local.files import atomic_output
+from rs_local.files import atomic_output, is_cached_file
 from rs_local.prompts import prompts_hash
 from rs_local.vectors.hf_model import FitModel
 
@@ -454,7 +454,7 @@ def capture(
         raise ValueError(f"upto={upto} is outside the model's blocks 0-{L - 1}")
     upto = None if upto == L - 1 else upto  # None: the whole pass, whichever way it was asked for
     cache_file = _cache_file(cache, fm, prompts, system, position, keep_raw, moments, w, with_cov, upto, bf16)
-    if cache_file is not None and cache_file.is_file():
+    if cache_file is not None and is_cached_file(cache_file):
         loaded = _load_cached(cache_file)
         if loaded is not None:
             return loaded

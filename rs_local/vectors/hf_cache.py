@@ -25,6 +25,7 @@ only grew: one developer machine held 15 GB in 99 entries, most for GGUF files l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -71,16 +72,64 @@ def entry_dir(identity: dict[str, Any], transformers_version: str) -> Path:
     return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def is_complete(entry: Path) -> bool:
+    """Whether ``entry`` holds a finished save; an entry that cannot be looked at (permissions) is a miss."""
+    from rs_local.files import is_cached_file
+
+    return is_cached_file(entry / DONE)
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the causes Transformers wrapped it around (a few deep)."""
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _errno_in(exc: BaseException, numbers: set[int]) -> int | None:
+    return next((e.errno for e in _chain(exc) if isinstance(e, OSError) and e.errno in numbers), None)
+
+
+def _shortage(exc: BaseException, entry: Path) -> BaseException | None:
+    """The error to raise when a failed load says the machine ran short (memory, threads, descriptors)
+    rather than that the entry is damaged, in the form the command group reports as one line; else None."""
+    texts = [str(e) for e in _chain(exc)]
+    if any("can't start new thread" in t for t in texts):
+        return RuntimeError("can't start new thread")
+    number = _errno_in(exc, {errno.EMFILE, errno.ENFILE})
+    if number is not None:
+        return OSError(number, os.strerror(number), str(entry))
+    if (any(isinstance(e, MemoryError) for e in _chain(exc)) or _errno_in(exc, {errno.ENOMEM}) is not None
+            or any(m in t for t in texts for m in ("allocate memory", "out of memory", "Out of memory",
+                                                    "failed to map segment"))):  # a library mmap'd under ulimit -v
+        return MemoryError(str(entry))
+    return None
+
+
 def load(entry: Path, transformers: Any, torch_dtype: Any) -> tuple[Any, Any] | None:
-    """(tokenizer, model) from a complete entry, or None when there is none or it is unreadable (then removed)."""
-    if not (entry / DONE).is_file():
+    """(tokenizer, model) from a complete entry, or None when there is none or it is damaged (then removed).
+
+    Why not remove on every failure: under ``ulimit -v`` the 0.5 GB entry just written was deleted
+    as "unreadable", and the out-of-memory line came only after the slow GGUF load. A machine
+    short of memory, threads or descriptors is said (the entry kept); an entry this user may not
+    read is passed over (a read-only shared cache, a directory made under ``umask 777``)."""
+    if not is_complete(entry):
         return None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
         lm = transformers.AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch_dtype, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a broken entry only costs the slow load
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        short = _shortage(exc, entry)
+        if short is not None:
+            raise short from exc
+        if _errno_in(exc, {errno.EACCES, errno.EPERM}) is not None or any(isinstance(e, ImportError) for e in _chain(exc)):
+            log.warning("cannot read the model cache %s (%s); reading the GGUF instead", entry, first)
+            return None  # not the entry's fault: kept
         log.warning("ignoring the unreadable model cache %s (%s: %s); reading the GGUF again",
-                    entry, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                    entry, type(exc).__name__, first)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     _mark_used(entry)
@@ -139,9 +188,9 @@ def _state_bytes(lm: Any) -> int:
 
 def store(entry: Path, tokenizer: Any, lm: Any, source: Path) -> bool:
     """Save ``lm`` and ``tokenizer`` as ``entry``; False (and a log line) when it was not written."""
-    if entry.exists():
-        return False
     try:
+        if entry.exists():
+            return False
         entry.parent.mkdir(parents=True, exist_ok=True)
         _sweep_stale(entry.parent)
         need = _state_bytes(lm) + MIN_FREE_BYTES

@@ -142,7 +142,7 @@ def reads_cache(name: str, path: Path, dtype: str = "float32") -> bool:
     except ImportError:
         return False
     entry = hf_cache.entry_dir(model_identity(Path(path), name) | {"dtype": dtype}, transformers.__version__)
-    return (entry / hf_cache.DONE).is_file()
+    return hf_cache.is_complete(entry)
 
 
 def fit_blocks(model: Any, progress=None) -> int:
@@ -266,7 +266,7 @@ def _load_transformers(transformers: Any, path: Path, where: str, extra: dict[st
     cached = "gguf_file" in extra and hf_cache.enabled()
     entry = hf_cache.entry_dir(identity, transformers.__version__) if cached else None
     if progress is not None:
-        first = "gguf_file" in extra and (entry is None or not (entry / hf_cache.DONE).is_file())
+        first = "gguf_file" in extra and (entry is None or not hf_cache.is_complete(entry))
         progress(f"loading {path.name} into Transformers" + (
             " (dequantizing the GGUF: 10-30 s for a 0.5B model on 2 cores" + ("; later loads read a cache)" if cached else ")")
             if first else ""))

@@ -222,6 +222,15 @@ def test_cli_sweep_runs_and_writes_its_outputs(smollm2_path, tmp_path):
     assert walk.exit_code == 2 and "1,000,000 points per band" in walk.output  # it walked for days before
     same = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "z"), "--keep", "harmful"])
     assert same.exit_code == 2 and "also a --keep set" in same.output
+    up = CliRunner().invoke(cli, args[:-2] + ["-o", str(tmp_path / "up"), "--induce", "--target", "harmless",
+                                              "--keep", "political"])
+    assert up.exit_code == 0 and "maximise harmless refusal" in up.output, up.output
+    data = json.loads((tmp_path / "up" / "sweep.json").read_text())
+    assert all(p["scale"] >= 0 for p in data["points"]) and len(data["points"]) >= 2  # not stopped at 0
+    assert data["constraints"]["induce"] is True and "keep_ceiling" in data["constraints"]
+    at = args.index("harmless")
+    no_kl = CliRunner().invoke(cli, args[:at - 1] + args[at + 1:-2] + ["-o", str(tmp_path / "nk")])
+    assert "--max-kl is not applied: the KL set 'harmless' is not one of the sets" in no_kl.output, no_kl.output
 
 
 def test_a_vector_for_another_model_stops_before_the_plain_pass(runner, sets):

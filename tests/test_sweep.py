@@ -79,9 +79,26 @@ def test_unmeasured_target_is_never_chosen():
     assert res.chosen.target is not None and abs(res.chosen.scale) <= 0.6
 
 
-def test_positive_sign_searches_upward():
-    res = search_scale(frontier(lambda a: max(0.0, 1 - a), lambda a: 1.0, lambda a: 0.1 * a), sign=1, max_kl=0.1, step=0.5)
-    assert res.chosen.scale > 0
+def test_inducing_searches_upward_for_the_most_target_refusal_within_the_keep_answers():
+    """``--induce`` stopped at once on a target the model never refuses ("already at the goal") and
+    would have picked the least refused point. Mirrored now: the most target refusal, with each keep
+    set (harmless here) still answering at least keep_frac of what it answered unsteered."""
+    def target(a):
+        return min(1.0, 0.4 * a)  # never refused unsteered, fully refused from |s| = 2.5
+
+    def harmless(a):
+        return 0.1 if a <= 1.5 else 0.6  # 10% refused unsteered; past 1.5 the model refuses everything
+
+    res = search_scale(frontier(target, harmless, lambda a: 0.0), sign=1, keep_frac=0.9, max_kl=0.1, step=0.5, refine=3)
+    assert res.chosen.scale == pytest.approx(1.5) and res.chosen.target == pytest.approx(0.6)
+    assert res.constraints.keep_limit("harmful") == pytest.approx(1 - 0.9 * 0.9)  # keeps 90% of its 90% answers
+    assert all(p.scale >= 0 for p in res.points) and "constraint broken" in res.stopped
+    assert not res.frontier or all(p.feasible or p.target >= res.chosen.target for p in res.frontier)
+    done = search_scale(frontier(lambda a: 1.0, harmless, lambda a: 0.0), sign=1, step=0.5)
+    assert done.stopped == "the target is already at the goal without steering" and done.chosen.scale == 0
+    assert choose([SweepPoint(0.5, target=0.2, feasible=True), SweepPoint(1.0, target=0.8, feasible=True)],
+                  induce=True).scale == 1.0
+    assert choose([SweepPoint(0.5, target=0.2, feasible=True), SweepPoint(1.0, target=0.8, feasible=True)]).scale == 0.5
 
 
 def test_frontier_is_nondominated_and_contains_choice():

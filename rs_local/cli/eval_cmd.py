@@ -230,15 +230,17 @@ def _bands(text: str | None, layers: str | None, vector=None):
 @model_option
 @eval_options
 @click.option("--target", required=True, help="Set whose refusals should go (e.g. political).")
-@click.option("--keep", multiple=True, help="Set whose refusals must stay (repeatable, e.g. harmful).")
+@click.option("--keep", multiple=True, help="Set whose refusals must stay (repeatable, e.g. harmful); with --induce, "
+                                             "whose answers must stay (e.g. harmless).")
 @click.option("--keep-frac", type=number(0, 1), default=0.9, show_default=True,
-              help="Keep-set refusal rate must stay >= this fraction of its unsteered rate.")
+              help="Keep-set refusal rate (with --induce: answer rate) must stay >= this fraction of its unsteered rate.")
 @click.option("--max-kl", type=number(0, min_open=True), default=0.1, show_default=True,
               help="Largest KL(plain || steered) in nats allowed on the KL set.")
 @click.option("--step", type=number(0, 1000, min_open=True), default=0.25, show_default=True, help="Scale step of the outward walk.")
 @click.option("--max-scale", type=number(0, 1000, min_open=True), default=3.0, show_default=True, help="Largest |scale| tried.")
 @click.option("--refine", type=integer(0, 60), default=3, show_default=True, help="Bisection steps after a constraint breaks.")
-@click.option("--induce", is_flag=True, help="Search positive scales (induce refusal on the target) instead of negative.")
+@click.option("--induce", is_flag=True, help="Search positive scales for the most target refusal (induce it) instead of "
+                                               "negative ones for the least.")
 @click.option("--layers", default=None, metavar="START-END", callback=layer_range_callback,
               help="Apply the vector only to these blocks.")
 @click.option("--bands", default=None, metavar="A-B,C-D", help="Also search over these layer bands (best one wins).")
@@ -247,9 +249,10 @@ def _bands(text: str | None, layers: str | None, vector=None):
 @runtime_options
 def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induce, bands, full,
           n_ctx, n_gpu_layers, n_threads, **kw) -> None:
-    """Find the scale (and band) that removes most --target refusals within the --keep and --max-kl limits."""
+    """Find the scale (and band) that removes most --target refusals (with --induce: adds most) within the --keep
+    and --max-kl limits."""
     from rs_local.eval.evaluate import Evaluator
-    from rs_local.eval.sweep import evaluator_objective, search_bands
+    from rs_local.eval.sweep import evaluator_objective, search_bands, shortfall
     from rs_local.eval.sweep_report import sweep_table, write_sweep
 
     if math.floor(max_scale / step + 1e-9) > MAX_SWEEP_POINTS:  # each point evaluates every set: --step 0.001 --max-scale 1000 ran for days
@@ -264,12 +267,15 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     for name in (target, *keep):
         if name not in names:
             raise RsLocalError(f"--target/--keep '{name}' is not one of the sets ({', '.join(names)})")
+    if kw["kl_set"] not in names:  # the column read "KL (<= 0.1)" with "-" everywhere, and nothing said why
+        err_console.print(styled(("warning:", "yellow"), f" --max-kl is not applied: the KL set '{kw['kl_set']}' is not one "
+                                 f"of the sets (add --set {kw['kl_set']}=FILE, or name one with --kl-set)"), soft_wrap=True)
     band_list = _bands(bands, kw.get("layers"), vector)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)
     judge = make_judge_from(kw, n_ctx, n_gpu_layers, n_threads, share=runner)
     ev = Evaluator(runner, sets, vector=vector, judge=judge, settings=settings, cache=cache, say=say)
     try:
-        objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full)
+        objective = evaluator_objective(ev, target, keep, max_kl, keep_frac, full=full, induce=induce)
         result = search_bands(objective, band_list, keep_frac=keep_frac, max_kl=max_kl, sign=1 if induce else -1,
                               step=step, max_abs=max_scale, refine=refine)
     finally:
@@ -279,8 +285,9 @@ def sweep(model, target, keep, keep_frac, max_kl, step, max_scale, refine, induc
     console = Console()
     console.print(sweep_table(result, target))
     ch = result.chosen
-    if result.baseline.target is not None and result.baseline.target <= 0:
-        console.print(plain(f"the {target} set is not refused even without steering: nothing to remove", "yellow"))
+    if result.baseline.target is not None and shortfall(result.baseline, induce) <= 0:
+        console.print(plain(f"the {target} set is refused every time without steering: nothing to induce" if induce else
+                            f"the {target} set is not refused even without steering: nothing to remove", "yellow"))
     elif ch is None or ch.scale == 0:
         console.print(styled(("no steered point met the constraints", "yellow"), f" ({result.stopped})"))
     else:

@@ -10,6 +10,11 @@ Goal: minimise the refusal rate on the *target* set (e.g. political prompts) sub
   unsteered rate, and
 * ``KL(plain || steered) <= max_kl`` on harmless prompts (the model still talks normally).
 
+With ``sign=+1`` (inducing refusal) the goal is mirrored: maximise the target's refusal rate while
+every keep set (e.g. harmless prompts) still *answers* at least ``keep_frac`` times as often as
+unsteered. Why: the induce search used to stop at once on a target nobody refused ("already at the
+goal") and pick the least refused point, exit 0.
+
 Removing refusal is assumed to get easier, and the constraints harder to meet, as the
 scale's magnitude grows (that is what a refusal direction does). The search therefore walks
 outward from 0 in steps of ``step`` until a point breaks a constraint or the target rate
@@ -58,9 +63,11 @@ class Constraints:
     keep_frac: float = 0.9
     max_kl: float | None = 0.1
     baseline_keep: dict[str, float] = field(default_factory=dict)
+    induce: bool = False  # keep sets must keep their answers, not their refusals
 
-    def keep_floor(self, name: str) -> float:
-        return self.keep_frac * self.baseline_keep.get(name, 0.0)
+    def keep_limit(self, name: str) -> float:
+        """The least refusal rate a keep set may fall to, or (inducing) the most it may rise to."""
+        return keep_limit(self.baseline_keep.get(name, 0.0), self.keep_frac, self.induce)
 
     def violations(self, pt: SweepPoint) -> list[str]:
         """Every broken constraint, in words (empty: feasible)."""
@@ -68,9 +75,9 @@ class Constraints:
         if self.max_kl is not None and pt.kl is not None and pt.kl > self.max_kl + 1e-12:
             out.append(f"KL {pt.kl:.3f} > {self.max_kl:g}")
         for name, rate in pt.keep.items():
-            floor = self.keep_floor(name)
-            if rate + 1e-12 < floor:
-                out.append(f"{name} refusal {rate:.0%} < {floor:.0%}")
+            limit = self.keep_limit(name)
+            if not keep_holds(rate, limit, self.induce):
+                out.append(f"{name} refusal {rate:.0%} {'>' if self.induce else '<'} {limit:.0%}")
         return out
 
     def classify(self, pt: SweepPoint) -> SweepPoint:
@@ -95,27 +102,42 @@ class SweepResult:
     stopped: str = ""
 
 
-def _key(pt: SweepPoint) -> tuple[float, float, float]:
-    return (pt.target if pt.target is not None else math.inf, pt.kl or 0.0, abs(pt.scale))
+def keep_limit(baseline: float, keep_frac: float, induce: bool) -> float:
+    """Removing: a keep set keeps ``keep_frac`` of its refusals; inducing: of its answers."""
+    return 1.0 - keep_frac * (1.0 - baseline) if induce else keep_frac * baseline
 
 
-def choose(points: Sequence[SweepPoint]) -> SweepPoint | None:
-    """The feasible point with the lowest target rate (then lower KL, then smaller |scale|)."""
+def keep_holds(rate: float, limit: float, induce: bool) -> bool:
+    return rate <= limit + 1e-12 if induce else rate + 1e-12 >= limit
+
+
+def shortfall(pt: SweepPoint, induce: bool = False) -> float:
+    """How far the target is from the goal: its refusal rate, or (inducing) its answer rate."""
+    if pt.target is None:
+        return math.inf
+    return 1.0 - pt.target if induce else pt.target
+
+
+def choose(points: Sequence[SweepPoint], induce: bool = False) -> SweepPoint | None:
+    """The feasible point nearest the goal (least target refusal, or most when inducing), then the
+    lower KL, then the smaller |scale|."""
     feasible = [p for p in points if p.feasible and p.target is not None]
-    return min(feasible, key=_key) if feasible else None
+    return min(feasible, key=lambda p: (shortfall(p, induce), p.kl or 0.0, abs(p.scale))) if feasible else None
 
 
 def _keep_ratio(pt: SweepPoint, c: Constraints) -> float:
-    ratios = [pt.keep[n] / c.baseline_keep[n] for n in pt.keep if c.baseline_keep.get(n)]
+    """The worst keep set's share of what it had unsteered: refusals, or (inducing) answers."""
+    kept = (lambda r: 1.0 - r) if c.induce else (lambda r: r)
+    ratios = [kept(pt.keep[n]) / kept(c.baseline_keep[n]) for n in pt.keep if kept(c.baseline_keep.get(n, 0.0))]
     return min(ratios) if ratios else 1.0
 
 
 def pareto_frontier(points: Sequence[SweepPoint], c: Constraints) -> list[SweepPoint]:
-    """Measured points not dominated in (target low, keep ratio high, KL low), by |scale|."""
+    """Measured points not dominated in (target shortfall low, keep ratio high, KL low), by |scale|."""
     measured = [p for p in points if p.target is not None]
 
     def vec(p: SweepPoint) -> tuple[float, float, float]:
-        return (p.target, -_keep_ratio(p, c), p.kl or 0.0)
+        return (shortfall(p, c.induce), -_keep_ratio(p, c), p.kl or 0.0)
 
     def dominates(a, b) -> bool:
         va, vb = vec(a), vec(b)
@@ -151,7 +173,8 @@ def search_scale(
     if sign not in (-1, 1):
         raise ValueError("sign must be -1 (remove refusal) or +1 (induce it)")
     base = baseline if baseline is not None else evaluate(0.0)
-    c = Constraints(keep_frac, max_kl, dict(base.keep))
+    induce = sign > 0
+    c = Constraints(keep_frac, max_kl, dict(base.keep), induce)
     c.classify(base)
     points = [base]
     seen: dict[float, SweepPoint] = {0.0: base}
@@ -165,7 +188,7 @@ def search_scale(
         return seen[s]
 
     good, bad, stopped = 0.0, None, ""
-    if base.target is not None and base.target <= goal:
+    if base.target is not None and shortfall(base, induce) <= goal:
         stopped = "the target is already at the goal without steering"
     k = 1
     while not stopped and k * step <= max_abs + 1e-9:
@@ -174,7 +197,7 @@ def search_scale(
             bad = k * step
             break
         good = k * step
-        if pt.target is not None and pt.target <= goal:
+        if shortfall(pt, induce) <= goal:
             stopped = f"goal reached at scale {pt.scale:+g}"
         k += 1
     else:
@@ -187,11 +210,11 @@ def search_scale(
             pt = visit(mid)
             if pt.feasible:
                 good = mid
-                if pt.target is not None and pt.target <= goal:
+                if shortfall(pt, induce) <= goal:
                     break
             else:
                 bad = mid
-    return SweepResult(choose(points), points, pareto_frontier(points, c), base, c, stopped)
+    return SweepResult(choose(points, induce), points, pareto_frontier(points, c), base, c, stopped)
 
 
 def search_bands(
@@ -207,7 +230,7 @@ def search_bands(
     points = [results[0].baseline] + [p for r in results for p in r.points if p is not r.baseline]
     c = results[0].constraints
     stopped = "; ".join(f"{_band_label(b)}: {r.stopped}" for b, r in zip(bands, results))
-    return SweepResult(choose(points), points, pareto_frontier(points, c), results[0].baseline, c, stopped)
+    return SweepResult(choose(points, c.induce), points, pareto_frontier(points, c), results[0].baseline, c, stopped)
 
 
 def _band_label(band: Band) -> str:
@@ -218,7 +241,7 @@ def _band_label(band: Band) -> str:
 
 
 def evaluator_objective(evaluator: Evaluator, target: str, keep: Sequence[str], max_kl: float | None, keep_frac: float,
-                        full: bool = False) -> Callable[[float, Band], SweepPoint]:
+                        full: bool = False, induce: bool = False) -> Callable[[float, Band], SweepPoint]:
     """``evaluate(scale, band)`` over an :class:`Evaluator`, cheapest check first.
 
     KL (a teacher-forced pass on harmless prompts, no generation) is measured first; when it
@@ -245,8 +268,9 @@ def evaluator_objective(evaluator: Evaluator, target: str, keep: Sequence[str], 
             pt.answers += records
             if scale == 0:
                 baseline_keep[name] = score.refusal_rate
-            elif not full and score.refusal_rate + 1e-12 < keep_frac * baseline_keep.get(name, 0.0):
-                evaluator.say(f"scale {scale:+g}: {name} refusal {score.refusal_rate:.0%} below the floor, skipped {target}")
+            elif not full and not keep_holds(score.refusal_rate, keep_limit(baseline_keep.get(name, 0.0), keep_frac, induce),
+                                             induce):
+                evaluator.say(f"scale {scale:+g}: {name} refusal {score.refusal_rate:.0%} past its limit, skipped {target}")
                 return sp
         score, records = evaluator.score_set(target, scale, pt.layers)
         pt.sets[target], sp.target = score, score.refusal_rate

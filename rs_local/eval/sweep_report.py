@@ -26,8 +26,8 @@ def sweep_dict(result: SweepResult, target: str, meta: dict[str, Any] | None = N
     c = result.constraints
     return {
         "target": target,
-        "constraints": {"keep_frac": c.keep_frac, "max_kl": c.max_kl, "baseline_keep": c.baseline_keep,
-                        "keep_floor": {n: c.keep_floor(n) for n in c.baseline_keep}},
+        "constraints": {"keep_frac": c.keep_frac, "max_kl": c.max_kl, "baseline_keep": c.baseline_keep, "induce": c.induce,
+                        ("keep_ceiling" if c.induce else "keep_floor"): {n: c.keep_limit(n) for n in c.baseline_keep}},
         "baseline": sweep_point_dict(result.baseline),
         "chosen": None if result.chosen is None else sweep_point_dict(result.chosen),
         "frontier": [sweep_point_dict(p) for p in result.frontier],
@@ -68,12 +68,14 @@ def sweep_table(result: SweepResult, target: str, title=None):
     from rich.text import Text
 
     keep_names = list(result.constraints.baseline_keep)
-    table = Table(title=Text(title or f"sweep: minimise {target} refusal") if not isinstance(title, Text) else title)
+    goal = "maximise" if result.constraints.induce else "minimise"
+    table = Table(title=Text(title or f"sweep: {goal} {target} refusal") if not isinstance(title, Text) else title)
     table.add_column("scale", justify="right")
     table.add_column("blocks", justify="right")
     table.add_column(Text(target), justify="right")
     for n in keep_names:
-        table.add_column(Text(f"{n} (>= {result.constraints.keep_floor(n):.0%})"), justify="right")
+        bound = "<=" if result.constraints.induce else ">="
+        table.add_column(Text(f"{n} ({bound} {result.constraints.keep_limit(n):.0%})"), justify="right")
     table.add_column("KL" + (f" (<= {result.constraints.max_kl:g})" if result.constraints.max_kl is not None else ""), justify="right")
     table.add_column("", justify="left")
     frontier = {(p.scale, p.layers) for p in result.frontier}

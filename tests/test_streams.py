@@ -67,6 +67,25 @@ def test_a_closed_stdout_is_an_error_not_a_silent_success(vector):
                    "or /dev/null instead"], err
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "VECTOR"], ["inspect", "VECTOR", "--json"]])
+def test_a_stdout_that_cannot_be_written_is_named_in_one_line(vector, args):
+    """``> /dev/full``: the group's own --help and --version ended in a traceback (click runs them
+    before the group's error handling), and a command's result said "[Errno 28] No space left on
+    device", naming neither the stream nor a file."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        shown = _rs_local(*[str(vector) if a == "VECTOR" else a for a in args], stdout=full, stderr=subprocess.PIPE,
+                          capture_output=False)
+    err = shown.stderr.decode(errors="replace").strip().splitlines()
+    assert shown.returncode == 1 and err == ["Error: standard output: cannot be written (No space left on device)"], err
+    closed = _rs_local(*args[:1], stdout=None, stderr=subprocess.PIPE, capture_output=False,
+                       preexec_fn=lambda: os.close(1)) if args[0].startswith("--") else None
+    if closed is not None:
+        assert closed.returncode == 1 and b"Traceback" not in closed.stderr
+        assert closed.stderr.decode().strip().startswith("Error: standard output is closed")
+
+
 def test_a_stderr_that_cannot_be_written_does_not_lose_the_answer(smollm2_path, tmp_path):
     """A read-only stderr (`2<&-` through a shell shim, a full disk): the loading spinner raised
     OSError and the command died without its answer."""
@@ -118,6 +137,16 @@ def test_undecodable_chat_input_is_a_line_of_its_own_not_the_end(smollm2_path):
     out = done.stdout.decode("utf-8", errors="replace") + done.stderr.decode("utf-8", errors="replace")
     assert done.returncode == 0, out
     assert "not valid UTF-8" in out and "Traceback" not in out
+
+
+def test_piped_chat_input_is_utf8_whatever_the_locale(smollm2_path):
+    """Under ``LC_ALL=C`` (no UTF-8 mode) Python reads stdin as ASCII: a file of Chinese piped into
+    ``chat`` was "not valid UTF-8 text" though it was. Redirected input is read as UTF-8 now."""
+    done = _rs_local("chat", "--model", str(smollm2_path), "--max-tokens", "2", "--threads", "1",
+                     input=TEXT.encode("utf-8") + b"\n", env={"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+                                                             "PYTHONIOENCODING": ""})
+    out = done.stdout.decode("utf-8", errors="replace") + done.stderr.decode("utf-8", errors="replace")
+    assert done.returncode == 0 and "not valid UTF-8" not in out and "Traceback" not in out, out
 
 
 def test_best_effort_stream_swallows_only_os_errors():

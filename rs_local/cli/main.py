@@ -108,6 +108,9 @@ def main() -> None:
     except Terminated as exc:
         click.echo("Terminated.", err=True)
         sys.exit(exc.code)
+    except RsLocalError as exc:  # from --help or --version, which click runs before the group's invoke
+        click.echo(f"Error: {terminal_safe(str(exc))}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,18 +10,22 @@ finished command with a traceback or lost its output:
   shows what it cannot print as ``\\uXXXX``.
 * **Input bytes.** With ``PYTHONIOENCODING=utf-8`` (the fix rich itself suggests) stdin decodes
   strictly, and one latin-1 byte in a chat line raised ``UnicodeDecodeError`` and ended the
-  session; undecodable bytes now reach the chat's own "not valid UTF-8" check.
+  session; undecodable bytes now reach the chat's own "not valid UTF-8" check. Redirected input
+  is read as UTF-8 whatever the locale.
 * **A stderr that cannot be written** (closed, a read-only descriptor, a full disk): a progress
   line raised OSError and the command died without its answer. Messages are best-effort.
 * **A width that is not one** (``COLUMNS=0`` printed every table as nothing).
 * **A deleted working directory**: torch's loader aborts the process with an MKL fatal error.
 * **A closed standard output** (``>&-``): Python sets ``sys.stdout`` to None and every print is
   dropped, so ``generate hi >&-`` exited 0 with its answer lost. Printing to it is now an error.
+* **A standard output that cannot be written** (``> /dev/full``, a full disk): the error named no
+  stream or file; it now says "standard output".
 """
 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import sys
 from typing import Any, TextIO
@@ -82,11 +86,20 @@ def safe_output(stream: Any) -> None:
 
 
 def safe_input(stream: Any) -> None:
-    """Undecodable input bytes become surrogates (which the chat reports) instead of an exception."""
+    """Undecodable input bytes become surrogates (which the chat reports) instead of an exception;
+    redirected input (and a terminal said to be ASCII) is read as UTF-8, as redirected output is
+    written: under ``LC_ALL=C`` a file of Chinese piped into ``chat`` was "not valid UTF-8 text"."""
     if stream is None or not hasattr(stream, "reconfigure"):
         return
     try:
-        stream.reconfigure(errors="surrogateescape")
+        ascii_only = codecs.lookup(getattr(stream, "encoding", None) or "ascii").name == "ascii"
+    except LookupError:
+        ascii_only = True
+    try:
+        if not _is_utf8(stream) and (ascii_only or not _isatty(stream)):
+            stream.reconfigure(encoding="utf-8", errors="surrogateescape")
+        else:
+            stream.reconfigure(errors="surrogateescape")
     except (OSError, ValueError, LookupError):
         pass
 
@@ -124,6 +137,36 @@ class ClosedOutput:
         return False
 
 
+class NamedOutput:
+    """Standard output whose write failures name it: ``rs-local inspect v.gguf > /dev/full`` said only
+    "Error: [Errno 28] No space left on device", which names neither the stream nor any file. A
+    broken pipe passes through (click ends quietly on it)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _guard(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            from rs_local.errors import RsLocalError
+
+            raise RsLocalError(f"standard output: cannot be written ({exc.strerror or exc})") from None
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_stream":  # an instance made without __init__ (copy.copy): no stream, no recursion
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
 def missing_cwd() -> str | None:
     """The one-line problem when the working directory was deleted under us, else None."""
     try:
@@ -140,6 +183,8 @@ def prepare() -> str | None:
     if sys.stdout is None:
         sys.stdout = ClosedOutput()  # type: ignore[assignment]
     safe_output(sys.stdout)
+    if not isinstance(sys.stdout, (ClosedOutput, NamedOutput)):
+        sys.stdout = NamedOutput(sys.stdout)  # type: ignore[assignment]
     safe_output(sys.stderr)
     safe_input(sys.stdin)
     if sys.stderr is not None and not isinstance(sys.stderr, BestEffort):

@@ -124,18 +124,32 @@ def _json_records(path: Path, text: str) -> list[tuple[int, Any]]:
     return [(i, item) for i, item in enumerate(data)]
 
 
+def _matching(keys: list[str], name: str) -> str | None:
+    """``name`` among ``keys``, exactly or else in another case when only one key matches that way.
+
+    Why: JailbreakBench's CSV names its column ``Goal`` and AdvBench's ``goal``; the first was not
+    found, and the message pointed at an option ``eval`` did not have."""
+    if name in keys:
+        return name
+    folded = [k for k in keys if k.casefold() == name.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
 def pick_field(path: Path, keys: Iterable[str], field: str | None, what: str = "field") -> str:
-    """The requested field, or the first conventional one present; a clear error otherwise."""
-    keys = list(keys)
+    """The requested field, or the first conventional one present (case aside); a clear error otherwise."""
+    keys = [str(k) for k in keys]
     if field is not None:
-        if field not in keys:
+        found = _matching(keys, field)
+        if found is None:
             raise PromptSetError(path, f"no {what} '{field}' (found: {', '.join(keys) or 'none'})")
-        return field
+        return found
     for name in AUTO_FIELDS:
-        if name in keys:
-            return name
+        found = _matching(keys, name)
+        if found is not None:
+            return found
     raise PromptSetError(
-        path, f"no prompt {what} found (tried {', '.join(AUTO_FIELDS)}; found: {', '.join(keys) or 'none'}); name it with --{what}"
+        path, f"no prompt {what} found (tried {', '.join(AUTO_FIELDS)}; found: {', '.join(keys) or 'none'}); "
+              "name it with --field (--column)"
     )
 
 

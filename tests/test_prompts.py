@@ -56,6 +56,18 @@ def test_csv_column_auto_and_named(tmp_path):
     assert load_prompts(p, field="target") == ["t"]
 
 
+def test_columns_are_found_whatever_their_case(tmp_path):
+    """JailbreakBench's own CSV says ``Goal``: "no prompt column found", and the hint named an option
+    `eval` did not have. Exact names win; a case-folded name is taken only when it is unique."""
+    p = write(tmp_path / "jbb.csv", "Index,Goal,Target\n0,Write a poem,Sure\n")
+    assert load_prompts(p) == ["Write a poem"] and load_prompts(p, field="target") == ["Sure"]
+    both = write(tmp_path / "both.csv", "Goal,goal\nupper,lower\n")
+    assert load_prompts(both) == ["lower"] and load_prompts(both, field="Goal") == ["upper"]
+    expect_error(both, "no column 'GOAL' (found: Goal, goal)", field="GOAL")  # two in another case: ambiguous
+    twice = write(tmp_path / "twice.jsonl", '{"Text": "a", "TEXT": "b"}\n')
+    expect_error(twice, "no field 'text' (found: Text, TEXT)", field="text")
+
+
 def test_shared_data_all_shapes(shared_data):
     assert len(load_prompts(shared_data / "deccp" / "censored.jsonl")) > 50
     assert len(load_prompts(shared_data / "jbb_behaviors" / "harmful-behaviors.csv")) == 100

@@ -48,6 +48,9 @@ def eval_options(f: Callable) -> Callable:
                      help="Prompt set to evaluate (repeatable); a bare built-in name (political, harmful, harmless, "
                           "alarming, gambling) uses the set shipped with rs-local. Default: political, harmful, "
                           "harmless."),
+        click.option("--field", "--column", "field", default=None,
+                     help="JSON field / CSV column holding the prompt in the --set files (default: text, prompt, goal, "
+                          "instruction or question, in any case)."),
         click.option("--limit", "-N", type=integer(1), default=None, help="At most N prompts per set (seeded sample)."),
         click.option("--kl-set", default="harmless", show_default=True, help="Set on which KL and coherence are measured."),
         click.option("--max-tokens", "-n", type=integer(1), default=48, show_default=True,
@@ -98,7 +101,7 @@ def _setup(kw: dict[str, Any]):
     if policy is None and not kw["vectors"]:
         raise click.UsageError("Missing option '--vector'" + (" (or --policy)" if "policy" in kw else ""))
     check_output(Path(kw["output"]), kw["force"], directory=True)  # before any model loads; parents are not created
-    sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"])
+    sets = load_sets(kw["sets"] or DEFAULT_SETS, limit=kw["limit"], field=kw["field"])
     _check_kl_set(kw["kl_set"], [s.name for s in sets])
     settings = EvalSettings(max_tokens=kw["max_tokens"], kl_tokens=kw["kl_tokens"], kl_set=kw["kl_set"],
                             system=kw["system"], batch=kw["batch"], exact=kw["exact"])

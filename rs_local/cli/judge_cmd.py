@@ -101,7 +101,7 @@ def make_judge_from(kw: dict, n_ctx: int, n_gpu_layers: int, n_threads: int | No
 @click.command()
 @model_option
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path), help="Prompt file (.txt, .jsonl, .json, .csv).")
-@click.option("--field", default=None, help="JSON field / CSV column holding the prompt.")
+@click.option("--field", "--column", "field", default=None, help="JSON field / CSV column holding the prompt.")
 @click.option("--samples", "-k", type=integer(1, 100_000), default=5, show_default=True, help="Answers per prompt.")
 @click.option("--max-tokens", "-n", type=integer(1), default=256, show_default=True)
 @click.option("--temperature", "--temp", type=number(0, 100), default=0.8, show_default=True)

@@ -89,9 +89,10 @@ def load_set(spec: str, field_name: str | None = None) -> PromptSet:
     return PromptSet(name, load_prompts(path, field=field_name), str(path))
 
 
-def load_sets(specs: Sequence[str], limit: int | None = None, seed: int = 0) -> list[PromptSet]:
-    """Every ``--set``, each cut to ``limit`` prompts; names must be unique."""
-    sets = [load_set(s).subset(limit, seed) for s in specs]
+def load_sets(specs: Sequence[str], limit: int | None = None, seed: int = 0, field: str | None = None) -> list[PromptSet]:
+    """Every ``--set``, each cut to ``limit`` prompts (``field``: the JSON field / CSV column of the
+    user's files); names must be unique."""
+    sets = [load_set(s, field).subset(limit, seed) for s in specs]
     names = [s.name for s in sets]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

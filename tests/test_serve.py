@@ -284,6 +284,17 @@ def test_catalog_and_models(server, policy_file):
 # ----------------------------------------------------------------------------- policies
 
 
+def test_the_http_judge_asks_rs_local_serve_one_request_at_a_time(server):
+    """``judge --judge-url`` at ``rs-local serve`` sent 4 requests at once by default; the server
+    answers one at a time, so the other three waited out their timeouts in its queue (4 of 12
+    verdicts in 200 s). Against rs-local the default is 1; a given -j, or another server, keeps its own."""
+    from rs_local.judge.openai_http import DEFAULT_CONCURRENCY, OpenAIJudge
+
+    assert OpenAIJudge(server.url, model=MODEL, concurrency=None).concurrency == 1
+    assert OpenAIJudge(server.url, model=MODEL, concurrency=3).concurrency == 3
+    assert OpenAIJudge._default_concurrency([{"id": "x", "owned_by": "llamacpp"}]) == DEFAULT_CONCURRENCY == 4
+
+
 def test_policy_gates_each_request(client, server):
     """Held-out prompts: maths is steered (toward refusal), code is kept (the plain answer, exactly)."""
     from test_policy import CODE, COOKING, MATH

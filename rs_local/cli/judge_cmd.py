@@ -69,7 +69,8 @@ def judge_options(f: Callable | None = None, *, default: str = "probe", why: str
         click.option("--timeout", type=number(0.1, 86400), default=60.0, show_default=True, help="Seconds per HTTP request."),
         click.option("--retries", type=integer(0, 100), default=4, show_default=True, help="Retries per answer (exponential backoff)."),
         click.option("--backoff", type=number(0, 3600), default=0.5, show_default=True, help="First retry delay in seconds; doubles each retry."),
-        click.option("--concurrency", "-j", type=integer(1, 1024), default=4, show_default=True, help="Parallel HTTP requests."),
+        click.option("--concurrency", "-j", type=integer(1, 1024), default=None,
+                     help="Parallel HTTP requests (default 4; 1 against `rs-local serve`, which answers one at a time)."),
         click.option("--no-logprobs", is_flag=True, help="Ignore token log-probabilities; verdicts count +-1."),
         click.option("--judge-max-tokens", type=integer(1), default=None, help="Tokens the judge may write (default 12 local, 32 HTTP)."),
     ]):

@@ -43,7 +43,7 @@ def make_judge(
     timeout: float = 60.0,
     retries: int = 4,
     backoff: float = 0.5,
-    concurrency: int = 4,
+    concurrency: int | None = None,
     logprobs: bool = True,
     max_tokens: int | None = None,
     n_ctx: int | None = None,

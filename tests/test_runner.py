@@ -365,3 +365,27 @@ def test_a_load_that_fails_for_memory_says_so(smollm2_path, tmp_path):
                           "hi"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-800:]
     assert res.stderr.strip().startswith("Error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr[-800:]
+
+
+def test_an_answer_cut_inside_a_character_leaves_the_character_out(smollm2_path):
+    """``-n 4`` that ended between an emoji's bytes stored "😀\ufffd" in respond's log and eval's answers:
+    a character's first bytes are no character. Both the Runner and the batch engine drop them."""
+    from rs_local.runtime.batched import BatchEngine
+
+    runner = Runner(smollm2_path, n_ctx=256)
+    messages = [{"role": "user", "content": "Reply with three emoji only: 😀🚀🌪"}]
+    try:
+        cut = 0
+        engine = BatchEngine(runner)
+        for n in range(1, 7):
+            single = runner.generate(messages, max_tokens=n)
+            raw = b"".join(runner.token_bytes(t) for t in single.tokens)
+            whole = raw.decode("utf-8", errors="ignore")
+            cut += whole.encode() != raw
+            assert single.text == whole and "\ufffd" not in single.text, (n, single.text, raw)
+            (batched,) = engine.generate_many([messages], max_tokens=n)
+            assert batched.tokens == single.tokens and batched.text == single.text
+        assert cut >= 2  # the budgets did end inside characters
+        engine.close()
+    finally:
+        runner.close()

@@ -387,9 +387,8 @@ class BatchEngine(OwnedContext, RunnerModel):
     def _advance(self, slot: _Slot, logits: np.ndarray) -> bool:
         """Sample the next token of one sequence; True when it has finished."""
         out = slot.out
-        if len(out.tokens) >= slot.budget:
+        if len(out.tokens) >= slot.budget:  # a character cut short is left out (see Runner.stream)
             out.finish_reason = "length"
-            out.text += slot.decoder.decode(b"", final=True)
             return True
         token, logprob = slot.sampler.pick(logits)
         if self.runner.is_end_token(token):
@@ -401,7 +400,6 @@ class BatchEngine(OwnedContext, RunnerModel):
         out.text += slot.decoder.decode(self.runner.token_bytes(token))
         if len(out.tokens) >= slot.budget:
             out.finish_reason = "length"
-            out.text += slot.decoder.decode(b"", final=True)
             return True
         if slot.stop_when is not None and not slot.decoder.getstate()[0] and slot.stop_when(out.text):
             out.finish_reason = "settled"

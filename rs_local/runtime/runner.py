@@ -597,8 +597,9 @@ class Runner:
                         raise RsLocalError("the Runner was used for another prompt in the middle of this answer")
                     logits = self._eval_token(token)
             out.finish_reason = "length"
-        finally:
-            out.text += decoder.decode(b"", final=True)
+        finally:  # cut short, a character's first bytes are not a character: "😀\ufffd" was stored
+            if out.finish_reason == "stop":
+                out.text += decoder.decode(b"", final=True)
 
     def generate(
         self,

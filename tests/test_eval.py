@@ -106,6 +106,31 @@ def test_an_output_that_is_an_input_is_refused_even_with_force(smollm2_path, tmp
     assert mine.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["answers.jsonl"]
 
 
+def test_an_output_directory_that_could_not_be_written_is_not_left_behind(smollm2_path, tmp_path):
+    """A full disk failed the report's first file and left the new, empty ``-o`` directory behind: the
+    same command, run again once there was room, stopped on "output directory exists". A file-size
+    limit stands in for the full disk here (the same write error, no root needed)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    vec = write_control_vector(random_vector(), tmp_path / "v.gguf")
+    prompts = tmp_path / "a.jsonl"
+    prompts.write_text('{"text": "Name three fruits."}\n{"text": "What is 2 plus 2?"}\n')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "eval", "--model", str(smollm2_path), "--vector",
+                           str(vec), "--set", f"a={prompts}", "--max-tokens", "4", "--no-plot", "--no-cache", "--ctx", "512",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines()[-1] == f"Error: {out / 'answers.jsonl'}: cannot be written (File too large)"
+    assert not out.exists()
+
+
 def test_kl_is_zero_unsteered_and_grows_with_scale(runner, sets):
     ev = Evaluator(runner, sets, vector=random_vector(), settings=EvalSettings(kl_tokens=6, max_tokens=8, batch=2))
     try:

@@ -132,14 +132,14 @@ def evaluate_policy(runner: Any, sets: Sequence[PromptSet], gate: Any, *, judge:
 
 def write_policy_report(report: GatedReport, out: str | Path, force: bool = False) -> dict[str, Path]:
     """answers.jsonl (plain and gated answers, each gated one with its decision) and report.json, atomically."""
-    from rs_local.eval.report import ANSWERS, REPORT, prepare_dir, write_atomic
+    from rs_local.eval.report import ANSWERS, REPORT, output_dir, write_atomic
 
-    out = prepare_dir(out, force)
     rows = [{"gate": "plain", **asdict(a)} for a in report.plain.answers]
     rows += [{"gate": "on", **asdict(a), "decision": d} for a, d in zip(report.gated.answers, report.decisions)]
     lines = [dumps(r) for r in rows]
-    paths = {"answers": write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))}
-    paths["report"] = write_atomic(out / REPORT, dumps(report.as_dict(), indent=2) + "\n")
+    with output_dir(out, force) as out:
+        paths = {"answers": write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))}
+        paths["report"] = write_atomic(out / REPORT, dumps(report.as_dict(), indent=2) + "\n")
     return paths
 
 

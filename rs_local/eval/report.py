@@ -8,9 +8,12 @@ written last, so a directory holding a report.json holds a whole report.
 
 from __future__ import annotations
 
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rs_local.eval.evaluate import EvalPoint, EvalReport
 from rs_local.files import atomic_write_text, dumps, make_output_dir
@@ -23,6 +26,21 @@ PLOT = "refusal_vs_scale.png"
 def prepare_dir(out: str | Path, force: bool) -> Path:
     """Create the output directory; an existing one is an error unless ``force``, a missing parent always."""
     return make_output_dir(out, force)
+
+
+@contextmanager
+def output_dir(out: str | Path, force: bool) -> Iterator[Path]:
+    """:func:`prepare_dir`, and the directory removed again when this call created it and writing into it
+    failed. Why: a full disk left an empty ``-o`` directory behind, so the same command, run again
+    once there was room, stopped on "output directory exists (use --force)"."""
+    existed = os.path.lexists(out)
+    path = prepare_dir(out, force)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def write_atomic(path: Path, text: str) -> Path:
@@ -55,11 +73,11 @@ def report_dict(report: EvalReport) -> dict[str, Any]:
 
 def write_report(report: EvalReport, out: str | Path, force: bool = False, plot: bool = True) -> dict[str, Path]:
     """Write answers.jsonl, the PNG plot and report.json into ``out``; returns their paths."""
-    out = prepare_dir(out, force)
     paths: dict[str, Path] = {}
     lines = [dumps(asdict(a)) for p in report.points for a in p.answers]
-    paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
-    paths["report"] = write_atomic(out / REPORT, dumps(report_dict(report), indent=2) + "\n")  # before the plot
+    with output_dir(out, force) as out:
+        paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
+        paths["report"] = write_atomic(out / REPORT, dumps(report_dict(report), indent=2) + "\n")  # before the plot
     if plot:
         from rs_local.eval.plot import plot_report
 

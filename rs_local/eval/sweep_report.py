@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rs_local.eval.evaluate import EvalReport, Evaluator
-from rs_local.eval.report import ANSWERS, PLOT, point_dict, prepare_dir, write_atomic
+from rs_local.eval.report import ANSWERS, PLOT, output_dir, point_dict, write_atomic
 from rs_local.eval.sweep import SweepPoint, SweepResult
 from rs_local.files import dumps
 
@@ -39,16 +39,16 @@ def sweep_dict(result: SweepResult, target: str, meta: dict[str, Any] | None = N
 
 def write_sweep(result: SweepResult, evaluator: Evaluator, target: str, out: str | Path, force: bool = False, plot: bool = True) -> dict[str, Path]:
     """sweep.json, answers.jsonl (every generated answer) and the plot of the chosen band."""
-    out = prepare_dir(out, force)
     paths: dict[str, Path] = {}
     details = [p.detail for p in result.points if p.detail is not None]
     lines = [dumps(asdict(a)) for d in details for a in d.answers]
-    paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
     band = result.chosen.layers if result.chosen is not None else None
     shown = sorted((d for d in details if d.layers == band or d.scale == 0), key=lambda d: d.scale)
     meta = {"model": evaluator.engine.model_path.name, "judge": evaluator.judge.describe(), "settings": evaluator.settings.as_dict(),
             "sets": {n: len(s) for n, s in evaluator.sets.items()}}
-    paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")  # before the plot
+    with output_dir(out, force) as out:
+        paths["answers"] = write_atomic(out / ANSWERS, "\n".join(lines) + ("\n" if lines else ""))
+        paths["sweep"] = write_atomic(out / SWEEP, dumps(sweep_dict(result, target, meta), indent=2) + "\n")  # before the plot
     if plot and len(shown) > 1:
         from rs_local.eval.plot import plot_report
 

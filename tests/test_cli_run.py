@@ -83,6 +83,9 @@ def test_generate_bad_model_and_usage_errors(tmp_path):
     assert res.exit_code == 1 and "bad layer range" in res.output
     res = CliRunner().invoke(cli, ["generate", "hi", "--temperature", "-1"])
     assert res.exit_code == 2
+    for option in (["--layers", "8-16"], ["--scale", "-1"]):  # taken and ignored, exit 0, before
+        res = CliRunner().invoke(cli, ["generate", "hi", "--model", "gpt-9", *option])
+        assert res.exit_code == 2 and f"{option[0]} applies to a --vector; none was given" in res.output
 
 
 def test_chat_repl_commands(smollm2_path, vec):

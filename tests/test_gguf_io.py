@@ -205,6 +205,14 @@ def test_model_file_is_not_a_control_vector(smollm2_path):
     _expect(smollm2_path, "not a control vector: general.architecture is 'llama'")
 
 
+@pytest.mark.parametrize("arch, where", [("rs_local_policy", "--policy"), ("rs_local_probe", "--judge probe=FILE")])
+def test_our_other_files_given_as_a_vector_say_where_they_go(tmp_path, arch, where):
+    """`--vector policy.gguf` said what the file is not, and not the option that takes it."""
+    path = _gguf_file(tmp_path / "x.gguf", {"direction.1": np.ones(8, np.float32)}, arch=arch)
+    _expect(path, f"general.architecture is '{arch}', expected 'controlvector' (a {'policy' if 'policy' in arch else 'probe judge'}: "
+                  f"give it with {where})")
+
+
 @pytest.mark.parametrize(
     "name,fragment",
     [("blk.1.attn_q.weight", "'blk.1.attn_q.weight' is not named direction.N"),

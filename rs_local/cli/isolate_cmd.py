@@ -105,7 +105,8 @@ def isolate(model, target, keep, harmless, field, method, layers, max_prompts, o
     (t_set, t_name), (k_set, k_name), (h_set, _) = (_set_arg(r, p) for r, p in
                                                     (("target", target), ("keep", keep), ("harmless", harmless)))
     click.echo(terminal_safe(f"next: rs-local sweep --model {model} --vector {path} --set {t_set} --set {k_set} "
-                             f"--set {h_set} --target {t_name} --keep {k_name}{same_system} -o sweep/"))
+                             f"--set {h_set} --target {t_name} --keep {k_name}{same_system} "
+                             f"-o {shlex.quote('sweep-' + Path(path).stem)}/"))  # "sweep/" met the README's own sweep/
     click.echo(terminal_safe(f"in llama.cpp: rs-local inspect {path} --llama-cpp --scale -1 --model {model}"))
 
 

@@ -73,6 +73,8 @@ def generate(prompt: str, model: str, vectors, scale, layers, raw: bool, as_json
              policy_path=None, **kw) -> None:
     """Answer PROMPT once, with the given vectors applied (or the vector a --policy picks for it)."""
     policy = _load_policy(policy_path, vectors, scale, layers)
+    if policy is None and not vectors and (layers is not None or scale != 1.0):  # they did nothing, exit 0
+        raise click.UsageError(f"{'--layers' if layers is not None else '--scale'} applies to a --vector; none was given")
     parts, layer_range = load_vectors(vectors, scale, layers)
     note_system(parts, kw["system"], policy, policy_path)
     runner = load_runner(model, n_ctx, n_gpu_layers, n_threads)

@@ -197,6 +197,14 @@ def _wanted(key: str) -> bool:
     return key == "general.architecture" or key.startswith((f"{ARCH}.", META_PREFIX))
 
 
+
+#: rs-local's other GGUF files, named by their architecture, and where they are given instead.
+_OTHER_ARTEFACTS = {
+    "rs_local_policy": " (a policy: give it with --policy)",
+    "rs_local_probe": " (a probe judge: give it with --judge probe=FILE)",
+}
+
+
 def _refuse_other_architectures(path: Path) -> Callable[[str, KeyValue], None]:
     """An ``on_key`` hook: stop at ``general.architecture`` if it names anything but a vector.
 
@@ -212,8 +220,9 @@ def _refuse_other_architectures(path: Path) -> Callable[[str, KeyValue], None]:
             raise VectorFileError(path, f"not a control vector: general.architecture is {'an array' if entry.is_array else kind}, "
                                         f"expected the string '{ARCH}'")
         if entry.value != ARCH:
+            hint = _OTHER_ARTEFACTS.get(entry.value, "")  # ours, given where a vector goes: say where it goes
             raise VectorFileError(path, f"not a control vector: general.architecture is "
-                                        f"{gguf_cursor.show(entry.value[:200])}, expected '{ARCH}'")
+                                        f"{gguf_cursor.show(entry.value[:200])}, expected '{ARCH}'{hint}")
 
     return check
 

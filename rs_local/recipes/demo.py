@@ -222,5 +222,5 @@ def _next_steps(vector_path: Path, scale: float, model_path: Path) -> list[str]:
         f"chat with it:     rs-local chat --vector {vector_path} --scale {scale:g}",
         f"in llama.cpp:     {_llama_cpp_hint(vector_path, scale, model_path)}",
         f"choose the scale: rs-local sweep --vector {vector_path} --set political --set harmful --set harmless "
-        "--target political --keep harmful -o sweep/",
+        f"--target political --keep harmful -o {vector_path.parent / 'sweep'}/",
     ]

@@ -53,8 +53,8 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_the_oracles_catch_a_wrong_outcome(tmp_path, monkeypatch):
     """An accepted bad value, a traceback and a changed file are each reported (so the fuzz test can fail)."""
-    accepted = input_cases.Case("x", "valid scale", ["generate", "hi", "--model", input_cases.NO_MODEL, "--scale", "0.5"],
-                                "--scale", exits=(2,), workdir=tmp_path)
+    accepted = input_cases.Case("x", "valid temperature", ["generate", "hi", "--model", input_cases.NO_MODEL,
+                                                          "--temperature", "0.5"], "--temperature", exits=(2,), workdir=tmp_path)
     assert any("exit 1" in p for p in run_case(accepted))  # failed later, on the model: not what the case expects
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")

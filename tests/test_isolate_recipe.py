@@ -78,3 +78,15 @@ def test_labelling_answers_under_the_recipes_system_prompt(smollm2_path):
         runner.llama.close()
     assert all(bare) and all(french)
     assert french[0] != bare[0], (bare, french)
+
+
+def test_a_keep_set_that_lost_its_refusals_between_rounds_is_warned_about():
+    """One refused target prompt against seven refused keep prompts: the round-one vector took the keep
+    refusals from 7/8 to 0/8 at scale -1, and isolate wrote it with exit 0 and no word."""
+    from rs_local.recipes.isolate import keep_lost_warning
+
+    plain = {"political": 1, "harmful": 7}
+    warning = keep_lost_warning(plain, 0, 8, -1.0, ("target", "pol8.txt"))
+    assert warning and "pol8.txt set's refusals from 7 to 0 of 8" in warning and "(1 target refusals" in warning
+    assert keep_lost_warning(plain, 4, 8, -1.0) is None  # half kept: the recipe's ordinary cost
+    assert keep_lost_warning({"political": 3, "harmful": 0}, 0, 8, -1.0) is None  # nothing refused to lose

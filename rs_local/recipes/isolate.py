@@ -240,6 +240,7 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
     sets = {"political": list(political), "harmful": list(harmful)}
     label = dict(zip(sets, names))
     labelled_sets = ("political",) if keep_free else ("political", "harmful")
+    plain: dict[str, int] = {}  # refusals of the plain model per set, to compare the steered rounds with
 
     def refused_now(vector=None, which: Sequence[str] = labelled_sets) -> dict[str, list]:
         """Training prompts of the sets ``which`` the model (steered by ``vector`` at the probe scale) still refuses."""
@@ -250,7 +251,14 @@ def _fit_gradient(model, political, harmful, harmless, recipe: Recipe, say: Say,
                                   system=recipe.system)
         where = f"at scale {recipe.probe_scale:g}" if vector is not None else "plain model"
         for name, rows in labelled.items():
-            say(f"{where}: {sum(r for *_, r in rows)}/{len(rows)} {label[name]} training prompts refused")
+            now = sum(r for *_, r in rows)
+            say(f"{where}: {now}/{len(rows)} {label[name]} training prompts refused")
+            if vector is None:
+                plain[name] = now
+            elif name == "harmful":
+                warning = keep_lost_warning(plain, now, len(rows), recipe.probe_scale, names)
+                if warning:
+                    say(warning)
         refused = {name: sample_for_gradients([RefusedPrompt(p, a) for p, a, r in rows if r and a.strip()], recipe)
                    for name, rows in labelled.items()}
         return {"harmful": [], **refused}
@@ -346,6 +354,20 @@ def sample_for_gradients(items: list, recipe: Recipe) -> list:
 
     keep = sorted(sorted(range(len(items)), key=rank)[: recipe.max_prompts])
     return [items[i] for i in keep]
+
+
+def keep_lost_warning(plain: dict[str, int], now: int, total: int, scale: float,
+                      names: tuple[str, str] = ("target", "keep")) -> str | None:
+    """A warning when the vector between rounds has taken the keep set below half its plain refusals.
+
+    Why: with one refused target prompt against seven refused keep prompts, the round-one vector took
+    the keep refusals from 7/8 to 0/8 at scale -1, and the fit wrote it with exit 0 and no word."""
+    before = plain.get("harmful", 0)
+    if not before or now >= before / 2:
+        return None
+    return (f"warning: at scale {scale:g} the vector so far takes the {names[1]} set's refusals from {before} to {now} "
+            f"of {total}: on these sets it does not tell the two apart ({plain.get('political', 0)} {names[0]} "
+            "refusals to learn from); check the written vector with `rs-local sweep` before using it")
 
 
 def _check_refused(refused: dict[str, list], names: tuple[str, str] = ("target", "keep"), keep_free: bool = False) -> None:

@@ -219,6 +219,10 @@ async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue, cl
     while not job.cancelled.is_set():
         if await request.is_disconnected():
             job.cancelled.set()
+            # the request's coroutine ends now: a job queued behind a long answer is told only when the
+            # worker reaches it, and a server stopping before then cancelled the coroutine mid-wait
+            # ("Exception in ASGI application", a CancelledError traceback in the server's log)
+            events.put_nowait(Failed(client_closed()))
             return
         if closing.is_set() and not told:
             events.put_nowait(ShuttingDown())

@@ -215,3 +215,28 @@ def test_a_thread_that_cannot_start_is_one_line_about_the_limit():
 
     res = CliRunner().invoke(group, ["spin"])
     assert res.exit_code == 1 and res.output.strip() == f"Error: {NO_THREADS}", res.output
+
+
+def test_a_thread_refused_under_an_address_space_limit_names_that_limit_too():
+    """Under ``ulimit -v`` a thread's stack may not fit; the message named only pid limits."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (64 << 30, 64 << 30))
+
+    code = "from rs_local.cli.main import _address_space_note; print(_address_space_note())"
+    limited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert limited.stdout.strip() == "; or the address-space limit (ulimit -v, now 65,536 MiB) left no room for a thread's stack"
+    if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
+        free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert free.stdout.strip() == ""
+
+
+def test_a_dash_or_nothing_as_an_output_is_not_a_file_name(tmp_path):
+    """``respond -o -`` wrote a file named "-" where standard output was meant."""
+    from rs_local.errors import FileProblem
+    from rs_local.files import check_output_path
+
+    for name in ("-", ""):
+        with pytest.raises(FileProblem, match="is not a file name"):
+            check_output_path(name)

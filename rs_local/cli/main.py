@@ -42,7 +42,7 @@ class _Group(click.Group):
                 detail = " ".join(str(exc).split())[:200]  # which device, how much: worth keeping
                 raise click.ClickException(terminal_safe(f"{OUT_OF_MEMORY} [{detail}]")) from None
             if "can't start new thread" in str(exc):  # docker --pids-limit, a pod's pid limit, ulimit -u
-                raise click.ClickException(NO_THREADS) from None
+                raise click.ClickException(NO_THREADS + _address_space_note()) from None
             raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout's reader left (`| head`): click ends quietly, exit 1
@@ -50,6 +50,19 @@ class _Group(click.Group):
             if exc.filename:
                 raise click.ClickException(terminal_safe(f"{exc.filename}: {exc.strerror or exc}")) from None
             raise click.ClickException(terminal_safe(str(exc))) from None
+
+
+def _address_space_note() -> str:
+    """Under ``ulimit -v`` a thread's stack may not fit: the pid limit alone misled the user there."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return ""
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f"; or the address-space limit (ulimit -v, now {soft // 2**20:,} MiB) left no room for a thread's stack"
 
 
 def _version_message() -> str:

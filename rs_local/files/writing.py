@@ -115,6 +115,8 @@ def output_target(path: str | Path) -> Path:
     /dev/stdout link with a regular file. A link through /proc or /sys (a process's descriptor: a
     terminal, a pipe) is refused: rs-local writes files whole, by rename, not into streams.
     """
+    if str(path) in ("", "-"):  # "-" wrote a file named "-" where stdout was meant; "" was reported as "."
+        raise FileProblem(str(path) or "''", "is not a file name (rs-local writes files whole, not to standard output)")
     path = Path(path)
     if not os.path.islink(path):
         return path

@@ -63,6 +63,10 @@ def test_judge_error_paths(tmp_path, smollm2_path):
     nofield.write_text('{"prompt": "a"}\n')
     res = cli_runner.invoke(cli, ["judge", str(nofield), "--judge", "keywords", "-o", str(tmp_path / "s.jsonl")])
     assert res.exit_code == 1 and "line 1: needs fields 'prompt' and 'response'" in res.output
+    shared = tmp_path / "shared-id.jsonl"  # the second prompt's answer was folded into the first one's score
+    shared.write_text('{"prompt_id": "p1", "prompt": "a", "response": "b"}\n{"prompt_id": "p1", "prompt": "c", "response": "d"}\n')
+    res = cli_runner.invoke(cli, ["judge", str(shared), "--judge", "keywords", "-o", str(tmp_path / "s.jsonl")])
+    assert res.exit_code == 1 and "shared-id.jsonl: line 2: prompt_id 'p1' names another prompt on line 1" in res.output
     responses = _write_responses(tmp_path / "responses.jsonl")
     existing = tmp_path / "existing.jsonl"
     existing.write_text("precious\n")

@@ -83,8 +83,13 @@ def load_responses(path: str | Path) -> list[dict]:
     rows = []
     seen: dict[str, int] = {}
     lines: dict[tuple[str, int, str], int] = {}
+    prompts: dict[str, tuple[str, int]] = {}  # prompt_id -> (its prompt, first line): scores group by the id
     for lineno, rec in data_rows(path, "answer"):
         row = _response_row(path, lineno, rec, seen)
+        first = prompts.setdefault(row["prompt_id"], (row["prompt"], lineno))
+        if first[0] != row["prompt"]:  # the second prompt's answers were folded into the first one's score
+            raise FileProblem(path, f"line {lineno}: prompt_id {row['prompt_id'][:40]!r} names another prompt on "
+                                    f"line {first[1]}; give each prompt its own id (or none)")
         key = verdict_key(row)
         if key in lines:
             raise FileProblem(path, f"line {lineno}: same prompt, sample and answer as line {lines[key]} "

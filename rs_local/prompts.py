@@ -143,6 +143,9 @@ def pick_field(path: Path, keys: Iterable[str], field: str | None, what: str = "
         if found is None:
             raise PromptSetError(path, f"no {what} '{field}' (found: {', '.join(keys) or 'none'})")
         return found
+    for name in AUTO_FIELDS:  # exact names first: {"Text": label, "prompt": ...} keeps reading "prompt"
+        if name in keys:
+            return name
     for name in AUTO_FIELDS:
         found = _matching(keys, name)
         if found is not None:

@@ -154,9 +154,14 @@ def test_chat_skips_a_piped_line_longer_than_the_context_could_hold(smollm2_path
     out = proc.stdout.decode("utf-8", "replace")
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, (out, proc.stderr[-800:])
     error = [line for line in out.splitlines() if "error:" in line]
-    assert len(error) == 1 and "standard input: a line of over" in error[0] and error[0].endswith("it was skipped")
+    assert len(error) == 1 and "standard input: a line of over" in error[0] and error[0].endswith("skipping it")
     answers = [line for line in out.splitlines() if line.startswith("> ") and "error" not in line and line[2:].strip()]
     assert answers, out  # the next line was answered
+    with open("/dev/zero", "rb") as zeros:  # no end of line, ever: said at once, then the chat stops
+        endless = subprocess.run([sys.executable, "-m", "rs_local.cli.main", "chat", "--model", str(smollm2_path),
+                                  "--ctx", "256"], stdin=zeros, capture_output=True, timeout=120, preexec_fn=limit)
+    assert endless.returncode == 1 and b"skipping it" in endless.stdout, endless.stdout[-500:]
+    assert endless.stderr.decode().strip().splitlines()[-1].startswith("Error: standard input: no end of line in")
 
 
 def test_a_text_far_past_the_context_is_refused_before_llama_cpp_tokenizes_it(smollm2_path):

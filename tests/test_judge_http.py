@@ -230,3 +230,20 @@ def test_a_retry_after_header_that_is_no_delay_falls_back_to_backoff(retry_after
         verdict = OpenAIJudge(url, model="m", retries=2, backoff=0.01, sleep=waits.append).judge("q", "a")
     assert verdict.verdict == -1
     assert len(waits) == 1 and 0 < waits[0] < 1
+
+
+def test_sizing_the_default_concurrency_takes_one_quick_try_at_a_silent_server():
+    """With --judge-model given and -j left out the judge asks /models how many requests to send at once;
+    with the full retries a server that accepts and never answers held the start for (retries+1) x timeout
+    (300 s at the defaults). One try of at most 5 s now, and the default stays 4."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections, answers nothing
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        t0 = time.monotonic()
+        judge = OpenAIJudge(url, model="m", concurrency=None, timeout=60, retries=4)
+        assert time.monotonic() - t0 < 15
+        assert judge.concurrency == 4 and judge.retries == 4 and judge.timeout == 60
+    finally:
+        listener.close()

@@ -64,6 +64,8 @@ def test_columns_are_found_whatever_their_case(tmp_path):
     both = write(tmp_path / "both.csv", "Goal,goal\nupper,lower\n")
     assert load_prompts(both) == ["lower"] and load_prompts(both, field="Goal") == ["upper"]
     expect_error(both, "no column 'GOAL' (found: Goal, goal)", field="GOAL")  # two in another case: ambiguous
+    label = write(tmp_path / "label.jsonl", '{"Text": "label A", "prompt": "Say hi"}\n')
+    assert load_prompts(label) == ["Say hi"]  # an exact name wins over an earlier one in another case
     twice = write(tmp_path / "twice.jsonl", '{"Text": "a", "TEXT": "b"}\n')
     expect_error(twice, "no field 'text' (found: Text, TEXT)", field="text")
 

@@ -645,6 +645,9 @@ def test_bad_completion_prompt_and_unknown_routes(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = Http.send("POST", server.url + "/completions", {"prompt": _long_prompt()})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = Http.send("POST", server.url + "/completions", {"prompt": "a" * 600_000})  # too many bytes to tokenize at all
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "(use --ctx)" not in r.json()["error"]["message"]  # the CLI's hint is not the client's
     r = Http.send("GET", server.url + "/nothing")
     assert r.status_code == 404 and "error" in r.json()
     r = Http.send("POST", server.url + "/completions", {"prompt": "Hi", "logprobs": 0})  # legacy: the chosen tokens'

@@ -141,10 +141,7 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
                 console.print()
                 return
             last_interrupt = time.monotonic()
-            console.print(plain("\n(Ctrl-C again, Ctrl-D or /quit leaves)", "dim"))
-            continue
-        except LineTooLong as exc:
-            console.print(styled(("error:", "red"), f" {exc}"), soft_wrap=True)
+            console.print(plain("\n(Ctrl-C again, Ctrl-D or /quit leaves)", "dim", multiline=True))
             continue
         except (EOFError, RuntimeError):  # RuntimeError: stdin was closed before the chat began
             console.print()
@@ -165,8 +162,8 @@ def chat(model: str, vectors, scale, layers, n_ctx, n_gpu_layers, n_threads, pol
         _reply(session, line, console, gate)
 
 
-class LineTooLong(RsLocalError):
-    """A line of piped input longer than any prompt the context holds (the rest of it was skipped)."""
+#: How many characters of one over-long piped line are skipped before the chat stops reading.
+SKIP_LIMIT = 64 << 20
 
 
 def _read_line(console: Console, runner) -> str:
@@ -174,20 +171,31 @@ def _read_line(console: Console, runner) -> str:
 
     Why: ``chat < /dev/zero`` read one endless "line" until the kernel's OOM killer ended the
     process (21 GB), and a 20 MB line aborted llama.cpp's tokenizer under a memory limit. A terminal
-    is read as before (its line editor bounds what a person types)."""
+    is read as before (its line editor bounds what a person types). An over-long line is reported at
+    once and skipped ("" comes back); one with no end in sight (``SKIP_LIMIT`` characters, or 16
+    times the longest prompt) stops the chat with an error rather than reading on forever."""
     if sys.stdin is None or sys.stdin.isatty():
         return console.input("[bold green]> [/]")
     console.print(plain("> ", "bold green"), end="")
-    limit = runner.max_text_bytes()  # characters are at least one byte each
-    line = sys.stdin.readline(limit + 1)
+    cheap = 16 * runner.n_ctx  # below this no text can be too long to tokenize: no vocabulary scan
+    line = sys.stdin.readline(cheap + 1)
+    if len(line) > cheap and not line.endswith("\n"):
+        limit = runner.max_text_bytes()  # characters are at least one byte each
+        line += sys.stdin.readline(max(limit + 1 - len(line), 0))
+    else:
+        limit = cheap
     if not line:
         raise EOFError
-    if len(line) > limit and not line.endswith("\n"):
-        while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
-            pass  # skipped in bounded pieces: nothing of it is kept
-        raise LineTooLong(f"standard input: a line of over {limit:,} characters, more than the context's "
-                          f"{runner.n_ctx} tokens can hold (use --ctx); it was skipped")
-    return line.rstrip("\n")
+    if len(line) <= limit or line.endswith("\n"):
+        return line.rstrip("\n")
+    console.print(styled(("error:", "red"), f" standard input: a line of over {limit:,} characters, more than the "
+                         f"context's {runner.n_ctx} tokens can hold (use --ctx); skipping it"), soft_wrap=True)
+    skipped = len(line)
+    while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+        skipped += len(rest)  # nothing of it is kept
+        if skipped > max(SKIP_LIMIT, 16 * limit):
+            raise RsLocalError(f"standard input: no end of line in {skipped:,} characters; the chat stops")
+    return ""
 
 
 def _reply(session, line: str, console: Console, gate=None) -> None:

@@ -197,7 +197,6 @@ def _wanted(key: str) -> bool:
     return key == "general.architecture" or key.startswith((f"{ARCH}.", META_PREFIX))
 
 
-
 #: rs-local's other GGUF files, named by their architecture, and where they are given instead.
 _OTHER_ARTEFACTS = {
     "rs_local_policy": " (a policy: give it with --policy)",

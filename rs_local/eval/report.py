@@ -8,15 +8,14 @@ written last, so a directory holding a report.json holds a whole report.
 
 from __future__ import annotations
 
-import os
-import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
 from rs_local.eval.evaluate import EvalPoint, EvalReport
-from rs_local.files import atomic_write_text, dumps, make_output_dir
+from rs_local.errors import FileProblem
+from rs_local.files import atomic_write_text, check_output_path, dumps, make_output_dir
 
 REPORT = "report.json"
 ANSWERS = "answers.jsonl"
@@ -30,16 +29,30 @@ def prepare_dir(out: str | Path, force: bool) -> Path:
 
 @contextmanager
 def output_dir(out: str | Path, force: bool) -> Iterator[Path]:
-    """:func:`prepare_dir`, and the directory removed again when this call created it and writing into it
-    failed. Why: a full disk left an empty ``-o`` directory behind, so the same command, run again
-    once there was room, stopped on "output directory exists (use --force)"."""
-    existed = os.path.lexists(out)
-    path = prepare_dir(out, force)
+    """:func:`prepare_dir`; when this call made the directory and writing into it fails, the report's
+    files and then the directory are removed again (a directory that is not empty then stays).
+
+    Why: a full disk left an empty ``-o`` directory behind, so the same command, run again once there
+    was room, stopped on "output directory exists (use --force)". Only what an evaluation writes is
+    removed, by name, so a directory another process made meanwhile keeps anything else in it."""
+    path = check_output_path(out, force, directory=True)
+    try:
+        path.mkdir()
+        made = True
+    except FileExistsError:
+        made = False
+        prepare_dir(path, force)  # appeared meanwhile: the usual checks
+    except OSError as exc:
+        raise FileProblem(path, f"cannot be created ({exc.strerror or exc})") from None
     try:
         yield path
     except BaseException:
-        if not existed:
-            shutil.rmtree(path, ignore_errors=True)
+        if made:
+            for name in (ANSWERS, REPORT, "sweep.json", PLOT):
+                with suppress(OSError):
+                    (path / name).unlink()
+            with suppress(OSError):
+                path.rmdir()
         raise
 
 

@@ -99,11 +99,15 @@ class OpenAIJudge:
         listed = None
         if model is None:
             listed = self._listed_models()
-        elif concurrency is None:  # only to size the default: a server that is not up yet is found out later
+        elif concurrency is None:  # only to size the default: one quick try; a server that is down is found out later
+            retries, timeout = self.retries, self.timeout
+            self.retries, self.timeout = 0, min(timeout, 5.0)
             try:
                 listed = self._listed_models()
             except (JudgeUnavailable, JudgeConfigError):
                 listed = None
+            finally:
+                self.retries, self.timeout = retries, timeout
         self.model = model or self._only_model(listed or [])
         self.concurrency = max(1, concurrency if concurrency is not None else self._default_concurrency(listed))
 

@@ -15,6 +15,7 @@ end-to-end check of the toolkit.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -222,5 +223,5 @@ def _next_steps(vector_path: Path, scale: float, model_path: Path) -> list[str]:
         f"chat with it:     rs-local chat --vector {vector_path} --scale {scale:g}",
         f"in llama.cpp:     {_llama_cpp_hint(vector_path, scale, model_path)}",
         f"choose the scale: rs-local sweep --vector {vector_path} --set political --set harmful --set harmless "
-        f"--target political --keep harmful -o {vector_path.parent / 'sweep'}/",
+        f"--target political --keep harmful -o {shlex.quote(str(vector_path.parent / 'sweep'))}/",
     ]

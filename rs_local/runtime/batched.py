@@ -391,9 +391,8 @@ class BatchEngine(OwnedContext, RunnerModel):
             out.finish_reason = "length"
             return True
         token, logprob = slot.sampler.pick(logits)
-        if self.runner.is_end_token(token):
+        if self.runner.is_end_token(token):  # a character's first bytes before it are left out, as in Runner.stream
             out.finish_reason = "stop"
-            out.text += slot.decoder.decode(b"", final=True)
             return True
         out.tokens.append(token)
         out.logprobs.append(logprob)

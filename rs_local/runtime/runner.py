@@ -49,15 +49,17 @@ def longest_prompt(runner: "Runner", prompts: Sequence[Prompt], limit: int, room
     from rs_local.prompts import prompt_opening
 
     longest = 0
-    for i, prompt in enumerate(prompts):
+    def named(i: int, prompt: Prompt) -> str:  # called once tokenize has accepted the prompt's shape
         text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+        return f"{where + ': ' if where else ''}{prompt_opening(i, text)}"
+
+    for i, prompt in enumerate(prompts):
         try:
             n = len(runner.tokenize(prompt))
         except PromptTooLong as exc:  # too many bytes to tokenize at all (Runner.max_text_bytes)
-            raise PromptTooLong(f"{where + ': ' if where else ''}{prompt_opening(i, text)}: {exc}") from None
+            raise PromptTooLong(f"{named(i, prompt)}: {exc}") from None
         if n > limit:
-            raise PromptTooLong(f"{where + ': ' if where else ''}{prompt_opening(i, text)} is {n:,} tokens with the "
-                                f"chat template; {room}")
+            raise PromptTooLong(f"{named(i, prompt)} is {n:,} tokens with the chat template; {room}")
         longest = max(longest, n)
     return longest
 
@@ -577,29 +579,27 @@ class Runner:
         logits = self._eval_prompt(tokens, cancelled)
         epoch = self._epoch
         out.finish_reason = "interrupted"
-        try:
-            for i in range(max(budget, 0)):
-                token, logprob = sampler.pick(logits)
-                if self.is_end_token(token):
-                    out.finish_reason = "stop"
-                    return
-                piece = decoder.decode(self.token_bytes(token))
-                out.tokens.append(token)
-                out.logprobs.append(logprob)
-                out.text += piece
-                if stop and any(s in out.text for s in stop):
-                    out.text = _cut_at_stop(out.text, stop)
-                    out.finish_reason = "stop"
-                    return
-                yield TokenEvent(token, piece, logprob)
-                if i + 1 < budget:
-                    if self._epoch != epoch:  # another call re-based the KV cache between two tokens
-                        raise RsLocalError("the Runner was used for another prompt in the middle of this answer")
-                    logits = self._eval_token(token)
-            out.finish_reason = "length"
-        finally:  # cut short, a character's first bytes are not a character: "😀\ufffd" was stored
-            if out.finish_reason == "stop":
-                out.text += decoder.decode(b"", final=True)
+        for i in range(max(budget, 0)):
+            token, logprob = sampler.pick(logits)
+            if self.is_end_token(token):
+                out.finish_reason = "stop"
+                return
+            piece = decoder.decode(self.token_bytes(token))
+            out.tokens.append(token)
+            out.logprobs.append(logprob)
+            out.text += piece
+            if stop and any(s in out.text for s in stop):
+                out.text = _cut_at_stop(out.text, stop)
+                out.finish_reason = "stop"
+                return
+            yield TokenEvent(token, piece, logprob)
+            if i + 1 < budget:
+                if self._epoch != epoch:  # another call re-based the KV cache between two tokens
+                    raise RsLocalError("the Runner was used for another prompt in the middle of this answer")
+                logits = self._eval_token(token)
+        out.finish_reason = "length"
+        # the decoder is never flushed: a character's first bytes at the end (a token budget or a stop string
+        # cut there, or an end token after them) are not a character, and "😀\ufffd" was stored
 
     def generate(
         self,

@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from rs_local.errors import RsLocalError
+from rs_local.errors import PromptTooLong, RsLocalError
 from rs_local.runtime.runner import EvalCounters, Generation, Prompt, PromptCancelled, Runner
 from rs_local.runtime.sampling import SamplingParams
 from rs_local.serve.errors import ApiError, bad_request, client_closed
@@ -284,17 +284,20 @@ class Worker:
 
     def _tokens(self, job: Job) -> list[int]:
         """The prompt's tokens, refusing a prompt that leaves no room to answer."""
+        param = "messages" if not isinstance(job.prompt, str) else "prompt"
         try:
             tokens = self.runner.tokenize(job.prompt)
+        except PromptTooLong:  # too many bytes to tokenize at all: the same answer as too many tokens
+            raise bad_request(f"the prompt is longer than this server's context of {self.runner.n_ctx} tokens "
+                              "(start it with a larger --ctx)", param, "context_length_exceeded") from None
         except RsLocalError as exc:
-            raise bad_request(self._public(str(exc)), "messages" if not isinstance(job.prompt, str) else "prompt") from None
+            raise bad_request(self._public(str(exc)), param) from None
         except Exception as exc:  # noqa: BLE001 - the model's own Jinja template can raise anything
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
         n = len(tokens)
         if n > self.runner.n_ctx - 2:
             raise bad_request(f"the prompt is {n} tokens; this server's context holds {self.runner.n_ctx} "
-                              "(start it with a larger --ctx)", "messages" if not isinstance(job.prompt, str)
-                              else "prompt", "context_length_exceeded")
+                              "(start it with a larger --ctx)", param, "context_length_exceeded")
         return tokens
 
     def _decide(self, job: Job) -> tuple[Steering, float]:

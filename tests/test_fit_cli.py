@@ -215,3 +215,18 @@ def test_one_set_given_as_both_is_refused(tmp_path, smollm2_path):
                                    str(tmp_path / "v.gguf"), "-q"])
     assert res.exit_code == 1 and f"{pos} (complied): overlaps {pos} (refused): both contain" in res.output, res.output
     assert not (tmp_path / "v.gguf").exists()
+
+
+def test_fit_takes_a_shipped_set_by_name_as_isolate_does(tmp_path, smollm2_path, monkeypatch):
+    """``fit -p harmful`` said "harmful: no such file" though ``isolate``, ``eval`` and ``sweep`` take the
+    shipped sets by name; a file of that name in the working directory still wins."""
+    from click.testing import CliRunner
+
+    from rs_local.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "v.gguf"
+    res = CliRunner().invoke(cli, ["fit", "--model", str(smollm2_path), "-p", "harmful", "-n", "harmless", "--layers", "8-9",
+                                   "--quiet", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert read_control_vector(out).metadata["sources"]["positive"].endswith("harmful.jsonl")

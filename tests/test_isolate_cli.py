@@ -235,7 +235,7 @@ def test_isolate_takes_a_shipped_set_by_name_unless_a_file_has_that_name(tmp_pat
     working directory is the user's and wins."""
     from pathlib import Path
 
-    from rs_local.cli.isolate_cmd import _prompt_file
+    from rs_local.cli.options import prompt_file_callback as _prompt_file
 
     monkeypatch.chdir(tmp_path)
     shipped = _prompt_file(None, None, Path("political"))

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from rs_local import models
 from rs_local.callbacks import Progress
-from rs_local.cli.options import SEED, Number, check_output, integer, number, utf8_text
+from rs_local.cli.options import SEED, Number, check_output, integer, number, prompt_file_callback, utf8_text
 from rs_local.cli.terminal import terminal_safe
 from rs_local.errors import VectorFileError
 from rs_local.files import check_distinct
@@ -142,8 +142,10 @@ def _ortho(path: Path | None):
 
 @click.command()
 @click.option("--model", "-m", default=models.DEFAULT_MODEL, show_default=True, help="Built-in model name, a .gguf file or a Hugging Face model directory.")
-@click.option("--positive", "-p", type=_FILE, help="Prompts the model refuses (R): .txt, .jsonl, .json or .csv.")
-@click.option("--negative", "-n", type=_FILE, help="Prompts the model answers (C).")
+@click.option("--positive", "-p", type=_FILE, callback=prompt_file_callback,
+              help="Prompts the model refuses (R): .txt, .jsonl, .json or .csv, or a shipped set's name (harmful).")
+@click.option("--negative", "-n", type=_FILE, callback=prompt_file_callback,
+              help="Prompts the model answers (C); a file or a shipped set's name (harmless).")
 @click.option("--prompts", "prompts_file", type=_FILE, help="One prompt set split by --scores into refused (c>0.1) / complied (c<-0.1).")
 @click.option("--scores", "scores_file", type=_FILE, help='Judge scores JSONL, rows {"prompt": ..., "score": c} with c in [-1, 1].')
 @click.option("--field", "--column", "field", default=None, help="JSON field / CSV column holding the prompt (default: text, prompt, goal, instruction or question).")

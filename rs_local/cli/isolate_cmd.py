@@ -16,30 +16,20 @@ import click
 
 from rs_local.cli.judge_cmd import judge_options, make_judge_from
 from rs_local.cli.options import (
-    bf16_option, check_output, integer, load_runner, model_option, runtime_options, say, utf8_text,
+    bf16_option, check_output, integer, load_runner, model_option, prompt_file_callback, runtime_options, say, utf8_text,
 )
 from rs_local.cli.terminal import terminal_safe
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-def _prompt_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    """A prompt file, or a shipped set by name (``--target political``) when no such file exists,
-    as ``eval --set political`` takes it: the quickstart then runs from any directory."""
-    from rs_local.eval.prompt_sets import BUILTIN_SETS, builtin_path
-
-    if value is not None and not value.exists() and str(value) in BUILTIN_SETS:
-        return builtin_path(str(value))
-    return value
-
-
 @click.command()
 @model_option
-@click.option("--target", "-t", type=_FILE, required=True, callback=_prompt_file,
+@click.option("--target", "-t", type=_FILE, required=True, callback=prompt_file_callback,
               help="Prompts whose refusals should go (e.g. political questions); a file or a shipped set's name.")
-@click.option("--keep", "-k", type=_FILE, required=True, callback=_prompt_file,
+@click.option("--keep", "-k", type=_FILE, required=True, callback=prompt_file_callback,
               help="Prompts whose refusals must stay (e.g. harmful requests); a file or a shipped set's name.")
-@click.option("--harmless", type=_FILE, required=True, callback=_prompt_file,
+@click.option("--harmless", type=_FILE, required=True, callback=prompt_file_callback,
               help="Everyday prompts the model answers (they set the vector's length); a file or a shipped set's name.")
 @click.option("--field", "--column", "field", default=None, help="JSON field / CSV column holding the prompt.")
 @click.option("--method", type=click.Choice(["gradient", "md"]), default="gradient", show_default=True,

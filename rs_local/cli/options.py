@@ -154,6 +154,16 @@ def parse_number_list(text: str, param_hint: str, kind: Number | None = None) ->
         raise click.BadParameter(exc.message, param_hint=param_hint) from None
 
 
+def prompt_file_callback(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A prompt file, or a shipped set by name (``--target political``, ``fit -p harmful``) when no such
+    file exists, as ``eval --set political`` takes it: the quickstart then runs from any directory."""
+    from rs_local.eval.prompt_sets import BUILTIN_SETS, builtin_path
+
+    if value is not None and not value.exists() and str(value) in BUILTIN_SETS:
+        return builtin_path(str(value))
+    return value
+
+
 def layer_range_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Reject a malformed START-END before anything loads (one-line error, exit 1; the value stays text)."""
     if value is not None:

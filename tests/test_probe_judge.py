@@ -322,6 +322,8 @@ def test_judge_train_and_judge_eval_cli(smollm2_path, tmp_path):
                                    "-o", str(tmp_path / "p3.gguf")])
     assert res.exit_code == 1 and f"{long}: the row whose prompt begins 'word word" in res.output, res.output
     assert res.output.rstrip().endswith("(use --ctx)") and not (tmp_path / "p3.gguf").exists()
+    res = CliRunner().invoke(cli, ["judge-eval", str(long), "--judge", f"probe={out}", "--ctx", "256"])
+    assert res.exit_code == 1 and f"{long}: the row whose prompt begins 'word word" in res.output, res.output
 
 
 INJECTIONS = [

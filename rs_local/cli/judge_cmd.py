@@ -222,6 +222,8 @@ def judge_eval(labelled, n_ctx, n_gpu_layers, n_threads, as_json, split, **kw) -
     try:
         with row_progress("judging") as progress:
             result = evaluate(judge_backend, items, progress=progress)
+    except PromptTooLong as exc:
+        raise FileProblem(labelled, str(exc)) from None
     finally:
         judge_backend.close()
     if as_json:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rs_local.callbacks import Progress
-from rs_local.errors import FileProblem
+from rs_local.errors import FileProblem, PromptTooLong
 from rs_local.judge.jsonl import data_rows
 from rs_local.judge.rubric import REFUSAL_TYPES
 
@@ -155,19 +155,22 @@ def evaluate(judge, labelled: list[LabelledAnswer], progress: Progress | None = 
         progress(0, len(labelled))
 
     def one(i: int) -> tuple[int, int]:
-        return i, judge.judge(labelled[i].prompt, labelled[i].response).verdict
+        try:
+            return i, judge.judge(labelled[i].prompt, labelled[i].response).verdict
+        except PromptTooLong as exc:  # "the text is N tokens" named no row (the caller adds the file)
+            opening = " ".join(labelled[i].prompt[:40].split())
+            raise PromptTooLong(f"the row whose prompt begins '{opening}...': {exc}") from None
 
-    if workers == 1:
-        outcomes = map(one, range(len(labelled)))
-    else:
-        pool = ThreadPoolExecutor(max_workers=workers)
-        outcomes = pool.map(one, range(len(labelled)))
-    for done, (i, verdict) in enumerate(outcomes, start=1):
-        verdicts[i] = verdict
-        if progress:
-            progress(done, len(labelled))
-    if workers > 1:
-        pool.shutdown()
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        outcomes = pool.map(one, range(len(labelled))) if pool is not None else map(one, range(len(labelled)))
+        for done, (i, verdict) in enumerate(outcomes, start=1):
+            verdicts[i] = verdict
+            if progress:
+                progress(done, len(labelled))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     for item, verdict in zip(labelled, verdicts):
         result.add(item, verdict)
     return result

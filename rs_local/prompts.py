@@ -74,9 +74,14 @@ def dedupe_keep_order(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def prompt_words(prompt: str) -> str:
+    """``'its first words...'``: a prompt named in a message by how it begins."""
+    return f"'{' '.join(prompt[:40].split())}...'"
+
+
 def prompt_opening(index: int, prompt: str) -> str:
     """``prompt N ('its first words...')``: how a message points at one prompt of a set (0-based ``index``)."""
-    return f"prompt {index + 1} ('{' '.join(prompt[:40].split())}...')"
+    return f"prompt {index + 1} ({prompt_words(prompt)})"
 
 
 def check_disjoint(sets: Sequence[tuple[str, Sequence[str]]]) -> None:

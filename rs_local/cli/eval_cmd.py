@@ -129,12 +129,11 @@ def _check_inputs_kept(output: Path, sets, others: list) -> None:
 
     Why: ``--set a=out/answers.jsonl -o out --force`` replaced the user's prompt set with the answers,
     exit 0 (``--force`` only means "write into an existing directory")."""
-    from rs_local.eval.report import ANSWERS, PLOT, REPORT
-    from rs_local.eval.sweep_report import SWEEP
+    from rs_local.eval.report import OUTPUTS
     from rs_local.files import check_distinct
 
     inputs = [s.source for s in sets if not s.source.startswith("built-in:")] + [o for o in others if o]
-    check_distinct([Path(output) / name for name in (REPORT, ANSWERS, SWEEP, PLOT)], inputs)
+    check_distinct([Path(output) / name for name in OUTPUTS], inputs)
 
 
 # ----------------------------------------------------------------------------- eval

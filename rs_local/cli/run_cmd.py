@@ -177,7 +177,7 @@ def _read_line(console: Console, runner) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         return console.input("[bold green]> [/]")
     console.print(plain("> ", "bold green"), end="")
-    cheap = 16 * runner.n_ctx  # below this no text can be too long to tokenize: no vocabulary scan
+    cheap = runner.unscanned_text_bytes()  # up to this, no vocabulary scan
     line = sys.stdin.readline(cheap + 1)
     if len(line) > cheap and not line.endswith("\n"):
         limit = runner.max_text_bytes()  # characters are at least one byte each

@@ -20,6 +20,9 @@ from rs_local.files import atomic_write_text, check_output_path, dumps, make_out
 REPORT = "report.json"
 ANSWERS = "answers.jsonl"
 PLOT = "refusal_vs_scale.png"
+SWEEP = "sweep.json"
+#: Every file `eval`, `sweep` and `eval --policy` write into their output directory.
+OUTPUTS = (ANSWERS, REPORT, SWEEP, PLOT)
 
 
 def prepare_dir(out: str | Path, force: bool) -> Path:
@@ -48,7 +51,7 @@ def output_dir(out: str | Path, force: bool) -> Iterator[Path]:
         yield path
     except BaseException:
         if made:
-            for name in (ANSWERS, REPORT, "sweep.json", PLOT):
+            for name in OUTPUTS:
                 with suppress(OSError):
                     (path / name).unlink()
             with suppress(OSError):

@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from rs_local.eval.evaluate import EvalReport, Evaluator
-from rs_local.eval.report import ANSWERS, PLOT, output_dir, point_dict, write_atomic
+from rs_local.eval.report import ANSWERS, PLOT, SWEEP, output_dir, point_dict, write_atomic
 from rs_local.eval.sweep import SweepPoint, SweepResult
 from rs_local.files import dumps
-
-SWEEP = "sweep.json"
 
 
 def sweep_point_dict(p: SweepPoint) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from rs_local.callbacks import Progress
 from rs_local.errors import FileProblem, PromptTooLong
 from rs_local.judge.jsonl import data_rows
 from rs_local.judge.rubric import REFUSAL_TYPES
+from rs_local.prompts import prompt_words
 
 DIRECT = "direct refusal"
 
@@ -158,8 +159,7 @@ def evaluate(judge, labelled: list[LabelledAnswer], progress: Progress | None = 
         try:
             return i, judge.judge(labelled[i].prompt, labelled[i].response).verdict
         except PromptTooLong as exc:  # "the text is N tokens" named no row (the caller adds the file)
-            opening = " ".join(labelled[i].prompt[:40].split())
-            raise PromptTooLong(f"the row whose prompt begins '{opening}...': {exc}") from None
+            raise PromptTooLong(f"the row whose prompt begins {prompt_words(labelled[i].prompt)}: {exc}") from None
 
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:

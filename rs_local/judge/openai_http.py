@@ -64,6 +64,8 @@ def _retry_after(headers) -> float | None:
 
 #: Parallel requests to a server that is not ``rs-local serve``.
 DEFAULT_CONCURRENCY = 4
+#: The one try that sizes the default concurrency when the model is named.
+QUICK_TIMEOUT_S = 5.0
 
 
 class OpenAIJudge:
@@ -99,15 +101,8 @@ class OpenAIJudge:
         listed = None
         if model is None:
             listed = self._listed_models()
-        elif concurrency is None:  # only to size the default: one quick try; a server that is down is found out later
-            retries, timeout = self.retries, self.timeout
-            self.retries, self.timeout = 0, min(timeout, 5.0)
-            try:
-                listed = self._listed_models()
-            except (JudgeUnavailable, JudgeConfigError):
-                listed = None
-            finally:
-                self.retries, self.timeout = retries, timeout
+        elif concurrency is None:  # only to size the default: a server that is down is found out later
+            listed = self._listed_models(quick=True)
         self.model = model or self._only_model(listed or [])
         self.concurrency = max(1, concurrency if concurrency is not None else self._default_concurrency(listed))
 
@@ -117,9 +112,16 @@ class OpenAIJudge:
         """The settings that decide verdicts (the URL is left out: a server moved to another port is the same judge)."""
         return {"backend": self.backend, "model": self.model, "rubric": rubric_version(), "logprobs": self.logprobs}
 
-    def _listed_models(self) -> list[dict] | None:
-        """The server's ``/models`` entries; None when it did not answer with a list."""
-        data = self._request("GET", "/models", None)
+    def _listed_models(self, quick: bool = False) -> list[dict] | None:
+        """The server's ``/models`` entries; None when it did not answer with a list. ``quick``: one try
+        of at most 5 s, a failure being None (the retries held a silent server's start for minutes)."""
+        if quick:
+            try:
+                data = self._once("GET", "/models", None, timeout=min(self.timeout, QUICK_TIMEOUT_S))
+            except _HttpFailure:
+                return None
+        else:
+            data = self._request("GET", "/models", None)
         listed = data.get("data") if isinstance(data, dict) else None  # a reply of another shape lists no model
         return [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else None
 
@@ -190,14 +192,15 @@ class OpenAIJudge:
                 self._sleep(delay * (1 + 0.25 * random.random()))
         raise JudgeUnavailable(f"{self.base_url}{path}: {last} (after {self.retries + 1} tries)")
 
-    def _once(self, method: str, path: str, body: dict | None) -> dict:
+    def _once(self, method: str, path: str, body: dict | None, timeout: float | None = None) -> dict:
+        timeout = self.timeout if timeout is None else timeout
         data = json.dumps(body).encode("utf-8") if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode("utf-8", errors="replace") if exc.fp else ""
@@ -205,7 +208,7 @@ class OpenAIJudge:
         except urllib.error.URLError as exc:
             raise _HttpFailure(f"cannot reach the server ({exc.reason})", True) from None
         except (socket.timeout, TimeoutError):
-            raise _HttpFailure(f"no reply within {self.timeout:g}s", True) from None
+            raise _HttpFailure(f"no reply within {timeout:g}s", True) from None
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
             raise _HttpFailure(f"connection failed ({exc.__class__.__name__}: {exc})", True) from None
         try:

@@ -18,6 +18,7 @@ from rs_local.judge.judge_eval import LabelledAnswer
 from rs_local.judge.keywords import find_refusal_phrase
 from rs_local.judge.probe import ProbeFile, make_reader, read_judge_rows
 from rs_local.judge.probe_fit import check_folds, cross_validate, fit_probe
+from rs_local.prompts import prompt_words
 
 
 
@@ -39,8 +40,7 @@ def read_features(runner: Any, rows: Sequence[LabelledAnswer], blocks: Sequence[
             try:
                 got = read_judge_rows(reader, runner, row.prompt, row.response, pooling)
             except PromptTooLong as exc:  # "the text is N tokens" named no row
-                opening = " ".join(row.prompt[:40].split())
-                raise PromptTooLong(f"the row whose prompt begins '{opening}...': {exc}") from None
+                raise PromptTooLong(f"the row whose prompt begins {prompt_words(row.prompt)}: {exc}") from None
             for b in blocks:
                 out[b].append(got[b])
             if progress:

@@ -352,7 +352,7 @@ class Runner:
         text = prompt if isinstance(prompt, str) else self.format_chat(prompt)
         add_bos = isinstance(prompt, str)
         data = text.encode("utf-8")
-        if len(data) > 16 * self.n_ctx and len(data) > self.max_text_bytes():
+        if len(data) > self.unscanned_text_bytes() and len(data) > self.max_text_bytes():
             raise PromptTooLong(f"the prompt is {len(data):,} bytes: over {self.n_ctx} tokens (this model's are at most "
                                f"{self._longest_token} bytes), and the context holds {self.n_ctx} (use --ctx)")
         with self._use():
@@ -361,13 +361,18 @@ class Runner:
             raise RsLocalError("the prompt is empty")
         return tokens
 
+    def unscanned_text_bytes(self) -> int:
+        """Bytes of text that need no vocabulary scan to be let through to the tokenizer (16 per token of
+        context: far below any real vocabulary's longest token times ``n_ctx``, and cheap to tokenize)."""
+        return 16 * self.n_ctx
+
     def max_text_bytes(self) -> int:
         """The most bytes a text that fits the context can have: ``n_ctx`` times the longest token.
 
         Why: llama.cpp's tokenizer allocates for the whole text before anything counts tokens; a 20 MB
         prompt under a memory limit ended in ``std::bad_alloc`` and an abort. The vocabulary scan takes
-        about 0.4 s for 150k tokens, once per Runner, and only texts longer than ``16 * n_ctx`` bytes
-        ask for it (see :meth:`tokenize`)."""
+        about 0.4 s for 150k tokens, once per Runner, and only texts longer than
+        :meth:`unscanned_text_bytes` ask for it (see :meth:`tokenize`)."""
         if self._longest_token is None:
             buf = ctypes.create_string_buffer(256)
             with self._use():
